@@ -1,0 +1,112 @@
+/*
+ * How a C or C++ engine links kvsieve: load a config, check the ABI, plan a compression event
+ * for a few sequences and print what would be released. Every status is checked.
+ *
+ *   cc -std=c11 -Wall -Wextra -Werror -I include integrations/c/example.c \
+ *      -L target/release -lkvsieve -o kvsieve-example
+ *   LD_LIBRARY_PATH=target/release ./kvsieve-example [config.toml]
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvsieve.h"
+
+/* Print the failing call, its status name and kvsieve's message, then leave. */
+#define CHECK(call)                                                                  \
+  do {                                                                               \
+    kvs_status st_ = (call);                                                         \
+    if (st_ != KVS_STATUS_OK) {                                                      \
+      fprintf(stderr, "%s failed: %s: %s\n", #call, kvs_status_str(st_),             \
+              kvs_last_error());                                                     \
+      exit(1);                                                                       \
+    }                                                                                \
+  } while (0)
+
+/* Expect a specific failure; the message must not be empty. */
+static void expect_status(kvs_status got, kvs_status want, const char *what) {
+  if (got != want || kvs_last_error()[0] == '\0') {
+    fprintf(stderr, "%s: expected %s, got %s (%s)\n", what, kvs_status_str(want),
+            kvs_status_str(got), kvs_last_error());
+    exit(1);
+  }
+  printf("refused as expected (%s): %s\n", kvs_status_str(got), kvs_last_error());
+}
+
+static const char DEFAULT_CONFIG[] =
+    "[sparsity]\n"
+    "policy = \"snapkv\"\n"
+    "budget_tokens = 1024\n"
+    "sink_tokens = 4\n"
+    "recent_tokens = 64\n"
+    "window = 32\n"
+    "min_length = 1536\n";
+
+int main(int argc, char **argv) {
+  if (kvs_abi_version() != KVS_ABI_VERSION) {
+    fprintf(stderr, "kvsieve ABI %u, header expects %u\n", kvs_abi_version(), KVS_ABI_VERSION);
+    return 1;
+  }
+  printf("kvsieve %s (ABI %u)\n", kvs_version(), kvs_abi_version());
+
+  kvs_config *config = NULL;
+  if (argc > 1) {
+    CHECK(kvs_config_from_file(argv[1], &config));
+  } else {
+    CHECK(kvs_config_from_str(DEFAULT_CONFIG, strlen(DEFAULT_CONFIG), &config));
+  }
+
+  kvs_policy_params params;
+  CHECK(kvs_config_policy_params(config, KVS_PHASE_PREFILL, &params));
+  printf("policy %u, budget %u tokens (ratio %.3f), sinks %u, protected tail %u\n",
+         params.policy, params.budget_tokens, params.budget_ratio, params.sink_tokens,
+         params.protected_tail);
+
+  const uint32_t block_size = 16;
+  const uint64_t prompts[] = {1000, 4096, 8000, 32768};
+  uint64_t blocks_before = 0, blocks_after = 0;
+  printf("%10s %10s %10s %10s\n", "prompt", "kept", "evicted", "released");
+  for (size_t i = 0; i < sizeof prompts / sizeof prompts[0]; i++) {
+    kvs_sequence_lengths lens = {
+        .logical_len = prompts[i],
+        .cached_len = prompts[i],
+        .protected_len = 0,
+        .block_size = block_size,
+    };
+    kvs_keep_plan plan;
+    CHECK(kvs_plan_keep_count(config, KVS_PHASE_PREFILL, &lens, &plan));
+    if (plan.kept_tokens + plan.evicted_tokens != lens.cached_len ||
+        plan.evicted_tokens != plan.released_blocks * block_size) {
+      fprintf(stderr, "plan breaks its invariants for %" PRIu64 " tokens\n", prompts[i]);
+      return 1;
+    }
+    blocks_before += (lens.cached_len + block_size - 1) / block_size;
+    blocks_after += (plan.kept_tokens + block_size - 1) / block_size;
+    printf("%10" PRIu64 " %10" PRIu64 " %10" PRIu64 " %10" PRIu64 "\n", prompts[i],
+           plan.kept_tokens, plan.evicted_tokens, plan.released_blocks);
+  }
+  printf("KV blocks: %" PRIu64 " -> %" PRIu64 "\n", blocks_before, blocks_after);
+
+  /* Bad input gets a status and a message, and leaves the out-param alone. */
+  kvs_keep_plan untouched = {.kept_tokens = 42};
+  kvs_sequence_lengths bad = {.logical_len = 10, .cached_len = 20, .block_size = block_size};
+  expect_status(kvs_plan_keep_count(config, KVS_PHASE_PREFILL, &bad, &untouched),
+                KVS_STATUS_INVALID_ARGUMENT, "cached_len > logical_len");
+  expect_status(kvs_plan_keep_count(NULL, KVS_PHASE_PREFILL, &bad, &untouched),
+                KVS_STATUS_INVALID_ARGUMENT, "NULL config");
+  if (untouched.kept_tokens != 42) {
+    fprintf(stderr, "out-param written on failure\n");
+    return 1;
+  }
+  const char *broken = "[sparsity]\npolicy = \"snapkv\"\nbudget_ratio = 1.5\n";
+  kvs_config *never = NULL;
+  expect_status(kvs_config_from_str(broken, strlen(broken), &never), KVS_STATUS_CONFIG_INVALID,
+                "ratio out of range");
+  if (never != NULL) return 1;
+
+  kvs_config_free(config);
+  kvs_config_free(NULL);
+  printf("ok\n");
+  return 0;
+}

@@ -1,0 +1,138 @@
+//! The validated kvsieve configuration (TOML, DESIGN.md §2).
+//!
+//! `raw` is what serde reads (every value with its source span); `validate` turns it into the
+//! types below or an error naming the key, the bad value, what is allowed and the line. Code past
+//! this module only ever sees values that passed validation.
+
+mod raw;
+mod validate;
+
+use crate::error::{Error, Result};
+use crate::status::Status;
+use std::path::Path;
+
+/// How cached tokens are scored when a compression event runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// No scores: keep `sink_tokens` and the `recent_tokens` most recent.
+    Streaming,
+    /// Window attention of the last `window` prompt queries, pooled (SnapKV).
+    SnapKv,
+    /// Negative key L2 norm: low-norm keys are kept.
+    KNorm,
+    /// Query-aware block selection per decode step; nothing is evicted.
+    Quest,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Streaming => "streaming",
+            Policy::SnapKv => "snapkv",
+            Policy::KNorm => "knorm",
+            Policy::Quest => "quest",
+        }
+    }
+
+    /// Whether this policy removes tokens from the cache (Quest only narrows what is read).
+    pub fn evicts(self) -> bool {
+        !matches!(self, Policy::Quest)
+    }
+}
+
+/// 1-D pooling applied to SnapKV scores along the token axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Max,
+    Avg,
+}
+
+/// How many tokens a sequence keeps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// An absolute count of cached tokens.
+    Tokens(u32),
+    /// A fraction in (0, 1] of the sequence's logical length at the event, rounded up.
+    Ratio(f64),
+}
+
+impl Budget {
+    /// The budget in tokens for a sequence of `logical_len` tokens.
+    pub fn tokens(self, logical_len: u64) -> u64 {
+        match self {
+            Budget::Tokens(n) => n as u64,
+            Budget::Ratio(r) => (r * logical_len as f64).ceil() as u64,
+        }
+    }
+}
+
+/// `[sparsity]`: the compression event at the end of prefill.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sparsity {
+    pub policy: Policy,
+    pub budget: Budget,
+    /// Leading cached tokens always kept (attention sinks).
+    pub sink_tokens: u32,
+    /// Trailing cached tokens always kept.
+    pub recent_tokens: u32,
+    /// SnapKV observation window (last prompt queries); these tokens are always kept.
+    pub window: u32,
+    /// SnapKV pooling width, odd.
+    pub pool_kernel: u32,
+    pub pool: Pooling,
+    /// Sequences shorter than this (logical tokens) are never compressed.
+    pub min_length: u32,
+}
+
+impl Sparsity {
+    /// Trailing tokens that must stay: the recent window, and for SnapKV its observation window.
+    pub fn protected_tail(&self) -> u32 {
+        match self.policy {
+            Policy::SnapKv => self.recent_tokens.max(self.window),
+            _ => self.recent_tokens,
+        }
+    }
+}
+
+/// `[decode]`: optional re-compression while generating.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decode {
+    pub policy: Policy,
+    /// A decode event runs once the cache has grown this many tokens past the budget.
+    pub interval: u32,
+    /// Budget after a decode event; `[sparsity]`'s unless `[decode]` sets its own.
+    pub budget: Budget,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub sparsity: Sparsity,
+    pub decode: Option<Decode>,
+}
+
+impl Config {
+    /// Parse and validate TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Config> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+            Error::new(
+                Status::ConfigParse,
+                format!("config: {}", e.to_string().trim_end()),
+            )
+        })?;
+        validate::validate(raw, text)
+    }
+
+    /// Read, parse and validate a TOML file; errors name the path.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::new(Status::Io, format!("config file {}: {e}", path.display())))?;
+        Config::from_toml_str(&text).map_err(|e| Error {
+            status: e.status,
+            message: format!("{}: {}", path.display(), e.message),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

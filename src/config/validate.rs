@@ -1,0 +1,282 @@
+//! Raw config → validated `Config`. Every error names the key (`section.key`), the value given,
+//! what is allowed, and the line it came from.
+
+use super::raw::{RawConfig, RawDecode, RawSparsity};
+use super::{Budget, Config, Decode, Policy, Pooling, Sparsity};
+use crate::error::{Error, Result};
+use crate::status::Status;
+use std::fmt::Display;
+use toml::Spanned;
+
+const DEFAULT_SINK_TOKENS: u32 = 4;
+const DEFAULT_RECENT_TOKENS: u32 = 64;
+const DEFAULT_WINDOW: u32 = 32;
+const DEFAULT_POOL_KERNEL: u32 = 7;
+/// Page tables are int32 (FlashInfer, vLLM): token counts past this cannot be addressed.
+const MAX_TOKENS: i64 = i32::MAX as i64;
+const MAX_POOL_KERNEL: i64 = 255;
+
+struct Source<'a> {
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line<T>(&self, v: &Spanned<T>) -> usize {
+        let start = v.span().start.min(self.text.len());
+        self.text[..start].bytes().filter(|&b| b == b'\n').count() + 1
+    }
+
+    fn bad<T: Display>(&self, key: &str, v: &Spanned<T>, allowed: impl Display) -> Error {
+        Error::new(
+            Status::ConfigInvalid,
+            format!(
+                "config: {key} = {} (line {}) is not allowed; {allowed}",
+                v.get_ref(),
+                self.line(v)
+            ),
+        )
+    }
+
+    fn missing(&self, key: &str, section_line: usize, hint: &str) -> Error {
+        Error::new(
+            Status::ConfigInvalid,
+            format!("config: {key} is missing (section at line {section_line}); {hint}"),
+        )
+    }
+
+    /// An integer key in `[lo, hi]`, or `default` when absent.
+    fn int(
+        &self,
+        key: &str,
+        v: &Option<Spanned<i64>>,
+        lo: i64,
+        hi: i64,
+        default: u32,
+    ) -> Result<u32> {
+        match v {
+            None => Ok(default),
+            Some(s) if (lo..=hi).contains(s.get_ref()) => Ok(*s.get_ref() as u32),
+            Some(s) => Err(self.bad(key, s, format!("allowed: {lo} <= {key} <= {hi}"))),
+        }
+    }
+
+    fn policy(&self, key: &str, v: &Spanned<String>, allowed: &[Policy]) -> Result<Policy> {
+        let names: Vec<&str> = allowed.iter().map(|p| p.name()).collect();
+        let list = names.join(", ");
+        match v.get_ref().as_str() {
+            "h2o" | "tova" => Err(self.bad(
+                key,
+                &quoted(v),
+                format!(
+                    "\"{}\" is not implemented in this version; allowed here: {list}",
+                    v.get_ref()
+                ),
+            )),
+            name => allowed
+                .iter()
+                .copied()
+                .find(|p| p.name() == name)
+                .ok_or_else(|| self.bad(key, &quoted(v), format!("allowed: {list}"))),
+        }
+    }
+
+    /// Exactly one of `<section>.budget_tokens` / `<section>.budget_ratio`.
+    fn budget(
+        &self,
+        section: &str,
+        tokens: &Option<Spanned<i64>>,
+        ratio: &Option<Spanned<f64>>,
+    ) -> Result<Option<Budget>> {
+        match (tokens, ratio) {
+            (Some(t), Some(_)) => Err(self.bad(
+                &format!("{section}.budget_tokens"),
+                t,
+                format!("set either {section}.budget_tokens or {section}.budget_ratio, not both"),
+            )),
+            (Some(_), None) => Ok(Some(Budget::Tokens(self.int(
+                &format!("{section}.budget_tokens"),
+                tokens,
+                1,
+                MAX_TOKENS,
+                0,
+            )?))),
+            (None, Some(r)) => {
+                let x = *r.get_ref();
+                if x.is_finite() && x > 0.0 && x <= 1.0 {
+                    Ok(Some(Budget::Ratio(x)))
+                } else {
+                    Err(self.bad(
+                        &format!("{section}.budget_ratio"),
+                        r,
+                        format!("allowed: 0 < {section}.budget_ratio <= 1 (a fraction of the sequence length)"),
+                    ))
+                }
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+fn quoted(v: &Spanned<String>) -> Spanned<String> {
+    Spanned::new(v.span(), format!("\"{}\"", v.get_ref()))
+}
+
+pub(super) fn validate(raw: RawConfig, text: &str) -> Result<Config> {
+    let src = Source { text };
+    let sparsity = sparsity(&src, &raw.sparsity)?;
+    let decode = match &raw.decode {
+        Some(d) => Some(decode(&src, d, &sparsity)?),
+        None => None,
+    };
+    Ok(Config { sparsity, decode })
+}
+
+fn sparsity(src: &Source, section: &Spanned<RawSparsity>) -> Result<Sparsity> {
+    let s = section.get_ref();
+    let line = src.line(section);
+    let policy = match &s.policy {
+        Some(p) => src.policy(
+            "sparsity.policy",
+            p,
+            &[
+                Policy::Streaming,
+                Policy::SnapKv,
+                Policy::KNorm,
+                Policy::Quest,
+            ],
+        )?,
+        None => {
+            return Err(src.missing(
+                "sparsity.policy",
+                line,
+                "set it to one of: streaming, snapkv, knorm, quest",
+            ))
+        }
+    };
+    let budget = src
+        .budget("sparsity", &s.budget_tokens, &s.budget_ratio)?
+        .ok_or_else(|| {
+            src.missing(
+                "sparsity.budget_tokens",
+                line,
+                "set sparsity.budget_tokens (tokens kept) or sparsity.budget_ratio (fraction kept, 0 < r <= 1)",
+            )
+        })?;
+    let sink_tokens = src.int(
+        "sparsity.sink_tokens",
+        &s.sink_tokens,
+        0,
+        MAX_TOKENS,
+        DEFAULT_SINK_TOKENS,
+    )?;
+    let recent_tokens = src.int(
+        "sparsity.recent_tokens",
+        &s.recent_tokens,
+        0,
+        MAX_TOKENS,
+        DEFAULT_RECENT_TOKENS,
+    )?;
+    let window = src.int("sparsity.window", &s.window, 1, MAX_TOKENS, DEFAULT_WINDOW)?;
+    let pool_kernel = src.int(
+        "sparsity.pool_kernel",
+        &s.pool_kernel,
+        1,
+        MAX_POOL_KERNEL,
+        DEFAULT_POOL_KERNEL,
+    )?;
+    if pool_kernel % 2 == 0 {
+        let v = s.pool_kernel.as_ref().expect("the default is odd");
+        return Err(src.bad(
+            "sparsity.pool_kernel",
+            v,
+            "it must be odd so the pooling window is centred on the token (e.g. 5 or 7)",
+        ));
+    }
+    let pool = match &s.pool {
+        None => Pooling::Max,
+        Some(p) => match p.get_ref().as_str() {
+            "max" => Pooling::Max,
+            "avg" => Pooling::Avg,
+            _ => return Err(src.bad("sparsity.pool", &quoted(p), "allowed: \"max\", \"avg\"")),
+        },
+    };
+    let min_length = src.int("sparsity.min_length", &s.min_length, 0, MAX_TOKENS, 0)?;
+    let out = Sparsity {
+        policy,
+        budget,
+        sink_tokens,
+        recent_tokens,
+        window,
+        pool_kernel,
+        pool,
+        min_length,
+    };
+    // Impossible combinations: an absolute budget must hold what is always kept.
+    if let (Budget::Tokens(b), Some(bt)) = (budget, &s.budget_tokens) {
+        if policy == Policy::SnapKv && window > b {
+            let w = s
+                .window
+                .clone()
+                .unwrap_or_else(|| Spanned::new(bt.span(), window as i64));
+            return Err(src.bad(
+                "sparsity.window",
+                &w,
+                format!("the observation window must fit in the budget: window <= sparsity.budget_tokens = {b}"),
+            ));
+        }
+        let floor = sink_tokens as u64 + out.protected_tail() as u64;
+        if (b as u64) < floor {
+            return Err(src.bad(
+                "sparsity.budget_tokens",
+                bt,
+                format!(
+                    "it must be at least sink_tokens + {} = {sink_tokens} + {} = {floor}; raise the budget or lower those",
+                    if policy == Policy::SnapKv { "max(recent_tokens, window)" } else { "recent_tokens" },
+                    out.protected_tail(),
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn decode(src: &Source, section: &Spanned<RawDecode>, sparsity: &Sparsity) -> Result<Decode> {
+    let d = section.get_ref();
+    let line = src.line(section);
+    let policy = match &d.policy {
+        Some(p) => src.policy("decode.policy", p, &[Policy::Streaming, Policy::KNorm])?,
+        None => {
+            return Err(src.missing("decode.policy", line, "set it to one of: streaming, knorm"))
+        }
+    };
+    let interval = match &d.interval {
+        Some(_) => src.int("decode.interval", &d.interval, 1, MAX_TOKENS, 0)?,
+        None => {
+            return Err(src.missing(
+                "decode.interval",
+                line,
+                "set how many tokens the cache may grow past the budget before it is compressed again (e.g. 256)",
+            ))
+        }
+    };
+    let budget = src
+        .budget("decode", &d.budget_tokens, &d.budget_ratio)?
+        .unwrap_or(sparsity.budget);
+    if let (Budget::Tokens(b), Some(bt)) = (budget, &d.budget_tokens) {
+        let floor = sparsity.sink_tokens as u64 + sparsity.recent_tokens as u64;
+        if (b as u64) < floor {
+            return Err(src.bad(
+                "decode.budget_tokens",
+                bt,
+                format!(
+                    "it must be at least sparsity.sink_tokens + sparsity.recent_tokens = {floor}"
+                ),
+            ));
+        }
+    }
+    Ok(Decode {
+        policy,
+        interval,
+        budget,
+    })
+}

@@ -1,0 +1,193 @@
+//! `kvs_config`: a parsed, validated TOML configuration.
+
+use super::boundary::{arg_cstr, ffi_boundary};
+use crate::config::{Budget, Config, Policy, Pooling};
+use crate::error::Error;
+use crate::plan::Phase;
+use crate::status::Status;
+use std::ffi::c_char;
+use std::path::Path;
+
+/// A validated kvsieve configuration. Immutable once made: share it freely between threads.
+pub struct KvsConfig {
+    pub(crate) config: Config,
+}
+
+fn publish(config: Config, out: *mut *mut KvsConfig) {
+    let handle = Box::into_raw(Box::new(KvsConfig { config }));
+    // SAFETY: `out` was checked non-NULL and aligned by `arg_out!` before any work.
+    unsafe { *out = handle };
+}
+
+/// Parse and validate `len` bytes of TOML at `text` (need not be NUL-terminated).
+/// On success `*out` owns a new config; release it with `kvs_config_free`.
+/// Errors: `KVS_STATUS_CONFIG_PARSE` (not TOML, unknown key, wrong type),
+/// `KVS_STATUS_CONFIG_INVALID` (value out of range, impossible combination), each with a message
+/// naming the key, the value, what is allowed and the line.
+///
+/// # Safety
+/// `text` must point to `len` readable bytes and `out` to a writable pointer.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_config_from_str(
+    text: *const c_char,
+    len: usize,
+    out: *mut *mut KvsConfig,
+) -> Status {
+    ffi_boundary("kvs_config_from_str", || {
+        let out = arg_out!(out, "out");
+        if len == 0 {
+            return Err(Error::invalid_arg(
+                "len is 0; pass the length of the TOML text in bytes",
+            ));
+        }
+        let bytes = arg_slice!(text as *const u8, len, "text");
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| Error::new(Status::ConfigParse, format!("config is not UTF-8: {e}")))?;
+        publish(Config::from_toml_str(text)?, out);
+        Ok(())
+    })
+}
+
+/// Read, parse and validate the TOML file at the NUL-terminated `path`.
+/// Errors as `kvs_config_from_str`, plus `KVS_STATUS_IO` when the file cannot be read.
+///
+/// # Safety
+/// `path` must be a NUL-terminated string and `out` a writable pointer.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_config_from_file(
+    path: *const c_char,
+    out: *mut *mut KvsConfig,
+) -> Status {
+    ffi_boundary("kvs_config_from_file", || {
+        let out = arg_out!(out, "out");
+        let path = arg_cstr(path, "path")?;
+        publish(Config::from_file(Path::new(path))?, out);
+        Ok(())
+    })
+}
+
+/// Release a config made by `kvs_config_from_str`/`_from_file`. NULL is a no-op.
+///
+/// # Safety
+/// `config` must be NULL or a handle from this library not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_config_free(config: *mut KvsConfig) {
+    if !config.is_null() {
+        // SAFETY: the caller passes a handle made by `publish` and frees it once.
+        drop(unsafe { Box::from_raw(config) });
+    }
+}
+
+/// A config's parameters for one phase, for engines that drive the kernels themselves.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PolicyParams {
+    /// A `kvs_policy` value; `KVS_POLICY_NONE` when the phase has no compression configured.
+    pub policy: u32,
+    /// Budget in tokens when absolute; 0 when a ratio is configured.
+    pub budget_tokens: u32,
+    /// Budget as a fraction of the logical length; 0 when absolute.
+    pub budget_ratio: f64,
+    pub sink_tokens: u32,
+    /// Trailing tokens always kept (for SnapKV prefill: max(recent_tokens, window)).
+    pub protected_tail: u32,
+    pub window: u32,
+    pub pool_kernel: u32,
+    /// A `kvs_pooling` value.
+    pub pool: u32,
+    pub min_length: u32,
+    /// Decode only: tokens the cache may outgrow the budget by before the next event.
+    pub interval: u32,
+}
+
+/// Policies as numbers in `kvs_policy_params.policy`.
+#[repr(u32)]
+pub enum PolicyId {
+    None = 0,
+    Streaming = 1,
+    Snapkv = 2,
+    Knorm = 3,
+    Quest = 4,
+}
+
+/// Pooling kinds as numbers in `kvs_policy_params.pool`.
+#[repr(u32)]
+pub enum PoolingId {
+    Max = 0,
+    Avg = 1,
+}
+
+fn policy_id(p: Policy) -> u32 {
+    (match p {
+        Policy::Streaming => PolicyId::Streaming,
+        Policy::SnapKv => PolicyId::Snapkv,
+        Policy::KNorm => PolicyId::Knorm,
+        Policy::Quest => PolicyId::Quest,
+    }) as u32
+}
+
+pub(super) fn phase_from_u32(phase: u32) -> crate::error::Result<Phase> {
+    match phase {
+        0 => Ok(Phase::Prefill),
+        1 => Ok(Phase::Decode),
+        other => Err(Error::invalid_arg(format!(
+            "phase = {other} is not a kvs_phase; use KVS_PHASE_PREFILL (0) or KVS_PHASE_DECODE (1)"
+        ))),
+    }
+}
+
+/// Write the parameters of `phase` (a `kvs_phase`) of `config` to `*out`.
+///
+/// # Safety
+/// `config` must be a live handle and `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_config_policy_params(
+    config: *const KvsConfig,
+    phase: u32,
+    out: *mut PolicyParams,
+) -> Status {
+    ffi_boundary("kvs_config_policy_params", || {
+        let out = arg_out!(out, "out");
+        let c = &arg_ref!(config, "config").config;
+        let phase = phase_from_u32(phase)?;
+        let sp = &c.sparsity;
+        let (policy, budget, tail, interval) = match (phase, &c.decode) {
+            (Phase::Prefill, _) => (
+                policy_id(sp.policy),
+                Some(sp.budget),
+                sp.protected_tail(),
+                0,
+            ),
+            (Phase::Decode, Some(d)) => (
+                policy_id(d.policy),
+                Some(d.budget),
+                sp.recent_tokens,
+                d.interval,
+            ),
+            (Phase::Decode, None) => (PolicyId::None as u32, None, sp.recent_tokens, 0),
+        };
+        let (budget_tokens, budget_ratio) = match budget {
+            Some(Budget::Tokens(n)) => (n, 0.0),
+            Some(Budget::Ratio(r)) => (0, r),
+            None => (0, 0.0),
+        };
+        let params = PolicyParams {
+            policy,
+            budget_tokens,
+            budget_ratio,
+            sink_tokens: sp.sink_tokens,
+            protected_tail: tail,
+            window: sp.window,
+            pool_kernel: sp.pool_kernel,
+            pool: match sp.pool {
+                Pooling::Max => PoolingId::Max as u32,
+                Pooling::Avg => PoolingId::Avg as u32,
+            },
+            min_length: sp.min_length,
+            interval,
+        };
+        // SAFETY: checked by `arg_out!`.
+        unsafe { *out = params };
+        Ok(())
+    })
+}

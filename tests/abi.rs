@@ -1,0 +1,196 @@
+//! The C ABI as a C caller sees it: statuses, messages, NULLs, and out-params left untouched on
+//! failure.
+
+use kvsieve::ffi::*;
+use kvsieve::plan::{KeepPlan, SequenceLengths};
+use kvsieve::Status;
+use std::ffi::{CStr, CString};
+use std::ptr::{null, null_mut};
+
+fn last_error() -> String {
+    unsafe { CStr::from_ptr(kvs_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn config(text: &str) -> *mut KvsConfig {
+    let mut out = null_mut();
+    let s = unsafe { kvs_config_from_str(text.as_ptr().cast(), text.len(), &mut out) };
+    assert_eq!(s, Status::Ok, "{}", last_error());
+    assert!(!out.is_null());
+    out
+}
+
+const SNAP: &str = "[sparsity]\npolicy = \"snapkv\"\nbudget_tokens = 1024\n";
+
+#[test]
+fn status_names_cover_every_number() {
+    for &s in Status::all() {
+        let name = unsafe { CStr::from_ptr(kvs_status_str(s as u32)) }
+            .to_str()
+            .unwrap();
+        assert!(name.starts_with("KVS_STATUS_"), "{name}");
+    }
+    let unknown = unsafe { CStr::from_ptr(kvs_status_str(9999)) };
+    assert_eq!(unknown.to_str().unwrap(), "KVS_STATUS_UNKNOWN");
+    assert_eq!(kvs_abi_version(), kvsieve::version::KVS_ABI_VERSION);
+}
+
+#[test]
+fn config_from_str_checks_its_arguments() {
+    let sentinel = std::ptr::dangling_mut::<KvsConfig>();
+    let mut out = sentinel;
+    let s = unsafe { kvs_config_from_str(null(), 10, &mut out) };
+    assert_eq!(s, Status::InvalidArgument);
+    assert!(last_error().contains("text is NULL"), "{}", last_error());
+    assert_eq!(out, sentinel, "out must be untouched on failure");
+
+    let s = unsafe { kvs_config_from_str(SNAP.as_ptr().cast(), 0, &mut out) };
+    assert_eq!(s, Status::InvalidArgument);
+    assert!(last_error().contains("len is 0"));
+
+    let s = unsafe { kvs_config_from_str(SNAP.as_ptr().cast(), SNAP.len(), null_mut()) };
+    assert_eq!(s, Status::InvalidArgument);
+    assert!(last_error().contains("out is NULL"));
+
+    let bad = "[sparsity]\npolicy = \"snapkv\"\nbudget_tokens = -4\n";
+    let s = unsafe { kvs_config_from_str(bad.as_ptr().cast(), bad.len(), &mut out) };
+    assert_eq!(s, Status::ConfigInvalid);
+    assert!(
+        last_error()
+            .starts_with("kvs_config_from_str: config: sparsity.budget_tokens = -4 (line 3)"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(out, sentinel);
+
+    let not_utf8 = b"[sparsity]\npolicy = \"\xff\"\n";
+    let s = unsafe { kvs_config_from_str(not_utf8.as_ptr().cast(), not_utf8.len(), &mut out) };
+    assert_eq!(s, Status::ConfigParse);
+    assert!(last_error().contains("UTF-8"));
+    // Only `len` bytes are read: a prefix of valid text parses even without a NUL.
+    let padded = format!("{SNAP}garbage that is not TOML");
+    let mut ok = null_mut();
+    let s = unsafe { kvs_config_from_str(padded.as_ptr().cast(), SNAP.len(), &mut ok) };
+    assert_eq!(s, Status::Ok);
+    unsafe { kvs_config_free(ok) };
+}
+
+#[test]
+fn config_from_file_reports_io_and_names_the_path() {
+    let mut out = null_mut();
+    let missing = CString::new("/nonexistent/kvsieve.toml").unwrap();
+    let s = unsafe { kvs_config_from_file(missing.as_ptr(), &mut out) };
+    assert_eq!(s, Status::Io);
+    assert!(last_error().contains("/nonexistent/kvsieve.toml"));
+    assert!(out.is_null());
+
+    let dir = std::env::temp_dir().join(format!("kvsieve-abi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[sparsity]\npolicy = \"snapkv\"\nbudget_ratio = 2.0\n",
+    )
+    .unwrap();
+    let c_path = CString::new(path.to_str().unwrap()).unwrap();
+    let s = unsafe { kvs_config_from_file(c_path.as_ptr(), &mut out) };
+    assert_eq!(s, Status::ConfigInvalid);
+    assert!(
+        last_error().contains("bad.toml") && last_error().contains("budget_ratio = 2"),
+        "{}",
+        last_error()
+    );
+
+    std::fs::write(&path, SNAP).unwrap();
+    let s = unsafe { kvs_config_from_file(c_path.as_ptr(), &mut out) };
+    assert_eq!(s, Status::Ok);
+    unsafe { kvs_config_free(out) };
+    unsafe { kvs_config_free(null_mut()) };
+    assert_eq!(
+        unsafe { kvs_config_from_file(null(), &mut out) },
+        Status::InvalidArgument
+    );
+}
+
+#[test]
+fn plan_keep_count_through_the_abi() {
+    let c = config(SNAP);
+    let lens = SequenceLengths {
+        logical_len: 5000,
+        cached_len: 5000,
+        protected_len: 0,
+        block_size: 16,
+    };
+    let mut plan = KeepPlan::default();
+    let s = unsafe { kvs_plan_keep_count(c, 0, &lens, &mut plan) };
+    assert_eq!(s, Status::Ok);
+    assert_eq!((plan.kept_tokens, plan.released_blocks), (1032, 248));
+
+    let before = KeepPlan {
+        kept_tokens: 7,
+        ..KeepPlan::default()
+    };
+    let mut out = before;
+    assert_eq!(
+        unsafe { kvs_plan_keep_count(c, 2, &lens, &mut out) },
+        Status::InvalidArgument
+    );
+    assert!(last_error().contains("phase = 2"));
+    assert_eq!(
+        unsafe { kvs_plan_keep_count(null(), 0, &lens, &mut out) },
+        Status::InvalidArgument
+    );
+    assert!(last_error().contains("config is NULL"));
+    assert_eq!(
+        unsafe { kvs_plan_keep_count(c, 0, null(), &mut out) },
+        Status::InvalidArgument
+    );
+    assert!(last_error().contains("lengths is NULL"));
+    assert_eq!(
+        unsafe { kvs_plan_keep_count(c, 0, &lens, null_mut()) },
+        Status::InvalidArgument
+    );
+    let zero_block = SequenceLengths {
+        block_size: 0,
+        ..lens
+    };
+    assert_eq!(
+        unsafe { kvs_plan_keep_count(c, 0, &zero_block, &mut out) },
+        Status::InvalidArgument
+    );
+    assert!(last_error().contains("block_size is 0"));
+    assert_eq!(out, before, "out must be untouched on failure");
+    unsafe { kvs_config_free(c) };
+}
+
+#[test]
+fn policy_params_reflect_the_config() {
+    let c = config("[sparsity]\npolicy='snapkv'\nbudget_ratio=0.25\nrecent_tokens=16\nwindow=48\n[decode]\npolicy='streaming'\ninterval=128\n");
+    let mut p = PolicyParams::default();
+    assert_eq!(
+        unsafe { kvs_config_policy_params(c, 0, &mut p) },
+        Status::Ok
+    );
+    assert_eq!(p.policy, PolicyId::Snapkv as u32);
+    assert_eq!(
+        (p.budget_tokens, p.budget_ratio, p.protected_tail, p.window),
+        (0, 0.25, 48, 48)
+    );
+    assert_eq!(
+        unsafe { kvs_config_policy_params(c, 1, &mut p) },
+        Status::Ok
+    );
+    assert_eq!(
+        (p.policy, p.interval, p.protected_tail),
+        (PolicyId::Streaming as u32, 128, 16)
+    );
+    unsafe { kvs_config_free(c) };
+    let c = config(SNAP);
+    assert_eq!(
+        unsafe { kvs_config_policy_params(c, 1, &mut p) },
+        Status::Ok
+    );
+    assert_eq!(p.policy, PolicyId::None as u32);
+    unsafe { kvs_config_free(c) };
+}
