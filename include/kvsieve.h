@@ -121,8 +121,70 @@ typedef uint32_t kvs_pooling;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// dtype numbers as `kvs_dtype`.
+enum kvs_dtype
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  KVS_DTYPE_F32 = 0,
+  KVS_DTYPE_F16 = 1,
+  KVS_DTYPE_BF16 = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum kvs_dtype kvs_dtype;
+#else
+typedef uint32_t kvs_dtype;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+// Layout numbers as `kvs_layout` (see `kvs_kv_cache`).
+enum kvs_layout
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // `[num_blocks, block_size, kv_heads, head_dim]`, strides overridable.
+  KVS_LAYOUT_NHD = 0,
+  // `[num_blocks, kv_heads, block_size, head_dim]`, strides overridable.
+  KVS_LAYOUT_HND = 1,
+  // vLLM CPU_ATTN vector path (f32): per (block, head) K `[D][BS]` then V `[BS][D]`.
+  KVS_LAYOUT_VLLM_CPU_VEC = 2,
+  // vLLM CPU_ATTN AMX path (bf16): K `[BS/16][D/2][16][2]`, V `[D/16][BS/2][16][2]`.
+  KVS_LAYOUT_VLLM_CPU_AMX = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum kvs_layout kvs_layout;
+#else
+typedef uint32_t kvs_layout;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+// Device numbers as `kvs_device`.
+enum kvs_device
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  KVS_DEVICE_CPU = 0,
+  KVS_DEVICE_CUDA = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum kvs_device kvs_device;
+#else
+typedef uint32_t kvs_device;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // A validated kvsieve configuration. Immutable once made: share it freely between threads.
 typedef struct kvs_config kvs_config;
+
+// A kernel backend. The CPU backend holds no state; it is `Send + Sync` and one handle may
+// serve every thread.
+typedef struct kvs_kernels kvs_kernels;
 
 // A config's parameters for one phase, for engines that drive the kernels themselves.
 typedef struct kvs_policy_params {
@@ -143,6 +205,72 @@ typedef struct kvs_policy_params {
   // Decode only: tokens the cache may outgrow the budget by before the next event.
   uint32_t interval;
 } kvs_policy_params;
+
+// One layer's paged KV cache as the engine holds it (`kvs_kv_cache` in C).
+typedef struct kvs_kv_cache {
+  // Base of the K tensor (and of V too for the packed vLLM CPU layouts).
+  void *k;
+  // Base of the V tensor; NULL for the packed vLLM CPU layouts.
+  void *v;
+  // A `kvs_dtype`.
+  uint32_t dtype;
+  // A `kvs_layout`.
+  uint32_t layout;
+  // A `kvs_device`.
+  uint32_t device;
+  uint32_t num_blocks;
+  uint32_t block_size;
+  uint32_t num_kv_heads;
+  uint32_t head_dim;
+  // Elements between consecutive blocks; 0 for the layout's packed default.
+  uint64_t block_stride;
+  // Elements between consecutive slots of a block (NHD/HND only); 0 for the default.
+  uint64_t token_stride;
+  // Elements between consecutive KV heads; 0 for the default.
+  uint64_t head_stride;
+} kvs_kv_cache;
+
+// One sequence as the kernels see it (`kvs_sequence`).
+typedef struct kvs_sequence {
+  // The sequence's physical block ids in order (`row_len` of them).
+  const int32_t *row;
+  uint32_t row_len;
+  // Tokens whose K/V are cached now.
+  uint32_t cached_len;
+  // Leading cached tokens never selected or moved (whole blocks; 0 without prefix sharing).
+  uint32_t protected_len;
+} kvs_sequence;
+
+// SnapKV scoring inputs (`kvs_snapkv_args`).
+typedef struct kvs_snapkv_args {
+  // `[window][num_q_heads][head_dim]` observation-window queries, RoPE applied.
+  const void *queries;
+  // A `kvs_dtype` for `queries`.
+  uint32_t queries_dtype;
+  uint32_t window;
+  uint32_t num_q_heads;
+  // Odd pooling width.
+  uint32_t pool_kernel;
+  // A `kvs_pooling`.
+  uint32_t pool;
+} kvs_snapkv_args;
+
+// Token-selection counts (`kvs_token_select`); take `selected` from `kvs_keep_plan` and the
+// sink/tail from `kvs_policy_params`.
+typedef struct kvs_token_select {
+  uint32_t cached_len;
+  uint32_t protected_len;
+  uint32_t sink_tokens;
+  uint32_t protected_tail;
+  uint32_t selected;
+} kvs_token_select;
+
+// Block-selection counts (`kvs_block_select`).
+typedef struct kvs_block_select {
+  uint32_t keep_blocks;
+  uint32_t sink_blocks;
+  uint32_t recent_blocks;
+} kvs_block_select;
 
 // A sequence's lengths at the moment of planning.
 typedef struct kvs_sequence_lengths {
@@ -219,6 +347,150 @@ const char *kvs_status_str(uint32_t status);
 // the function, the argument or key and the fix; `""` when none has failed. The pointer stays
 // valid until the next failing call on the same thread; copy it to keep it.
 const char *kvs_last_error(void);
+
+// Make the CPU backend.
+//
+// # Safety
+// `out` must be writable.
+kvs_status kvs_kernels_new_cpu(struct kvs_kernels **out);
+
+// Make the CUDA backend on device `ordinal`, launching on `stream` (a `CUstream`; NULL for the
+// default stream). Builds without the `cuda` feature return `KVS_STATUS_NOT_COMPILED`.
+//
+// # Safety
+// `out` must be writable; `stream` must be NULL or a live stream of that device.
+kvs_status kvs_kernels_new_cuda(uint32_t ordinal, void *stream, struct kvs_kernels **out);
+
+// Release a backend. NULL is a no-op.
+//
+// # Safety
+// `kernels` must be NULL or a live handle, freed once.
+void kvs_kernels_free(struct kvs_kernels *kernels);
+
+// The backend's device (a `kvs_device`) into `*out`.
+//
+// # Safety
+// Live handle, writable `out`.
+kvs_status kvs_kernels_device(const struct kvs_kernels *kernels, uint32_t *out);
+
+// SnapKV scores of one sequence and layer into `scores[num_kv_heads][cached_len]`.
+//
+// # Safety
+// Pointers as documented on the structs; `scores` holds `scores_len` floats.
+kvs_status kvs_score_snapkv(const struct kvs_kernels *kernels,
+                            const struct kvs_kv_cache *cache,
+                            const struct kvs_sequence *seq,
+                            const struct kvs_snapkv_args *args,
+                            float *scores,
+                            size_t scores_len);
+
+// Key-norm scores (−‖K‖₂) of one sequence and layer into `scores[num_kv_heads][cached_len]`.
+//
+// # Safety
+// Pointers as documented; `scores` holds `scores_len` floats.
+kvs_status kvs_score_knorm(const struct kvs_kernels *kernels,
+                           const struct kvs_kv_cache *cache,
+                           const struct kvs_sequence *seq,
+                           float *scores,
+                           size_t scores_len);
+
+// Choose, per KV head, the `args.selected` cached positions to keep: sinks and the protected
+// tail always, the rest by top score (ties to the earlier position). `scores` is
+// `[num_kv_heads][cached_len]`, or NULL for streaming (keep the most recent). Writes
+// `keep[num_kv_heads][selected]`, each row ascending.
+//
+// # Safety
+// `scores` NULL or `scores_len` floats; `keep` holds `keep_len` entries.
+kvs_status kvs_select_tokens(const struct kvs_kernels *kernels,
+                             const float *scores,
+                             size_t scores_len,
+                             uint32_t num_kv_heads,
+                             const struct kvs_token_select *args,
+                             uint32_t *keep,
+                             size_t keep_len);
+
+// Move each head's kept tokens (`keep[num_kv_heads][selected]`, ascending, within
+// `[protected_len, cached_len)`) to the slots right after the protected prefix, K and V, in
+// place. Writes the ids of the blocks past the new end (`row[ceil((protected_len + selected) /
+// block_size) .. ceil(cached_len / block_size)]`) to `released` and their count to
+// `*num_released`. Everything is validated before the first byte moves.
+//
+// # Safety
+// Pointers as documented; `released` holds `released_cap` entries.
+kvs_status kvs_compact(const struct kvs_kernels *kernels,
+                       const struct kvs_kv_cache *cache,
+                       const struct kvs_sequence *seq,
+                       const uint32_t *keep,
+                       size_t keep_len,
+                       uint32_t selected,
+                       int32_t *released,
+                       size_t released_cap,
+                       uint32_t *num_released);
+
+// Recompute Quest metadata of physical block `block` from its first `filled` slots into
+// `block_min`/`block_max` (`[num_blocks][num_kv_heads][head_dim]` f32 each, `meta_len` floats).
+//
+// # Safety
+// Pointers as documented.
+kvs_status kvs_quest_update_block(const struct kvs_kernels *kernels,
+                                  const struct kvs_kv_cache *cache,
+                                  uint32_t block,
+                                  uint32_t filled,
+                                  float *block_min,
+                                  float *block_max,
+                                  size_t meta_len);
+
+// Quest bounds of the blocks of `seq.row` for one decode query (`[num_q_heads][head_dim]`,
+// dtype `query_dtype`), maxed over query heads, into `block_scores[row_len]`.
+//
+// # Safety
+// Pointers as documented.
+kvs_status kvs_quest_bound(const struct kvs_kernels *kernels,
+                           const struct kvs_kv_cache *cache,
+                           const struct kvs_sequence *seq,
+                           const void *query,
+                           uint32_t query_dtype,
+                           uint32_t num_q_heads,
+                           const float *block_min,
+                           const float *block_max,
+                           size_t meta_len,
+                           float *block_scores,
+                           size_t block_scores_len);
+
+// Block-level top-k for a batch in FlashInfer CSR form. Inputs: `indptr[num_seqs + 1]`,
+// `indices[nnz]`, `last_page_len[num_seqs]`, `block_scores[nnz]` (aligned with `indices`).
+// Outputs: `out_indptr[num_seqs + 1]`, kept ids in order in `out_indices` (capacity
+// `out_indices_cap`; `nnz` always suffices), `out_last_page_len[num_seqs]`.
+//
+// # Safety
+// Pointers as documented.
+kvs_status kvs_select_blocks_csr(const struct kvs_kernels *kernels,
+                                 const int32_t *indptr,
+                                 uint32_t num_seqs,
+                                 const int32_t *indices,
+                                 size_t nnz,
+                                 const int32_t *last_page_len,
+                                 const float *block_scores,
+                                 const struct kvs_block_select *args,
+                                 int32_t *out_indptr,
+                                 int32_t *out_indices,
+                                 size_t out_indices_cap,
+                                 int32_t *out_last_page_len);
+
+// Block-level top-k for one dense vLLM block-table row: kept ids in order into
+// `out_row[out_row_len]`, the rest padded with `pad`, the count into `*num_kept`.
+//
+// # Safety
+// Pointers as documented.
+kvs_status kvs_select_blocks_row(const struct kvs_kernels *kernels,
+                                 const int32_t *row,
+                                 uint32_t row_len,
+                                 const float *block_scores,
+                                 const struct kvs_block_select *args,
+                                 int32_t pad,
+                                 int32_t *out_row,
+                                 uint32_t out_row_len,
+                                 uint32_t *num_kept);
 
 // Plan one sequence's compression event for `phase` (a `kvs_phase`): how many cached tokens
 // stay, how many are evicted (whole blocks) and how many blocks (the last ones of the row) are

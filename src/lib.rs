@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod kernels;
 pub mod plan;
 pub mod status;
 pub mod version;

@@ -108,10 +108,14 @@ pub fn plan_keep_count(config: &Config, phase: Phase, lens: &SequenceLengths) ->
     let p = lens.protected_len;
     let target = budget.tokens(lens.logical_len);
     // Never below what is always kept: the prefix, the sinks, and the protected tail.
-    let always = (p.max(sp.sink_tokens as u64) + tail as u64).min(c);
+    // Saturating: lengths come from the engine and may be anything up to u64::MAX.
+    let always = p
+        .max(sp.sink_tokens as u64)
+        .saturating_add(tail as u64)
+        .min(c);
     let floor = target.max(always).max(p);
     // Decode re-compresses only once the cache has outgrown the budget by `interval` tokens.
-    if c < floor + slack.max(1) {
+    if c < floor.saturating_add(slack.max(1)) {
         return Ok(KeepPlan::unchanged(lens));
     }
     let bs = lens.block_size as u64;
@@ -194,6 +198,17 @@ mod tests {
         assert_eq!(wait.released_blocks, 0, "300 < 256 + 64: not due yet");
         let due = plan_keep_count(&c, Phase::Decode, &lens(2000, 320, 0, 16)).unwrap();
         assert_eq!((due.released_blocks, due.kept_tokens), (4, 256));
+    }
+
+    #[test]
+    fn extreme_lengths_do_not_overflow() {
+        // Found by the abi_args fuzz target: u64::MAX lengths overflowed `floor + interval`.
+        let c = cfg("[sparsity]\npolicy='knorm'\nbudget_ratio=1.0\n[decode]\npolicy='streaming'\ninterval=7\n");
+        let m = u64::MAX;
+        let plan = plan_keep_count(&c, Phase::Decode, &lens(m, m, 0, u32::MAX)).unwrap();
+        assert_eq!(plan.kept_tokens + plan.evicted_tokens, m);
+        let plan = plan_keep_count(&cfg(SNAP), Phase::Prefill, &lens(m, m - 5, 0, 1)).unwrap();
+        assert_eq!(plan.kept_tokens, 1024);
     }
 
     #[test]

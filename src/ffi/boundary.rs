@@ -63,6 +63,22 @@ pub(super) fn check_ptr<T>(ptr: *const T, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Check a `void *` that holds elements of `dtype`: non-NULL and aligned to the element size.
+pub(super) fn check_typed_ptr(
+    ptr: *const std::ffi::c_void,
+    dtype: crate::kernels::DType,
+    name: &str,
+) -> Result<()> {
+    check_ptr(ptr as *const u8, name)?;
+    if ptr as usize % dtype.size() != 0 {
+        return Err(Error::invalid_arg(format!(
+            "{name} = {ptr:p} is not aligned to its {} elements",
+            dtype.name()
+        )));
+    }
+    Ok(())
+}
+
 /// Borrow `*ptr` after the NULL and alignment checks, or return `InvalidArgument` naming it.
 macro_rules! arg_ref {
     ($ptr:expr, $name:literal) => {{

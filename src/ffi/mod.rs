@@ -12,9 +12,11 @@
 mod boundary;
 mod config;
 mod info;
+mod kernels;
 mod plan;
 
 pub use boundary::last_error_message;
 pub use config::*;
 pub use info::*;
+pub use kernels::*;
 pub use plan::*;

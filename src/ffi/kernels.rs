@@ -1,0 +1,520 @@
+//! `kvs_kernels`: the backend handle, and the score / select / compact entry points.
+//!
+//! Buffers are the caller's: scores, keep lists, released-block lists and page tables are
+//! written into memory the engine owns, sized by the counts it passes. On the CPU backend every
+//! pointer is host memory; on the CUDA backend tensor and buffer pointers are device memory and
+//! the small parameter structs stay on the host.
+
+use super::boundary::{check_typed_ptr, ffi_boundary};
+use crate::config::Pooling;
+use crate::error::{Error, Result};
+use crate::kernels::compact::{compact, Compaction};
+use crate::kernels::score::knorm::score_knorm;
+use crate::kernels::score::quest::{quest_bound, quest_update_block};
+use crate::kernels::score::snapkv::{score_snapkv, SnapKv};
+use crate::kernels::score::to_f32_vec;
+use crate::kernels::select::{
+    select_blocks_csr, select_blocks_row, select_tokens, BlockSelect, TokenSelect,
+};
+use crate::kernels::{DType, Device, KvCache, KvCacheDesc};
+use crate::status::Status;
+use std::ffi::c_void;
+
+/// A kernel backend. The CPU backend holds no state; it is `Send + Sync` and one handle may
+/// serve every thread.
+pub struct KvsKernels {
+    device: Device,
+}
+
+/// One sequence as the kernels see it (`kvs_sequence`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct SequenceDesc {
+    /// The sequence's physical block ids in order (`row_len` of them).
+    pub row: *const i32,
+    pub row_len: u32,
+    /// Tokens whose K/V are cached now.
+    pub cached_len: u32,
+    /// Leading cached tokens never selected or moved (whole blocks; 0 without prefix sharing).
+    pub protected_len: u32,
+}
+
+/// SnapKV scoring inputs (`kvs_snapkv_args`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct SnapKvArgs {
+    /// `[window][num_q_heads][head_dim]` observation-window queries, RoPE applied.
+    pub queries: *const c_void,
+    /// A `kvs_dtype` for `queries`.
+    pub queries_dtype: u32,
+    pub window: u32,
+    pub num_q_heads: u32,
+    /// Odd pooling width.
+    pub pool_kernel: u32,
+    /// A `kvs_pooling`.
+    pub pool: u32,
+}
+
+/// Token-selection counts (`kvs_token_select`); take `selected` from `kvs_keep_plan` and the
+/// sink/tail from `kvs_policy_params`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenSelectArgs {
+    pub cached_len: u32,
+    pub protected_len: u32,
+    pub sink_tokens: u32,
+    pub protected_tail: u32,
+    pub selected: u32,
+}
+
+/// Block-selection counts (`kvs_block_select`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlockSelectArgs {
+    pub keep_blocks: u32,
+    pub sink_blocks: u32,
+    pub recent_blocks: u32,
+}
+
+/// dtype numbers as `kvs_dtype`.
+#[repr(u32)]
+pub enum DTypeId {
+    F32 = 0,
+    F16 = 1,
+    Bf16 = 2,
+}
+
+/// Layout numbers as `kvs_layout` (see `kvs_kv_cache`).
+#[repr(u32)]
+pub enum LayoutId {
+    /// `[num_blocks, block_size, kv_heads, head_dim]`, strides overridable.
+    Nhd = 0,
+    /// `[num_blocks, kv_heads, block_size, head_dim]`, strides overridable.
+    Hnd = 1,
+    /// vLLM CPU_ATTN vector path (f32): per (block, head) K `[D][BS]` then V `[BS][D]`.
+    VllmCpuVec = 2,
+    /// vLLM CPU_ATTN AMX path (bf16): K `[BS/16][D/2][16][2]`, V `[D/16][BS/2][16][2]`.
+    VllmCpuAmx = 3,
+}
+
+/// Device numbers as `kvs_device`.
+#[repr(u32)]
+pub enum DeviceId {
+    Cpu = 0,
+    Cuda = 1,
+}
+
+fn publish(k: KvsKernels, out: *mut *mut KvsKernels) {
+    // SAFETY: checked by `arg_out!` before any work.
+    unsafe { *out = Box::into_raw(Box::new(k)) };
+}
+
+/// Make the CPU backend.
+///
+/// # Safety
+/// `out` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_kernels_new_cpu(out: *mut *mut KvsKernels) -> Status {
+    ffi_boundary("kvs_kernels_new_cpu", || {
+        let out = arg_out!(out, "out");
+        publish(
+            KvsKernels {
+                device: Device::Cpu,
+            },
+            out,
+        );
+        Ok(())
+    })
+}
+
+/// Make the CUDA backend on device `ordinal`, launching on `stream` (a `CUstream`; NULL for the
+/// default stream). Builds without the `cuda` feature return `KVS_STATUS_NOT_COMPILED`.
+///
+/// # Safety
+/// `out` must be writable; `stream` must be NULL or a live stream of that device.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_kernels_new_cuda(
+    ordinal: u32,
+    stream: *mut c_void,
+    out: *mut *mut KvsKernels,
+) -> Status {
+    ffi_boundary("kvs_kernels_new_cuda", || {
+        let _out = arg_out!(out, "out");
+        let _ = (ordinal, stream);
+        Err(Error::new(
+            Status::NotCompiled,
+            "this libkvsieve was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`",
+        ))
+    })
+}
+
+/// Release a backend. NULL is a no-op.
+///
+/// # Safety
+/// `kernels` must be NULL or a live handle, freed once.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_kernels_free(kernels: *mut KvsKernels) {
+    if !kernels.is_null() {
+        // SAFETY: made by `publish`, freed once by contract.
+        drop(unsafe { Box::from_raw(kernels) });
+    }
+}
+
+/// The backend's device (a `kvs_device`) into `*out`.
+///
+/// # Safety
+/// Live handle, writable `out`.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_kernels_device(kernels: *const KvsKernels, out: *mut u32) -> Status {
+    ffi_boundary("kvs_kernels_device", || {
+        let out = arg_out!(out, "out");
+        let k = arg_ref!(kernels, "kernels");
+        // SAFETY: checked.
+        unsafe { *out = k.device as u32 };
+        Ok(())
+    })
+}
+
+/// The validated cache and sequence of a call, on the CPU backend.
+fn host_inputs<'a>(
+    kernels: &KvsKernels,
+    cache: &KvCacheDesc,
+    seq: &'a SequenceDesc,
+) -> Result<(KvCache, &'a [i32])> {
+    let cache = KvCache::new(cache)?;
+    if kernels.device != Device::Cpu {
+        return Err(Error::unsupported(
+            "this entry point has no CUDA kernel in this build",
+        ));
+    }
+    cache.require_device(Device::Cpu)?;
+    let row = arg_slice!(seq.row, seq.row_len, "seq.row");
+    Ok((cache, row))
+}
+
+/// SnapKV scores of one sequence and layer into `scores[num_kv_heads][cached_len]`.
+///
+/// # Safety
+/// Pointers as documented on the structs; `scores` holds `scores_len` floats.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_score_snapkv(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    seq: *const SequenceDesc,
+    args: *const SnapKvArgs,
+    scores: *mut f32,
+    scores_len: usize,
+) -> Status {
+    ffi_boundary("kvs_score_snapkv", || {
+        let (kernels, cache, seq, args) = (
+            arg_ref!(kernels, "kernels"),
+            arg_ref!(cache, "cache"),
+            arg_ref!(seq, "seq"),
+            arg_ref!(args, "args"),
+        );
+        let (cache, row) = host_inputs(kernels, cache, seq)?;
+        let qdtype = DType::from_u32(args.queries_dtype, "args.queries_dtype")?;
+        let pool = match args.pool {
+            0 => Pooling::Max,
+            1 => Pooling::Avg,
+            v => {
+                return Err(Error::invalid_arg(format!(
+                    "args.pool = {v} is not a kvs_pooling (0 max, 1 avg)"
+                )))
+            }
+        };
+        let p = SnapKv {
+            cached_len: seq.cached_len as usize,
+            window: args.window as usize,
+            num_q_heads: args.num_q_heads as usize,
+            pool_kernel: args.pool_kernel as usize,
+            pool,
+        };
+        let nq = p.window * p.num_q_heads * cache.head_dim;
+        p.check(&cache, nq, scores_len)?;
+        check_typed_ptr(args.queries, qdtype, "args.queries")?;
+        // SAFETY: the caller promises window * num_q_heads * head_dim elements.
+        let q = unsafe { to_f32_vec(args.queries as *const u8, qdtype, nq) };
+        let out = arg_slice_mut!(scores, scores_len, "scores");
+        // SAFETY: validated cache of live host tensors.
+        unsafe { score_snapkv(&cache, row, &q, &p, out) }
+    })
+}
+
+/// Key-norm scores (−‖K‖₂) of one sequence and layer into `scores[num_kv_heads][cached_len]`.
+///
+/// # Safety
+/// Pointers as documented; `scores` holds `scores_len` floats.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_score_knorm(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    seq: *const SequenceDesc,
+    scores: *mut f32,
+    scores_len: usize,
+) -> Status {
+    ffi_boundary("kvs_score_knorm", || {
+        let (kernels, cache, seq) = (
+            arg_ref!(kernels, "kernels"),
+            arg_ref!(cache, "cache"),
+            arg_ref!(seq, "seq"),
+        );
+        let (cache, row) = host_inputs(kernels, cache, seq)?;
+        let out = arg_slice_mut!(scores, scores_len, "scores");
+        // SAFETY: validated cache of live host tensors.
+        unsafe { score_knorm(&cache, row, seq.cached_len as usize, out) }
+    })
+}
+
+/// Choose, per KV head, the `args.selected` cached positions to keep: sinks and the protected
+/// tail always, the rest by top score (ties to the earlier position). `scores` is
+/// `[num_kv_heads][cached_len]`, or NULL for streaming (keep the most recent). Writes
+/// `keep[num_kv_heads][selected]`, each row ascending.
+///
+/// # Safety
+/// `scores` NULL or `scores_len` floats; `keep` holds `keep_len` entries.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_select_tokens(
+    kernels: *const KvsKernels,
+    scores: *const f32,
+    scores_len: usize,
+    num_kv_heads: u32,
+    args: *const TokenSelectArgs,
+    keep: *mut u32,
+    keep_len: usize,
+) -> Status {
+    ffi_boundary("kvs_select_tokens", || {
+        let _ = arg_ref!(kernels, "kernels");
+        let a = arg_ref!(args, "args");
+        let s = if scores.is_null() {
+            None
+        } else {
+            Some(arg_slice!(scores, scores_len, "scores"))
+        };
+        let p = TokenSelect {
+            cached_len: a.cached_len as usize,
+            protected_len: a.protected_len as usize,
+            sink_tokens: a.sink_tokens as usize,
+            protected_tail: a.protected_tail as usize,
+            selected: a.selected as usize,
+        };
+        let out = arg_slice_mut!(keep, keep_len, "keep");
+        select_tokens(s, num_kv_heads as usize, &p, out)
+    })
+}
+
+/// Move each head's kept tokens (`keep[num_kv_heads][selected]`, ascending, within
+/// `[protected_len, cached_len)`) to the slots right after the protected prefix, K and V, in
+/// place. Writes the ids of the blocks past the new end (`row[ceil((protected_len + selected) /
+/// block_size) .. ceil(cached_len / block_size)]`) to `released` and their count to
+/// `*num_released`. Everything is validated before the first byte moves.
+///
+/// # Safety
+/// Pointers as documented; `released` holds `released_cap` entries.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvs_compact(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    seq: *const SequenceDesc,
+    keep: *const u32,
+    keep_len: usize,
+    selected: u32,
+    released: *mut i32,
+    released_cap: usize,
+    num_released: *mut u32,
+) -> Status {
+    ffi_boundary("kvs_compact", || {
+        let num_released = arg_out!(num_released, "num_released");
+        let (kernels, cache, seq) = (
+            arg_ref!(kernels, "kernels"),
+            arg_ref!(cache, "cache"),
+            arg_ref!(seq, "seq"),
+        );
+        let (cache, row) = host_inputs(kernels, cache, seq)?;
+        let req = Compaction {
+            row,
+            cached_len: seq.cached_len as usize,
+            protected_len: seq.protected_len as usize,
+            keep: arg_slice!(keep, keep_len, "keep"),
+            selected: selected as usize,
+        };
+        let range = req.check(&cache)?;
+        if released_cap < range.len() {
+            return Err(Error::new(
+                Status::BufferTooSmall,
+                format!(
+                    "released holds {released_cap} ids; this compaction releases {}",
+                    range.len()
+                ),
+            ));
+        }
+        let out = arg_slice_mut!(released, released_cap, "released");
+        // SAFETY: validated cache of live host tensors.
+        let range = unsafe { compact(&cache, &req)? };
+        out[..range.len()].copy_from_slice(&row[range.clone()]);
+        // SAFETY: checked by `arg_out!`.
+        unsafe { *num_released = range.len() as u32 };
+        Ok(())
+    })
+}
+
+/// Recompute Quest metadata of physical block `block` from its first `filled` slots into
+/// `block_min`/`block_max` (`[num_blocks][num_kv_heads][head_dim]` f32 each, `meta_len` floats).
+///
+/// # Safety
+/// Pointers as documented.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_quest_update_block(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    block: u32,
+    filled: u32,
+    block_min: *mut f32,
+    block_max: *mut f32,
+    meta_len: usize,
+) -> Status {
+    ffi_boundary("kvs_quest_update_block", || {
+        let (kernels, cache) = (arg_ref!(kernels, "kernels"), arg_ref!(cache, "cache"));
+        let empty = SequenceDesc {
+            row: std::ptr::NonNull::dangling().as_ptr(),
+            row_len: 0,
+            cached_len: 0,
+            protected_len: 0,
+        };
+        let (cache, _) = host_inputs(kernels, cache, &empty)?;
+        let (lo, hi) = (
+            arg_slice_mut!(block_min, meta_len, "block_min"),
+            arg_slice_mut!(block_max, meta_len, "block_max"),
+        );
+        // SAFETY: validated cache of live host tensors.
+        unsafe { quest_update_block(&cache, block as usize, filled as usize, lo, hi) }
+    })
+}
+
+/// Quest bounds of the blocks of `seq.row` for one decode query (`[num_q_heads][head_dim]`,
+/// dtype `query_dtype`), maxed over query heads, into `block_scores[row_len]`.
+///
+/// # Safety
+/// Pointers as documented.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvs_quest_bound(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    seq: *const SequenceDesc,
+    query: *const c_void,
+    query_dtype: u32,
+    num_q_heads: u32,
+    block_min: *const f32,
+    block_max: *const f32,
+    meta_len: usize,
+    block_scores: *mut f32,
+    block_scores_len: usize,
+) -> Status {
+    ffi_boundary("kvs_quest_bound", || {
+        let (kernels, cache, seq) = (
+            arg_ref!(kernels, "kernels"),
+            arg_ref!(cache, "cache"),
+            arg_ref!(seq, "seq"),
+        );
+        let (cache, row) = host_inputs(kernels, cache, seq)?;
+        let qd = DType::from_u32(query_dtype, "query_dtype")?;
+        let nq = num_q_heads as usize * cache.head_dim;
+        check_typed_ptr(query, qd, "query")?;
+        // SAFETY: the caller promises num_q_heads * head_dim elements.
+        let q = unsafe { to_f32_vec(query as *const u8, qd, nq) };
+        let (lo, hi) = (
+            arg_slice!(block_min, meta_len, "block_min"),
+            arg_slice!(block_max, meta_len, "block_max"),
+        );
+        let out = arg_slice_mut!(block_scores, block_scores_len, "block_scores");
+        quest_bound(&cache, row, &q, num_q_heads as usize, lo, hi, out)
+    })
+}
+
+/// Block-level top-k for a batch in FlashInfer CSR form. Inputs: `indptr[num_seqs + 1]`,
+/// `indices[nnz]`, `last_page_len[num_seqs]`, `block_scores[nnz]` (aligned with `indices`).
+/// Outputs: `out_indptr[num_seqs + 1]`, kept ids in order in `out_indices` (capacity
+/// `out_indices_cap`; `nnz` always suffices), `out_last_page_len[num_seqs]`.
+///
+/// # Safety
+/// Pointers as documented.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvs_select_blocks_csr(
+    kernels: *const KvsKernels,
+    indptr: *const i32,
+    num_seqs: u32,
+    indices: *const i32,
+    nnz: usize,
+    last_page_len: *const i32,
+    block_scores: *const f32,
+    args: *const BlockSelectArgs,
+    out_indptr: *mut i32,
+    out_indices: *mut i32,
+    out_indices_cap: usize,
+    out_last_page_len: *mut i32,
+) -> Status {
+    ffi_boundary("kvs_select_blocks_csr", || {
+        let _ = arg_ref!(kernels, "kernels");
+        let a = arg_ref!(args, "args");
+        let n = num_seqs as usize;
+        let p = BlockSelect {
+            keep_blocks: a.keep_blocks as usize,
+            sink_blocks: a.sink_blocks as usize,
+            recent_blocks: a.recent_blocks as usize,
+        };
+        select_blocks_csr(
+            arg_slice!(indptr, n + 1, "indptr"),
+            arg_slice!(indices, nnz, "indices"),
+            arg_slice!(last_page_len, n, "last_page_len"),
+            arg_slice!(block_scores, nnz, "block_scores"),
+            &p,
+            arg_slice_mut!(out_indptr, n + 1, "out_indptr"),
+            arg_slice_mut!(out_indices, out_indices_cap, "out_indices"),
+            arg_slice_mut!(out_last_page_len, n, "out_last_page_len"),
+        )
+        .map(|_| ())
+    })
+}
+
+/// Block-level top-k for one dense vLLM block-table row: kept ids in order into
+/// `out_row[out_row_len]`, the rest padded with `pad`, the count into `*num_kept`.
+///
+/// # Safety
+/// Pointers as documented.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvs_select_blocks_row(
+    kernels: *const KvsKernels,
+    row: *const i32,
+    row_len: u32,
+    block_scores: *const f32,
+    args: *const BlockSelectArgs,
+    pad: i32,
+    out_row: *mut i32,
+    out_row_len: u32,
+    num_kept: *mut u32,
+) -> Status {
+    ffi_boundary("kvs_select_blocks_row", || {
+        let num_kept = arg_out!(num_kept, "num_kept");
+        let _ = arg_ref!(kernels, "kernels");
+        let a = arg_ref!(args, "args");
+        let p = BlockSelect {
+            keep_blocks: a.keep_blocks as usize,
+            sink_blocks: a.sink_blocks as usize,
+            recent_blocks: a.recent_blocks as usize,
+        };
+        let kept = select_blocks_row(
+            arg_slice!(row, row_len, "row"),
+            arg_slice!(block_scores, row_len, "block_scores"),
+            &p,
+            pad,
+            arg_slice_mut!(out_row, out_row_len, "out_row"),
+        )?;
+        // SAFETY: checked by `arg_out!`.
+        unsafe { *num_kept = kept as u32 };
+        Ok(())
+    })
+}

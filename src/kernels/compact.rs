@@ -1,0 +1,130 @@
+//! In-place compaction of one sequence's K and V, for one layer.
+//!
+//! For every KV head, the kept cached positions `keep[h][0..k]` (ascending, all at or after the
+//! protected prefix `P`) move to positions `P..P+k`. Because `keep[h][j] >= P + j` and the copy
+//! runs in ascending `j`, each source is read before anything overwrites it: the forward gather
+//! in place equals a gather from a snapshot, bit for bit. Blocks of the row past the new end are
+//! released. Nothing is written outside the row's blocks from `P` on, and everything is
+//! validated before the first byte moves.
+
+use super::layout::KvCache;
+use super::page_table::check_row;
+use crate::ensure_arg;
+use crate::error::Result;
+use std::ops::Range;
+
+/// One sequence's compaction request.
+#[derive(Debug, Clone, Copy)]
+pub struct Compaction<'a> {
+    /// The sequence's physical block ids, in order.
+    pub row: &'a [i32],
+    pub cached_len: usize,
+    pub protected_len: usize,
+    /// `[num_kv_heads][selected]` cached positions, each row strictly ascending, in `[P, C)`.
+    pub keep: &'a [u32],
+    pub selected: usize,
+}
+
+impl Compaction<'_> {
+    /// Validate against `cache`; returns the row positions of the blocks to release.
+    pub fn check(&self, cache: &KvCache) -> Result<Range<usize>> {
+        let (bs, c, p, k) = (
+            cache.block_size,
+            self.cached_len,
+            self.protected_len,
+            self.selected,
+        );
+        ensure_arg!(p <= c, "protected_len = {p} exceeds cached_len = {c}");
+        ensure_arg!(
+            p % bs == 0,
+            "protected_len = {p} is not a multiple of block_size = {bs}"
+        );
+        ensure_arg!(
+            k <= c - p,
+            "selected = {k} exceeds the {} tokens after the protected prefix",
+            c - p
+        );
+        let h = cache.num_kv_heads;
+        ensure_arg!(
+            self.keep.len() == h * k,
+            "keep has {} entries; expected num_kv_heads * selected = {h} * {k}",
+            self.keep.len()
+        );
+        let old_blocks = c.div_ceil(bs);
+        check_row(self.row, cache.num_blocks, old_blocks)?;
+        for head in 0..h {
+            let ks = &self.keep[head * k..(head + 1) * k];
+            for (j, &t) in ks.iter().enumerate() {
+                let t = t as usize;
+                ensure_arg!(
+                    t >= p && t < c,
+                    "keep[{head}][{j}] = {t} is outside the selectable range [{p}, {c})"
+                );
+                ensure_arg!(
+                    j == 0 || t > ks[j - 1] as usize,
+                    "keep[{head}] is not strictly ascending at {j} ({} then {t}); pass sorted, unique positions",
+                    ks[j - 1]
+                );
+            }
+        }
+        Ok((p + k).div_ceil(bs)..old_blocks)
+    }
+}
+
+/// Compact `req` in `cache` (host memory). Returns the row positions of the released blocks.
+///
+/// # Safety
+/// `cache` must describe live host tensors of `num_blocks * block_stride` elements that nothing
+/// else reads or writes during the call.
+pub unsafe fn compact(cache: &KvCache, req: &Compaction) -> Result<Range<usize>> {
+    let released = req.check(cache)?;
+    let (bs, d, esz, k) = (
+        cache.block_size,
+        cache.head_dim,
+        cache.dtype.size(),
+        req.selected,
+    );
+    let p = req.protected_len;
+    let at = |t: usize| (req.row[t / bs] as usize, t % bs);
+    for head in 0..cache.num_kv_heads {
+        for (j, &src) in req.keep[head * k..(head + 1) * k].iter().enumerate() {
+            let (src, dst) = (src as usize, p + j);
+            if src == dst {
+                continue; // already in place (the common case for sinks)
+            }
+            let ((sb, ss), (db, ds)) = (at(src), at(dst));
+            if cache.rows_contiguous() {
+                // SAFETY: validated coordinates; distinct (block, slot) never alias (layout check).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        cache.k.add(cache.k_offset(sb, head, ss, 0) * esz),
+                        cache.k.add(cache.k_offset(db, head, ds, 0) * esz),
+                        d * esz,
+                    );
+                    std::ptr::copy_nonoverlapping(
+                        cache.v.add(cache.v_offset(sb, head, ss, 0) * esz),
+                        cache.v.add(cache.v_offset(db, head, ds, 0) * esz),
+                        d * esz,
+                    );
+                }
+            } else {
+                for e in 0..d {
+                    // SAFETY: as above, element by element for the packed layouts.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            cache.k.add(cache.k_offset(sb, head, ss, e) * esz),
+                            cache.k.add(cache.k_offset(db, head, ds, e) * esz),
+                            esz,
+                        );
+                        std::ptr::copy_nonoverlapping(
+                            cache.v.add(cache.v_offset(sb, head, ss, e) * esz),
+                            cache.v.add(cache.v_offset(db, head, ds, e) * esz),
+                            esz,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(released)
+}
