@@ -55,8 +55,12 @@ fn layer(len: usize, block_size: usize, layout: Layout, rng: &mut Rng) -> Layer 
     let blocks = len.div_ceil(block_size);
     let n = blocks * block_size * HEADS * HEAD_DIM;
     let mut l = Layer {
-        k: (0..n).map(|_| half::bf16::from_f32(rng.unit()).to_bits()).collect(),
-        v: (0..n).map(|_| half::bf16::from_f32(rng.unit()).to_bits()).collect(),
+        k: (0..n)
+            .map(|_| half::bf16::from_f32(rng.unit()).to_bits())
+            .collect(),
+        v: (0..n)
+            .map(|_| half::bf16::from_f32(rng.unit()).to_bits())
+            .collect(),
         row: (0..blocks as i32).collect(),
         desc: KvCacheDesc {
             k: std::ptr::null_mut(),
@@ -115,11 +119,18 @@ fn bench_compact(c: &mut Criterion) {
                 let cache = KvCache::new(&l.desc).unwrap();
                 let (keep, k) = keep_lists(len, &mut rng);
                 let bytes = 2 * HEADS * k * HEAD_DIM * 2; // K and V, bf16
-                let mut g = c.benchmark_group(format!("compact_{layout:?}_b{bs}_{len}").to_lowercase());
+                let mut g =
+                    c.benchmark_group(format!("compact_{layout:?}_b{bs}_{len}").to_lowercase());
                 g.throughput(Throughput::Bytes(bytes as u64));
                 g.bench_function("kernel", |b| {
                     b.iter(|| {
-                        let req = Compaction { row: &l.row, cached_len: len, protected_len: 0, keep: &keep, selected: k };
+                        let req = Compaction {
+                            row: &l.row,
+                            cached_len: len,
+                            protected_len: 0,
+                            keep: &keep,
+                            selected: k,
+                        };
                         black_box(unsafe { compact(&cache, &req) }.unwrap())
                     })
                 });
@@ -137,12 +148,35 @@ fn bench_select(c: &mut Criterion) {
     let mut rng = Rng(0xfeed);
     for &len in &lengths() {
         let scores: Vec<f32> = (0..HEADS * len).map(|_| rng.unit()).collect();
-        let sel = TokenSelect { cached_len: len, protected_len: 0, sink_tokens: 4, protected_tail: 64, selected: (len as f64 * KEEP) as usize };
+        let sel = TokenSelect {
+            cached_len: len,
+            protected_len: 0,
+            sink_tokens: 4,
+            protected_tail: 64,
+            selected: (len as f64 * KEEP) as usize,
+        };
         let mut out = vec![0u32; HEADS * sel.selected];
         let mut g = c.benchmark_group(format!("select_{len}"));
         g.throughput(Throughput::Bytes((scores.len() * 4) as u64));
-        g.bench_function("kernel", |b| b.iter(|| select_tokens(Some(black_box(&scores)), HEADS, &sel, &mut out).unwrap()));
-        g.bench_function("bound", |b| b.iter(|| black_box(&scores).iter().sum::<f32>()));
+        g.bench_function("kernel", |b| {
+            b.iter(|| select_tokens(Some(black_box(&scores)), HEADS, &sel, &mut out).unwrap())
+        });
+        g.bench_function("bound", |b| {
+            b.iter(|| black_box(&scores).iter().sum::<f32>())
+        });
+        // For reference: the same read with 8 independent accumulators (what SIMD reaches).
+        g.bench_function("read_simd", |b| {
+            b.iter(|| {
+                black_box(&scores)
+                    .chunks_exact(8)
+                    .fold([0f32; 8], |mut a, c| {
+                        for i in 0..8 {
+                            a[i] += c[i];
+                        }
+                        a
+                    })
+            })
+        });
         g.finish();
     }
 }
@@ -154,18 +188,30 @@ fn bench_snapkv(c: &mut Criterion) {
     for &len in &[2048usize, 4096] {
         let l = layer(len, 16, Layout::Nhd, &mut rng);
         let cache = KvCache::new(&l.desc).unwrap();
-        let q: Vec<f32> = (0..window * Q_HEADS * HEAD_DIM).map(|_| rng.unit()).collect();
-        let p = SnapKv { cached_len: len, window, num_q_heads: Q_HEADS, pool_kernel: 7, pool: Pooling::Max };
+        let q: Vec<f32> = (0..window * Q_HEADS * HEAD_DIM)
+            .map(|_| rng.unit())
+            .collect();
+        let p = SnapKv {
+            cached_len: len,
+            window,
+            num_q_heads: Q_HEADS,
+            pool_kernel: 7,
+            pool: Pooling::Max,
+        };
         let mut out = vec![0f32; HEADS * len];
         // QK^T over the causal window: ~window * q_heads * len dot products of head_dim.
         let flops = 2 * window * Q_HEADS * len * HEAD_DIM;
         let mut g = c.benchmark_group(format!("snapkv_{len}"));
         g.throughput(Throughput::Elements(flops as u64));
-        g.bench_function(BenchmarkId::new("kernel", "flops"), |b| b.iter(|| unsafe { score_snapkv(&cache, &l.row, &q, &p, &mut out) }.unwrap()));
+        g.bench_function(BenchmarkId::new("kernel", "flops"), |b| {
+            b.iter(|| unsafe { score_snapkv(&cache, &l.row, &q, &p, &mut out) }.unwrap())
+        });
         // The bound: the same FLOPs as bare dot products over contiguous f32 keys, on as many
         // threads as the kernel uses.
         let keys: Vec<f32> = (0..len * HEAD_DIM).map(|_| rng.unit()).collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(HEADS);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(HEADS);
         g.bench_function(BenchmarkId::new("bound", "flops"), |b| {
             b.iter(|| {
                 std::thread::scope(|s| {
@@ -204,8 +250,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// criterion's mean estimate (ns) of `group/bench`, from its JSON report.
 fn mean_ns(group: &str, bench: &str) -> Option<f64> {
-    let root = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let text = std::fs::read_to_string(root.join("criterion").join(group).join(bench).join("new/estimates.json")).ok()?;
+    let root = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let text = std::fs::read_to_string(
+        root.join("criterion")
+            .join(group)
+            .join(bench)
+            .join("new/estimates.json"),
+    )
+    .ok()?;
     let at = text.find("\"mean\"")?;
     let rest = &text[at..];
     let p = rest.find("\"point_estimate\":")? + "\"point_estimate\":".len();
@@ -214,24 +268,46 @@ fn mean_ns(group: &str, bench: &str) -> Option<f64> {
 
 fn summary() {
     println!("\nkernel / bound (same bytes or FLOPs, same run; >1 means faster than the bound):");
-    println!("{:<28} {:>12} {:>12} {:>8}", "group", "kernel", "bound", "ratio");
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "group", "kernel", "bound", "ratio"
+    );
     let mut groups = Vec::new();
     for &bs in &[16usize, 128] {
         for layout in ["nhd", "hnd"] {
             for &len in &lengths() {
-                groups.push((format!("compact_{layout}_b{bs}_{len}"), "kernel".to_string(), "bound".to_string()));
+                groups.push((
+                    format!("compact_{layout}_b{bs}_{len}"),
+                    "kernel".to_string(),
+                    "bound".to_string(),
+                ));
             }
         }
     }
     for &len in &lengths() {
         groups.push((format!("select_{len}"), "kernel".into(), "bound".into()));
+        groups.push((format!("select_{len}"), "kernel".into(), "read_simd".into()));
     }
     for len in [2048, 4096] {
-        groups.push((format!("snapkv_{len}"), "kernel/flops".into(), "bound/flops".into()));
+        groups.push((
+            format!("snapkv_{len}"),
+            "kernel/flops".into(),
+            "bound/flops".into(),
+        ));
     }
     for (g, k, b) in groups {
         if let (Some(tk), Some(tb)) = (mean_ns(&g, &k), mean_ns(&g, &b)) {
-            println!("{g:<28} {:>10.1}us {:>10.1}us {:>8.3}", tk / 1e3, tb / 1e3, tb / tk);
+            let name = if b == "read_simd" {
+                format!("{g} (vs SIMD read)")
+            } else {
+                g
+            };
+            println!(
+                "{name:<28} {:>10.1}us {:>10.1}us {:>8.3}",
+                tk / 1e3,
+                tb / 1e3,
+                tb / tk
+            );
         }
     }
 }

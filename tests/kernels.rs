@@ -370,3 +370,61 @@ fn snapkv_pipeline_keeps_the_heavy_hitter() {
 fn bytemuck_u8(v: &[u32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) }
 }
+
+/// A compaction large enough to be split over threads (by KV head) still equals the reference.
+#[test]
+fn threaded_compaction_matches_reference() {
+    let mut rng = Rng(99);
+    for layout in [Layout::Nhd, Layout::Hnd] {
+        let s = Shape {
+            layout,
+            dtype: DType::F32,
+            block_size: 16,
+            heads: 8,
+            head_dim: 128,
+            cached_len: 2000,
+            protected_blocks: 2,
+            guards: 3,
+            seed: 99,
+        };
+        let (t, row) = s.make(&mut rng, true);
+        let cache = t.cache();
+        let p = 32;
+        let k = 1000;
+        let mut keep = Vec::new();
+        for _ in 0..8 {
+            let mut pos: Vec<u32> = (p as u32..2000).collect();
+            rng.shuffle(&mut pos);
+            pos.truncate(k);
+            pos.sort_unstable();
+            keep.extend(pos);
+        }
+        let mut expect = TestCache::new(layout, DType::F32, cache.num_blocks, 16, 8, 128);
+        expect.k.copy_from_slice(&t.k);
+        expect.v.copy_from_slice(&t.v);
+        let req = Compaction {
+            row: &row,
+            cached_len: 2000,
+            protected_len: p,
+            keep: &keep,
+            selected: k,
+        };
+        assert!(
+            2 * 8 * k * 128 * 4 > (1 << 20),
+            "large enough for the threaded path"
+        );
+        unsafe { compact(&cache, &req) }.unwrap();
+        unsafe {
+            reference::compact(
+                &expect.cache(),
+                &row,
+                p,
+                &keep,
+                k,
+                expect.elems,
+                expect.elems,
+            )
+        };
+        assert!(t.k == expect.k && t.v == expect.v, "{layout:?}");
+    }
+}

@@ -73,58 +73,104 @@ impl Compaction<'_> {
 
 /// Compact `req` in `cache` (host memory). Returns the row positions of the released blocks.
 ///
+/// KV heads touch disjoint memory, so large compactions split them over threads; within a head
+/// the copies run in ascending order (the in-place safety argument above).
+///
 /// # Safety
 /// `cache` must describe live host tensors of `num_blocks * block_stride` elements that nothing
 /// else reads or writes during the call.
 pub unsafe fn compact(cache: &KvCache, req: &Compaction) -> Result<Range<usize>> {
     let released = req.check(cache)?;
-    let (bs, d, esz, k) = (
-        cache.block_size,
-        cache.head_dim,
-        cache.dtype.size(),
-        req.selected,
-    );
-    let p = req.protected_len;
-    let at = |t: usize| (req.row[t / bs] as usize, t % bs);
-    for head in 0..cache.num_kv_heads {
-        for (j, &src) in req.keep[head * k..(head + 1) * k].iter().enumerate() {
-            let (src, dst) = (src as usize, p + j);
-            if src == dst {
-                continue; // already in place (the common case for sinks)
+    let heads = cache.num_kv_heads;
+    let bytes = 2 * heads * req.selected * cache.head_dim * cache.dtype.size();
+    let threads = if bytes < PARALLEL_BYTES {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(heads)
+    };
+    if threads <= 1 {
+        // SAFETY: validated above; the caller owns the tensors for the call.
+        unsafe { move_heads(cache, req, 0..heads) };
+    } else {
+        let per = heads.div_ceil(threads);
+        std::thread::scope(|s| {
+            for first in (0..heads).step_by(per) {
+                let range = first..(first + per).min(heads);
+                // SAFETY: as above; each thread moves only its own heads' elements.
+                s.spawn(move || unsafe { move_heads(cache, req, range) });
             }
-            let ((sb, ss), (db, ds)) = (at(src), at(dst));
-            if cache.rows_contiguous() {
-                // SAFETY: validated coordinates; distinct (block, slot) never alias (layout check).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        cache.k.add(cache.k_offset(sb, head, ss, 0) * esz),
-                        cache.k.add(cache.k_offset(db, head, ds, 0) * esz),
-                        d * esz,
-                    );
-                    std::ptr::copy_nonoverlapping(
-                        cache.v.add(cache.v_offset(sb, head, ss, 0) * esz),
-                        cache.v.add(cache.v_offset(db, head, ds, 0) * esz),
-                        d * esz,
-                    );
-                }
-            } else {
-                for e in 0..d {
-                    // SAFETY: as above, element by element for the packed layouts.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            cache.k.add(cache.k_offset(sb, head, ss, e) * esz),
-                            cache.k.add(cache.k_offset(db, head, ds, e) * esz),
-                            esz,
-                        );
-                        std::ptr::copy_nonoverlapping(
-                            cache.v.add(cache.v_offset(sb, head, ss, e) * esz),
-                            cache.v.add(cache.v_offset(db, head, ds, e) * esz),
-                            esz,
-                        );
-                    }
-                }
+        });
+    }
+    Ok(released)
+}
+
+/// Below this many bytes moved, a thread costs more than it saves.
+const PARALLEL_BYTES: usize = 1 << 20;
+
+/// Move the kept tokens of `heads`. When a token's heads are adjacent in memory (NHD), walk
+/// tokens outer and heads inner so writes stream; otherwise (HND) walk each head's tokens.
+unsafe fn move_heads(cache: &KvCache, req: &Compaction, heads: Range<usize>) {
+    let k = req.selected;
+    let tokens_outer = cache.rows_contiguous() && cache.token_stride > cache.head_stride;
+    if tokens_outer {
+        for j in 0..k {
+            for head in heads.clone() {
+                // SAFETY: forwarded from `compact`.
+                unsafe { move_token(cache, req, head, j) };
+            }
+        }
+    } else {
+        for head in heads {
+            for j in 0..k {
+                // SAFETY: forwarded from `compact`.
+                unsafe { move_token(cache, req, head, j) };
             }
         }
     }
-    Ok(released)
+}
+
+/// Copy K and V of `keep[head][j]` to position `protected_len + j`.
+#[inline(always)]
+unsafe fn move_token(cache: &KvCache, req: &Compaction, head: usize, j: usize) {
+    let (bs, d, esz) = (cache.block_size, cache.head_dim, cache.dtype.size());
+    let src = req.keep[head * req.selected + j] as usize;
+    let dst = req.protected_len + j;
+    if src == dst {
+        return; // already in place (the common case for sinks)
+    }
+    let (sb, ss) = (req.row[src / bs] as usize, src % bs);
+    let (db, ds) = (req.row[dst / bs] as usize, dst % bs);
+    if cache.rows_contiguous() {
+        // SAFETY: validated coordinates; distinct (block, slot, head) never alias (layout check).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                cache.k.add(cache.k_offset(sb, head, ss, 0) * esz),
+                cache.k.add(cache.k_offset(db, head, ds, 0) * esz),
+                d * esz,
+            );
+            std::ptr::copy_nonoverlapping(
+                cache.v.add(cache.v_offset(sb, head, ss, 0) * esz),
+                cache.v.add(cache.v_offset(db, head, ds, 0) * esz),
+                d * esz,
+            );
+        }
+    } else {
+        for e in 0..d {
+            // SAFETY: as above, element by element for the packed layouts.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    cache.k.add(cache.k_offset(sb, head, ss, e) * esz),
+                    cache.k.add(cache.k_offset(db, head, ds, e) * esz),
+                    esz,
+                );
+                std::ptr::copy_nonoverlapping(
+                    cache.v.add(cache.v_offset(sb, head, ss, e) * esz),
+                    cache.v.add(cache.v_offset(db, head, ds, e) * esz),
+                    esz,
+                );
+            }
+        }
+    }
 }

@@ -2,51 +2,80 @@
 //!
 //! Both reduce to one primitive, `keep_positions`: of the positions `[lo, hi)`, keep the sinks
 //! `[lo, sink_end)` and the tail `[tail_start, hi)`, plus the highest-scoring positions of the
-//! middle, ties to the earlier position, written ascending. It finds the score threshold by a
-//! radix select over order-preserving integer keys (O(n), three reads of the scores) and then
-//! emits in position order, so no sort is ever needed.
+//! middle, ties to the earlier position, written ascending. It finds the score threshold with a
+//! sampled bracket and an O(n) selection over order-preserving integer keys, then emits in
+//! position order, so no sort is ever needed.
 
 use crate::ensure_arg;
 use crate::error::{Error, Result};
 use crate::status::Status;
 
 /// Order-preserving map of f32 to u32 (larger score → larger key). NaN sorts below -inf, so a
-/// NaN score is never preferred over a number.
+/// NaN score is never preferred over a number. Branch-free apart from the NaN select.
 #[inline(always)]
 pub fn score_key(x: f32) -> u32 {
-    if x.is_nan() {
-        return 0;
-    }
     let b = x.to_bits();
-    if b & 0x8000_0000 != 0 {
-        !b
+    let k = b ^ ((((b as i32) >> 31) as u32) | 0x8000_0000);
+    if x.is_nan() {
+        0
     } else {
-        b | 0x8000_0000
+        k
     }
 }
 
-/// The key of the `need`-th largest score in `middle` (1-based), and how many keys are above it.
+/// Exact `(key of the need-th largest, count of keys above it)` by O(n) selection.
+fn threshold_exact(middle: &[f32], need: usize) -> (u32, usize) {
+    let mut keys: Vec<u32> = middle.iter().map(|&x| score_key(x)).collect();
+    let (_, &mut t, _) = keys.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
+    (t, middle.iter().filter(|&&x| score_key(x) > t).count())
+}
+
+/// The key of the `need`-th largest score in `middle` (1-based) and how many keys are above it.
+///
+/// Floyd-Rivest style: a strided sample brackets the threshold, one pass counts the keys above
+/// the bracket and collects the few inside it, and an exact selection runs on those. When the
+/// bracket misses (adversarial orderings), the exact O(n) selection runs instead.
 fn threshold(middle: &[f32], need: usize) -> (u32, usize) {
-    const BITS: u32 = 11;
-    let mut hist = [0u32; 1 << BITS];
-    for &x in middle {
-        hist[(score_key(x) >> (32 - BITS)) as usize] += 1;
+    const SAMPLE: usize = 1024;
+    let n = middle.len();
+    if n <= 8 * SAMPLE {
+        return threshold_exact(middle, need);
     }
-    let mut above = 0usize;
-    let mut bucket = 0usize;
-    for b in (0..hist.len()).rev() {
-        if above + hist[b] as usize >= need {
-            bucket = b;
-            break;
-        }
-        above += hist[b] as usize;
-    }
-    let mut cand: Vec<u32> = middle
-        .iter()
-        .map(|&x| score_key(x))
-        .filter(|&k| (k >> (32 - BITS)) as usize == bucket)
+    let step = n / SAMPLE;
+    let mut sample: Vec<u32> = (0..SAMPLE)
+        .map(|i| score_key(middle[i * step + step / 2]))
         .collect();
-    let r = need - above; // 1-based rank inside the bucket
+    sample.sort_unstable();
+    // The threshold's expected place in the ascending sample, with a margin of ~4 standard
+    // deviations of the sample quantile.
+    let p = need as f64 / n as f64;
+    let at = (1.0 - p) * SAMPLE as f64;
+    let margin = 4.0 * (SAMPLE as f64 * p * (1.0 - p)).sqrt() + 8.0;
+    let lo_i = (at - margin).floor();
+    let hi_i = (at + margin).ceil();
+    let lo_key = if lo_i <= 0.0 {
+        0
+    } else {
+        sample[lo_i as usize]
+    };
+    let hi_key = if hi_i >= (SAMPLE - 1) as f64 {
+        u32::MAX
+    } else {
+        sample[hi_i as usize]
+    };
+    let mut above = 0usize;
+    let mut cand = Vec::with_capacity((n as f64 * 2.0 * margin / SAMPLE as f64) as usize + 64);
+    for &x in middle {
+        let k = score_key(x);
+        above += (k > hi_key) as usize;
+        if k >= lo_key && k <= hi_key {
+            cand.push(k);
+        }
+    }
+    if above >= need || above + cand.len() < need {
+        return threshold_exact(middle, need);
+    }
+    let r = need - above; // 1-based rank inside the bracket
     let (_, &mut t, _) = cand.select_nth_unstable_by(r - 1, |a, b| b.cmp(a));
     let gt = cand.iter().filter(|&&k| k > t).count();
     (t, above + gt)
@@ -75,16 +104,23 @@ pub fn keep_positions(
         Some(s) => {
             let middle = &s[sink_end - lo..tail_start - lo];
             let (t, gt) = threshold(middle, need);
-            let mut ties = need - gt;
+            // Emit in position order without branches: always write, advance when kept. One
+            // spare slot absorbs the write after the last kept position.
+            let base = out.len();
+            out.resize(base + need + 1, 0);
+            let dst = &mut out[base..];
+            let (mut w, mut ties) = (0usize, need - gt);
             for (i, &x) in middle.iter().enumerate() {
                 let key = score_key(x);
-                if key > t || (key == t && ties > 0) {
-                    if key == t {
-                        ties -= 1;
-                    }
-                    out.push((sink_end + i) as u32);
+                let tie = (key == t) & (ties > 0);
+                dst[w] = (sink_end + i) as u32;
+                w += ((key > t) | tie) as usize;
+                ties -= tie as usize;
+                if w == need {
+                    break;
                 }
             }
+            out.truncate(base + need);
         }
     }
     out.extend((tail_start..hi).map(|p| p as u32));
@@ -332,6 +368,60 @@ mod tests {
         ];
         for w in xs.windows(2) {
             assert!(score_key(w[0]) < score_key(w[1]), "{:?}", w);
+        }
+    }
+
+    /// Long inputs take the sampled-bracket path; sorted, constant, few-level and NaN-laden
+    /// inputs push it into its fallback. All must equal the full-sort reference.
+    #[test]
+    fn sampled_threshold_matches_full_sort_on_long_inputs() {
+        let n = 50_000usize;
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let inputs: Vec<(&str, Vec<f32>)> = vec![
+            (
+                "uniform",
+                (0..n).map(|_| (rnd() >> 40) as f32 / 1e7).collect(),
+            ),
+            ("ascending", (0..n).map(|i| i as f32).collect()),
+            ("descending", (0..n).map(|i| -(i as f32)).collect()),
+            ("constant", vec![0.5; n]),
+            ("three levels", (0..n).map(|_| (rnd() % 3) as f32).collect()),
+            (
+                "nan and inf",
+                (0..n)
+                    .map(|i| match i % 5 {
+                        0 => f32::NAN,
+                        1 => f32::INFINITY,
+                        _ => (rnd() % 100) as f32,
+                    })
+                    .collect(),
+            ),
+            (
+                "clustered",
+                (0..n)
+                    .map(|i| {
+                        if i % 1000 == 0 {
+                            1e6
+                        } else {
+                            -((rnd() % 7) as f32)
+                        }
+                    })
+                    .collect(),
+            ),
+        ];
+        for (name, scores) in &inputs {
+            for k in [1usize, 17, 1000, n / 4, n / 2, n - 3] {
+                let mut out = Vec::new();
+                keep_positions(Some(scores), 0, 0, n, n, k, &mut out);
+                let want = crate::kernels::reference::keep_positions(Some(scores), 0, 0, n, n, k);
+                assert_eq!(out, want, "{name}, k = {k}");
+            }
         }
     }
 
