@@ -6,6 +6,8 @@
 //! is generated from it by cbindgen. This file only wires the modules together.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod ffi;
 pub mod kernels;

@@ -24,6 +24,24 @@ use std::ffi::c_void;
 /// serve every thread.
 pub struct KvsKernels {
     device: Device,
+    #[cfg(feature = "cuda")]
+    cuda: Option<crate::cuda::CudaBackend>,
+}
+
+impl KvsKernels {
+    fn cpu() -> KvsKernels {
+        KvsKernels {
+            device: Device::Cpu,
+            #[cfg(feature = "cuda")]
+            cuda: None,
+        }
+    }
+}
+
+/// Device address of a caller pointer (CUDA entry points pass them through to kernels).
+#[cfg(feature = "cuda")]
+fn addr<T>(p: *const T) -> u64 {
+    p as u64
 }
 
 /// One sequence as the kernels see it (`kvs_sequence`).
@@ -117,21 +135,21 @@ fn publish(k: KvsKernels, out: *mut *mut KvsKernels) {
 pub unsafe extern "C" fn kvs_kernels_new_cpu(out: *mut *mut KvsKernels) -> Status {
     ffi_boundary("kvs_kernels_new_cpu", || {
         let out = arg_out!(out, "out");
-        publish(
-            KvsKernels {
-                device: Device::Cpu,
-            },
-            out,
-        );
+        publish(KvsKernels::cpu(), out);
         Ok(())
     })
 }
 
 /// Make the CUDA backend on device `ordinal`, launching on `stream` (a `CUstream`; NULL for the
-/// default stream). Builds without the `cuda` feature return `KVS_STATUS_NOT_COMPILED`.
+/// default stream). With it, tensor and buffer pointers passed to the kernel entry points are
+/// device pointers, calls only enqueue work on the stream, and problems found in device-resident
+/// data (block ids, keep lists) are reported by `kvs_kernels_synchronize`; the call that found
+/// them writes nothing. Statuses: `KVS_STATUS_NOT_COMPILED` (built without the `cuda` feature),
+/// `KVS_STATUS_NO_CUDA_DRIVER` (no libcuda / libnvrtc), `KVS_STATUS_NO_DEVICE`.
 ///
 /// # Safety
-/// `out` must be writable; `stream` must be NULL or a live stream of that device.
+/// `out` must be writable; `stream` must be NULL or a live stream of that device that outlives
+/// the backend.
 #[no_mangle]
 pub unsafe extern "C" fn kvs_kernels_new_cuda(
     ordinal: u32,
@@ -139,12 +157,45 @@ pub unsafe extern "C" fn kvs_kernels_new_cuda(
     out: *mut *mut KvsKernels,
 ) -> Status {
     ffi_boundary("kvs_kernels_new_cuda", || {
-        let _out = arg_out!(out, "out");
-        let _ = (ordinal, stream);
-        Err(Error::new(
-            Status::NotCompiled,
-            "this libkvsieve was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`",
-        ))
+        let out = arg_out!(out, "out");
+        #[cfg(feature = "cuda")]
+        {
+            let backend = crate::cuda::CudaBackend::new(ordinal, stream)?;
+            publish(
+                KvsKernels {
+                    device: Device::Cuda,
+                    cuda: Some(backend),
+                },
+                out,
+            );
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (ordinal, stream, out);
+            Err(Error::new(
+                Status::NotCompiled,
+                "this libkvsieve was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`",
+            ))
+        }
+    })
+}
+
+/// Wait for the backend's work and report device-side validation failures since the last call
+/// (`KVS_STATUS_INVALID_ARGUMENT` with the offending index). A no-op on the CPU backend, whose
+/// calls report everything synchronously.
+///
+/// # Safety
+/// `kernels` must be a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_kernels_synchronize(kernels: *const KvsKernels) -> Status {
+    ffi_boundary("kvs_kernels_synchronize", || {
+        let _k = arg_ref!(kernels, "kernels");
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &_k.cuda {
+            return cu.synchronize();
+        }
+        Ok(())
     })
 }
 
@@ -212,7 +263,6 @@ pub unsafe extern "C" fn kvs_score_snapkv(
             arg_ref!(seq, "seq"),
             arg_ref!(args, "args"),
         );
-        let (cache, row) = host_inputs(kernels, cache, seq)?;
         let qdtype = DType::from_u32(args.queries_dtype, "args.queries_dtype")?;
         let pool = match args.pool {
             0 => Pooling::Max,
@@ -230,6 +280,22 @@ pub unsafe extern "C" fn kvs_score_snapkv(
             pool_kernel: args.pool_kernel as usize,
             pool,
         };
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &kernels.cuda {
+            let cache = KvCache::new(cache)?;
+            check_typed_ptr(args.queries, qdtype, "args.queries")?;
+            return cu.snapkv(
+                &cache,
+                addr(seq.row),
+                seq.row_len as usize,
+                addr(args.queries),
+                qdtype as u64,
+                &p,
+                addr(scores),
+                scores_len,
+            );
+        }
+        let (cache, row) = host_inputs(kernels, cache, seq)?;
         let nq = p.window * p.num_q_heads * cache.head_dim;
         p.check(&cache, nq, scores_len)?;
         check_typed_ptr(args.queries, qdtype, "args.queries")?;
@@ -259,6 +325,18 @@ pub unsafe extern "C" fn kvs_score_knorm(
             arg_ref!(cache, "cache"),
             arg_ref!(seq, "seq"),
         );
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &kernels.cuda {
+            let cache = KvCache::new(cache)?;
+            return cu.knorm(
+                &cache,
+                addr(seq.row),
+                seq.row_len as usize,
+                seq.cached_len as usize,
+                addr(scores),
+                scores_len,
+            );
+        }
         let (cache, row) = host_inputs(kernels, cache, seq)?;
         let out = arg_slice_mut!(scores, scores_len, "scores");
         // SAFETY: validated cache of live host tensors.
@@ -284,19 +362,30 @@ pub unsafe extern "C" fn kvs_select_tokens(
     keep_len: usize,
 ) -> Status {
     ffi_boundary("kvs_select_tokens", || {
-        let _ = arg_ref!(kernels, "kernels");
+        let _kernels = arg_ref!(kernels, "kernels");
         let a = arg_ref!(args, "args");
-        let s = if scores.is_null() {
-            None
-        } else {
-            Some(arg_slice!(scores, scores_len, "scores"))
-        };
         let p = TokenSelect {
             cached_len: a.cached_len as usize,
             protected_len: a.protected_len as usize,
             sink_tokens: a.sink_tokens as usize,
             protected_tail: a.protected_tail as usize,
             selected: a.selected as usize,
+        };
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &_kernels.cuda {
+            return cu.select_tokens(
+                addr(scores),
+                scores_len,
+                num_kv_heads as usize,
+                &p,
+                addr(keep),
+                keep_len,
+            );
+        }
+        let s = if scores.is_null() {
+            None
+        } else {
+            Some(arg_slice!(scores, scores_len, "scores"))
         };
         let out = arg_slice_mut!(keep, keep_len, "keep");
         select_tokens(s, num_kv_heads as usize, &p, out)
@@ -331,6 +420,25 @@ pub unsafe extern "C" fn kvs_compact(
             arg_ref!(cache, "cache"),
             arg_ref!(seq, "seq"),
         );
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &kernels.cuda {
+            let cache = KvCache::new(cache)?;
+            let n = cu.compact(
+                &cache,
+                addr(seq.row),
+                seq.row_len as usize,
+                seq.cached_len as usize,
+                seq.protected_len as usize,
+                addr(keep),
+                keep_len,
+                selected as usize,
+                addr(released),
+                released_cap,
+            )?;
+            // SAFETY: checked by `arg_out!`.
+            unsafe { *num_released = n as u32 };
+            return Ok(());
+        }
         let (cache, row) = host_inputs(kernels, cache, seq)?;
         let req = Compaction {
             row,
@@ -376,6 +484,18 @@ pub unsafe extern "C" fn kvs_quest_update_block(
 ) -> Status {
     ffi_boundary("kvs_quest_update_block", || {
         let (kernels, cache) = (arg_ref!(kernels, "kernels"), arg_ref!(cache, "cache"));
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &kernels.cuda {
+            let cache = KvCache::new(cache)?;
+            return cu.quest_update(
+                &cache,
+                block as usize,
+                filled as usize,
+                addr(block_min),
+                addr(block_max),
+                meta_len,
+            );
+        }
         let empty = SequenceDesc {
             row: std::ptr::NonNull::dangling().as_ptr(),
             row_len: 0,
@@ -418,8 +538,26 @@ pub unsafe extern "C" fn kvs_quest_bound(
             arg_ref!(cache, "cache"),
             arg_ref!(seq, "seq"),
         );
-        let (cache, row) = host_inputs(kernels, cache, seq)?;
         let qd = DType::from_u32(query_dtype, "query_dtype")?;
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &kernels.cuda {
+            let cache = KvCache::new(cache)?;
+            check_typed_ptr(query, qd, "query")?;
+            return cu.quest_bound(
+                &cache,
+                addr(seq.row),
+                seq.row_len as usize,
+                addr(query),
+                qd as u64,
+                num_q_heads as usize,
+                addr(block_min),
+                addr(block_max),
+                meta_len,
+                addr(block_scores),
+                block_scores_len,
+            );
+        }
+        let (cache, row) = host_inputs(kernels, cache, seq)?;
         let nq = num_q_heads as usize * cache.head_dim;
         check_typed_ptr(query, qd, "query")?;
         // SAFETY: the caller promises num_q_heads * head_dim elements.
@@ -457,7 +595,7 @@ pub unsafe extern "C" fn kvs_select_blocks_csr(
     out_last_page_len: *mut i32,
 ) -> Status {
     ffi_boundary("kvs_select_blocks_csr", || {
-        let _ = arg_ref!(kernels, "kernels");
+        let _kernels = arg_ref!(kernels, "kernels");
         let a = arg_ref!(args, "args");
         let n = num_seqs as usize;
         let p = BlockSelect {
@@ -465,6 +603,22 @@ pub unsafe extern "C" fn kvs_select_blocks_csr(
             sink_blocks: a.sink_blocks as usize,
             recent_blocks: a.recent_blocks as usize,
         };
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &_kernels.cuda {
+            return cu.select_blocks_csr(
+                n,
+                addr(indptr),
+                addr(indices),
+                nnz,
+                addr(last_page_len),
+                addr(block_scores),
+                &p,
+                addr(out_indptr),
+                addr(out_indices),
+                out_indices_cap,
+                addr(out_last_page_len),
+            );
+        }
         select_blocks_csr(
             arg_slice!(indptr, n + 1, "indptr"),
             arg_slice!(indices, nnz, "indices"),
@@ -499,13 +653,28 @@ pub unsafe extern "C" fn kvs_select_blocks_row(
 ) -> Status {
     ffi_boundary("kvs_select_blocks_row", || {
         let num_kept = arg_out!(num_kept, "num_kept");
-        let _ = arg_ref!(kernels, "kernels");
+        let _kernels = arg_ref!(kernels, "kernels");
         let a = arg_ref!(args, "args");
         let p = BlockSelect {
             keep_blocks: a.keep_blocks as usize,
             sink_blocks: a.sink_blocks as usize,
             recent_blocks: a.recent_blocks as usize,
         };
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &_kernels.cuda {
+            let kept = cu.select_blocks_row(
+                addr(row),
+                row_len as usize,
+                addr(block_scores),
+                &p,
+                pad,
+                addr(out_row),
+                out_row_len as usize,
+            )?;
+            // SAFETY: checked by `arg_out!`.
+            unsafe { *num_kept = kept as u32 };
+            return Ok(());
+        }
         let kept = select_blocks_row(
             arg_slice!(row, row_len, "row"),
             arg_slice!(block_scores, row_len, "block_scores"),

@@ -45,33 +45,37 @@ fn threshold(middle: &[f32], need: usize) -> (u32, usize) {
     let mut sample: Vec<u32> = (0..SAMPLE)
         .map(|i| score_key(middle[i * step + step / 2]))
         .collect();
-    sample.sort_unstable();
     // The threshold's expected place in the ascending sample, with a margin of ~4 standard
-    // deviations of the sample quantile.
+    // deviations of the sample quantile; only the two bracket keys are needed, not a sort.
     let p = need as f64 / n as f64;
     let at = (1.0 - p) * SAMPLE as f64;
     let margin = 4.0 * (SAMPLE as f64 * p * (1.0 - p)).sqrt() + 8.0;
     let lo_i = (at - margin).floor();
     let hi_i = (at + margin).ceil();
-    let lo_key = if lo_i <= 0.0 {
-        0
-    } else {
-        sample[lo_i as usize]
-    };
     let hi_key = if hi_i >= (SAMPLE - 1) as f64 {
         u32::MAX
     } else {
-        sample[hi_i as usize]
+        *sample.select_nth_unstable(hi_i as usize).1
     };
+    let lo_key = if lo_i <= 0.0 {
+        0
+    } else {
+        *sample[..hi_i.min((SAMPLE - 1) as f64) as usize + 1]
+            .select_nth_unstable(lo_i as usize)
+            .1
+    };
+    // One pass: count keys above the bracket, collect those inside it. The collection writes
+    // unconditionally and advances on a hit, so the loop has no data-dependent branch.
     let mut above = 0usize;
-    let mut cand = Vec::with_capacity((n as f64 * 2.0 * margin / SAMPLE as f64) as usize + 64);
+    let mut cand = vec![0u32; n + 1];
+    let mut c = 0usize;
     for &x in middle {
         let k = score_key(x);
         above += (k > hi_key) as usize;
-        if k >= lo_key && k <= hi_key {
-            cand.push(k);
-        }
+        cand[c] = k;
+        c += ((k >= lo_key) & (k <= hi_key)) as usize;
     }
+    cand.truncate(c);
     if above >= need || above + cand.len() < need {
         return threshold_exact(middle, need);
     }

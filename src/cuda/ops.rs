@@ -1,0 +1,660 @@
+//! Launches of the CUDA kernels, one function per C ABI entry point. Shapes and counts are
+//! checked on the host exactly as on the CPU path; the contents of device arrays (block ids,
+//! keep lists) are checked by kernels that set the backend's error word, which stops the rest
+//! of the call's kernels and is reported by `synchronize`.
+
+use super::backend::{cuda_err, CudaBackend};
+use crate::config::Pooling;
+use crate::ensure_arg;
+use crate::error::{Error, Result};
+use crate::kernels::score::snapkv::SnapKv;
+use crate::kernels::select::{BlockSelect, TokenSelect};
+use crate::kernels::{Device, KvCache, Layout};
+use crate::status::Status;
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// Mirrors `struct Geom` in kernels/kvsieve.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Geom {
+    k: u64,
+    v: u64,
+    dtype: u64,
+    num_blocks: u64,
+    block_size: u64,
+    heads: u64,
+    dim: u64,
+    block_stride: u64,
+    token_stride: u64,
+    head_stride: u64,
+}
+
+// SAFETY: plain-old-data, laid out as the kernel's struct.
+unsafe impl DeviceRepr for Geom {}
+
+const ERR_NAMES: [&str; 5] = [
+    "",
+    "a block id of the row is out of range (row index",
+    "a block id appears twice in the row (row index",
+    "a keep position is outside [protected_len, cached_len) (keep index",
+    "a keep list is not strictly ascending (keep index",
+];
+
+fn geom(cache: &KvCache) -> Result<Geom> {
+    cache.require_device(Device::Cuda)?;
+    if !matches!(cache.layout, Layout::Nhd | Layout::Hnd) {
+        return Err(Error::unsupported(format!(
+            "cache.layout {:?} has no CUDA kernel; the CUDA backend takes NHD and HND caches",
+            cache.layout
+        )));
+    }
+    Ok(Geom {
+        k: cache.k as u64,
+        v: cache.v as u64,
+        dtype: cache.dtype as u64,
+        num_blocks: cache.num_blocks as u64,
+        block_size: cache.block_size as u64,
+        heads: cache.num_kv_heads as u64,
+        dim: cache.head_dim as u64,
+        block_stride: cache.block_stride as u64,
+        token_stride: cache.token_stride as u64,
+        head_stride: cache.head_stride as u64,
+    })
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn blocks_for(n: usize, per: u32) -> u32 {
+    (n.div_ceil(per as usize)).max(1) as u32
+}
+
+/// Launch `$name` with `$cfg` and the listed arguments (each a reference to a DeviceRepr).
+macro_rules! launch {
+    ($self:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = $self.func($name);
+        let mut b = $self.stream.launch_builder(f);
+        $( b.arg($arg); )*
+        // SAFETY: argument lists match the kernel signatures in kernels/kvsieve.cu; pointers
+        // are the engine's device memory, sized as the host-side checks established.
+        unsafe { b.launch($cfg) }.map_err(|e| cuda_err($name, e))?;
+    }};
+}
+
+impl CudaBackend {
+    /// Wait for the stream, then report (and clear) a device-side validation failure.
+    pub fn synchronize(&self) -> Result<()> {
+        let st = self.lock();
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("cuStreamSynchronize", e))?;
+        let word = self
+            .stream
+            .clone_dtoh(&st.err)
+            .map_err(|e| cuda_err("reading the error word", e))?;
+        if word[0] != 0 {
+            let mut st = st;
+            self.stream
+                .memset_zeros(&mut st.err)
+                .map_err(|e| cuda_err("clearing the error word", e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| cuda_err("cuStreamSynchronize", e))?;
+            let what = ERR_NAMES
+                .get(word[0] as usize)
+                .copied()
+                .unwrap_or("unknown device error (index");
+            return Err(Error::invalid_arg(format!(
+                "{what} {}); the call that launched it moved no data",
+                word[1]
+            )));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn compact(
+        &self,
+        cache: &KvCache,
+        row: u64,
+        row_len: usize,
+        cached_len: usize,
+        protected_len: usize,
+        keep: u64,
+        keep_len: usize,
+        selected: usize,
+        released: u64,
+        released_cap: usize,
+    ) -> Result<usize> {
+        let g = geom(cache)?;
+        let (bs, c, p, k, h) = (
+            cache.block_size,
+            cached_len,
+            protected_len,
+            selected,
+            cache.num_kv_heads,
+        );
+        ensure_arg!(p <= c, "protected_len = {p} exceeds cached_len = {c}");
+        ensure_arg!(
+            p % bs == 0,
+            "protected_len = {p} is not a multiple of block_size = {bs}"
+        );
+        ensure_arg!(
+            k <= c - p,
+            "selected = {k} exceeds the {} tokens after the protected prefix",
+            c - p
+        );
+        ensure_arg!(
+            keep_len == h * k,
+            "keep has {keep_len} entries; expected num_kv_heads * selected = {h} * {k}"
+        );
+        let old_blocks = c.div_ceil(bs);
+        ensure_arg!(
+            row_len >= old_blocks,
+            "row has {row_len} blocks but cached_len needs {old_blocks}"
+        );
+        ensure_arg!(
+            row != 0 && (keep != 0 || keep_len == 0),
+            "seq.row or keep is NULL"
+        );
+        let first = (p + k).div_ceil(bs);
+        let count = old_blocks - first;
+        if released_cap < count {
+            return Err(Error::new(
+                Status::BufferTooSmall,
+                format!("released holds {released_cap} ids; this compaction releases {count}"),
+            ));
+        }
+        ensure_arg!(released != 0 || count == 0, "released is NULL");
+        let mut st = self.lock();
+        let err = st.err_ptr(&self.stream);
+        let (marks, epoch) = st.marks(&self.stream, cache.num_blocks)?;
+        let work = st.work(
+            &self.stream,
+            2 * h * k * cache.head_dim * cache.dtype.size(),
+        )?;
+        let (row_len32, sel32, c32, p32) = (row_len as u32, k as u32, c as u32, p as u32);
+        launch!(
+            self,
+            "kvs_compact_check",
+            cfg((blocks_for(row_len.max(keep_len), 256), 1, 1), 256),
+            &g,
+            &row,
+            &row_len32,
+            &keep,
+            &sel32,
+            &c32,
+            &p32,
+            &marks,
+            &epoch,
+            &err
+        );
+        if k > 0 {
+            launch!(
+                self,
+                "kvs_compact_gather",
+                cfg((sel32, h as u32, 1), 128),
+                &g,
+                &row,
+                &keep,
+                &sel32,
+                &p32,
+                &work,
+                &err
+            );
+            launch!(
+                self,
+                "kvs_compact_scatter",
+                cfg((sel32, h as u32, 1), 128),
+                &g,
+                &row,
+                &keep,
+                &sel32,
+                &p32,
+                &work,
+                &err
+            );
+        }
+        if count > 0 {
+            let (first32, count32) = (first as u32, count as u32);
+            launch!(
+                self,
+                "kvs_copy_released",
+                cfg((blocks_for(count, 256), 1, 1), 256),
+                &row,
+                &first32,
+                &count32,
+                &released,
+                &err
+            );
+        }
+        Ok(count)
+    }
+
+    fn row_check(&self, g: &Geom, row: u64, row_len: usize, err: u64) -> Result<()> {
+        let n = row_len as u32;
+        if n > 0 {
+            launch!(
+                self,
+                "kvs_row_check",
+                cfg((blocks_for(row_len, 256), 1, 1), 256),
+                g,
+                &row,
+                &n,
+                &err
+            );
+        }
+        Ok(())
+    }
+
+    pub fn knorm(
+        &self,
+        cache: &KvCache,
+        row: u64,
+        row_len: usize,
+        cached_len: usize,
+        out: u64,
+        out_len: usize,
+    ) -> Result<()> {
+        let g = geom(cache)?;
+        let h = cache.num_kv_heads;
+        ensure_arg!(
+            row_len >= cached_len.div_ceil(cache.block_size),
+            "row has {row_len} blocks but cached_len needs {}",
+            cached_len.div_ceil(cache.block_size)
+        );
+        ensure_arg!(
+            out_len == h * cached_len,
+            "scores has {out_len} entries; expected num_kv_heads * cached_len = {}",
+            h * cached_len
+        );
+        if cached_len == 0 {
+            return Ok(());
+        }
+        let st = self.lock();
+        let err = st.err_ptr(&self.stream);
+        self.row_check(&g, row, row_len, err)?;
+        let c32 = cached_len as u32;
+        launch!(
+            self,
+            "kvs_knorm",
+            cfg((blocks_for(cached_len, 128), h as u32, 1), 128),
+            &g,
+            &row,
+            &c32,
+            &out,
+            &err
+        );
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn snapkv(
+        &self,
+        cache: &KvCache,
+        row: u64,
+        row_len: usize,
+        queries: u64,
+        q_dtype: u64,
+        p: &SnapKv,
+        out: u64,
+        out_len: usize,
+    ) -> Result<()> {
+        let g = geom(cache)?;
+        let (c, w, hq, h) = (p.cached_len, p.window, p.num_q_heads, cache.num_kv_heads);
+        p.check(cache, w * hq * cache.head_dim, out_len)?;
+        ensure_arg!(
+            row_len >= c.div_ceil(cache.block_size),
+            "row has {row_len} blocks but cached_len needs {}",
+            c.div_ceil(cache.block_size)
+        );
+        let mut st = self.lock();
+        let err = st.err_ptr(&self.stream);
+        let logits_bytes = hq * w * c * 4;
+        let stats_bytes = hq * w * 2 * 4;
+        let work = st.work(&self.stream, logits_bytes + stats_bytes + h * c * 4)?;
+        let (logits, stats, acc) = (
+            work,
+            work + logits_bytes as u64,
+            work + (logits_bytes + stats_bytes) as u64,
+        );
+        self.row_check(&g, row, row_len, err)?;
+        let (c32, w32, hq32, h32) = (c as u32, w as u32, hq as u32, h as u32);
+        let (pk, avg) = (p.pool_kernel as u32, (p.pool == Pooling::Avg) as u32);
+        let tb = blocks_for(c, 128);
+        launch!(
+            self,
+            "kvs_snapkv_logits",
+            cfg((tb, w32, hq32), 128),
+            &g,
+            &row,
+            &c32,
+            &queries,
+            &q_dtype,
+            &w32,
+            &hq32,
+            &logits,
+            &err
+        );
+        launch!(
+            self,
+            "kvs_snapkv_softmax_stats",
+            cfg((w32, hq32, 1), 256),
+            &c32,
+            &w32,
+            &logits,
+            &stats,
+            &err
+        );
+        launch!(
+            self,
+            "kvs_snapkv_accumulate",
+            cfg((tb, h32, 1), 128),
+            &c32,
+            &w32,
+            &hq32,
+            &h32,
+            &logits,
+            &stats,
+            &acc,
+            &err
+        );
+        launch!(
+            self,
+            "kvs_snapkv_pool",
+            cfg((tb, h32, 1), 128),
+            &c32,
+            &w32,
+            &pk,
+            &avg,
+            &acc,
+            &out,
+            &err
+        );
+        Ok(())
+    }
+
+    pub fn quest_update(
+        &self,
+        cache: &KvCache,
+        block: usize,
+        filled: usize,
+        min: u64,
+        max: u64,
+        meta_len: usize,
+    ) -> Result<()> {
+        let g = geom(cache)?;
+        let n = cache.num_blocks * cache.num_kv_heads * cache.head_dim;
+        ensure_arg!(
+            meta_len == n,
+            "meta_len = {meta_len}; expected num_blocks * num_kv_heads * head_dim = {n}"
+        );
+        ensure_arg!(
+            block < cache.num_blocks,
+            "block = {block} is not below num_blocks = {}",
+            cache.num_blocks
+        );
+        ensure_arg!(
+            filled >= 1 && filled <= cache.block_size,
+            "filled = {filled} must be in 1..=block_size ({})",
+            cache.block_size
+        );
+        let _st = self.lock();
+        let (b32, f32_) = (block as u32, filled as u32);
+        launch!(
+            self,
+            "kvs_quest_update",
+            cfg((cache.num_kv_heads as u32, 1, 1), 128),
+            &g,
+            &b32,
+            &f32_,
+            &min,
+            &max
+        );
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn quest_bound(
+        &self,
+        cache: &KvCache,
+        row: u64,
+        row_len: usize,
+        query: u64,
+        q_dtype: u64,
+        q_heads: usize,
+        min: u64,
+        max: u64,
+        meta_len: usize,
+        out: u64,
+        out_len: usize,
+    ) -> Result<()> {
+        let g = geom(cache)?;
+        let (h, n) = (
+            cache.num_kv_heads,
+            cache.num_blocks * cache.num_kv_heads * cache.head_dim,
+        );
+        ensure_arg!(
+            meta_len == n,
+            "meta_len = {meta_len}; expected num_blocks * num_kv_heads * head_dim = {n}"
+        );
+        ensure_arg!(
+            q_heads >= h && q_heads % h == 0,
+            "num_q_heads = {q_heads} must be a multiple of num_kv_heads = {h}"
+        );
+        ensure_arg!(
+            out_len == row_len,
+            "block_scores has {out_len} entries; expected one per row block ({row_len})"
+        );
+        if row_len == 0 {
+            return Ok(());
+        }
+        let st = self.lock();
+        let err = st.err_ptr(&self.stream);
+        self.row_check(&g, row, row_len, err)?;
+        let q32 = q_heads as u32;
+        launch!(
+            self,
+            "kvs_quest_bound",
+            cfg((row_len as u32, 1, 1), 128),
+            &g,
+            &row,
+            &query,
+            &q_dtype,
+            &q32,
+            &min,
+            &max,
+            &out,
+            &err
+        );
+        Ok(())
+    }
+
+    pub fn select_tokens(
+        &self,
+        scores: u64,
+        scores_len: usize,
+        num_heads: usize,
+        p: &TokenSelect,
+        keep: u64,
+        keep_len: usize,
+    ) -> Result<()> {
+        ensure_arg!(num_heads > 0, "num_heads is 0");
+        p.check()?;
+        let c = p.cached_len;
+        ensure_arg!(
+            scores == 0 || scores_len == num_heads * c,
+            "scores has {scores_len} entries; expected num_heads * cached_len = {}",
+            num_heads * c
+        );
+        ensure_arg!(
+            keep_len == num_heads * p.selected,
+            "keep has {keep_len} entries; expected num_heads * selected = {}",
+            num_heads * p.selected
+        );
+        if p.selected == 0 {
+            return Ok(());
+        }
+        let (sink_end, tail_start) = p.regions();
+        let _st = self.lock();
+        let args = (
+            c as u32,
+            p.protected_len as u32,
+            sink_end as u32,
+            tail_start as u32,
+            p.selected as u32,
+        );
+        launch!(
+            self,
+            "kvs_select_tokens",
+            cfg((num_heads as u32, 1, 1), 1024),
+            &scores,
+            &args.0,
+            &args.1,
+            &args.2,
+            &args.3,
+            &args.4,
+            &keep
+        );
+        Ok(())
+    }
+
+    /// CSR block selection. `indptr` must also be given on the host (`host_indptr`) for the
+    /// output size check; the device copy is what the kernels read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn select_blocks_csr(
+        &self,
+        num_seqs: usize,
+        indptr: u64,
+        indices: u64,
+        nnz: usize,
+        last_page_len: u64,
+        block_scores: u64,
+        p: &BlockSelect,
+        out_indptr: u64,
+        out_indices: u64,
+        out_cap: usize,
+        out_last_page_len: u64,
+    ) -> Result<()> {
+        p.check()?;
+        ensure_arg!(out_cap >= nnz, "out_indices holds {out_cap} entries; on CUDA it must hold nnz = {nnz} (the output size is only known on the device)");
+        if num_seqs == 0 {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        let positions = st.work(&self.stream, nnz.max(1) * 4)?;
+        let (n32, keep, sink, recent) = (
+            num_seqs as u32,
+            p.keep_blocks as u32,
+            p.sink_blocks as u32,
+            p.recent_blocks as u32,
+        );
+        launch!(
+            self,
+            "kvs_csr_out_indptr",
+            cfg((1, 1, 1), 32),
+            &indptr,
+            &n32,
+            &keep,
+            &out_indptr
+        );
+        launch!(
+            self,
+            "kvs_select_blocks_csr",
+            cfg((n32, 1, 1), 1024),
+            &indptr,
+            &indices,
+            &last_page_len,
+            &block_scores,
+            &keep,
+            &sink,
+            &recent,
+            &out_indptr,
+            &out_indices,
+            &out_last_page_len,
+            &positions
+        );
+        Ok(())
+    }
+
+    /// Dense-row block selection through the CSR kernel: one sequence, then padding.
+    #[allow(clippy::too_many_arguments)]
+    pub fn select_blocks_row(
+        &self,
+        row: u64,
+        row_len: usize,
+        block_scores: u64,
+        p: &BlockSelect,
+        pad: i32,
+        out_row: u64,
+        out_row_len: usize,
+    ) -> Result<usize> {
+        p.check()?;
+        let kept = row_len.min(p.keep_blocks);
+        if out_row_len < kept {
+            return Err(Error::new(
+                Status::BufferTooSmall,
+                format!("out_row holds {out_row_len} blocks; {kept} are kept"),
+            ));
+        }
+        let mut st = self.lock();
+        // Scratch: [indptr(2) | out_indptr(2) | last_page_len in/out (2) | positions(row_len)].
+        let work = st.work(&self.stream, (6 + row_len.max(1)) * 4)?;
+        let host = [0i32, row_len as i32, 0, 0, 1, 0];
+        // SAFETY: `work` holds at least 6 words; a copy from pageable memory returns only after
+        // the source is staged, so `host` may go out of scope right after.
+        unsafe { cudarc::driver::result::memcpy_htod_async(work, &host, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("uploading the row's indptr", e))?;
+        let (indptr, out_indptr, lpl_in, lpl_out, positions) =
+            (work, work + 8, work + 16, work + 20, work + 24);
+        let (n32, keep, sink, recent) = (
+            1u32,
+            p.keep_blocks as u32,
+            p.sink_blocks as u32,
+            p.recent_blocks as u32,
+        );
+        launch!(
+            self,
+            "kvs_csr_out_indptr",
+            cfg((1, 1, 1), 32),
+            &indptr,
+            &n32,
+            &keep,
+            &out_indptr
+        );
+        launch!(
+            self,
+            "kvs_select_blocks_csr",
+            cfg((1, 1, 1), 1024),
+            &indptr,
+            &row,
+            &lpl_in,
+            &block_scores,
+            &keep,
+            &sink,
+            &recent,
+            &out_indptr,
+            &out_row,
+            &lpl_out,
+            &positions
+        );
+        let (from, len) = (kept as u32, out_row_len as u32);
+        if out_row_len > kept {
+            launch!(
+                self,
+                "kvs_fill_i32",
+                cfg((blocks_for(out_row_len - kept, 256), 1, 1), 256),
+                &out_row,
+                &from,
+                &len,
+                &pad
+            );
+        }
+        Ok(kept)
+    }
+}
