@@ -355,11 +355,24 @@ const char *kvs_last_error(void);
 kvs_status kvs_kernels_new_cpu(struct kvs_kernels **out);
 
 // Make the CUDA backend on device `ordinal`, launching on `stream` (a `CUstream`; NULL for the
-// default stream). Builds without the `cuda` feature return `KVS_STATUS_NOT_COMPILED`.
+// default stream). With it, tensor and buffer pointers passed to the kernel entry points are
+// device pointers, calls only enqueue work on the stream, and problems found in device-resident
+// data (block ids, keep lists) are reported by `kvs_kernels_synchronize`; the call that found
+// them writes nothing. Statuses: `KVS_STATUS_NOT_COMPILED` (built without the `cuda` feature),
+// `KVS_STATUS_NO_CUDA_DRIVER` (no libcuda / libnvrtc), `KVS_STATUS_NO_DEVICE`.
 //
 // # Safety
-// `out` must be writable; `stream` must be NULL or a live stream of that device.
+// `out` must be writable; `stream` must be NULL or a live stream of that device that outlives
+// the backend.
 kvs_status kvs_kernels_new_cuda(uint32_t ordinal, void *stream, struct kvs_kernels **out);
+
+// Wait for the backend's work and report device-side validation failures since the last call
+// (`KVS_STATUS_INVALID_ARGUMENT` with the offending index). A no-op on the CPU backend, whose
+// calls report everything synchronously.
+//
+// # Safety
+// `kernels` must be a live handle.
+kvs_status kvs_kernels_synchronize(const struct kvs_kernels *kernels);
 
 // Release a backend. NULL is a no-op.
 //

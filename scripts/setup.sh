@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Check and install what building and testing kvsieve needs on a fresh machine:
-# the Rust toolchain with rustfmt and clippy, and a C compiler. Idempotent.
+# Check and install what building and testing kvsieve needs on a fresh machine: the Rust
+# toolchain with rustfmt and clippy, a C compiler, and a Python venv (.venv) holding NVRTC
+# (nvidia-cuda-nvrtc-cu12) so the CUDA kernels compile in CI without a GPU. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +12,8 @@ if ! need cargo; then
   exit 1
 fi
 for comp in rustfmt clippy; do
-  if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then
+  sub=$([ "$comp" = rustfmt ] && echo fmt || echo clippy)
+  if ! cargo "$sub" --version >/dev/null 2>&1; then
     echo "installing rust component $comp"
     rustup component add "$comp" || { echo "error: cannot install $comp; run 'rustup component add $comp'" >&2; exit 1; }
   fi
@@ -24,4 +26,16 @@ if ! need cc; then
     echo "error: no C compiler (cc); install gcc or clang" >&2
     exit 1
   fi
+fi
+if ! need python3; then
+  echo "error: python3 not found; it is needed for the NVRTC wheel (and the vLLM plugin)" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "creating .venv"
+  python3 -m venv .venv
+fi
+if ! ls .venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 >/dev/null 2>&1; then
+  echo "installing NVRTC (nvidia-cuda-nvrtc-cu12) into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check "nvidia-cuda-nvrtc-cu12>=12.4,<13"
 fi
