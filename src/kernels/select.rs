@@ -23,36 +23,47 @@ pub fn score_key(x: f32) -> u32 {
     }
 }
 
-/// Exact `(key of the need-th largest, count of keys above it)` by O(n) selection.
-fn threshold_exact(middle: &[f32], need: usize) -> (u32, usize) {
-    let mut keys: Vec<u32> = middle.iter().map(|&x| score_key(x)).collect();
-    let (_, &mut t, _) = keys.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
-    (t, middle.iter().filter(|&&x| score_key(x) > t).count())
+thread_local! {
+    /// Per-thread scratch (keys, candidates) reused across calls: fresh allocations of this
+    /// size cost page faults on every call, which dominated selection time.
+    static SCRATCH: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// The key of the `need`-th largest score in `middle` (1-based) and how many keys are above it.
+/// Exact `(key of the need-th largest, count of keys above it)` by O(n) selection.
+fn threshold_exact(keys: &[u32], need: usize, work: &mut Vec<u32>) -> (u32, usize) {
+    work.clear();
+    work.extend_from_slice(keys);
+    let (_, &mut t, _) = work.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
+    (t, count_above(keys, t))
+}
+
+/// How many keys exceed `t` (a vectorisable reduction).
+fn count_above(keys: &[u32], t: u32) -> usize {
+    keys.iter().map(|&k| (k > t) as u32).sum::<u32>() as usize
+}
+
+/// The key of the `need`-th largest of `keys` (1-based) and how many keys are above it.
 ///
 /// Floyd-Rivest style: a strided sample brackets the threshold, one pass counts the keys above
 /// the bracket and collects the few inside it, and an exact selection runs on those. When the
 /// bracket misses (adversarial orderings), the exact O(n) selection runs instead.
-fn threshold(middle: &[f32], need: usize) -> (u32, usize) {
-    const SAMPLE: usize = 1024;
-    let n = middle.len();
-    if n <= 8 * SAMPLE {
-        return threshold_exact(middle, need);
+fn threshold(keys: &[u32], need: usize, cand: &mut Vec<u32>) -> (u32, usize) {
+    let n = keys.len();
+    if n < 2048 {
+        return threshold_exact(keys, need, cand);
     }
-    let step = n / SAMPLE;
-    let mut sample: Vec<u32> = (0..SAMPLE)
-        .map(|i| score_key(middle[i * step + step / 2]))
-        .collect();
+    // An eighth of the keys, at most 1024: enough for a tight bracket, cheap to select in.
+    let sample_len = (n / 8).min(1024);
+    let step = n / sample_len;
+    let mut sample: Vec<u32> = (0..sample_len).map(|i| keys[i * step + step / 2]).collect();
     // The threshold's expected place in the ascending sample, with a margin of ~4 standard
     // deviations of the sample quantile; only the two bracket keys are needed, not a sort.
     let p = need as f64 / n as f64;
-    let at = (1.0 - p) * SAMPLE as f64;
-    let margin = 4.0 * (SAMPLE as f64 * p * (1.0 - p)).sqrt() + 8.0;
+    let at = (1.0 - p) * sample_len as f64;
+    let margin = 4.0 * (sample_len as f64 * p * (1.0 - p)).sqrt() + 8.0;
     let lo_i = (at - margin).floor();
     let hi_i = (at + margin).ceil();
-    let hi_key = if hi_i >= (SAMPLE - 1) as f64 {
+    let hi_key = if hi_i >= (sample_len - 1) as f64 {
         u32::MAX
     } else {
         *sample.select_nth_unstable(hi_i as usize).1
@@ -60,29 +71,91 @@ fn threshold(middle: &[f32], need: usize) -> (u32, usize) {
     let lo_key = if lo_i <= 0.0 {
         0
     } else {
-        *sample[..hi_i.min((SAMPLE - 1) as f64) as usize + 1]
+        *sample[..hi_i.min((sample_len - 1) as f64) as usize + 1]
             .select_nth_unstable(lo_i as usize)
             .1
     };
-    // One pass: count keys above the bracket, collect those inside it. The collection writes
-    // unconditionally and advances on a hit, so the loop has no data-dependent branch.
-    let mut above = 0usize;
-    let mut cand = vec![0u32; n + 1];
+    let above = count_above(keys, hi_key);
+    if above >= need {
+        return threshold_exact(keys, need, cand);
+    }
+    // Branch-free collection: always write, advance on a hit (the bracket holds ~12% of keys,
+    // a branch on it mispredicts often).
+    cand.clear();
+    cand.resize(n + 1, 0);
     let mut c = 0usize;
-    for &x in middle {
-        let k = score_key(x);
-        above += (k > hi_key) as usize;
+    for &k in keys {
         cand[c] = k;
         c += ((k >= lo_key) & (k <= hi_key)) as usize;
     }
     cand.truncate(c);
-    if above >= need || above + cand.len() < need {
-        return threshold_exact(middle, need);
+    if above + cand.len() < need {
+        return threshold_exact(keys, need, cand);
     }
     let r = need - above; // 1-based rank inside the bracket
     let (_, &mut t, _) = cand.select_nth_unstable_by(r - 1, |a, b| b.cmp(a));
     let gt = cand.iter().filter(|&&k| k > t).count();
     (t, above + gt)
+}
+
+/// Bit j of the first mask: `chunk[j] > t`; of the second: `chunk[j] == t` (chunk of <= 64).
+#[inline]
+fn masks(chunk: &[u32], t: u32) -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    if chunk.len() == 64 {
+        // SAFETY: SSE2 is part of the x86_64 baseline; the chunk holds 64 keys.
+        return unsafe { masks_sse2(chunk, t) };
+    }
+    let (mut gt, mut eq) = (0u64, 0u64);
+    for (j, &k) in chunk.iter().enumerate() {
+        gt |= ((k > t) as u64) << j;
+        eq |= ((k == t) as u64) << j;
+    }
+    (gt, eq)
+}
+
+/// `masks` four keys per instruction: unsigned compares as signed ones on sign-flipped keys,
+/// and `movemask` to gather the lane bits.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn masks_sse2(chunk: &[u32], t: u32) -> (u64, u64) {
+    use std::arch::x86_64::*;
+    let flip = _mm_set1_epi32(i32::MIN);
+    let tv = _mm_set1_epi32(t as i32);
+    let ts = _mm_xor_si128(tv, flip);
+    let (mut gt, mut eq) = (0u64, 0u64);
+    for q in 0..16 {
+        // SAFETY: 16 groups of 4 within the 64 keys; unaligned load.
+        let v = unsafe { _mm_loadu_si128(chunk.as_ptr().add(4 * q) as *const __m128i) };
+        let g = _mm_cmpgt_epi32(_mm_xor_si128(v, flip), ts);
+        let e = _mm_cmpeq_epi32(v, tv);
+        gt |= (_mm_movemask_ps(_mm_castsi128_ps(g)) as u64) << (4 * q);
+        eq |= (_mm_movemask_ps(_mm_castsi128_ps(e)) as u64) << (4 * q);
+    }
+    (gt, eq)
+}
+
+/// Push `base + i` for the keys above `t`, and for the first `ties` keys equal to `t`, in
+/// order. Works 64 keys at a time: build bit masks (vectorisable), then walk the set bits.
+fn emit(keys: &[u32], t: u32, mut ties: usize, base: usize, out: &mut Vec<u32>) {
+    for (c, chunk) in keys.chunks(64).enumerate() {
+        let (gt, mut eq) = masks(chunk, t);
+        if ties < eq.count_ones() as usize {
+            // Keep only the lowest `ties` tie bits: the earliest positions win.
+            let mut m = eq;
+            for _ in 0..ties {
+                m &= m - 1;
+            }
+            eq &= !m;
+        }
+        ties -= eq.count_ones() as usize;
+        let mut take = gt | eq;
+        let at = base + c * 64;
+        while take != 0 {
+            out.push((at + take.trailing_zeros() as usize) as u32);
+            take &= take - 1;
+        }
+    }
 }
 
 /// Append to `out` the positions kept out of `[lo, hi)` (see the module doc). `scores[i]` is the
@@ -105,27 +178,17 @@ pub fn keep_positions(
         _ if need == 0 => {}
         _ if need == mid_len => out.extend((sink_end..tail_start).map(|p| p as u32)),
         None => out.extend((tail_start - need..tail_start).map(|p| p as u32)),
-        Some(s) => {
-            let middle = &s[sink_end - lo..tail_start - lo];
-            let (t, gt) = threshold(middle, need);
-            // Emit in position order without branches: always write, advance when kept. One
-            // spare slot absorbs the write after the last kept position.
-            let base = out.len();
-            out.resize(base + need + 1, 0);
-            let dst = &mut out[base..];
-            let (mut w, mut ties) = (0usize, need - gt);
-            for (i, &x) in middle.iter().enumerate() {
-                let key = score_key(x);
-                let tie = (key == t) & (ties > 0);
-                dst[w] = (sink_end + i) as u32;
-                w += ((key > t) | tie) as usize;
-                ties -= tie as usize;
-                if w == need {
-                    break;
-                }
-            }
-            out.truncate(base + need);
-        }
+        Some(s) => SCRATCH.with(|scratch| {
+            let (keys, cand) = &mut *scratch.borrow_mut();
+            keys.clear();
+            keys.extend(
+                s[sink_end - lo..tail_start - lo]
+                    .iter()
+                    .map(|&x| score_key(x)),
+            );
+            let (t, gt) = threshold(keys, need, cand);
+            emit(keys, t, need - gt, sink_end, out);
+        }),
     }
     out.extend((tail_start..hi).map(|p| p as u32));
 }
