@@ -386,6 +386,20 @@ void kvs_kernels_free(struct kvs_kernels *kernels);
 // Live handle, writable `out`.
 kvs_status kvs_kernels_device(const struct kvs_kernels *kernels, uint32_t *out);
 
+// The element offset (from the K or V base, in elements) of `(block, head, slot, d)` in a
+// cache, for `kind` 0 (K) or 1 (V). Lets an engine, or a test, check kvsieve's reading of a
+// layout against its own writes (vLLM's CPU packings are probed this way).
+//
+// # Safety
+// `cache` readable, `out` writable.
+kvs_status kvs_kv_cache_offset(const struct kvs_kv_cache *cache,
+                               uint32_t kind,
+                               uint32_t block,
+                               uint32_t head,
+                               uint32_t slot,
+                               uint32_t d,
+                               uint64_t *out);
+
 // SnapKV scores of one sequence and layer into `scores[num_kv_heads][cached_len]`.
 //
 // # Safety

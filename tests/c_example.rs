@@ -66,6 +66,11 @@ fn check_output(stdout: &str) {
         "{stdout}"
     );
     assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+    // 100 tokens, budget 40, blocks of 16: 52 kept, the row's last three blocks (6 1 3) go back.
+    assert!(
+        stdout.contains("compacted 100 -> 52 tokens per head, released blocks: 6 1 3"),
+        "{stdout}"
+    );
 }
 
 #[test]

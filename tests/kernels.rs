@@ -28,6 +28,7 @@ fn layout_dtype(i: usize) -> (Layout, DType) {
         (Layout::Hnd, DType::F16),
         (Layout::Hnd, DType::Bf16),
         (Layout::VllmCpuVec, DType::F32),
+        (Layout::VllmCpuVec, DType::Bf16),
         (Layout::VllmCpuAmx, DType::Bf16),
     ][i]
 }
@@ -48,7 +49,7 @@ struct Shape {
 
 fn shape(max_len: usize) -> impl Strategy<Value = Shape> {
     (
-        0..8usize,
+        0..9usize,
         0..5usize,
         1..=3usize,
         prop::sample::select(vec![16usize, 32, 64]),

@@ -43,6 +43,80 @@ static const char DEFAULT_CONFIG[] =
     "window = 32\n"
     "min_length = 1536\n";
 
+/*
+ * One layer of one sequence end to end: a small f32 NHD cache whose values encode their
+ * (token, head, dim), knorm scores, selection of the planned count, in-place compaction. The
+ * check: every kept slot now holds the token the selection chose, and the released blocks are
+ * the tail of the row.
+ */
+enum { BS = 16, HEADS = 2, DIM = 8, NBLOCKS = 8, CACHED = 100 };
+
+static int compact_one_sequence(void) {
+  static float k[NBLOCKS * BS * HEADS * DIM], v[NBLOCKS * BS * HEADS * DIM];
+  const int32_t row[] = {5, 0, 7, 2, 6, 1, 3}; /* 7 blocks hold 100 tokens; block 4 is not ours */
+  for (int i = 0; i < 7; i++)
+    for (int s = 0; s < BS; s++)
+      for (int h = 0; h < HEADS; h++)
+        for (int d = 0; d < DIM; d++) {
+          int t = i * BS + s;
+          size_t at = (((size_t)row[i] * BS + s) * HEADS + h) * DIM + d;
+          /* Later tokens get smaller keys, so knorm prefers them; values encode the token. */
+          k[at] = 1.0f + (float)((t * 7919) % 97) / 10.0f;
+          v[at] = (float)(t * 1000 + h * 100 + d);
+        }
+  kvs_kernels *kernels = NULL;
+  CHECK(kvs_kernels_new_cpu(&kernels));
+  kvs_kv_cache cache = {.k = k, .v = v, .dtype = KVS_DTYPE_F32, .layout = KVS_LAYOUT_NHD,
+                        .device = KVS_DEVICE_CPU, .num_blocks = NBLOCKS, .block_size = BS,
+                        .num_kv_heads = HEADS, .head_dim = DIM};
+  kvs_sequence seq = {.row = row, .row_len = 7, .cached_len = CACHED, .protected_len = 0};
+
+  kvs_config *small = NULL;
+  const char *text = "[sparsity]\npolicy = \"knorm\"\nbudget_tokens = 40\nsink_tokens = 4\n"
+                     "recent_tokens = 8\n";
+  CHECK(kvs_config_from_str(text, strlen(text), &small));
+  kvs_sequence_lengths lens = {.logical_len = CACHED, .cached_len = CACHED, .block_size = BS};
+  kvs_keep_plan plan;
+  CHECK(kvs_plan_keep_count(small, KVS_PHASE_PREFILL, &lens, &plan));
+  kvs_policy_params params;
+  CHECK(kvs_config_policy_params(small, KVS_PHASE_PREFILL, &params));
+
+  float scores[HEADS * CACHED];
+  CHECK(kvs_score_knorm(kernels, &cache, &seq, scores, HEADS * CACHED));
+  uint32_t keep[HEADS * CACHED];
+  kvs_token_select sel = {.cached_len = CACHED, .protected_len = 0,
+                          .sink_tokens = params.sink_tokens,
+                          .protected_tail = params.protected_tail,
+                          .selected = (uint32_t)plan.selected_tokens};
+  size_t keep_len = HEADS * (size_t)sel.selected;
+  CHECK(kvs_select_tokens(kernels, scores, HEADS * CACHED, HEADS, &sel, keep, keep_len));
+  int32_t released[8];
+  uint32_t num_released = 0;
+  CHECK(kvs_compact(kernels, &cache, &seq, keep, keep_len, sel.selected, released, 8,
+                    &num_released));
+  if (num_released != plan.released_blocks) {
+    fprintf(stderr, "released %u blocks, plan said %" PRIu64 "\n", num_released,
+            plan.released_blocks);
+    return 1;
+  }
+  for (uint32_t h = 0; h < HEADS; h++)
+    for (uint32_t j = 0; j < sel.selected; j++) {
+      uint32_t t = keep[h * sel.selected + j];
+      size_t at = (((size_t)row[j / BS] * BS + j % BS) * HEADS + h) * DIM;
+      if (v[at] != (float)(t * 1000 + h * 100)) {
+        fprintf(stderr, "head %u slot %u holds %.0f, expected token %u\n", h, j, v[at], t);
+        return 1;
+      }
+    }
+  printf("compacted %u -> %" PRIu64 " tokens per head, released blocks:", CACHED,
+         plan.kept_tokens);
+  for (uint32_t i = 0; i < num_released; i++) printf(" %d", released[i]);
+  printf("\n");
+  kvs_config_free(small);
+  kvs_kernels_free(kernels);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (kvs_abi_version() != KVS_ABI_VERSION) {
     fprintf(stderr, "kvsieve ABI %u, header expects %u\n", kvs_abi_version(), KVS_ABI_VERSION);
@@ -87,6 +161,8 @@ int main(int argc, char **argv) {
            plan.kept_tokens, plan.evicted_tokens, plan.released_blocks);
   }
   printf("KV blocks: %" PRIu64 " -> %" PRIu64 "\n", blocks_before, blocks_after);
+
+  if (compact_one_sequence() != 0) return 1;
 
   /* Bad input gets a status and a message, and leaves the out-param alone. */
   kvs_keep_plan untouched = {.kept_tokens = 42};

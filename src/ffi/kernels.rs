@@ -226,6 +226,48 @@ pub unsafe extern "C" fn kvs_kernels_device(kernels: *const KvsKernels, out: *mu
     })
 }
 
+/// The element offset (from the K or V base, in elements) of `(block, head, slot, d)` in a
+/// cache, for `kind` 0 (K) or 1 (V). Lets an engine, or a test, check kvsieve's reading of a
+/// layout against its own writes (vLLM's CPU packings are probed this way).
+///
+/// # Safety
+/// `cache` readable, `out` writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvs_kv_cache_offset(
+    cache: *const KvCacheDesc,
+    kind: u32,
+    block: u32,
+    head: u32,
+    slot: u32,
+    d: u32,
+    out: *mut u64,
+) -> Status {
+    ffi_boundary("kvs_kv_cache_offset", || {
+        let out = arg_out!(out, "out");
+        let c = KvCache::new(arg_ref!(cache, "cache"))?;
+        let (b, h, s, e) = (block as usize, head as usize, slot as usize, d as usize);
+        if b >= c.num_blocks || h >= c.num_kv_heads || s >= c.block_size || e >= c.head_dim {
+            return Err(Error::invalid_arg(format!(
+                "(block, head, slot, d) = ({b}, {h}, {s}, {e}) is outside ({}, {}, {}, {})",
+                c.num_blocks, c.num_kv_heads, c.block_size, c.head_dim
+            )));
+        }
+        let off = match kind {
+            0 => c.k_offset(b, h, s, e),
+            1 => c.v_offset(b, h, s, e),
+            _ => {
+                return Err(Error::invalid_arg(format!(
+                    "kind = {kind}; use 0 for K or 1 for V"
+                )))
+            }
+        };
+        // SAFETY: checked by `arg_out!`.
+        unsafe { *out = off as u64 };
+        Ok(())
+    })
+}
+
 /// The validated cache and sequence of a call, on the CPU backend.
 fn host_inputs<'a>(
     kernels: &KvsKernels,

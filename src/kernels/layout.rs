@@ -11,8 +11,10 @@
 //! - `VllmCpuAmx`: vLLM CPU_ATTN AMX path, K as `[BS/16][D/2][16][2]` then V as
 //!   `[D/16][BS/2][16][2]` in the same chunk.
 //!
-//! The vLLM CPU packings are only accepted with the dtype they were probed with (f32 for the
-//! vector path, bf16 for AMX); anything else is refused rather than guessed.
+//! The vLLM CPU packings are only accepted with the dtypes they were probed with: the vector
+//! path with f32 and bf16 (probed against vLLM 0.32's `cpu_attn_reshape_and_cache`,
+//! `integrations/vllm/tests/test_layout_probe.py`), AMX with bf16 (DESIGN.md §3; this
+//! workplace's CPUs have no AMX to probe it on). Anything else is refused rather than guessed.
 
 use super::dtype::DType;
 use crate::ensure_arg;
@@ -154,16 +156,17 @@ impl KvCache {
             dtype.name()
         );
         let (block_stride, token_stride, head_stride, v) = if layout.packed() {
-            let probed = match layout {
-                Layout::VllmCpuVec => DType::F32,
-                _ => DType::Bf16,
+            let probed: &[DType] = match layout {
+                Layout::VllmCpuVec => &[DType::F32, DType::Bf16],
+                _ => &[DType::Bf16],
             };
-            if dtype != probed {
+            if !probed.contains(&dtype) {
+                let names: Vec<&str> = probed.iter().map(|d| d.name()).collect();
                 return Err(Error::unsupported(format!(
                     "cache.layout {layout:?} with dtype {} was never probed against vLLM; it is \
                      supported with {} only",
                     dtype.name(),
-                    probed.name()
+                    names.join(", ")
                 )));
             }
             ensure_arg!(
@@ -455,7 +458,7 @@ mod tests {
                 "never probed",
             ),
             (
-                desc(Layout::VllmCpuVec, DType::Bf16, k, std::ptr::null_mut()),
+                desc(Layout::VllmCpuVec, DType::F16, k, std::ptr::null_mut()),
                 "never probed",
             ),
             (
