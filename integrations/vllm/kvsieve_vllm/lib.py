@@ -1,0 +1,159 @@
+"""ctypes binding of libkvsieve's C ABI (include/kvsieve.h).
+
+Every call checks its status and raises `KvsieveError` carrying the status name and the
+library's own message (`kvs_last_error`), so a bad config or argument reads the same from
+Python as from C.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from ctypes import POINTER, Structure, byref, c_char_p, c_size_t, c_uint32, c_uint64, c_void_p
+from pathlib import Path
+
+ABI_VERSION = 1  # KVS_ABI_VERSION of the header this binding mirrors
+
+PHASE_PREFILL, PHASE_DECODE = 0, 1
+DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
+LAYOUT = {"nhd": 0, "hnd": 1, "vllm_cpu_vec": 2, "vllm_cpu_amx": 3}
+POLICY_NAMES = {0: "none", 1: "streaming", 2: "snapkv", 3: "knorm", 4: "quest"}
+
+
+class KvsieveError(RuntimeError):
+    """A kvsieve call failed: `status` is the KVS_STATUS_* name, the message says why."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class SequenceLengths(Structure):
+    _fields_ = [("logical_len", c_uint64), ("cached_len", c_uint64),
+                ("protected_len", c_uint64), ("block_size", c_uint32)]
+
+
+class KeepPlan(Structure):
+    _fields_ = [("kept_tokens", c_uint64), ("evicted_tokens", c_uint64),
+                ("released_blocks", c_uint64), ("selected_tokens", c_uint64)]
+
+
+class PolicyParams(Structure):
+    _fields_ = [("policy", c_uint32), ("budget_tokens", c_uint32), ("budget_ratio", ctypes.c_double),
+                ("sink_tokens", c_uint32), ("protected_tail", c_uint32), ("window", c_uint32),
+                ("pool_kernel", c_uint32), ("pool", c_uint32), ("min_length", c_uint32),
+                ("interval", c_uint32)]
+
+
+class KvCache(Structure):
+    _fields_ = [("k", c_void_p), ("v", c_void_p), ("dtype", c_uint32), ("layout", c_uint32),
+                ("device", c_uint32), ("num_blocks", c_uint32), ("block_size", c_uint32),
+                ("num_kv_heads", c_uint32), ("head_dim", c_uint32), ("block_stride", c_uint64),
+                ("token_stride", c_uint64), ("head_stride", c_uint64)]
+
+
+def _candidates() -> list[Path]:
+    env = os.environ.get("KVSIEVE_LIB")
+    if env:
+        return [Path(env)]
+    here = Path(__file__).resolve().parent
+    return [here / "libkvsieve.so", here.parent / "libkvsieve.so"]
+
+
+class Library:
+    """libkvsieve, loaded and checked against the ABI version this binding was written for."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        paths = [Path(path)] if path else _candidates()
+        found = next((p for p in paths if p.is_file()), None)
+        if found is None:
+            raise KvsieveError(
+                "KVS_STATUS_IO",
+                "libkvsieve.so not found (looked at: " + ", ".join(map(str, paths)) + "); "
+                "build it with `cargo build --release` and set KVSIEVE_LIB=/path/to/libkvsieve.so",
+            )
+        self.path = found
+        self._lib = lib = ctypes.CDLL(str(found))
+        lib.kvs_version.restype = c_char_p
+        lib.kvs_abi_version.restype = c_uint32
+        lib.kvs_status_str.restype = c_char_p
+        lib.kvs_status_str.argtypes = [c_uint32]
+        lib.kvs_last_error.restype = c_char_p
+        for name, args in {
+            "kvs_config_from_str": [c_char_p, c_size_t, POINTER(c_void_p)],
+            "kvs_config_from_file": [c_char_p, POINTER(c_void_p)],
+            "kvs_config_policy_params": [c_void_p, c_uint32, POINTER(PolicyParams)],
+            "kvs_plan_keep_count": [c_void_p, c_uint32, POINTER(SequenceLengths), POINTER(KeepPlan)],
+            "kvs_kv_cache_offset": [POINTER(KvCache), c_uint32, c_uint32, c_uint32, c_uint32,
+                                    c_uint32, POINTER(c_uint64)],
+        }.items():
+            fn = getattr(lib, name)
+            fn.argtypes = args
+            fn.restype = c_uint32
+        lib.kvs_config_free.argtypes = [c_void_p]
+        lib.kvs_config_free.restype = None
+        abi = lib.kvs_abi_version()
+        if abi != ABI_VERSION:
+            raise KvsieveError(
+                "KVS_STATUS_UNSUPPORTED",
+                f"{found} has ABI version {abi}, this kvsieve_vllm expects {ABI_VERSION}; "
+                "install matching versions of the library and the package",
+            )
+        self.version = lib.kvs_version().decode()
+
+    def check(self, status: int) -> None:
+        if status != 0:
+            name = self._lib.kvs_status_str(status).decode()
+            raise KvsieveError(name, self._lib.kvs_last_error().decode())
+
+    def config_from_str(self, text: str) -> "Config":
+        raw = text.encode()
+        handle = c_void_p()
+        self.check(self._lib.kvs_config_from_str(raw, len(raw), byref(handle)))
+        return Config(self, handle)
+
+    def config_from_file(self, path: str | os.PathLike) -> "Config":
+        handle = c_void_p()
+        self.check(self._lib.kvs_config_from_file(os.fsencode(path), byref(handle)))
+        return Config(self, handle)
+
+    def kv_cache_offset(self, cache: KvCache, kind: int, block: int, head: int, slot: int, d: int) -> int:
+        out = c_uint64()
+        self.check(self._lib.kvs_kv_cache_offset(byref(cache), kind, block, head, slot, d, byref(out)))
+        return out.value
+
+
+class Config:
+    """A validated kvsieve config (`kvs_config`), freed with the object."""
+
+    def __init__(self, lib: Library, handle: c_void_p):
+        self._lib, self._handle = lib, handle
+
+    def __del__(self):
+        if getattr(self, "_handle", None) and self._handle.value:
+            self._lib._lib.kvs_config_free(self._handle)
+            self._handle = c_void_p()
+
+    def params(self, phase: int = PHASE_PREFILL) -> PolicyParams:
+        out = PolicyParams()
+        self._lib.check(self._lib._lib.kvs_config_policy_params(self._handle, phase, byref(out)))
+        return out
+
+    def plan(self, logical_len: int, cached_len: int, protected_len: int, block_size: int,
+             phase: int = PHASE_PREFILL) -> KeepPlan:
+        lens = SequenceLengths(logical_len, cached_len, protected_len, block_size)
+        out = KeepPlan()
+        self._lib.check(self._lib._lib.kvs_plan_keep_count(self._handle, phase, byref(lens), byref(out)))
+        return out
+
+
+_default: Library | None = None
+
+
+def load() -> Library:
+    """The process-wide library (loaded once)."""
+    global _default
+    if _default is None:
+        _default = Library()
+    return _default
