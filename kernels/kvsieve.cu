@@ -467,6 +467,17 @@ extern "C" __global__ void kvs_select_blocks_csr(const i32* indptr, const i32* i
     out[sink_blocks + i] = indices[a + sink_blocks + pos[i]];
 }
 
+// The one-sequence CSR header a dense row is selected through: indptr = [0, row_len],
+// last_page_len = [1] (the value is only copied through). Written on the device so the dense
+// path needs no host-to-device copy (a pageable copy would synchronise the stream).
+extern "C" __global__ void kvs_row_header(u32 row_len, i32* header) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    header[0] = 0;
+    header[1] = (i32)row_len;
+    header[4] = 1;
+  }
+}
+
 // Fill out[from..len) with pad (dense rows after block selection).
 extern "C" __global__ void kvs_fill_i32(i32* out, u32 from, u32 len, i32 pad) {
   for (u32 i = from + blockIdx.x * blockDim.x + threadIdx.x; i < len; i += gridDim.x * blockDim.x)

@@ -605,14 +605,17 @@ impl CudaBackend {
         let mut st = self.lock();
         // Scratch: [indptr(2) | out_indptr(2) | last_page_len in/out (2) | positions(row_len)].
         let work = st.work(&self.stream, (6 + row_len.max(1)) * 4)?;
-        let host = [0i32, row_len as i32, 0, 0, 1, 0];
-        // SAFETY: `work` holds at least 6 words; a copy from pageable memory returns only after
-        // the source is staged, so `host` may go out of scope right after.
-        unsafe { cudarc::driver::result::memcpy_htod_async(work, &host, self.stream.cu_stream()) }
-            .map_err(|e| cuda_err("uploading the row's indptr", e))?;
+        let row_len32 = row_len as u32;
+        launch!(
+            self,
+            "kvs_row_header",
+            cfg((1, 1, 1), 32),
+            &row_len32,
+            &work
+        );
         let (indptr, out_indptr, lpl_in, lpl_out, positions) =
             (work, work + 8, work + 16, work + 20, work + 24);
-        let (n32, keep, sink, recent) = (
+        let (one_seq, keep, sink, recent) = (
             1u32,
             p.keep_blocks as u32,
             p.sink_blocks as u32,
@@ -623,7 +626,7 @@ impl CudaBackend {
             "kvs_csr_out_indptr",
             cfg((1, 1, 1), 32),
             &indptr,
-            &n32,
+            &one_seq,
             &keep,
             &out_indptr
         );

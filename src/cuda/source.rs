@@ -23,6 +23,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "kvs_select_tokens",
     "kvs_csr_out_indptr",
     "kvs_select_blocks_csr",
+    "kvs_row_header",
     "kvs_fill_i32",
 ];
 
