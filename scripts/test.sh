@@ -14,9 +14,13 @@ run() { echo "== $*"; "$@" 2>&1 | tee -a "$log"; }
 run cargo fmt --all --check
 run cargo clippy --all-targets -- -D warnings
 run cargo clippy --all-targets --features cuda -- -D warnings
+# `cargo test` builds only the rlib; the C and Python tests link target/debug/libkvsieve.{so,a}.
+run cargo build
 run cargo test --all-targets
 run cargo test --features cuda --test cuda_compile --test abi_kernels
 run cargo test --features cuda --test cuda_parity -- --nocapture
+# Rebuild the default-feature library for the Python tests (the cuda runs above replaced it).
+run cargo build
 
 # The Python side against the library just built (debug profile, from `cargo test`).
 export KVSIEVE_LIB="$PWD/target/debug/libkvsieve.so"

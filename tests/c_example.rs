@@ -77,6 +77,11 @@ fn check_output(stdout: &str) {
 fn c_example_links_the_shared_library() {
     let exe = out_dir().join("example-shared");
     let dir = lib_dir();
+    assert!(
+        dir.join("libkvsieve.so").exists(),
+        "{}/libkvsieve.so missing: `cargo test` builds only the rlib; run `cargo build` first (scripts/test.sh does)",
+        dir.display()
+    );
     compile(&[], &["-L", dir.to_str().unwrap(), "-lkvsieve"], &exe);
     let stdout = run_checked(
         Command::new(&exe).env("LD_LIBRARY_PATH", &dir),
@@ -109,7 +114,7 @@ fn c_example_links_the_static_library_under_asan() {
     let lib = lib_dir().join("libkvsieve.a");
     assert!(
         lib.exists(),
-        "{} missing: cargo builds the staticlib with the tests",
+        "{} missing: `cargo test` builds only the rlib; run `cargo build` first (scripts/test.sh does)",
         lib.display()
     );
     compile(

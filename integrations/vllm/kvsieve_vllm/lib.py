@@ -53,6 +53,21 @@ class KvCache(Structure):
                 ("token_stride", c_uint64), ("head_stride", c_uint64)]
 
 
+class Sequence(Structure):
+    _fields_ = [("row", c_void_p), ("row_len", c_uint32), ("cached_len", c_uint32),
+                ("protected_len", c_uint32)]
+
+
+class TokenSelect(Structure):
+    _fields_ = [("cached_len", c_uint32), ("protected_len", c_uint32), ("sink_tokens", c_uint32),
+                ("protected_tail", c_uint32), ("selected", c_uint32)]
+
+
+class SnapKvArgs(Structure):
+    _fields_ = [("queries", c_void_p), ("queries_dtype", c_uint32), ("window", c_uint32),
+                ("num_q_heads", c_uint32), ("pool_kernel", c_uint32), ("pool", c_uint32)]
+
+
 def _candidates() -> list[Path]:
     env = os.environ.get("KVSIEVE_LIB")
     if env:
@@ -87,12 +102,22 @@ class Library:
             "kvs_plan_keep_count": [c_void_p, c_uint32, POINTER(SequenceLengths), POINTER(KeepPlan)],
             "kvs_kv_cache_offset": [POINTER(KvCache), c_uint32, c_uint32, c_uint32, c_uint32,
                                     c_uint32, POINTER(c_uint64)],
+            "kvs_kernels_new_cpu": [POINTER(c_void_p)],
+            "kvs_score_knorm": [c_void_p, POINTER(KvCache), POINTER(Sequence), c_void_p, c_size_t],
+            "kvs_score_snapkv": [c_void_p, POINTER(KvCache), POINTER(Sequence), POINTER(SnapKvArgs),
+                                 c_void_p, c_size_t],
+            "kvs_select_tokens": [c_void_p, c_void_p, c_size_t, c_uint32, POINTER(TokenSelect),
+                                  c_void_p, c_size_t],
+            "kvs_compact": [c_void_p, POINTER(KvCache), POINTER(Sequence), c_void_p, c_size_t,
+                            c_uint32, c_void_p, c_size_t, POINTER(c_uint32)],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes = args
             fn.restype = c_uint32
         lib.kvs_config_free.argtypes = [c_void_p]
         lib.kvs_config_free.restype = None
+        lib.kvs_kernels_free.argtypes = [c_void_p]
+        lib.kvs_kernels_free.restype = None
         abi = lib.kvs_abi_version()
         if abi != ABI_VERSION:
             raise KvsieveError(
@@ -122,6 +147,40 @@ class Library:
         out = c_uint64()
         self.check(self._lib.kvs_kv_cache_offset(byref(cache), kind, block, head, slot, d, byref(out)))
         return out.value
+
+
+class CpuKernels:
+    """The CPU backend (`kvs_kernels`) with the score / select / compact calls on host tensors.
+    Tensors are passed by address: callers keep them alive and contiguous for the call."""
+
+    def __init__(self, lib: Library):
+        self._lib = lib
+        self._handle = c_void_p()
+        lib.check(lib._lib.kvs_kernels_new_cpu(byref(self._handle)))
+
+    def __del__(self):
+        if getattr(self, "_handle", None) and self._handle.value:
+            self._lib._lib.kvs_kernels_free(self._handle)
+            self._handle = c_void_p()
+
+    def score_knorm(self, cache: KvCache, seq: Sequence, scores_ptr: int, n: int) -> None:
+        self._lib.check(self._lib._lib.kvs_score_knorm(self._handle, byref(cache), byref(seq), scores_ptr, n))
+
+    def score_snapkv(self, cache: KvCache, seq: Sequence, args: SnapKvArgs, scores_ptr: int, n: int) -> None:
+        self._lib.check(self._lib._lib.kvs_score_snapkv(self._handle, byref(cache), byref(seq), byref(args),
+                                                        scores_ptr, n))
+
+    def select_tokens(self, scores_ptr: int | None, n_scores: int, heads: int, sel: TokenSelect,
+                      keep_ptr: int, keep_len: int) -> None:
+        self._lib.check(self._lib._lib.kvs_select_tokens(self._handle, scores_ptr, n_scores, heads, byref(sel),
+                                                         keep_ptr, keep_len))
+
+    def compact(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
+                released_ptr: int, released_cap: int) -> int:
+        n = c_uint32()
+        self._lib.check(self._lib._lib.kvs_compact(self._handle, byref(cache), byref(seq), keep_ptr, keep_len,
+                                                   selected, released_ptr, released_cap, byref(n)))
+        return n.value
 
 
 class Config:
