@@ -1,0 +1,59 @@
+"""An independent reference for compressed decoding: a plain transformers forward that holds
+exactly the kept K/V of each (layer, KV head) at their logical positions.
+
+The prompt runs with full causal attention (as in vLLM's prefill); then each layer's cache is
+cut per KV head to the tokens the policy keeps, computed here in torch from the cached keys
+(not by kvsieve), and decoding continues with logical RoPE positions. Every head keeps the same
+count, so the cut cache stays rectangular; attention over keys ignores their order."""
+
+from __future__ import annotations
+
+import torch
+
+
+def keep_indices(keys: torch.Tensor, policy: str, selected: int, sink: int, tail: int) -> torch.Tensor:
+    """[H, selected] kept positions per KV head of keys [H, C, D]: positions [0, sink) and the
+    last `tail` always, the rest by highest score (knorm: -||K||; streaming: recency), ties to
+    the earlier position, ascending."""
+    h, c, _ = keys.shape
+    sink_end = min(sink, c)
+    tail_start = max(c - tail, sink_end)
+    need = selected - sink_end - (c - tail_start)
+    out = []
+    for head in range(h):
+        middle = torch.arange(sink_end, tail_start)
+        if policy == "knorm":
+            score = -keys[head, sink_end:tail_start].double().norm(dim=-1)
+            # Stable sort on -score keeps the earlier position first among equal scores.
+            order = torch.sort(-score, stable=True).indices
+            chosen = middle[order[:need]]
+        elif policy == "streaming":
+            chosen = middle[len(middle) - need:]
+        else:
+            raise ValueError(policy)
+        kept = torch.cat([torch.arange(0, sink_end), chosen, torch.arange(tail_start, c)])
+        out.append(torch.sort(kept).values)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def compressed_logprobs(model, prompt: list[int], continuation: list[int], policy: str, selected: int,
+                        sink: int, tail: int) -> list[float]:
+    """Log-probabilities the reference assigns to `continuation` (greedy tokens from vLLM) after
+    a prompt whose cache was cut to `selected` tokens per head."""
+    out = model(torch.tensor([prompt]), use_cache=True)
+    cache = out.past_key_values
+    logprobs = [torch.log_softmax(out.logits[0, -1].double(), -1)[continuation[0]].item()]
+    for layer in cache.layers:
+        keys, values = layer.keys, layer.values  # [1, H, C, D], RoPE applied
+        idx = keep_indices(keys[0], policy, selected, sink, tail)  # [H, k]
+        gather = idx[None, :, :, None].expand(1, -1, -1, keys.shape[-1])
+        layer.keys = torch.gather(keys, 2, gather).contiguous()
+        layer.values = torch.gather(values, 2, gather).contiguous()
+    pos = len(prompt)
+    for j in range(len(continuation) - 1):
+        step = model(torch.tensor([[continuation[j]]]), position_ids=torch.tensor([[pos + j]]),
+                     past_key_values=cache, use_cache=True)
+        cache = step.past_key_values
+        logprobs.append(torch.log_softmax(step.logits[0, -1].double(), -1)[continuation[j + 1]].item())
+    return logprobs

