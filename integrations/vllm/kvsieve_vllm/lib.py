@@ -201,6 +201,7 @@ class Config:
 
     def plan(self, logical_len: int, cached_len: int, protected_len: int, block_size: int,
              phase: int = PHASE_PREFILL) -> KeepPlan:
+        """`kvs_plan_keep_count`: what an event in `phase` does to a sequence of these lengths."""
         lens = SequenceLengths(logical_len, cached_len, protected_len, block_size)
         out = KeepPlan()
         self._lib.check(self._lib._lib.kvs_plan_keep_count(self._handle, phase, byref(lens), byref(out)))

@@ -17,7 +17,8 @@ so it never half-patches. What it patches (DESIGN.md §5):
 - `GPUModelRunner._prepare_inputs`: positions stay logical (RoPE); slot mapping and sequence
   lengths use `position - offset`.
 - `GPUModelRunner.execute_model`: after the forward of the step in which a request's prefill
-  ends, scores, selects and compacts each layer's KV in place with libkvsieve. The scheduler
+  ends (and, with a `[decode]` section, of every decode step that makes a re-compression due),
+  scores, selects and compacts each layer's KV in place with libkvsieve. The scheduler
   frees the tail blocks at its next `schedule`, after the data has moved; both sides derive the
   kept count from the same lengths (`kvs_plan_keep_count`), so they agree without talking.
 """
@@ -30,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .lib import PHASE_PREFILL, POLICY_NAMES, KvsieveError, load
+from .lib import PHASE_DECODE, PHASE_PREFILL, POLICY_NAMES, KvsieveError, load
 
 logger = logging.getLogger("vllm.kvsieve")
 
@@ -146,12 +147,13 @@ class _Settings:
         self.path = path
         self.lib = load()
         self.config = self.lib.config_from_file(path)
-        self.params = self.config.params(PHASE_PREFILL)
-        policy = POLICY_NAMES[self.params.policy]
+        self.params = {PHASE_PREFILL: self.config.params(PHASE_PREFILL),
+                       PHASE_DECODE: self.config.params(PHASE_DECODE)}
+        policy = POLICY_NAMES[self.params[PHASE_PREFILL].policy]
         if policy not in PLUGIN_POLICIES:
             raise UnsupportedSetup(f"{path}: sparsity.policy = {policy!r} is not driven by the vLLM plugin yet; "
                                    f"use one of {', '.join(PLUGIN_POLICIES)}")
-        self.policy = policy
+        self.policy = {PHASE_PREFILL: policy, PHASE_DECODE: POLICY_NAMES[self.params[PHASE_DECODE].policy]}
 
 
 _settings: _Settings | None = None
@@ -201,7 +203,12 @@ def _scheduler_schedule(orig):
 
 
 def _compress_due(sched, reqs: dict) -> set:
-    """Plan and apply the block side of every due compression event; returns the request ids."""
+    """Plan and apply the block side of every due compression event; returns the request ids.
+
+    A request's first event is planned when its prefill has completed (phase PREFILL); after
+    that, every step re-plans it in phase DECODE, which is due once the cache has outgrown the
+    decode budget by `interval` tokens. The worker ran the same plans on the same lengths at the
+    end of the previous step and has already moved the data."""
     cfg = settings().config
     mgrs = sched.kv_cache_manager.coordinator.single_type_managers
     if len(mgrs) != 1:
@@ -217,31 +224,44 @@ def _compress_due(sched, reqs: dict) -> set:
         if prev is not None and computed < prev.at_len:
             del reqs[rid]  # preempted and recomputing from scratch: plan again
             prev = None
-        if prev is not None or computed != req.num_prompt_tokens:
+        if prev is None:
+            if computed != req.num_prompt_tokens:
+                continue
+            phase, offset = PHASE_PREFILL, 0
+            prev = reqs[rid] = _ReqState(at_len=computed, offset=0)
+        elif computed > prev.at_len:
+            phase, offset = PHASE_DECODE, prev.offset
+            prev.at_len = computed
+        else:
             continue
-        plan = cfg.plan(computed, computed, 0, bs)
-        reqs[rid] = _ReqState(at_len=computed, offset=int(plan.evicted_tokens))
+        cached = computed - offset
+        plan = cfg.plan(computed, cached, 0, bs, phase)
         if plan.released_blocks == 0:
             continue
         blocks = mgr.req_to_blocks[rid]
-        old, new = math.ceil(computed / bs), math.ceil(plan.kept_tokens / bs)
-        if len(blocks) < old or any(b.is_null for b in blocks[:old]):
+        nulls = offset // bs
+        physical = blocks[nulls:]
+        old, new = math.ceil(cached / bs), math.ceil(plan.kept_tokens / bs)
+        if any(not b.is_null for b in blocks[:nulls]) or len(physical) < old or any(b.is_null for b in physical):
             raise KvsieveError("KVS_STATUS_INVALID_ARGUMENT",
-                               f"request {rid}: block list of {len(blocks)} (nulls inside) does not hold "
-                               f"{computed} tokens; the engine state is not what kvsieve expects")
-        released = blocks[new:old]
-        mgr.req_to_blocks[rid] = [pool.null_block] * len(released) + blocks[:new] + blocks[old:]
+                               f"request {rid}: block list ({len(blocks)} entries, {nulls} expected nulls first) "
+                               f"does not hold {cached} cached tokens; the engine state is not what kvsieve expects")
+        released = physical[new:old]
+        mgr.req_to_blocks[rid] = [pool.null_block] * (nulls + len(released)) + physical[:new] + physical[old:]
         pool.free_blocks(reversed(released))
+        prev.offset += int(plan.evicted_tokens)
         SCHEDULER_STATS.compressions += 1
-        SCHEDULER_STATS.tokens_before += computed
+        SCHEDULER_STATS.tokens_before += cached
         SCHEDULER_STATS.tokens_evicted += int(plan.evicted_tokens)
         SCHEDULER_STATS.blocks_released += len(released)
-        SCHEDULER_STATS.per_request[rid] = {"tokens_before": computed, "tokens_evicted": int(plan.evicted_tokens),
-                                            "blocks_released": len(released)}
+        entry = SCHEDULER_STATS.per_request.setdefault(rid, {"events": 0, "tokens_evicted": 0, "blocks_released": 0})
+        entry["events"] += 1
+        entry["tokens_evicted"] += int(plan.evicted_tokens)
+        entry["blocks_released"] += len(released)
         changed.add(rid)
-    for rid in [r for r in reqs if r not in {q.request_id for q in sched.running}]:
-        if rid not in sched.requests:
-            del reqs[rid]  # finished or aborted
+    running = {q.request_id for q in sched.running}
+    for rid in [r for r in reqs if r not in running and r not in sched.requests]:
+        del reqs[rid]  # finished or aborted
     return changed
 
 
@@ -307,20 +327,26 @@ def _runner_prepare_inputs(orig):
 def _runner_execute_model(orig):
     def execute_model(self, scheduler_output, *args, **kwargs):
         out = orig(self, scheduler_output, *args, **kwargs)
+        s = settings()
+        decode_on = s.params[PHASE_DECODE].policy != 0
         due = []
-        done = _done(self)
+        done, offs = _done(self), _offsets(self)
         for rid, n in scheduler_output.num_scheduled_tokens.items():
             state = self.requests.get(rid)
-            if state is None or rid in done:
+            if state is None:
                 continue
-            prompt = len(state.prompt_token_ids or ())
-            if prompt and state.num_computed_tokens + n == prompt:
-                due.append((rid, prompt))
+            length = state.num_computed_tokens + n
+            if rid not in done:
+                prompt = len(state.prompt_token_ids or ())
+                if prompt and length == prompt:
+                    due.append((rid, PHASE_PREFILL, length, 0))
+                    done.add(rid)
+            elif decode_on:
+                due.append((rid, PHASE_DECODE, length, offs.get(rid, 0)))
         if due:
             t0 = time.perf_counter()
-            for rid, length in due:
-                _compact_request(self, rid, length)
-                done.add(rid)
+            for rid, phase, length, offset in due:
+                _compact_request(self, rid, phase, length, offset)
             WORKER_STATS.seconds += time.perf_counter() - t0
         return out
 
@@ -338,8 +364,9 @@ def _layer_caches(runner):
     return caches
 
 
-def _compact_request(runner, rid: str, length: int) -> None:
-    """Score, select and compact every layer of one request whose prefill just ended."""
+def _compact_request(runner, rid: str, phase: int, length: int, offset: int) -> None:
+    """Plan one request's event for `phase` and, if it releases blocks, score, select and
+    compact every layer: `length` logical tokens, `offset` of them evicted earlier."""
     import torch
 
     from .layout import kvsieve_layout_for, vllm_isa
@@ -348,27 +375,29 @@ def _compact_request(runner, rid: str, length: int) -> None:
     s = settings()
     caches = _layer_caches(runner)
     nb, heads, bs, two_d = caches[0].shape
-    plan = s.config.plan(length, length, 0, bs)
+    cached = length - offset
+    plan = s.config.plan(length, cached, 0, bs, phase)
     if plan.released_blocks == 0:
         return
+    params, policy = s.params[phase], s.policy[phase]
     dtype = caches[0].dtype
     layout = kvsieve_layout_for(vllm_isa(dtype, bs, two_d // 2), dtype)
     kernels = runner.__dict__.get("_kvsieve_kernels")
     if kernels is None:
         kernels = runner._kvsieve_kernels = CpuKernels(s.lib)
     row = torch.tensor(runner.requests[rid].block_ids[0], dtype=torch.int32)
-    seq = Sequence(row=row.data_ptr(), row_len=len(row), cached_len=length, protected_len=0)
+    seq = Sequence(row=row.data_ptr(), row_len=len(row), cached_len=cached, protected_len=0)
     k = int(plan.selected_tokens)
-    sel = TokenSelect(cached_len=length, protected_len=0, sink_tokens=s.params.sink_tokens,
-                      protected_tail=s.params.protected_tail, selected=k)
-    scores = torch.empty(heads * length, dtype=torch.float32)
+    sel = TokenSelect(cached_len=cached, protected_len=0, sink_tokens=params.sink_tokens,
+                      protected_tail=params.protected_tail, selected=k)
+    scores = torch.empty(heads * cached, dtype=torch.float32)
     keep = torch.empty(heads * k, dtype=torch.int32)
     released = torch.empty(max(1, len(row)), dtype=torch.int32)
     for t in caches:
         desc = KvCache(k=t.data_ptr(), v=None, dtype=DTYPE[str(dtype).removeprefix("torch.")], layout=LAYOUT[layout],
                        device=0, num_blocks=nb, block_size=bs, num_kv_heads=heads, head_dim=two_d // 2,
                        block_stride=0, token_stride=0, head_stride=0)
-        if s.policy == "knorm":
+        if policy == "knorm":
             kernels.score_knorm(desc, seq, scores.data_ptr(), scores.numel())
             scores_ptr = scores.data_ptr()
         else:
@@ -379,10 +408,12 @@ def _compact_request(runner, rid: str, length: int) -> None:
             raise KvsieveError("KVS_STATUS_PANIC", f"request {rid}: compaction released {n} blocks, plan said "
                                f"{plan.released_blocks}")
     WORKER_STATS.compressions += 1
-    WORKER_STATS.tokens_before += length
+    WORKER_STATS.tokens_before += cached
     WORKER_STATS.tokens_evicted += int(plan.evicted_tokens)
     WORKER_STATS.blocks_released += int(plan.released_blocks)
-    WORKER_STATS.per_request[rid] = {"tokens_before": length, "tokens_evicted": int(plan.evicted_tokens)}
+    entry = WORKER_STATS.per_request.setdefault(rid, {"events": 0, "tokens_evicted": 0})
+    entry["events"] += 1
+    entry["tokens_evicted"] += int(plan.evicted_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,4 +443,5 @@ def register() -> None:
         setattr(owner, entry[2], wrapped)
     _settings = new_settings
     _registered = True
-    logger.info("kvsieve %s enabled (%s, policy %s)", new_settings.lib.version, path, new_settings.policy)
+    logger.info("kvsieve %s enabled (%s, prefill policy %s, decode policy %s)", new_settings.lib.version, path,
+                new_settings.policy[PHASE_PREFILL], new_settings.policy[PHASE_DECODE])

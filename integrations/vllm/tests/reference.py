@@ -57,3 +57,43 @@ def compressed_logprobs(model, prompt: list[int], continuation: list[int], polic
         cache = step.past_key_values
         logprobs.append(torch.log_softmax(step.logits[0, -1].double(), -1)[continuation[j + 1]].item())
     return logprobs
+
+
+def _cut(cache, policy: str, selected: int, sink: int, tail: int) -> None:
+    for layer in cache.layers:
+        keys, values = layer.keys, layer.values
+        idx = keep_indices(keys[0], policy, selected, sink, tail)
+        gather = idx[None, :, :, None].expand(1, -1, -1, keys.shape[-1])
+        layer.keys = torch.gather(keys, 2, gather).contiguous()
+        layer.values = torch.gather(values, 2, gather).contiguous()
+
+
+@torch.no_grad()
+def evicting_logprobs(model, prompt: list[int], continuation: list[int], plan, phases: dict) -> tuple[list[float], int]:
+    """Like `compressed_logprobs`, with events wherever `plan(logical, cached, phase)` (the
+    library's count, from lengths alone) releases blocks: after the prompt (phase 0) and after
+    each decoded token (phase 1). `phases[phase] = (policy, sink, tail)` is the selection rule.
+    Returns the log-probabilities of `continuation` and the number of events."""
+    out = model(torch.tensor([prompt]), use_cache=True)
+    cache, events = out.past_key_values, 0
+    logprobs = [torch.log_softmax(out.logits[0, -1].double(), -1)[continuation[0]].item()]
+    logical = cached = len(prompt)
+
+    def event(phase: int) -> None:
+        nonlocal cached, events
+        p = plan(logical, cached, phase)
+        if p.released_blocks:
+            policy, sink, tail = phases[phase]
+            _cut(cache, policy, int(p.kept_tokens), sink, tail)
+            cached, events = int(p.kept_tokens), events + 1
+
+    event(0)
+    for j in range(len(continuation) - 1):
+        step = model(torch.tensor([[continuation[j]]]), position_ids=torch.tensor([[logical]]),
+                     past_key_values=cache, use_cache=True)
+        cache = step.past_key_values
+        logical, cached = logical + 1, cached + 1
+        logprobs.append(torch.log_softmax(step.logits[0, -1].double(), -1)[continuation[j + 1]].item())
+        if 1 in phases:
+            event(1)
+    return logprobs, events

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -24,7 +25,7 @@ if not (MODEL / "model.safetensors").exists():
     pytest.skip(f"byte-llama-5m not found at {MODEL} (../shared); skipping the engine tests",
                 allow_module_level=True)
 
-from reference import compressed_logprobs  # noqa: E402
+from reference import compressed_logprobs, evicting_logprobs  # noqa: E402
 
 SINK, RECENT, RATIO, MIN_LENGTH, BLOCK = 4, 32, 0.25, 256, 32
 def config(policy: str) -> str:
@@ -165,7 +166,28 @@ def test_knorm_in_vllm_follows_the_knorm_reference():
         assert to_knorm * 5 < min(to_dense, to_streaming), (len(p), to_knorm, to_dense, to_streaming)
 
 
-def _subprocess_generate(config_text, batch):
+def test_decode_recompression_matches_reference():
+    """Streaming re-compression while generating (`[decode]`, a 40-token budget, due 8 tokens
+    past it) on top of the prefill event: logprobs equal the reference that evicts at the same
+    lengths with the same rule, to the dense-noise tolerance. The second prompt starts below
+    min_length and crosses it while decoding."""
+    decode_cfg = config("streaming") + "[decode]\npolicy = \"streaming\"\ninterval = 8\nbudget_tokens = 40\n"
+    text = _text()
+    batch = [[256] + list(text[200000:200000 + 300]), [256] + list(text[300000:300000 + 229])]
+    got = _subprocess_generate(decode_cfg, batch, max_tokens=48)
+    from kvsieve_vllm.lib import load
+
+    cfg = load().config_from_str(decode_cfg)
+    model = _model()
+    for p, (toks, lps) in zip(batch, got):
+        ref, events = evicting_logprobs(model, p, toks, lambda l, c, ph: cfg.plan(l, c, 0, BLOCK, ph),
+                                        {0: ("streaming", SINK, RECENT), 1: ("streaming", SINK, RECENT)})
+        assert events >= 2, f"prompt of {len(p)}: expected prefill and decode events, got {events}"
+        diffs = [abs(a - b) for a, b in zip(lps, ref)]
+        assert max(diffs) < 2e-5, f"prompt of {len(p)} ({events} events): logprob diffs {diffs}"
+
+
+def _subprocess_generate(config_text, batch, max_tokens=MAX_TOKENS):
     """Greedy tokens and logprobs from a fresh vLLM process: stock (config_text None) or with
     kvsieve configured by config_text."""
     script = textwrap.dedent(f"""
@@ -175,7 +197,7 @@ def _subprocess_generate(config_text, batch):
         if __name__ == "__main__":
             batch = json.loads(sys.stdin.read())
             llm = LLM(**{ENGINE_ARGS!r})
-            sp = SamplingParams(temperature=0.0, max_tokens={MAX_TOKENS}, detokenize=False, ignore_eos=True,
+            sp = SamplingParams(temperature=0.0, max_tokens={max_tokens}, detokenize=False, ignore_eos=True,
                                 logprobs=0)
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
             res = [(list(o.outputs[0].token_ids), [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs])
@@ -184,7 +206,7 @@ def _subprocess_generate(config_text, batch):
     """)
     env = {k: v for k, v in os.environ.items() if k != "KVSIEVE_CONFIG"}
     if config_text is not None:
-        path = Path(os.environ["KVSIEVE_CONFIG"]).with_name("subprocess.toml")
+        path = Path(tempfile.mkdtemp(prefix="kvsieve-test-")) / "kvsieve.toml"
         path.write_text(config_text)
         env["KVSIEVE_CONFIG"] = str(path)
     res = subprocess.run([sys.executable, "-c", script], input=json.dumps(batch), capture_output=True,
