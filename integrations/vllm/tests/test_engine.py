@@ -187,7 +187,18 @@ def test_decode_recompression_matches_reference():
         assert max(diffs) < 2e-5, f"prompt of {len(p)} ({events} events): logprob diffs {diffs}"
 
 
-def _subprocess_generate(config_text, batch, max_tokens=MAX_TOKENS):
+def test_multiprocess_engine_compresses_identically(engine):
+    """With vLLM's multiprocess engine (EngineCore in its own process, plugin registered there by
+    the entry point), greedy outputs equal the in-process engine's with the same config."""
+    batch = prompts()[:2]
+    inproc = _generate(engine, batch)
+    multi = _subprocess_generate(CONFIG, batch, extra_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert [t for t, _ in multi] == [t for t, _ in inproc]
+    for (_, a), (_, b) in zip(multi, inproc):
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def _subprocess_generate(config_text, batch, max_tokens=MAX_TOKENS, extra_env=None):
     """Greedy tokens and logprobs from a fresh vLLM process: stock (config_text None) or with
     kvsieve configured by config_text."""
     script = textwrap.dedent(f"""
@@ -205,6 +216,7 @@ def _subprocess_generate(config_text, batch, max_tokens=MAX_TOKENS):
             print("RESULT" + json.dumps(res))
     """)
     env = {k: v for k, v in os.environ.items() if k != "KVSIEVE_CONFIG"}
+    env.update(extra_env or {})
     if config_text is not None:
         path = Path(tempfile.mkdtemp(prefix="kvsieve-test-")) / "kvsieve.toml"
         path.write_text(config_text)
