@@ -6,21 +6,25 @@ It does nothing unless KVSIEVE_CONFIG names a kvsieve TOML file. When enabled it
 that every name it patches exists and that the setup is one it supports, and only then patches,
 so it never half-patches. What it patches (DESIGN.md §5):
 
-- `Scheduler.schedule`: before vLLM schedules, each running request whose prefill completed in
-  the previous step and whose plan releases blocks gets its block list rewritten (the evicted
-  block positions hold the null block, placed first so the non-null blocks in order are the
+- `Scheduler.schedule`: the scheduler decides every compression event. After vLLM schedules a
+  step, each scheduled request whose prefill ends in it (or, with `[decode]`, whose decode
+  re-compression falls due in it) is planned (`kvs_plan_keep_count`); an event that releases
+  blocks fixes the request's protected prefix (its leading blocks shared with other requests
+  through the prefix cache, never rewritten), removes the blocks it will rewrite from the
+  prefix cache and stops caching the request's later blocks, so no request ever reads
+  rewritten KV through the cache. The event rides on the `SchedulerOutput` to the workers.
+  Before vLLM schedules the next step, the block list is rewritten (the evicted positions hold
+  the null block, right after the protected prefix, so the non-null blocks in order are the
   physical row) and the released blocks go back to vLLM's block pool. The list keeps its
-  logical length, so vLLM's own allocation accounting needs no change. The new physical rows
-  and offsets ride on the `SchedulerOutput` to the workers.
+  logical length, so vLLM's own allocation accounting needs no change.
 - `GPUModelRunner._update_states` (shared by `CPUModelRunner`): installs those rows and
   offsets; forgets offsets of new, resumed (recomputing) and finished requests.
 - `GPUModelRunner._prepare_inputs`: positions stay logical (RoPE); slot mapping and sequence
   lengths use `position - offset`.
-- `GPUModelRunner.execute_model`: after the forward of the step in which a request's prefill
-  ends (and, with a `[decode]` section, of every decode step that makes a re-compression due),
-  scores, selects and compacts each layer's KV in place with libkvsieve. The scheduler
-  frees the tail blocks at its next `schedule`, after the data has moved; both sides derive the
-  kept count from the same lengths (`kvs_plan_keep_count`), so they agree without talking.
+- `GPUModelRunner.execute_model`: after the forward of a step, runs the events the scheduler
+  attached to it: scores, selects and compacts each layer's KV in place with libkvsieve. The
+  scheduler frees the tail blocks at its next `schedule`, after the data has moved; both sides
+  derive the kept count from the same lengths (`kvs_plan_keep_count`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ PATCHED = [
 ]
 RELIED_UPON = [
     ("vllm.v1.core.block_pool", "BlockPool", "free_blocks"),
+    ("vllm.v1.core.block_pool", "BlockPool", "_maybe_evict_cached_block"),
     ("vllm.v1.worker.block_table", "BlockTable", "compute_slot_mapping"),
     ("vllm.v1.worker.block_table", "MultiGroupBlockTable", "add_row"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "forward"),
@@ -129,9 +134,6 @@ def _check_engine(vllm_config) -> None:
     """Options decided at engine start that this version does not support."""
     if vllm_config.speculative_config is not None:
         raise UnsupportedSetup("speculative decoding is enabled; kvsieve does not support it yet")
-    if vllm_config.cache_config.enable_prefix_caching:
-        raise UnsupportedSetup("prefix caching is enabled; this version rewrites blocks the prefix "
-                               "cache could share: start vLLM with enable_prefix_caching=False")
     if getattr(vllm_config.scheduler_config, "async_scheduling", False):
         raise UnsupportedSetup("asynchronous scheduling is enabled; the release of blocks is "
                                "mapped for synchronous scheduling only")
@@ -170,8 +172,16 @@ def settings() -> _Settings:
 
 @dataclass
 class _ReqState:
-    at_len: int  # num_computed_tokens when the event was planned
-    offset: int  # evicted tokens (logical - cached)
+    at_len: int  # num_computed_tokens when the last event was planned
+    offset: int = 0  # evicted tokens (logical - cached)
+    protected: int = 0  # leading cached tokens never rewritten (frozen at the first event)
+    frozen: bool = False
+    pending: object = None  # the plan of an event announced to the workers, applied next step
+
+
+# Never cache a compressed request's later blocks: its cached tokens no longer sit at the
+# positions their prefix-cache hashes describe.
+_NEVER_CACHE = 1 << 62
 
 
 def _scheduler_schedule(orig):
@@ -179,19 +189,22 @@ def _scheduler_schedule(orig):
         st = self.__dict__.get("_kvsieve")
         if st is None:
             _check_engine(self.vllm_config)
+            mgrs = self.kv_cache_manager.coordinator.single_type_managers
+            if len(mgrs) != 1:
+                raise UnsupportedSetup(f"{len(mgrs)} KV cache groups; kvsieve maps a single full-attention group")
             st = self._kvsieve = {"reqs": {}, "steps": 0}
         t0 = time.perf_counter()
-        changed = _compress_due(self, st["reqs"])
+        changed = _apply_pending(self, st["reqs"])
         SCHEDULER_STATS.seconds += time.perf_counter() - t0
         out = orig(self, *args, **kwargs)
-        rows = {}
-        if changed:
-            mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
-            for rid in changed:
-                blocks = mgr.req_to_blocks.get(rid)
-                if blocks is not None:
-                    rows[rid] = ([b.block_id for b in blocks if not b.is_null], st["reqs"][rid].offset)
-        out.kvsieve_rows = rows
+        t0 = time.perf_counter()
+        mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
+        out.kvsieve_rows = {
+            rid: ([b.block_id for b in mgr.req_to_blocks[rid] if not b.is_null], st["reqs"][rid].offset)
+            for rid in changed if rid in mgr.req_to_blocks
+        }
+        out.kvsieve_events = _announce_events(self, st["reqs"], out)
+        SCHEDULER_STATS.seconds += time.perf_counter() - t0
         st["steps"] += 1
         if st["steps"] % LOG_EVERY_STEPS == 0 and SCHEDULER_STATS.compressions:
             s = SCHEDULER_STATS.as_dict()
@@ -202,66 +215,106 @@ def _scheduler_schedule(orig):
     return schedule
 
 
-def _compress_due(sched, reqs: dict) -> set:
-    """Plan and apply the block side of every due compression event; returns the request ids.
+def _shared_prefix_blocks(blocks) -> int:
+    """Leading blocks held by another request too (prefix-cache hits share whole prefixes)."""
+    n = 0
+    while n < len(blocks) and not blocks[n].is_null and blocks[n].ref_cnt > 1:
+        n += 1
+    return n
 
-    A request's first event is planned when its prefill has completed (phase PREFILL); after
-    that, every step re-plans it in phase DECODE, which is due once the cache has outgrown the
-    decode budget by `interval` tokens. The worker ran the same plans on the same lengths at the
-    end of the previous step and has already moved the data."""
+
+def _announce_events(sched, reqs: dict, out) -> dict:
+    """After vLLM scheduled a step: plan the events that fall due in it. Returns
+    {request id: (phase, protected tokens, offset)} for the workers, who run them after the
+    step's forward."""
     cfg = settings().config
-    mgrs = sched.kv_cache_manager.coordinator.single_type_managers
-    if len(mgrs) != 1:
-        raise UnsupportedSetup(f"{len(mgrs)} KV cache groups; kvsieve maps a single full-attention group")
-    mgr = mgrs[0]
+    mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
     pool = sched.kv_cache_manager.block_pool
     bs = mgr.block_size
-    changed = set()
-    for req in sched.running:
-        rid = req.request_id
-        computed = req.num_computed_tokens
-        prev = reqs.get(rid)
-        if prev is not None and computed < prev.at_len:
+    decode_on = settings().params[PHASE_DECODE].policy != 0
+    events = {}
+    for rid in out.num_scheduled_tokens:
+        req = sched.requests.get(rid)
+        if req is None:
+            continue
+        length = req.num_computed_tokens  # already advanced by this step's schedule
+        s = reqs.get(rid)
+        if s is not None and length < s.at_len:
             del reqs[rid]  # preempted and recomputing from scratch: plan again
-            prev = None
-        if prev is None:
-            if computed != req.num_prompt_tokens:
+            s = None
+        if s is None:
+            if length != req.num_prompt_tokens:
                 continue
-            phase, offset = PHASE_PREFILL, 0
-            prev = reqs[rid] = _ReqState(at_len=computed, offset=0)
-        elif computed > prev.at_len:
-            phase, offset = PHASE_DECODE, prev.offset
-            prev.at_len = computed
+            phase = PHASE_PREFILL
+            s = reqs[rid] = _ReqState(at_len=length)
+        elif decode_on and length > s.at_len and s.pending is None:
+            phase = PHASE_DECODE
+            s.at_len = length
         else:
             continue
-        cached = computed - offset
-        plan = cfg.plan(computed, cached, 0, bs, phase)
+        blocks = mgr.req_to_blocks.get(rid, [])
+        protected = s.protected if s.frozen else min(_shared_prefix_blocks(blocks) * bs, length - s.offset)
+        plan = cfg.plan(length, length - s.offset, protected, bs, phase)
         if plan.released_blocks == 0:
             continue
+        if not s.frozen:
+            s.protected, s.frozen = protected, True
+            mgr.num_cached_block[rid] = _NEVER_CACHE
+        # Blocks from the protected prefix on are rewritten by this event: out of the prefix
+        # cache before any later schedule can hit them.
+        for b in blocks[protected // bs:]:
+            if not b.is_null:
+                pool._maybe_evict_cached_block(b)
+        s.pending = (phase, plan)
+        events[rid] = (phase, protected, s.offset)
+    return events
+
+
+def _apply_pending(sched, reqs: dict) -> set:
+    """Before vLLM schedules: rewrite the block lists of the events the workers ran after the
+    last step and free the released blocks. Returns the request ids whose rows changed."""
+    mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
+    pool = sched.kv_cache_manager.block_pool
+    bs = mgr.block_size
+    running = {q.request_id for q in sched.running}
+    changed = set()
+    for rid in list(reqs):
+        s = reqs[rid]
+        if rid not in sched.requests:
+            del reqs[rid]  # finished or aborted: vLLM freed its blocks
+            continue
+        if s.pending is None:
+            continue
+        _phase, plan = s.pending
+        s.pending = None
+        if rid not in running or rid not in mgr.req_to_blocks:
+            continue  # preempted before the rewrite: it recomputes from scratch
         blocks = mgr.req_to_blocks[rid]
-        nulls = offset // bs
-        physical = blocks[nulls:]
+        pb, nulls = s.protected // bs, s.offset // bs
+        physical = blocks[:pb] + blocks[pb + nulls:]
+        cached = s.at_len - s.offset
         old, new = math.ceil(cached / bs), math.ceil(plan.kept_tokens / bs)
-        if any(not b.is_null for b in blocks[:nulls]) or len(physical) < old or any(b.is_null for b in physical):
+        if (any(not b.is_null for b in blocks[pb:pb + nulls]) or len(physical) < old
+                or any(b.is_null for b in physical)):
             raise KvsieveError("KVS_STATUS_INVALID_ARGUMENT",
-                               f"request {rid}: block list ({len(blocks)} entries, {nulls} expected nulls first) "
-                               f"does not hold {cached} cached tokens; the engine state is not what kvsieve expects")
+                               f"request {rid}: block list ({len(blocks)} entries, {pb} protected, {nulls} "
+                               f"null) does not hold {cached} cached tokens; the engine state is not what "
+                               "kvsieve expects")
         released = physical[new:old]
-        mgr.req_to_blocks[rid] = [pool.null_block] * (nulls + len(released)) + physical[:new] + physical[old:]
+        mgr.req_to_blocks[rid] = (physical[:pb] + [pool.null_block] * (nulls + len(released))
+                                  + physical[pb:new] + physical[old:])
         pool.free_blocks(reversed(released))
-        prev.offset += int(plan.evicted_tokens)
+        s.offset += int(plan.evicted_tokens)
         SCHEDULER_STATS.compressions += 1
         SCHEDULER_STATS.tokens_before += cached
         SCHEDULER_STATS.tokens_evicted += int(plan.evicted_tokens)
         SCHEDULER_STATS.blocks_released += len(released)
-        entry = SCHEDULER_STATS.per_request.setdefault(rid, {"events": 0, "tokens_evicted": 0, "blocks_released": 0})
+        entry = SCHEDULER_STATS.per_request.setdefault(
+            rid, {"events": 0, "tokens_evicted": 0, "blocks_released": 0, "protected_tokens": s.protected})
         entry["events"] += 1
         entry["tokens_evicted"] += int(plan.evicted_tokens)
         entry["blocks_released"] += len(released)
         changed.add(rid)
-    running = {q.request_id for q in sched.running}
-    for rid in [r for r in reqs if r not in running and r not in sched.requests]:
-        del reqs[rid]  # finished or aborted
     return changed
 
 
@@ -273,20 +326,15 @@ def _offsets(runner) -> dict:
     return runner.__dict__.setdefault("_kvsieve_offsets", {})
 
 
-def _done(runner) -> set:
-    return runner.__dict__.setdefault("_kvsieve_done", set())
-
-
 def _runner_update_states(orig):
     def _update_states(self, scheduler_output):
         ret = orig(self, scheduler_output)
-        offs, done = _offsets(self), _done(self)
+        offs = _offsets(self)
         forget = set(scheduler_output.finished_req_ids)
         forget |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
         forget |= {r.req_id for r in scheduler_output.scheduled_new_reqs}
         for rid in forget:
             offs.pop(rid, None)
-            done.discard(rid)
         for rid, (row, offset) in (getattr(scheduler_output, "kvsieve_rows", None) or {}).items():
             state = self.requests.get(rid)
             if state is None:
@@ -327,26 +375,15 @@ def _runner_prepare_inputs(orig):
 def _runner_execute_model(orig):
     def execute_model(self, scheduler_output, *args, **kwargs):
         out = orig(self, scheduler_output, *args, **kwargs)
-        s = settings()
-        decode_on = s.params[PHASE_DECODE].policy != 0
-        due = []
-        done, offs = _done(self), _offsets(self)
-        for rid, n in scheduler_output.num_scheduled_tokens.items():
-            state = self.requests.get(rid)
-            if state is None:
-                continue
-            length = state.num_computed_tokens + n
-            if rid not in done:
-                prompt = len(state.prompt_token_ids or ())
-                if prompt and length == prompt:
-                    due.append((rid, PHASE_PREFILL, length, 0))
-                    done.add(rid)
-            elif decode_on:
-                due.append((rid, PHASE_DECODE, length, offs.get(rid, 0)))
-        if due:
+        events = getattr(scheduler_output, "kvsieve_events", None)
+        if events:
             t0 = time.perf_counter()
-            for rid, phase, length, offset in due:
-                _compact_request(self, rid, phase, length, offset)
+            for rid, (phase, protected, offset) in events.items():
+                state = self.requests.get(rid)
+                if state is None:
+                    continue
+                length = state.num_computed_tokens + scheduler_output.num_scheduled_tokens[rid]
+                _compact_request(self, rid, phase, length, offset, protected)
             WORKER_STATS.seconds += time.perf_counter() - t0
         return out
 
@@ -364,9 +401,10 @@ def _layer_caches(runner):
     return caches
 
 
-def _compact_request(runner, rid: str, phase: int, length: int, offset: int) -> None:
-    """Plan one request's event for `phase` and, if it releases blocks, score, select and
-    compact every layer: `length` logical tokens, `offset` of them evicted earlier."""
+def _compact_request(runner, rid: str, phase: int, length: int, offset: int, protected: int) -> None:
+    """Run one event the scheduler announced: plan it again from the same lengths and score,
+    select and compact every layer. `length` logical tokens, `offset` of them evicted earlier,
+    the first `protected` cached tokens never touched."""
     import torch
 
     from .layout import kvsieve_layout_for, vllm_isa
@@ -376,9 +414,10 @@ def _compact_request(runner, rid: str, phase: int, length: int, offset: int) -> 
     caches = _layer_caches(runner)
     nb, heads, bs, two_d = caches[0].shape
     cached = length - offset
-    plan = s.config.plan(length, cached, 0, bs, phase)
+    plan = s.config.plan(length, cached, protected, bs, phase)
     if plan.released_blocks == 0:
-        return
+        raise KvsieveError("KVS_STATUS_PANIC", f"request {rid}: the scheduler announced an event the worker's "
+                           f"plan does not release blocks for ({length} tokens, {cached} cached)")
     params, policy = s.params[phase], s.policy[phase]
     dtype = caches[0].dtype
     layout = kvsieve_layout_for(vllm_isa(dtype, bs, two_d // 2), dtype)
@@ -386,9 +425,9 @@ def _compact_request(runner, rid: str, phase: int, length: int, offset: int) -> 
     if kernels is None:
         kernels = runner._kvsieve_kernels = CpuKernels(s.lib)
     row = torch.tensor(runner.requests[rid].block_ids[0], dtype=torch.int32)
-    seq = Sequence(row=row.data_ptr(), row_len=len(row), cached_len=cached, protected_len=0)
+    seq = Sequence(row=row.data_ptr(), row_len=len(row), cached_len=cached, protected_len=protected)
     k = int(plan.selected_tokens)
-    sel = TokenSelect(cached_len=cached, protected_len=0, sink_tokens=params.sink_tokens,
+    sel = TokenSelect(cached_len=cached, protected_len=protected, sink_tokens=params.sink_tokens,
                       protected_tail=params.protected_tail, selected=k)
     scores = torch.empty(heads * cached, dtype=torch.float32)
     keep = torch.empty(heads * k, dtype=torch.int32)

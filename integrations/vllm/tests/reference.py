@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 
 
-def keep_indices(keys: torch.Tensor, policy: str, selected: int, sink: int, tail: int) -> torch.Tensor:
-    """[H, selected] kept positions per KV head of keys [H, C, D]: positions [0, sink) and the
-    last `tail` always, the rest by highest score (knorm: -||K||; streaming: recency), ties to
-    the earlier position, ascending."""
+def keep_indices(keys: torch.Tensor, policy: str, selected: int, sink: int, tail: int,
+                 protected: int = 0) -> torch.Tensor:
+    """[H, selected] kept positions per KV head of keys [H, C, D]: the protected prefix
+    [0, protected), positions below `sink` and the last `tail` always, the rest by highest
+    score (knorm: -||K||; streaming: recency), ties to the earlier position, ascending.
+    `selected` counts the protected prefix."""
     h, c, _ = keys.shape
-    sink_end = min(sink, c)
+    sink_end = min(max(sink, protected), c)
     tail_start = max(c - tail, sink_end)
     need = selected - sink_end - (c - tail_start)
     out = []
@@ -59,20 +61,22 @@ def compressed_logprobs(model, prompt: list[int], continuation: list[int], polic
     return logprobs
 
 
-def _cut(cache, policy: str, selected: int, sink: int, tail: int) -> None:
+def _cut(cache, policy: str, selected: int, sink: int, tail: int, protected: int = 0) -> None:
     for layer in cache.layers:
         keys, values = layer.keys, layer.values
-        idx = keep_indices(keys[0], policy, selected, sink, tail)
+        idx = keep_indices(keys[0], policy, selected, sink, tail, protected)
         gather = idx[None, :, :, None].expand(1, -1, -1, keys.shape[-1])
         layer.keys = torch.gather(keys, 2, gather).contiguous()
         layer.values = torch.gather(values, 2, gather).contiguous()
 
 
 @torch.no_grad()
-def evicting_logprobs(model, prompt: list[int], continuation: list[int], plan, phases: dict) -> tuple[list[float], int]:
+def evicting_logprobs(model, prompt: list[int], continuation: list[int], plan, phases: dict,
+                      protected: int = 0) -> tuple[list[float], int]:
     """Like `compressed_logprobs`, with events wherever `plan(logical, cached, phase)` (the
     library's count, from lengths alone) releases blocks: after the prompt (phase 0) and after
     each decoded token (phase 1). `phases[phase] = (policy, sink, tail)` is the selection rule.
+    `protected` leading tokens are never evicted (prefix-cache sharing).
     Returns the log-probabilities of `continuation` and the number of events."""
     out = model(torch.tensor([prompt]), use_cache=True)
     cache, events = out.past_key_values, 0
@@ -81,10 +85,10 @@ def evicting_logprobs(model, prompt: list[int], continuation: list[int], plan, p
 
     def event(phase: int) -> None:
         nonlocal cached, events
-        p = plan(logical, cached, phase)
+        p = plan(logical, cached, phase, protected)
         if p.released_blocks:
             policy, sink, tail = phases[phase]
-            _cut(cache, policy, int(p.kept_tokens), sink, tail)
+            _cut(cache, policy, int(p.kept_tokens), sink, tail, protected)
             cached, events = int(p.kept_tokens), events + 1
 
     event(0)

@@ -180,11 +180,40 @@ def test_decode_recompression_matches_reference():
     cfg = load().config_from_str(decode_cfg)
     model = _model()
     for p, (toks, lps) in zip(batch, got):
-        ref, events = evicting_logprobs(model, p, toks, lambda l, c, ph: cfg.plan(l, c, 0, BLOCK, ph),
+        ref, events = evicting_logprobs(model, p, toks, lambda l, c, ph, pr: cfg.plan(l, c, pr, BLOCK, ph),
                                         {0: ("streaming", SINK, RECENT), 1: ("streaming", SINK, RECENT)})
         assert events >= 2, f"prompt of {len(p)}: expected prefill and decode events, got {events}"
         diffs = [abs(a - b) for a, b in zip(lps, ref)]
         assert max(diffs) < 2e-5, f"prompt of {len(p)} ({events} events): logprob diffs {diffs}"
+
+
+def test_prefix_caching_never_serves_rewritten_kv():
+    """Prefix caching on. A prompt compressed in one run and sent again in the next decodes the
+    same (its rewritten blocks left the prefix cache, so it recomputes rather than reading
+    compacted KV). Then it runs beside a prompt sharing its first 10 blocks: blocks held by
+    both form a protected prefix that neither rewrites. Every output equals the reference
+    holding the kept K/V, with the protected prefix kvsieve reports."""
+    text = _text()
+    x = [256] + list(text[400000:400000 + 700])
+    y = x[:320] + list(text[450000:450000 + 380])
+    runs = _subprocess_generate(CONFIG, [[x], [x], [x, y]], extra_args={"enable_prefix_caching": True},
+                                sequential=True)
+    (first,), (again,), (third, shared) = runs["outputs"]
+    assert again[0] == first[0], "the repeated prompt must decode as the first time"
+    assert max(abs(a - b) for a, b in zip(again[1], first[1])) < 1e-5
+    from kvsieve_vllm.lib import load
+
+    cfg = load().config_from_str(CONFIG)
+    model = _model()
+    protected = runs["protected"]
+    assert protected[:2] == [0, 0] and all(p % BLOCK == 0 and p <= 320 for p in protected), protected
+    assert max(protected[2:]) == 320, f"the 10 shared blocks should be protected: {protected}"
+    for p, (toks, lps), pr in zip([x, x, x, y], [first, again, third, shared], protected):
+        ref, events = evicting_logprobs(model, p, toks, lambda l, c, ph, _pr: cfg.plan(l, c, pr, BLOCK, ph),
+                                        {0: ("streaming", SINK, RECENT)}, protected=pr)
+        assert events == 1
+        diffs = [abs(a - b) for a, b in zip(lps, ref)]
+        assert max(diffs) < 2e-5, f"prompt of {len(p)}, protected {pr}: logprob diffs {diffs}"
 
 
 def test_multiprocess_engine_compresses_identically(engine):
@@ -198,21 +227,36 @@ def test_multiprocess_engine_compresses_identically(engine):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
 
 
-def _subprocess_generate(config_text, batch, max_tokens=MAX_TOKENS, extra_env=None):
+def _subprocess_generate(config_text, batch, max_tokens=MAX_TOKENS, extra_env=None, extra_args=None,
+                         sequential=False):
     """Greedy tokens and logprobs from a fresh vLLM process: stock (config_text None) or with
-    kvsieve configured by config_text."""
+    kvsieve configured by config_text. With `sequential`, `batch` is a list of batches run one
+    after the other in the same engine, and the result also lists each request's protected
+    prefix as kvsieve reported it."""
+    args = dict(ENGINE_ARGS, **(extra_args or {}))
     script = textwrap.dedent(f"""
         import json, os, sys
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
         if __name__ == "__main__":
-            batch = json.loads(sys.stdin.read())
-            llm = LLM(**{ENGINE_ARGS!r})
+            batches = json.loads(sys.stdin.read())
+            if not {sequential!r}:
+                batches = [batches]
+            llm = LLM(**{args!r})
             sp = SamplingParams(temperature=0.0, max_tokens={max_tokens}, detokenize=False, ignore_eos=True,
                                 logprobs=0)
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
-            res = [(list(o.outputs[0].token_ids), [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs])
-                   for o in outs]
+            results, protected = [], []
+            for batch in batches:
+                outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
+                results.append([(list(o.outputs[0].token_ids),
+                                 [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs]) for o in outs])
+                if os.environ.get("KVSIEVE_CONFIG"):
+                    import kvsieve_vllm
+                    per = kvsieve_vllm.stats()["scheduler"]["per_request"]
+                    # vLLM's engine ids are the caller's id plus a random suffix.
+                    by_external = {{k.rsplit("-", 1)[0]: v for k, v in per.items()}}
+                    protected += [by_external.get(o.request_id, {{}}).get("protected_tokens") for o in outs]
+            res = {{"outputs": results, "protected": protected}} if {sequential!r} else results[0]
             print("RESULT" + json.dumps(res))
     """)
     env = {k: v for k, v in os.environ.items() if k != "KVSIEVE_CONFIG"}
