@@ -21,6 +21,8 @@ so it never half-patches. What it patches (DESIGN.md §5):
   offsets; forgets offsets of new, resumed (recomputing) and finished requests.
 - `GPUModelRunner._prepare_inputs`: positions stay logical (RoPE); slot mapping and sequence
   lengths use `position - offset`.
+- `CPUAttentionBackendImpl.forward`: for SnapKV, records the queries of each request's last
+  `window` prompt positions, in whichever prefill chunks hold them.
 - `GPUModelRunner.execute_model`: after the forward of a step, runs the events the scheduler
   attached to it: scores, selects and compacts each layer's KV in place with libkvsieve. The
   scheduler frees the tail blocks at its next `schedule`, after the data has moved; both sides
@@ -46,17 +48,16 @@ PATCHED = [
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_update_states"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_prepare_inputs"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "forward"),
 ]
 RELIED_UPON = [
     ("vllm.v1.core.block_pool", "BlockPool", "free_blocks"),
     ("vllm.v1.core.block_pool", "BlockPool", "_maybe_evict_cached_block"),
     ("vllm.v1.worker.block_table", "BlockTable", "compute_slot_mapping"),
     ("vllm.v1.worker.block_table", "MultiGroupBlockTable", "add_row"),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "forward"),
+    ("vllm.model_executor.models.utils", "extract_layer_index", "__call__"),
 ]
-# Policies this version of the plugin drives (SnapKV needs the observation-window queries
-# captured from the attention forward, which is not wired yet).
-PLUGIN_POLICIES = ("streaming", "knorm")
+PLUGIN_POLICIES = ("streaming", "knorm", "snapkv")
 LOG_EVERY_STEPS = 100
 
 _registered = False
@@ -352,6 +353,7 @@ def _runner_update_states(orig):
 def _runner_prepare_inputs(orig):
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = orig(self, scheduler_output, num_scheduled_tokens)
+        _plan_capture(self, num_scheduled_tokens)
         offs = _offsets(self)
         if not offs:
             return out
@@ -372,6 +374,52 @@ def _runner_prepare_inputs(orig):
     return _prepare_inputs
 
 
+# SnapKV's observation window: the queries of each request's last `window` prompt positions,
+# captured from the attention forward of whichever steps (prefill chunks) hold them.
+# _CAPTURE["plan"]: this step's [(request id, first batch token, count, first window slot)];
+# _CAPTURE["queries"][request id][layer index]: float32 [window, q_heads, head_dim].
+_CAPTURE: dict = {"plan": [], "queries": {}}
+
+
+def _plan_capture(runner, num_scheduled_tokens) -> None:
+    _CAPTURE["plan"] = []
+    s = settings()
+    if s.policy[PHASE_PREFILL] != "snapkv":
+        return
+    window = s.params[PHASE_PREFILL].window
+    num_reqs = runner.input_batch.num_reqs
+    starts = runner.query_start_loc.np[: num_reqs + 1]
+    for i, rid in enumerate(runner.input_batch.req_ids[:num_reqs]):
+        state = runner.requests.get(rid)
+        if state is None:
+            continue
+        first = int(runner.input_batch.num_computed_tokens_cpu[i])
+        n = int(num_scheduled_tokens[i])
+        prompt = len(state.prompt_token_ids or ())
+        lo, hi = max(first, prompt - window), min(first + n, prompt)
+        if lo < hi:
+            _CAPTURE["plan"].append((rid, int(starts[i]) + lo - first, hi - lo, lo - (prompt - window)))
+
+
+def _attention_forward(orig):
+    def forward(self, layer, query, *args, **kwargs):
+        if _CAPTURE["plan"]:
+            import torch
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            index = extract_layer_index(layer.layer_name)
+            window = settings().params[PHASE_PREFILL].window
+            for rid, start, count, slot in _CAPTURE["plan"]:
+                per_layer = _CAPTURE["queries"].setdefault(rid, {})
+                buf = per_layer.get(index)
+                if buf is None:
+                    buf = per_layer[index] = torch.zeros(window, query.shape[1], query.shape[2], dtype=torch.float32)
+                buf[slot:slot + count] = query[start:start + count].float()
+        return orig(self, layer, query, *args, **kwargs)
+
+    return forward
+
+
 def _runner_execute_model(orig):
     def execute_model(self, scheduler_output, *args, **kwargs):
         out = orig(self, scheduler_output, *args, **kwargs)
@@ -385,6 +433,12 @@ def _runner_execute_model(orig):
                 length = state.num_computed_tokens + scheduler_output.num_scheduled_tokens[rid]
                 _compact_request(self, rid, phase, length, offset, protected)
             WORKER_STATS.seconds += time.perf_counter() - t0
+        for rid in list(_CAPTURE["queries"]):
+            state = self.requests.get(rid)
+            if state is None or state.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(rid, 0) >= len(
+                state.prompt_token_ids or ()
+            ):
+                del _CAPTURE["queries"][rid]  # prefill over: the window served its event (if any)
         return out
 
     return execute_model
@@ -408,7 +462,7 @@ def _compact_request(runner, rid: str, phase: int, length: int, offset: int, pro
     import torch
 
     from .layout import kvsieve_layout_for, vllm_isa
-    from .lib import DTYPE, LAYOUT, CpuKernels, KvCache, Sequence, TokenSelect
+    from .lib import DTYPE, LAYOUT, CpuKernels, KvCache, Sequence, SnapKvArgs, TokenSelect
 
     s = settings()
     caches = _layer_caches(runner)
@@ -432,12 +486,23 @@ def _compact_request(runner, rid: str, phase: int, length: int, offset: int, pro
     scores = torch.empty(heads * cached, dtype=torch.float32)
     keep = torch.empty(heads * k, dtype=torch.int32)
     released = torch.empty(max(1, len(row)), dtype=torch.int32)
-    for t in caches:
+    captured = _CAPTURE["queries"].get(rid, {}) if policy == "snapkv" else {}
+    for index, t in enumerate(caches):
         desc = KvCache(k=t.data_ptr(), v=None, dtype=DTYPE[str(dtype).removeprefix("torch.")], layout=LAYOUT[layout],
                        device=0, num_blocks=nb, block_size=bs, num_kv_heads=heads, head_dim=two_d // 2,
                        block_stride=0, token_stride=0, head_stride=0)
         if policy == "knorm":
             kernels.score_knorm(desc, seq, scores.data_ptr(), scores.numel())
+            scores_ptr = scores.data_ptr()
+        elif policy == "snapkv":
+            q = captured.get(index)
+            if q is None:
+                raise KvsieveError("KVS_STATUS_PANIC", f"request {rid}: no observation-window queries were captured "
+                                   f"for layer {index}")
+            q = q.contiguous()
+            args = SnapKvArgs(queries=q.data_ptr(), queries_dtype=DTYPE["float32"], window=params.window,
+                              num_q_heads=q.shape[1], pool_kernel=params.pool_kernel, pool=params.pool)
+            kernels.score_snapkv(desc, seq, args, scores.data_ptr(), scores.numel())
             scores_ptr = scores.data_ptr()
         else:
             scores_ptr = None
@@ -473,6 +538,7 @@ def register() -> None:
         PATCHED[1]: _runner_update_states,
         PATCHED[2]: _runner_prepare_inputs,
         PATCHED[3]: _runner_execute_model,
+        PATCHED[4]: _attention_forward,
     }
     for entry, owner in owners.items():
         orig = getattr(owner, entry[2])

@@ -101,3 +101,74 @@ def evicting_logprobs(model, prompt: list[int], continuation: list[int], plan, p
         if 1 in phases:
             event(1)
     return logprobs, events
+
+
+def snapkv_scores(keys: torch.Tensor, queries: torch.Tensor, pool_kernel: int) -> torch.Tensor:
+    """SnapKV scores [H, C] from the definition: keys [H, C, D] and the window's queries
+    [Hq, W, D] (query i at position C - W + i, causal), softmax per query, summed over the window
+    and the query heads of each KV head's group, max-pooled over the tokens before the window."""
+    h, c, d = keys.shape
+    hq, w, _ = queries.shape
+    group = hq // h
+    k = keys.double().repeat_interleave(group, dim=0)  # [Hq, C, D]
+    logits = torch.einsum("hwd,hcd->hwc", queries.double(), k) / d ** 0.5
+    visible = torch.arange(c)[None, :] <= (c - w + torch.arange(w))[:, None]
+    probs = logits.masked_fill(~visible[None], float("-inf")).softmax(-1)
+    acc = probs.sum(1).view(h, group, c).sum(1)  # [H, C]
+    n = c - w
+    pooled = torch.nn.functional.max_pool1d(acc[None, :, :n], pool_kernel, stride=1, padding=pool_kernel // 2)[0]
+    return torch.cat([pooled, acc[:, n:]], dim=1)
+
+
+def keep_by_scores(scores: torch.Tensor, selected: int, sink: int, tail: int) -> torch.Tensor:
+    """[H, selected] kept positions: [0, sink), the last `tail`, and the top scores of the rest
+    (ties to the earlier position), ascending."""
+    h, c = scores.shape
+    sink_end = min(sink, c)
+    tail_start = max(c - tail, sink_end)
+    need = selected - sink_end - (c - tail_start)
+    out = []
+    for head in range(h):
+        middle = torch.arange(sink_end, tail_start)
+        order = torch.sort(-scores[head, sink_end:tail_start], stable=True).indices
+        kept = torch.cat([torch.arange(0, sink_end), middle[order[:need]], torch.arange(tail_start, c)])
+        out.append(torch.sort(kept).values)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def snapkv_logprobs(model, prompt: list[int], continuation: list[int], selected: int, sink: int, tail: int,
+                    window: int, pool_kernel: int) -> list[float]:
+    """compressed_logprobs for SnapKV: the prompt's rotated queries are recorded from the
+    model's own RoPE call, the last `window` of them score each layer's keys."""
+    from transformers.models.llama import modeling_llama
+
+    recorded = []
+    real = modeling_llama.apply_rotary_pos_emb
+
+    def recording(q, k, *args, **kwargs):
+        q2, k2 = real(q, k, *args, **kwargs)
+        recorded.append(q2[0, :, -window:, :].detach().clone())  # [Hq, W, D]
+        return q2, k2
+
+    modeling_llama.apply_rotary_pos_emb = recording
+    try:
+        out = model(torch.tensor([prompt]), use_cache=True)
+    finally:
+        modeling_llama.apply_rotary_pos_emb = real
+    cache = out.past_key_values
+    assert len(recorded) == len(cache.layers)
+    logprobs = [torch.log_softmax(out.logits[0, -1].double(), -1)[continuation[0]].item()]
+    for layer, q in zip(cache.layers, recorded):
+        keys, values = layer.keys, layer.values
+        idx = keep_by_scores(snapkv_scores(keys[0], q, pool_kernel), selected, sink, tail)
+        gather = idx[None, :, :, None].expand(1, -1, -1, keys.shape[-1])
+        layer.keys = torch.gather(keys, 2, gather).contiguous()
+        layer.values = torch.gather(values, 2, gather).contiguous()
+    pos = len(prompt)
+    for j in range(len(continuation) - 1):
+        step = model(torch.tensor([[continuation[j]]]), position_ids=torch.tensor([[pos + j]]),
+                     past_key_values=cache, use_cache=True)
+        cache = step.past_key_values
+        logprobs.append(torch.log_softmax(step.logits[0, -1].double(), -1)[continuation[j + 1]].item())
+    return logprobs

@@ -25,7 +25,7 @@ if not (MODEL / "model.safetensors").exists():
     pytest.skip(f"byte-llama-5m not found at {MODEL} (../shared); skipping the engine tests",
                 allow_module_level=True)
 
-from reference import compressed_logprobs, evicting_logprobs  # noqa: E402
+from reference import compressed_logprobs, evicting_logprobs, snapkv_logprobs  # noqa: E402
 
 SINK, RECENT, RATIO, MIN_LENGTH, BLOCK = 4, 32, 0.25, 256, 32
 def config(policy: str) -> str:
@@ -88,8 +88,11 @@ def test_plugin_is_loaded_through_the_entry_point(engine):
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     assert getattr(Scheduler.schedule, "__kvsieve__", False)
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
     for name in ("_update_states", "_prepare_inputs", "execute_model"):
         assert getattr(getattr(GPUModelRunner, name), "__kvsieve__", False), name
+    assert getattr(CPUAttentionBackendImpl.forward, "__kvsieve__", False)
 
 
 def _model():
@@ -164,6 +167,27 @@ def test_knorm_in_vllm_follows_the_knorm_reference():
         to_streaming = mean_diff(compressed_logprobs(model, p, toks, "streaming", k, SINK, RECENT))
         assert to_knorm < 2e-3, f"prompt of {len(p)}: mean logprob diff to the knorm reference {to_knorm}"
         assert to_knorm * 5 < min(to_dense, to_streaming), (len(p), to_knorm, to_dense, to_streaming)
+
+
+def test_snapkv_with_window_across_prefill_chunks_matches_reference():
+    """SnapKV in vLLM: the observation window's queries are captured from the attention forward
+    across 256-token prefill chunks (a 48-token window straddles the chunk boundary of the
+    531-token prompt at 512), then each layer is scored, selected and compacted. Logprobs equal
+    the reference that scores from the model's own rotated queries."""
+    window, pool = 48, 7
+    snap_cfg = config("snapkv") + f"window = {window}\npool_kernel = {pool}\n"
+    text = _text()
+    batch = [[256] + list(text[500000:500000 + 531]), [256] + list(text[510000:510000 + 900])]
+    got = _subprocess_generate(snap_cfg, batch)
+    model = _model()
+    for p, (toks, lps) in zip(batch, got):
+        plan = _plan(snap_cfg, len(p))
+        assert plan.released_blocks > 0
+        ref = snapkv_logprobs(model, p, toks, int(plan.kept_tokens), SINK, max(RECENT, window), window, pool)
+        diffs = [abs(a - b) for a, b in zip(lps, ref)]
+        assert max(diffs) < 2e-5, f"prompt of {len(p)}: logprob diffs {diffs}"
+        dense = compressed_logprobs(model, p, toks, "streaming", len(p), SINK, RECENT)
+        assert max(abs(a - b) for a, b in zip(lps, dense)) > 1e-3
 
 
 def test_decode_recompression_matches_reference():

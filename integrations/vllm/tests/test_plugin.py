@@ -16,7 +16,7 @@ def test_every_patched_name_exists():
     from kvsieve_vllm.plugin import PATCHED, RELIED_UPON, check_names
 
     check_names()
-    assert len(PATCHED) == 4 and len(RELIED_UPON) >= 4
+    assert len(PATCHED) == 5 and len(RELIED_UPON) >= 4
 
 
 # Run in a fresh process (the module-scoped engine of test_engine.py patches this one): each
@@ -58,14 +58,14 @@ print("RESULT" + json.dumps({name: attempt(*args) for name, args in cases.items(
 def test_register_is_inert_or_refuses_before_patching(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[sparsity]\npolicy = "knorm"\nbudget_ratio = 2\n')
-    snap = tmp_path / "snap.toml"
-    snap.write_text('[sparsity]\npolicy = "snapkv"\nbudget_tokens = 512\n')
+    snap = tmp_path / "quest.toml"
+    snap.write_text('[sparsity]\npolicy = "quest"\nbudget_tokens = 512\n')
     good = tmp_path / "good.toml"
     good.write_text('[sparsity]\npolicy = "streaming"\nbudget_tokens = 512\n')
     cases = {
         "no_config": [None],
         "bad_config": [str(bad)],
-        "snapkv": [str(snap)],
+        "quest": [str(snap)],
         "old_vllm": [str(good), "0.31.2"],
     }
     env = {k: v for k, v in os.environ.items() if k != "KVSIEVE_CONFIG"}
@@ -77,6 +77,6 @@ def test_register_is_inert_or_refuses_before_patching(tmp_path):
     assert r["no_config"] == {"refused": None, "patched": 0}
     assert r["bad_config"]["refused"][0] == "KVS_STATUS_CONFIG_INVALID"
     assert "sparsity.budget_ratio = 2" in r["bad_config"]["refused"][1]
-    assert r["snapkv"]["refused"][0] == "KVS_STATUS_UNSUPPORTED" and "'snapkv'" in r["snapkv"]["refused"][1]
+    assert r["quest"]["refused"][0] == "KVS_STATUS_UNSUPPORTED" and "'quest'" in r["quest"]["refused"][1]
     assert r["old_vllm"]["refused"][0] == "KVS_STATUS_UNSUPPORTED" and "0.31.2" in r["old_vllm"]["refused"][1]
     assert all(case["patched"] == 0 for case in r.values()), r
