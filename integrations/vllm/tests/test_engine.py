@@ -296,6 +296,35 @@ def _subprocess_generate(config_text, batch, max_tokens=MAX_TOKENS, extra_env=No
     return json.loads(line[len("RESULT"):])
 
 
+def test_aborted_requests_return_their_blocks(engine):
+    """Requests aborted mid-generation, after kvsieve compressed them, give every block back and
+    leave no kvsieve state behind."""
+    import kvsieve_vllm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    eng = engine.llm_engine
+    sched = _scheduler(engine)
+    pool = sched.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    before = kvsieve_vllm.stats()["scheduler"]["compressions"]
+    sp = SamplingParams(temperature=0.0, max_tokens=500, detokenize=False, ignore_eos=True)
+    ids = [f"abort-{i}" for i in range(3)]
+    for rid, p in zip(ids, prompts()[:3]):
+        eng.add_request(rid, TokensPrompt(prompt_token_ids=p), sp)
+    for _ in range(60):
+        eng.step()
+        if kvsieve_vllm.stats()["scheduler"]["compressions"] - before >= 3:
+            break
+    assert kvsieve_vllm.stats()["scheduler"]["compressions"] - before >= 3, "all three should be compressed"
+    eng.abort_request(ids)
+    for _ in range(3):
+        eng.step()
+    assert not eng.has_unfinished_requests()
+    assert pool.get_num_free_blocks() == free_before, "aborted requests leaked blocks"
+    assert not [r for r in sched._kvsieve["reqs"] if r.startswith("abort-")], "kvsieve kept state of aborted requests"
+
+
 def test_load_with_preemption_and_chunked_prefill_leaks_nothing(engine):
     """16 concurrent requests of 600-1600 tokens against 72 blocks of 32 (2304 tokens): vLLM
     must preempt and recompute, prefills run in 256-token chunks, and kvsieve compresses every
