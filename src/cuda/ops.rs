@@ -7,6 +7,8 @@ use super::backend::{cuda_err, CudaBackend};
 use crate::config::Pooling;
 use crate::ensure_arg;
 use crate::error::{Error, Result};
+use crate::kernels::compact::check_shape;
+use crate::kernels::score::quest::check_block_fill;
 use crate::kernels::score::snapkv::SnapKv;
 use crate::kernels::select::{BlockSelect, TokenSelect};
 use crate::kernels::{Device, KvCache, Layout};
@@ -132,38 +134,13 @@ impl CudaBackend {
         released_cap: usize,
     ) -> Result<usize> {
         let g = geom(cache)?;
-        let (bs, c, p, k, h) = (
-            cache.block_size,
-            cached_len,
-            protected_len,
-            selected,
-            cache.num_kv_heads,
-        );
-        ensure_arg!(p <= c, "protected_len = {p} exceeds cached_len = {c}");
-        ensure_arg!(
-            p % bs == 0,
-            "protected_len = {p} is not a multiple of block_size = {bs}"
-        );
-        ensure_arg!(
-            k <= c - p,
-            "selected = {k} exceeds the {} tokens after the protected prefix",
-            c - p
-        );
-        ensure_arg!(
-            keep_len == h * k,
-            "keep has {keep_len} entries; expected num_kv_heads * selected = {h} * {k}"
-        );
-        let old_blocks = c.div_ceil(bs);
-        ensure_arg!(
-            row_len >= old_blocks,
-            "row has {row_len} blocks but cached_len needs {old_blocks}"
-        );
+        let (c, p, k, h) = (cached_len, protected_len, selected, cache.num_kv_heads);
+        let release = check_shape(cache, row_len, c, p, keep_len, k)?;
         ensure_arg!(
             row != 0 && (keep != 0 || keep_len == 0),
             "seq.row or keep is NULL"
         );
-        let first = (p + k).div_ceil(bs);
-        let count = old_blocks - first;
+        let (first, count) = (release.start, release.len());
         if released_cap < count {
             return Err(Error::new(
                 Status::BufferTooSmall,
@@ -394,16 +371,7 @@ impl CudaBackend {
             meta_len == n,
             "meta_len = {meta_len}; expected num_blocks * num_kv_heads * head_dim = {n}"
         );
-        ensure_arg!(
-            block < cache.num_blocks,
-            "block = {block} is not below num_blocks = {}",
-            cache.num_blocks
-        );
-        ensure_arg!(
-            filled >= 1 && filled <= cache.block_size,
-            "filled = {filled} must be in 1..=block_size ({})",
-            cache.block_size
-        );
+        check_block_fill(cache, block, filled)?;
         let _st = self.lock();
         let (b32, f32_) = (block as u32, filled as u32);
         launch!(

@@ -25,33 +25,64 @@ pub struct Compaction<'a> {
     pub selected: usize,
 }
 
+/// The shape checks of a compaction, which need no access to the row's or keep lists'
+/// contents (so the CUDA path, whose arrays live on the device, shares them). Returns the row
+/// positions of the blocks the compaction releases.
+pub fn check_shape(
+    cache: &KvCache,
+    row_len: usize,
+    cached_len: usize,
+    protected_len: usize,
+    keep_len: usize,
+    selected: usize,
+) -> Result<Range<usize>> {
+    let (bs, c, p, k, h) = (
+        cache.block_size,
+        cached_len,
+        protected_len,
+        selected,
+        cache.num_kv_heads,
+    );
+    ensure_arg!(p <= c, "protected_len = {p} exceeds cached_len = {c}");
+    ensure_arg!(
+        p % bs == 0,
+        "protected_len = {p} is not a multiple of block_size = {bs}"
+    );
+    ensure_arg!(
+        k <= c - p,
+        "selected = {k} exceeds the {} tokens after the protected prefix",
+        c - p
+    );
+    ensure_arg!(
+        keep_len == h * k,
+        "keep has {keep_len} entries; expected num_kv_heads * selected = {h} * {k}"
+    );
+    let old_blocks = c.div_ceil(bs);
+    ensure_arg!(
+        row_len >= old_blocks,
+        "row has {row_len} blocks but cached_len needs {old_blocks}"
+    );
+    Ok((p + k).div_ceil(bs)..old_blocks)
+}
+
 impl Compaction<'_> {
     /// Validate against `cache`; returns the row positions of the blocks to release.
     pub fn check(&self, cache: &KvCache) -> Result<Range<usize>> {
-        let (bs, c, p, k) = (
-            cache.block_size,
+        let released = check_shape(
+            cache,
+            self.row.len(),
+            self.cached_len,
+            self.protected_len,
+            self.keep.len(),
+            self.selected,
+        )?;
+        let (c, p, k, h) = (
             self.cached_len,
             self.protected_len,
             self.selected,
+            cache.num_kv_heads,
         );
-        ensure_arg!(p <= c, "protected_len = {p} exceeds cached_len = {c}");
-        ensure_arg!(
-            p % bs == 0,
-            "protected_len = {p} is not a multiple of block_size = {bs}"
-        );
-        ensure_arg!(
-            k <= c - p,
-            "selected = {k} exceeds the {} tokens after the protected prefix",
-            c - p
-        );
-        let h = cache.num_kv_heads;
-        ensure_arg!(
-            self.keep.len() == h * k,
-            "keep has {} entries; expected num_kv_heads * selected = {h} * {k}",
-            self.keep.len()
-        );
-        let old_blocks = c.div_ceil(bs);
-        check_row(self.row, cache.num_blocks, old_blocks)?;
+        check_row(self.row, cache.num_blocks, released.end)?;
         for head in 0..h {
             let ks = &self.keep[head * k..(head + 1) * k];
             for (j, &t) in ks.iter().enumerate() {
@@ -67,7 +98,7 @@ impl Compaction<'_> {
                 );
             }
         }
-        Ok((p + k).div_ceil(bs)..old_blocks)
+        Ok(released)
     }
 }
 

@@ -22,6 +22,21 @@ fn check_meta(cache: &KvCache, min: &[f32], max: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// `block` is a physical block of `cache` holding `filled` (1..=block_size) written slots.
+pub(crate) fn check_block_fill(cache: &KvCache, block: usize, filled: usize) -> Result<()> {
+    ensure_arg!(
+        block < cache.num_blocks,
+        "block = {block} is not below num_blocks = {}",
+        cache.num_blocks
+    );
+    ensure_arg!(
+        filled >= 1 && filled <= cache.block_size,
+        "filled = {filled} must be in 1..=block_size ({})",
+        cache.block_size
+    );
+    Ok(())
+}
+
 /// Recompute the min/max metadata of physical block `block` from its first `filled` slots.
 ///
 /// # Safety
@@ -34,16 +49,7 @@ pub unsafe fn quest_update_block(
     max: &mut [f32],
 ) -> Result<()> {
     check_meta(cache, min, max)?;
-    ensure_arg!(
-        block < cache.num_blocks,
-        "block = {block} is not below num_blocks = {}",
-        cache.num_blocks
-    );
-    ensure_arg!(
-        filled >= 1 && filled <= cache.block_size,
-        "filled = {filled} must be in 1..=block_size ({})",
-        cache.block_size
-    );
+    check_block_fill(cache, block, filled)?;
     let d = cache.head_dim;
     let mut k = vec![0f32; d];
     for h in 0..cache.num_kv_heads {
