@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# The main job. For now: build the library and run the C integration example, which loads a
-# config (the argument, or a built-in SnapKV one) and plans compression for several prompts.
+# The main job: build libkvsieve, set up the Python side, generate a small Llama-shaped model
+# (seeded) and serve the same long-context workload on stock vLLM and on vLLM with kvsieve,
+# printing a side-by-side table (bench/serve.py; results in bench/results/demo.{json,png}).
+#
+#   bash scripts/demo.sh                                  # the demo workload, SnapKV at 25%
+#   bash scripts/demo.sh --model DIR --config my.toml     # your model and kvsieve config
+#   bash scripts/demo.sh --workload long-prompt-qa --requests 8 --kv-blocks 600
+#
+# Every option of bench/serve.py is accepted (python bench/serve.py --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release
-mkdir -p build
-cc -std=c11 -Wall -Wextra -Werror -O2 -I include integrations/c/example.c \
-  -L target/release -lkvsieve -o build/kvsieve-example
-LD_LIBRARY_PATH=target/release ./build/kvsieve-example "$@"
+export KVSIEVE_LIB="$PWD/target/release/libkvsieve.so"
+args=("$@")
+has_workload=0
+for a in "$@"; do [ "$a" = "--workload" ] && has_workload=1; done
+[ "$has_workload" = 1 ] || args=(--workload demo "${args[@]}")
+exec .venv/bin/python bench/serve.py "${args[@]}"

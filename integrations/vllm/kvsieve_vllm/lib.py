@@ -182,6 +182,28 @@ class CpuKernels:
                                                    selected, released_ptr, released_cap, byref(n)))
         return n.value
 
+    def compress(self, cache: KvCache, seq: Sequence, policy: str, params: PolicyParams, sel: TokenSelect,
+                 queries, scores, keep, released) -> int:
+        """One layer of one sequence: score by `policy` (snapkv with `queries`, float32
+        [window, q_heads, head_dim]; knorm; streaming needs no scores), keep `sel.selected`
+        tokens per KV head and compact them to the front of the row. `scores`, `keep` and
+        `released` are caller-owned buffers (heads * cached_len float32, heads * selected int32,
+        row_len int32). Returns the number of blocks released."""
+        scores_ptr = None
+        if policy == "knorm":
+            self.score_knorm(cache, seq, scores.data_ptr(), scores.numel())
+            scores_ptr = scores.data_ptr()
+        elif policy == "snapkv":
+            args = SnapKvArgs(queries=queries.data_ptr(), queries_dtype=DTYPE["float32"], window=params.window,
+                              num_q_heads=queries.shape[1], pool_kernel=params.pool_kernel, pool=params.pool)
+            self.score_snapkv(cache, seq, args, scores.data_ptr(), scores.numel())
+            scores_ptr = scores.data_ptr()
+        elif policy != "streaming":
+            raise KvsieveError("KVS_STATUS_INVALID_ARGUMENT", f"policy {policy!r} does not evict tokens")
+        self.select_tokens(scores_ptr, scores.numel(), cache.num_kv_heads, sel, keep.data_ptr(), keep.numel())
+        return self.compact(cache, seq, keep.data_ptr(), keep.numel(), sel.selected, released.data_ptr(),
+                            released.numel())
+
 
 class Config:
     """A validated kvsieve config (`kvs_config`), freed with the object."""

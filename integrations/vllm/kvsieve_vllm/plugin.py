@@ -462,7 +462,7 @@ def _compact_request(runner, rid: str, phase: int, length: int, offset: int, pro
     import torch
 
     from .layout import kvsieve_layout_for, vllm_isa
-    from .lib import DTYPE, LAYOUT, CpuKernels, KvCache, Sequence, SnapKvArgs, TokenSelect
+    from .lib import DTYPE, LAYOUT, CpuKernels, KvCache, Sequence, TokenSelect
 
     s = settings()
     caches = _layer_caches(runner)
@@ -491,23 +491,14 @@ def _compact_request(runner, rid: str, phase: int, length: int, offset: int, pro
         desc = KvCache(k=t.data_ptr(), v=None, dtype=DTYPE[str(dtype).removeprefix("torch.")], layout=LAYOUT[layout],
                        device=0, num_blocks=nb, block_size=bs, num_kv_heads=heads, head_dim=two_d // 2,
                        block_stride=0, token_stride=0, head_stride=0)
-        if policy == "knorm":
-            kernels.score_knorm(desc, seq, scores.data_ptr(), scores.numel())
-            scores_ptr = scores.data_ptr()
-        elif policy == "snapkv":
+        q = None
+        if policy == "snapkv":
             q = captured.get(index)
             if q is None:
                 raise KvsieveError("KVS_STATUS_PANIC", f"request {rid}: no observation-window queries were captured "
                                    f"for layer {index}")
             q = q.contiguous()
-            args = SnapKvArgs(queries=q.data_ptr(), queries_dtype=DTYPE["float32"], window=params.window,
-                              num_q_heads=q.shape[1], pool_kernel=params.pool_kernel, pool=params.pool)
-            kernels.score_snapkv(desc, seq, args, scores.data_ptr(), scores.numel())
-            scores_ptr = scores.data_ptr()
-        else:
-            scores_ptr = None
-        kernels.select_tokens(scores_ptr, scores.numel(), heads, sel, keep.data_ptr(), keep.numel())
-        n = kernels.compact(desc, seq, keep.data_ptr(), keep.numel(), k, released.data_ptr(), released.numel())
+        n = kernels.compress(desc, seq, policy, params, sel, q, scores, keep, released)
         if n != plan.released_blocks:
             raise KvsieveError("KVS_STATUS_PANIC", f"request {rid}: compaction released {n} blocks, plan said "
                                f"{plan.released_blocks}")

@@ -1,0 +1,194 @@
+"""End-to-end serving benchmark: the same workload on stock vLLM and on vLLM with kvsieve.
+
+Each configuration runs in its own process (`engine_run.py`; kvsieve's config is fixed per
+process): stock vLLM, then (unless --no-agreement) kvsieve at a full budget, whose greedy
+outputs must equal stock's, then kvsieve at each budget. Prints a side-by-side table, writes
+`<out>/<name>.json` (every figure, per-request timings, step profiles) and `<out>/<name>.png`
+(output throughput and peak KV blocks against budget).
+
+    python bench/serve.py --workload long-prompt-qa --budgets 0.1,0.25,0.5
+    python bench/serve.py --model /path/to/hf-llama --config my-kvsieve.toml --requests 8
+
+Requests all arrive at t=0 (offline batch), sampling is greedy with a fixed output length
+(ignore_eos), and the KV space is given in blocks (--kv-blocks) so that stock vLLM is limited by
+it: by default it holds --kv-requests requests of the longest prompt plus output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from model import generate, shape_of  # noqa: E402
+from report import plot_serving, serving_table, summarize  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
+# The library this checkout built, unless the caller points elsewhere (engine processes inherit it).
+if (ROOT / "target" / "release" / "libkvsieve.so").is_file():
+    os.environ.setdefault("KVSIEVE_LIB", str(ROOT / "target" / "release" / "libkvsieve.so"))
+
+
+def kvsieve_config(base: dict, budget: float | None, full: bool = False) -> str:
+    """TOML text of `base` ({table: {key: value}}) with the prefill budget set to `budget`
+    (None: unchanged); `full` keeps everything (budget 1.0, no decode re-compression): the
+    hooks run but nothing is evicted."""
+    cfg = {t: dict(v) for t, v in base.items() if not (full and t == "decode")}
+    sp = cfg.setdefault("sparsity", {})
+    if full:
+        budget = 1.0
+    if budget is not None:
+        sp.pop("budget_tokens", None)
+        sp["budget_ratio"] = budget
+    lines = []
+    for table, kv in cfg.items():
+        lines.append(f"[{table}]")
+        for k, v in kv.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def run_engine(engine: dict, requests: list, config_text: str | None, workdir: Path, label: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "KVSIEVE_CONFIG"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # overridden by num_gpu_blocks_override
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_V2_MODEL_RUNNER="0")
+    if config_text is not None:
+        path = workdir / f"{label}.toml"
+        path.write_text(config_text)
+        env["KVSIEVE_CONFIG"] = str(path)
+    print(f"[bench] {label}: {len(requests)} requests ...", file=sys.stderr, flush=True)
+    r = subprocess.run([sys.executable, str(HERE / "engine_run.py")], input=json.dumps({"engine": engine,
+                       "requests": requests}), capture_output=True, text=True, env=env)
+    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT")), None)
+    if r.returncode != 0 or line is None:
+        raise SystemExit(f"[bench] {label}: the engine run failed (exit {r.returncode}):\n{r.stderr[-6000:]}")
+    res = json.loads(line[len("RESULT"):])
+    if res["free_after"] != res["total_blocks"]:
+        raise SystemExit(f"[bench] {label}: {res['total_blocks'] - res['free_after']} KV blocks were not returned")
+    return res
+
+
+def parse_range(text: str, flag: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = text.partition(":")
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise SystemExit(f"{flag} {text!r}: expected LO:HI tokens (e.g. 4096:8192) or one number") from None
+    if not 1 <= lo_i <= hi_i:
+        raise SystemExit(f"{flag} {text!r}: need 1 <= LO <= HI")
+    return lo_i, hi_i
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--workload", default="long-prompt-qa", choices=sorted(WORKLOADS))
+    ap.add_argument("--model", type=Path, help="a Hugging Face Llama-family model dir (default: generate one)")
+    ap.add_argument("--shape", default="bench-llama", help="shape of the generated model (bench/model.py)")
+    ap.add_argument("--config", type=Path, help="kvsieve TOML config (default: the workload's, bench/configs/)")
+    ap.add_argument("--budgets", help="comma-separated budget ratios to sweep (default: the config's)")
+    ap.add_argument("--requests", type=int, help="number of requests (default: the workload's)")
+    ap.add_argument("--prompt-len", help="prompt tokens LO:HI (default: the workload's)")
+    ap.add_argument("--output-len", help="output tokens LO:HI (default: the workload's)")
+    ap.add_argument("--kv-blocks", type=int, help=f"KV cache blocks of {BLOCK_SIZE} tokens (default: --kv-requests)")
+    ap.add_argument("--kv-requests", type=float, default=2.0,
+                    help="size the KV space for this many of the longest requests (default: %(default)s)")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--no-agreement", action="store_true", help="skip the full-budget greedy agreement run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", help="result file name (default: the workload's)")
+    a = ap.parse_args(argv)
+
+    w = WORKLOADS[a.workload]
+    prompt = parse_range(a.prompt_len, "--prompt-len") if a.prompt_len else w.prompt
+    output = parse_range(a.output_len, "--output-len") if a.output_len else w.output
+    config_path = a.config or HERE / "configs" / w.config
+    if not config_path.is_file():
+        raise SystemExit(f"--config {config_path}: no such file")
+    try:
+        base = tomllib.loads(config_path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SystemExit(f"--config {config_path}: not valid TOML ({e})") from None
+    from kvsieve_vllm.lib import KvsieveError, load
+
+    lib = load()
+    try:
+        budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else [None]
+    except ValueError:
+        raise SystemExit(f"--budgets {a.budgets!r}: expected comma-separated ratios, e.g. 0.1,0.25") from None
+    # The library names a bad field (and the fix) before any engine starts.
+    for b in [None, *budgets]:
+        try:
+            lib.config_from_str(kvsieve_config(base, b))
+        except KvsieveError as e:
+            where = f"--config {config_path}" + ("" if b is None else f" with --budgets {b}")
+            raise SystemExit(f"{where}: {e}") from None
+
+    model_dir = a.model or generate(ROOT / "build" / "models" / a.shape, a.shape, seed=a.seed)
+    shape = shape_of(model_dir)
+    vocab = shape["vocab"]
+    requests = w.make(vocab, seed=a.seed, requests=a.requests, prompt=prompt, output=output)
+    longest = max(len(p) + n for p, n in requests)
+    max_model_len = BLOCK_SIZE * math.ceil(longest / BLOCK_SIZE)
+    if shape["max_positions"] and max_model_len > shape["max_positions"]:
+        raise SystemExit(f"the longest request ({longest} tokens) passes the model's max_position_embeddings "
+                         f"({shape['max_positions']}); lower --prompt-len/--output-len")
+    per_request = math.ceil(longest / BLOCK_SIZE)
+    kv_blocks = a.kv_blocks or max(per_request + 1, int(a.kv_requests * per_request))
+    if kv_blocks <= per_request:
+        raise SystemExit(f"--kv-blocks {kv_blocks}: the longest request needs {per_request} blocks of "
+                         f"{BLOCK_SIZE}; give at least {per_request + 1}")
+    engine = dict(model=str(model_dir), skip_tokenizer_init=True, dtype=a.dtype, max_model_len=max_model_len,
+                  enforce_eager=True, block_size=BLOCK_SIZE, enable_prefix_caching=False, seed=a.seed,
+                  max_num_batched_tokens=a.max_batched_tokens, max_num_seqs=a.max_num_seqs,
+                  num_gpu_blocks_override=kv_blocks)
+    workdir = ROOT / "build" / "bench"
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    runs = {"stock": run_engine(engine, requests, None, workdir, "stock")}
+    if not a.no_agreement:
+        runs["kvsieve@100%"] = run_engine(engine, requests, kvsieve_config(base, None, full=True), workdir,
+                                          "kvsieve-full")
+    for b in budgets:
+        label = "kvsieve" if b is None else f"kvsieve@{b:.0%}"
+        runs[label] = run_engine(engine, requests, kvsieve_config(base, b), workdir, label)
+
+    result = {
+        "workload": {"name": w.name, "what": w.what, "requests": len(requests), "prompt_tokens": list(prompt),
+                     "output_tokens": list(output), "total_prompt_tokens": sum(len(p) for p, _ in requests),
+                     "total_output_tokens": sum(n for _, n in requests)},
+        "model": {"dir": str(model_dir), **shape, "dtype": a.dtype},
+        "engine": {k: v for k, v in engine.items() if k != "model"},
+        "kv_bytes_per_block": 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * BLOCK_SIZE
+        * (4 if a.dtype == "float32" else 2),
+        "kvsieve_config": kvsieve_config(base, None), "kvsieve_config_file": str(config_path),
+        "runs": {label: summarize(r, requests) for label, r in runs.items()},
+    }
+    stock_tokens = runs["stock"]["tokens"]
+    if "kvsieve@100%" in runs:
+        same = sum(a_ == b_ for a_, b_ in zip(runs["kvsieve@100%"]["tokens"], stock_tokens))
+        result["greedy_agreement_full_budget"] = {"identical": same, "requests": len(requests)}
+    name = a.name or w.name
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    plot_serving(result, a.out / f"{name}.png")
+    print(serving_table(result))
+    print(f"\nwrote {a.out / (name + '.json')} and {a.out / (name + '.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

