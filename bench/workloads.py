@@ -33,7 +33,7 @@ WORKLOADS = {w.name: w for w in [
              (4096, 8192), (128, 256), 16),
     Workload("long-generation", "long generation from a short prompt: 128-512 prompt, 2k output",
              (128, 512), (2048, 2048), 8, "long-generation.toml"),
-    Workload("mixed", "a mix: 512-8k prompt, 64-1k output", (512, 8192), (64, 1024), 16),
+    Workload("mixed", "a mix: 512-7k prompt, 64-1k output", (512, 7168), (64, 1024), 16),
     Workload("demo", "the demo's default: long-prompt QA, fewer requests (2k-4k prompt, 128-192 output)",
              (2048, 4096), (128, 192), 12),
 ]}

@@ -67,6 +67,8 @@ def test_config_budget_override_and_bad_config(tmp_path, lib):
         serve.main(["--budgets", "a,b", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"with --budgets 0.0: .*sparsity.budget_ratio"):
         serve.main(["--budgets", "0.0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"longest request \(4520 tokens\) passes the model's max_position_embeddings"):
+        serve.main(["--shape", "tiny-llama", "--prompt-len", "4400", "--output-len", "120", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--prompt-len 'x'"):
         serve.main(["--prompt-len", "x", "--out", str(tmp_path)])
 
