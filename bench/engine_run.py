@@ -43,7 +43,7 @@ def main() -> None:
             "preemptions": 0, "recomputed_tokens": 0, "peak_blocks": 0, "max_running": 0,
             "max_decode_batch": 0, "blocks_in_use_sum": 0, "running_sum": 0,
             "step_records": []}
-    step_kind = {"prefill": False, "work": None}
+    step_work = [[0, 0, 0, 0]]  # the last scheduled step's [prompt tokens, pairs, decodes, KV read]
 
     real_schedule = sched.schedule
 
@@ -72,8 +72,7 @@ def main() -> None:
         prof["max_decode_batch"] = max(prof["max_decode_batch"], decode)
         prof["prompt_tokens_computed"] += prompt
         prof["decode_tokens"] += decode
-        step_kind["prefill"] = prompt > 0
-        step_kind["work"] = [prompt, pairs, decode, decode_ctx]
+        step_work[0] = [prompt, pairs, decode, decode_ctx]
         return out
 
     real_preempt = sched._preempt_request
@@ -108,11 +107,11 @@ def main() -> None:
         outs = engine.step()
         now = time.perf_counter()
         prof["steps"] += 1
-        kind = "prefill" if step_kind["prefill"] else "decode"
+        kind = "prefill" if step_work[0][0] > 0 else "decode"
         prof[f"{kind}_steps"] += 1
         prof[f"{kind}_step_s"] += now - s0
         # [seconds, prompt tokens, query-key pairs of prompt tokens, decode tokens, KV they read]
-        prof["step_records"].append([round(now - s0, 6), *step_kind["work"]])
+        prof["step_records"].append([round(now - s0, 6), *step_work[0]])
         for o in outs:
             ids = list(o.outputs[0].token_ids)
             times = token_times[o.request_id]

@@ -91,28 +91,28 @@ def _fmt(v, spec: str) -> str:
 
 
 def serving_table(result: dict) -> str:
-    """Markdown table: one column per run, ratios against stock in the last columns."""
+    """Markdown table: one column per run, ratios against stock in the last rows."""
     runs = result["runs"]
     labels = list(runs)
     stock = runs["stock"]
     rows = [
-        ("requests/s", "requests_per_s", ".3f", True),
-        ("output tokens/s", "output_tokens_per_s", ".1f", True),
-        ("mean TPOT (ms)", "tpot_mean_ms", ".1f", False),
-        ("p99 TPOT (ms)", "tpot_p99_ms", ".1f", False),
-        ("mean TTFT (s)", "ttft_mean_s", ".1f", False),
-        ("p99 TTFT (s)", "ttft_p99_s", ".1f", False),
-        ("peak KV blocks in use", "peak_kv_blocks", "d", False),
-        ("mean KV blocks in use", "mean_kv_blocks", ".0f", False),
-        ("KV blocks per running request", "kv_blocks_per_request", ".1f", False),
-        ("largest batch (running requests)", "max_running", "d", True),
-        ("largest decode batch", "max_decode_batch", "d", True),
-        ("preemptions", "preemptions", "d", False),
-        ("prompt tokens recomputed", "recomputed_tokens", "d", False),
+        ("requests/s", "requests_per_s", ".3f"),
+        ("output tokens/s", "output_tokens_per_s", ".1f"),
+        ("mean TPOT (ms)", "tpot_mean_ms", ".1f"),
+        ("p99 TPOT (ms)", "tpot_p99_ms", ".1f"),
+        ("mean TTFT (s)", "ttft_mean_s", ".1f"),
+        ("p99 TTFT (s)", "ttft_p99_s", ".1f"),
+        ("peak KV blocks in use", "peak_kv_blocks", "d"),
+        ("mean KV blocks in use", "mean_kv_blocks", ".0f"),
+        ("KV blocks per running request", "kv_blocks_per_request", ".1f"),
+        ("largest batch (running requests)", "max_running", "d"),
+        ("largest decode batch", "max_decode_batch", "d"),
+        ("preemptions", "preemptions", "d"),
+        ("prompt tokens recomputed", "recomputed_tokens", "d"),
     ]
     head = "| metric | " + " | ".join(labels) + " |"
     lines = [head, "|" + " --- |" * (len(labels) + 1)]
-    for title, key, spec, _ in rows:
+    for title, key, spec in rows:
         lines.append(f"| {title} | " + " | ".join(_fmt(runs[l][key], spec) for l in labels) + " |")
     prof_rows = [("time in steps with prompt tokens (s)", "prefill_step_s"),
                  ("time in decode-only steps (s)", "decode_step_s"),

@@ -44,30 +44,34 @@ def compressed_logprobs(model, prompt: list[int], continuation: list[int], polic
     """Log-probabilities the reference assigns to `continuation` (greedy tokens from vLLM) after
     a prompt whose cache was cut to `selected` tokens per head."""
     out = model(torch.tensor([prompt]), use_cache=True)
-    cache = out.past_key_values
-    logprobs = [torch.log_softmax(out.logits[0, -1].double(), -1)[continuation[0]].item()]
+    _cut(out.past_key_values, policy, selected, sink, tail)
+    return _continue(model, out, len(prompt), continuation)
+
+
+def _keep(layer, idx: torch.Tensor) -> None:
+    """Cut one layer's cache ([1, H, C, D], RoPE applied) to the positions idx [H, k]."""
+    gather = idx[None, :, :, None].expand(1, -1, -1, layer.keys.shape[-1])
+    layer.keys = torch.gather(layer.keys, 2, gather).contiguous()
+    layer.values = torch.gather(layer.values, 2, gather).contiguous()
+
+
+def _cut(cache, policy: str, selected: int, sink: int, tail: int, protected: int = 0) -> None:
     for layer in cache.layers:
-        keys, values = layer.keys, layer.values  # [1, H, C, D], RoPE applied
-        idx = keep_indices(keys[0], policy, selected, sink, tail)  # [H, k]
-        gather = idx[None, :, :, None].expand(1, -1, -1, keys.shape[-1])
-        layer.keys = torch.gather(keys, 2, gather).contiguous()
-        layer.values = torch.gather(values, 2, gather).contiguous()
-    pos = len(prompt)
+        _keep(layer, keep_indices(layer.keys[0], policy, selected, sink, tail, protected))
+
+
+def _continue(model, prefill, pos: int, continuation: list[int]) -> list[float]:
+    """Log-probabilities of `continuation` given the prompt's forward `prefill` (its cache as cut):
+    the first from the prompt's last logits, the rest decoded one token at a time at logical
+    positions from `pos`."""
+    cache = prefill.past_key_values
+    logprobs = [torch.log_softmax(prefill.logits[0, -1].double(), -1)[continuation[0]].item()]
     for j in range(len(continuation) - 1):
         step = model(torch.tensor([[continuation[j]]]), position_ids=torch.tensor([[pos + j]]),
                      past_key_values=cache, use_cache=True)
         cache = step.past_key_values
         logprobs.append(torch.log_softmax(step.logits[0, -1].double(), -1)[continuation[j + 1]].item())
     return logprobs
-
-
-def _cut(cache, policy: str, selected: int, sink: int, tail: int, protected: int = 0) -> None:
-    for layer in cache.layers:
-        keys, values = layer.keys, layer.values
-        idx = keep_indices(keys[0], policy, selected, sink, tail, protected)
-        gather = idx[None, :, :, None].expand(1, -1, -1, keys.shape[-1])
-        layer.keys = torch.gather(keys, 2, gather).contiguous()
-        layer.values = torch.gather(values, 2, gather).contiguous()
 
 
 @torch.no_grad()
@@ -156,19 +160,7 @@ def snapkv_logprobs(model, prompt: list[int], continuation: list[int], selected:
         out = model(torch.tensor([prompt]), use_cache=True)
     finally:
         modeling_llama.apply_rotary_pos_emb = real
-    cache = out.past_key_values
-    assert len(recorded) == len(cache.layers)
-    logprobs = [torch.log_softmax(out.logits[0, -1].double(), -1)[continuation[0]].item()]
-    for layer, q in zip(cache.layers, recorded):
-        keys, values = layer.keys, layer.values
-        idx = keep_by_scores(snapkv_scores(keys[0], q, pool_kernel), selected, sink, tail)
-        gather = idx[None, :, :, None].expand(1, -1, -1, keys.shape[-1])
-        layer.keys = torch.gather(keys, 2, gather).contiguous()
-        layer.values = torch.gather(values, 2, gather).contiguous()
-    pos = len(prompt)
-    for j in range(len(continuation) - 1):
-        step = model(torch.tensor([[continuation[j]]]), position_ids=torch.tensor([[pos + j]]),
-                     past_key_values=cache, use_cache=True)
-        cache = step.past_key_values
-        logprobs.append(torch.log_softmax(step.logits[0, -1].double(), -1)[continuation[j + 1]].item())
-    return logprobs
+    assert len(recorded) == len(out.past_key_values.layers)
+    for layer, q in zip(out.past_key_values.layers, recorded):
+        _keep(layer, keep_by_scores(snapkv_scores(layer.keys[0], q, pool_kernel), selected, sink, tail))
+    return _continue(model, out, len(prompt), continuation)
