@@ -8,7 +8,8 @@
 """
 
 from .lib import KvsieveError, Library, load
-from .plugin import register, stats
+from .plugin import register
+from .stats import stats
 
 __all__ = ["KvsieveError", "Library", "load", "register", "stats"]
 __version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""One module per vLLM attention backend kvsieve maps."""

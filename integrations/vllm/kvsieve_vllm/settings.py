@@ -1,0 +1,37 @@
+"""The loaded library and validated config of this process (one per process, made at register)."""
+
+from __future__ import annotations
+
+from .checks import UnsupportedSetup
+from .lib import PHASE_DECODE, PHASE_PREFILL, POLICY_NAMES, load
+
+PLUGIN_POLICIES = ("streaming", "knorm", "snapkv")
+
+
+class Settings:
+    """libkvsieve, the config at `path` and its per-phase policy parameters."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lib = load()
+        self.config = self.lib.config_from_file(path)
+        self.params = {PHASE_PREFILL: self.config.params(PHASE_PREFILL),
+                       PHASE_DECODE: self.config.params(PHASE_DECODE)}
+        policy = POLICY_NAMES[self.params[PHASE_PREFILL].policy]
+        if policy not in PLUGIN_POLICIES:
+            raise UnsupportedSetup(f"{path}: sparsity.policy = {policy!r} is not driven by the vLLM plugin yet; "
+                                   f"use one of {', '.join(PLUGIN_POLICIES)}")
+        self.policy = {PHASE_PREFILL: policy, PHASE_DECODE: POLICY_NAMES[self.params[PHASE_DECODE].policy]}
+
+
+_settings: Settings | None = None
+
+
+def settings() -> Settings:
+    assert _settings is not None, "kvsieve_vllm.register() has not enabled kvsieve in this process"
+    return _settings
+
+
+def install(new: Settings) -> None:
+    global _settings
+    _settings = new
