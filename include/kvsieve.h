@@ -26,7 +26,7 @@
 
 // ABI version: bumped whenever a function signature, struct layout or status meaning changes
 // in a way an already-compiled caller would notice. Additions keep it.
-#define KVS_ABI_VERSION 1
+#define KVS_ABI_VERSION 2
 
 // Outcome of a kvsieve call (`uint32_t` in C).
 enum kvs_status
@@ -356,18 +356,25 @@ kvs_status kvs_kernels_new_cpu(struct kvs_kernels **out);
 
 // Make the CUDA backend on device `ordinal`, launching on `stream` (a `CUstream`; NULL for the
 // default stream). With it, tensor and buffer pointers passed to the kernel entry points are
-// device pointers, calls only enqueue work on the stream, and problems found in device-resident
-// data (block ids, keep lists) are reported by `kvs_kernels_synchronize`; the call that found
-// them writes nothing. Statuses: `KVS_STATUS_NOT_COMPILED` (built without the `cuda` feature),
-// `KVS_STATUS_NO_CUDA_DRIVER` (no libcuda / libnvrtc), `KVS_STATUS_NO_DEVICE`.
+// device pointers and calls only enqueue work on the stream. Everything checkable on the host
+// (shapes, counts, overlapping buffers) fails the call itself, which then enqueues nothing.
+// Problems in device-resident data (block ids, keep lists, CSR page tables) are found on the
+// device and reported by `kvs_kernels_synchronize`, per call: the call that found one writes
+// nothing (no device output, no host out-param), and the calls after it run normally. Host
+// out-params (`*num_released`, `*num_kept`) are written by `kvs_kernels_synchronize` for the
+// calls that passed, so keep them alive until it returns. Statuses: `KVS_STATUS_NOT_COMPILED`
+// (built without the `cuda` feature), `KVS_STATUS_NO_CUDA_DRIVER` (no libcuda / libnvrtc),
+// `KVS_STATUS_NO_DEVICE`.
 //
 // # Safety
 // `out` must be writable; `stream` must be NULL or a live stream of that device that outlives
 // the backend.
 kvs_status kvs_kernels_new_cuda(uint32_t ordinal, void *stream, struct kvs_kernels **out);
 
-// Wait for the backend's work and report device-side validation failures since the last call
-// (`KVS_STATUS_INVALID_ARGUMENT` with the offending index). A no-op on the CPU backend, whose
+// Wait for the backend's work, write the host out-params of the calls that passed, and report
+// the calls since the last synchronize whose device-side checks failed
+// (`KVS_STATUS_INVALID_ARGUMENT`, naming each failed call by its number since the last
+// synchronize, its entry point and the offending index). A no-op on the CPU backend, whose
 // calls report everything synchronously.
 //
 // # Safety
@@ -453,6 +460,21 @@ kvs_status kvs_compact(const struct kvs_kernels *kernels,
                        int32_t *released,
                        size_t released_cap,
                        uint32_t *num_released);
+
+// Validate a compaction exactly as `kvs_compact` would (same arguments, with `released_cap`
+// the capacity the real call will pass), moving and writing nothing: an engine checks every
+// layer of an event this way before the first byte of any layer moves. On the CUDA backend the
+// checks of device-resident data are reported by `kvs_kernels_synchronize`.
+//
+// # Safety
+// Pointers as documented on `kvs_compact`.
+kvs_status kvs_compact_check(const struct kvs_kernels *kernels,
+                             const struct kvs_kv_cache *cache,
+                             const struct kvs_sequence *seq,
+                             const uint32_t *keep,
+                             size_t keep_len,
+                             uint32_t selected,
+                             size_t released_cap);
 
 // Recompute Quest metadata of physical block `block` from its first `filled` slots into
 // `block_min`/`block_max` (`[num_blocks][num_kv_heads][head_dim]` f32 each, `meta_len` floats).

@@ -4,9 +4,10 @@
 // compaction bit for bit, scores within 1e-3 relative, identical keep sets. No CUDA headers are
 // needed: half and bfloat16 are converted from their bits, so NVRTC compiles this file alone.
 //
-// Validation of engine data that lives on the device (block ids, keep lists) happens on the
-// device: a check kernel records the first problem in `err` and every kernel after it on the
-// stream returns without writing, so a refused call moves no byte. The host reads `err` at
+// Validation of engine data that lives on the device (block ids, keep lists, CSR page tables)
+// happens on the device: a call's check kernel records the first problem in that call's own
+// error slot `err`, and the call's later kernels return without writing, so a refused call moves
+// no byte. Other calls have their own slots and run normally. The host reads the slots at
 // kvs_kernels_synchronize (CUDA's own asynchronous error model).
 
 typedef unsigned int u32;
@@ -28,6 +29,8 @@ struct Geom {
 #define KVS_ERR_ROW_DUPLICATE 2u
 #define KVS_ERR_KEEP_RANGE 3u
 #define KVS_ERR_KEEP_ORDER 4u
+#define KVS_ERR_INDPTR 5u
+#define KVS_ERR_LAST_PAGE_LEN 6u
 
 __device__ __forceinline__ u64 elem(const Geom& g, u64 block, u64 head, u64 slot, u64 d) {
   return block * g.block_stride + head * g.head_stride + slot * g.token_stride + d;
@@ -401,7 +404,8 @@ __device__ void select_top(const float* s, u32 n, u32 need, u32* out, u32* hist,
 
 // grid (heads), 1024 threads. scores [heads][C] (0: streaming); keep [heads][k].
 extern "C" __global__ void kvs_select_tokens(u64 scores, u32 cached_len, u32 protected_len, u32 sink_end,
-                                             u32 tail_start, u32 selected, u32* keep) {
+                                             u32 tail_start, u32 selected, u32* keep, const u32* err) {
+  if (*(volatile const u32*)err) return;
   __shared__ u32 hist[2048];
   __shared__ u32 sh[32];
   u64 h = blockIdx.x;
@@ -422,7 +426,8 @@ extern "C" __global__ void kvs_select_tokens(u64 scores, u32 cached_len, u32 pro
 
 // One thread: out_indptr[i + 1] = out_indptr[i] + min(pages_i, keep_blocks).
 extern "C" __global__ void kvs_csr_out_indptr(const i32* indptr, u32 num_seqs, u32 keep_blocks,
-                                              i32* out_indptr) {
+                                              i32* out_indptr, const u32* err) {
+  if (*(volatile const u32*)err) return;
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   i32 acc = 0;
   out_indptr[0] = 0;
@@ -433,13 +438,32 @@ extern "C" __global__ void kvs_csr_out_indptr(const i32* indptr, u32 num_seqs, u
   }
 }
 
+// The CPU's check_csr on the device: indptr[0] == 0, never decreasing, indptr[num_seqs] == nnz,
+// and every non-empty sequence's last page holding at least one token.
+extern "C" __global__ void kvs_csr_check(const i32* indptr, u32 num_seqs, u32 nnz,
+                                         const i32* last_page_len, u32* err) {
+  u32 tid = blockIdx.x * blockDim.x + threadIdx.x;
+  if (tid == 0 && (indptr[0] != 0 || indptr[num_seqs] != (i32)nnz))
+    fail(err, KVS_ERR_INDPTR, indptr[0] != 0 ? 0u : num_seqs);
+  for (u32 i = tid; i < num_seqs; i += gridDim.x * blockDim.x) {
+    i32 pages = indptr[i + 1] - indptr[i];
+    if (pages < 0) {
+      fail(err, KVS_ERR_INDPTR, i + 1);
+    } else if (pages > 0 && last_page_len[i] < 1) {
+      fail(err, KVS_ERR_LAST_PAGE_LEN, i);
+    }
+  }
+}
+
 // grid (num_seqs), 1024 threads: block top-k per sequence into the CSR output. `positions` is
 // scratch of nnz words (per-sequence offsets match the input's).
 extern "C" __global__ void kvs_select_blocks_csr(const i32* indptr, const i32* indices,
                                                  const i32* last_page_len, const float* block_scores,
                                                  u32 keep_blocks, u32 sink_blocks, u32 recent_blocks,
                                                  const i32* out_indptr, i32* out_indices,
-                                                 i32* out_last_page_len, u32* positions) {
+                                                 i32* out_last_page_len, u32* positions,
+                                                 const u32* err) {
+  if (*(volatile const u32*)err) return;
   __shared__ u32 hist[2048];
   __shared__ u32 sh[32];
   u32 seq = blockIdx.x;
@@ -470,7 +494,8 @@ extern "C" __global__ void kvs_select_blocks_csr(const i32* indptr, const i32* i
 // The one-sequence CSR header a dense row is selected through: indptr = [0, row_len],
 // last_page_len = [1] (the value is only copied through). Written on the device so the dense
 // path needs no host-to-device copy (a pageable copy would synchronise the stream).
-extern "C" __global__ void kvs_row_header(u32 row_len, i32* header) {
+extern "C" __global__ void kvs_row_header(u32 row_len, i32* header, const u32* err) {
+  if (*(volatile const u32*)err) return;
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     header[0] = 0;
     header[1] = (i32)row_len;
@@ -479,7 +504,8 @@ extern "C" __global__ void kvs_row_header(u32 row_len, i32* header) {
 }
 
 // Fill out[from..len) with pad (dense rows after block selection).
-extern "C" __global__ void kvs_fill_i32(i32* out, u32 from, u32 len, i32 pad) {
+extern "C" __global__ void kvs_fill_i32(i32* out, u32 from, u32 len, i32 pad, const u32* err) {
+  if (*(volatile const u32*)err) return;
   for (u32 i = from + blockIdx.x * blockDim.x + threadIdx.x; i < len; i += gridDim.x * blockDim.x)
     out[i] = pad;
 }

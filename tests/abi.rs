@@ -194,3 +194,38 @@ fn policy_params_reflect_the_config() {
     assert_eq!(p.policy, PolicyId::None as u32);
     unsafe { kvs_config_free(c) };
 }
+
+/// Every exported function runs inside a panic boundary (`ffi_boundary` or one of its
+/// status-less forms), so no panic unwinds into C. Read from the sources, so a new export
+/// without one fails here.
+#[test]
+fn every_export_is_inside_the_panic_boundary() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ffi");
+    let mut exports = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let src = std::fs::read_to_string(&path).unwrap();
+        for (i, chunk) in src.split("extern \"C\" fn ").enumerate().skip(1) {
+            let name: String = chunk
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            // The body: up to the next top-level item.
+            let body = chunk.split("\n}\n").next().unwrap();
+            exports += 1;
+            assert!(
+                [
+                    "ffi_boundary(",
+                    "ffi_void_boundary(",
+                    "ffi_value_boundary(",
+                    "catch_unwind("
+                ]
+                .iter()
+                .any(|b| body.contains(b)),
+                "{}: export #{i} `{name}` runs outside the panic boundary",
+                path.display()
+            );
+        }
+    }
+    assert!(exports >= 20, "found only {exports} exports");
+}

@@ -94,6 +94,15 @@ impl Fixture {
 fn compaction_through_the_abi_releases_the_tail_blocks() {
     let mut f = fixture();
     let (seq, keep, sel) = (f.seq(), f.keep.clone(), f.selected);
+    let k = cpu();
+    let before = (f.t.k.clone(), f.t.v.clone());
+    let s = unsafe { kvs_compact_check(k, &f.t.desc, &seq, keep.as_ptr(), keep.len(), sel, 8) };
+    unsafe { kvs_kernels_free(k) };
+    assert_eq!(s, Status::Ok, "{}", last_error());
+    assert!(
+        (f.t.k.clone(), f.t.v.clone()) == before,
+        "kvs_compact_check moved data"
+    );
     let (s, moved, released) = f.compact(seq, &keep, sel, 8);
     assert_eq!(s, Status::Ok, "{}", last_error());
     assert!(moved);
@@ -250,6 +259,17 @@ fn bad_compactions_are_refused_before_any_byte_moves() {
         let mut f = fixture();
         assert_eq!(f.t.k, f0.t.k);
         let (seq, keep, sel, cap) = make(&mut f);
+        // kvs_compact_check refuses exactly what kvs_compact refuses.
+        let k = cpu();
+        let checked =
+            unsafe { kvs_compact_check(k, &f.t.desc, &seq, keep.as_ptr(), keep.len(), sel, cap) };
+        unsafe { kvs_kernels_free(k) };
+        assert_eq!(checked, status, "{name} (check): {}", last_error());
+        assert!(
+            last_error().contains(msg),
+            "{name} (check): {}",
+            last_error()
+        );
         let (s, moved, _) = f.compact(seq, &keep, sel, cap);
         assert_eq!(s, status, "{name}: {}", last_error());
         assert!(
@@ -445,4 +465,143 @@ fn cuda_backend_reports_its_absence() {
     assert_eq!(dev, 0);
     unsafe { kvs_kernels_free(c) };
     unsafe { kvs_kernels_free(null_mut()) };
+}
+
+/// Overlapping caller buffers are refused with `INVALID_ARGUMENT` naming both, before anything
+/// is read or written: out_row over row, released over the row or over the KV tensors, CSR
+/// outputs over their inputs, scores over the cache.
+#[test]
+fn overlapping_buffers_are_refused_before_any_read_or_write() {
+    let k = cpu();
+    let expect = |s: Status, a: &str, b: &str| {
+        assert_eq!(s, Status::InvalidArgument, "{a}/{b}: {}", last_error());
+        let m = last_error();
+        assert!(
+            m.contains(a) && m.contains(b) && m.contains("overlaps"),
+            "{m}"
+        );
+    };
+
+    // kvs_select_blocks_row with out_row == row: the row must come back untouched.
+    let mut row = vec![4i32, 2, 9, 7, 1, 0, 3];
+    let before = row.clone();
+    let bscores = [0.0f32, 5.0, 1.0, 4.0, 0.0, 0.0, 0.0];
+    let bsel = BlockSelectArgs {
+        keep_blocks: 4,
+        sink_blocks: 1,
+        recent_blocks: 1,
+    };
+    let mut kept = 99u32;
+    let p = row.as_mut_ptr();
+    let s = unsafe { kvs_select_blocks_row(k, p, 7, bscores.as_ptr(), &bsel, -1, p, 7, &mut kept) };
+    expect(s, "row", "out_row");
+    assert_eq!((row.clone(), kept), (before.clone(), 99));
+
+    // kvs_compact with released inside the row, then inside the K tensor.
+    let mut f = fixture();
+    let (k_before, v_before, row_before) = (f.t.k.clone(), f.t.v.clone(), f.row.clone());
+    let seq = f.seq();
+    let mut n = 77u32;
+    let s = unsafe {
+        kvs_compact(
+            k,
+            &f.t.desc,
+            &seq,
+            f.keep.as_ptr(),
+            f.keep.len(),
+            f.selected,
+            f.row.as_mut_ptr().add(2),
+            3,
+            &mut n,
+        )
+    };
+    expect(s, "seq.row", "released");
+    let into_k = f.t.k.as_mut_ptr().wrapping_add(5) as *mut i32;
+    let s = unsafe {
+        kvs_compact(
+            k,
+            &f.t.desc,
+            &seq,
+            f.keep.as_ptr(),
+            f.keep.len(),
+            f.selected,
+            into_k,
+            3,
+            &mut n,
+        )
+    };
+    expect(s, "cache.k", "released");
+    // keep living inside V, which the call rewrites.
+    let keep_in_v = f.t.v.as_ptr();
+    let s = unsafe {
+        kvs_compact(
+            k,
+            &f.t.desc,
+            &seq,
+            keep_in_v,
+            f.keep.len(),
+            f.selected,
+            null_mut(),
+            0,
+            &mut n,
+        )
+    };
+    expect(s, "cache.v", "keep");
+    assert_eq!(n, 77, "num_released untouched");
+    assert!(
+        f.t.k == k_before && f.t.v == v_before && f.row == row_before,
+        "nothing moved"
+    );
+
+    // Scores written over the K tensor they are computed from.
+    let scores_in_k = f.t.k.as_mut_ptr() as *mut f32;
+    let s = unsafe { kvs_score_knorm(k, &f.t.desc, &seq, scores_in_k, 200) };
+    expect(s, "cache.k", "scores");
+    assert!(f.t.k == k_before);
+
+    // kvs_select_tokens writing keep over its scores.
+    let mut scores = vec![1f32; 200];
+    let sel = TokenSelectArgs {
+        cached_len: 100,
+        protected_len: 16,
+        sink_tokens: 4,
+        protected_tail: 8,
+        selected: 40,
+    };
+    let sp = scores.as_mut_ptr();
+    let s = unsafe { kvs_select_tokens(k, sp, 200, 2, &sel, sp as *mut u32, 80) };
+    expect(s, "scores", "keep");
+    assert!(scores.iter().all(|&x| x == 1.0));
+
+    // CSR: out_indices over indices.
+    let indptr = [0i32, 4, 7];
+    let mut indices = vec![3i32, 1, 2, 0, 6, 5, 4];
+    let lpl = [5i32, 3];
+    let bs = [1.0f32; 7];
+    let mut out_indptr = [0i32; 3];
+    let mut out_lpl = [0i32; 2];
+    let ip = indices.as_mut_ptr();
+    let s = unsafe {
+        kvs_select_blocks_csr(
+            k,
+            indptr.as_ptr(),
+            2,
+            ip,
+            7,
+            lpl.as_ptr(),
+            bs.as_ptr(),
+            &BlockSelectArgs {
+                keep_blocks: 2,
+                sink_blocks: 1,
+                recent_blocks: 1,
+            },
+            out_indptr.as_mut_ptr(),
+            ip,
+            7,
+            out_lpl.as_mut_ptr(),
+        )
+    };
+    expect(s, "indices", "out_indices");
+    assert_eq!(indices, vec![3, 1, 2, 0, 6, 5, 4]);
+    unsafe { kvs_kernels_free(k) };
 }

@@ -92,6 +92,11 @@ static int compact_one_sequence(void) {
   CHECK(kvs_select_tokens(kernels, scores, HEADS * CACHED, HEADS, &sel, keep, keep_len));
   int32_t released[8];
   uint32_t num_released = 0;
+  /* An engine compacting several layers checks every layer first, so a refusal never leaves
+     some layers compacted: kvs_compact_check validates exactly what kvs_compact will do. */
+  CHECK(kvs_compact_check(kernels, &cache, &seq, keep, keep_len, sel.selected, 8));
+  expect_status(kvs_compact_check(kernels, &cache, &seq, keep, keep_len, sel.selected, 1),
+                KVS_STATUS_BUFFER_TOO_SMALL, "released capacity below the blocks released");
   CHECK(kvs_compact(kernels, &cache, &seq, keep, keep_len, sel.selected, released, 8,
                     &num_released));
   if (num_released != plan.released_blocks) {

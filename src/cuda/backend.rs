@@ -19,12 +19,38 @@ pub struct CudaBackend {
     pub(super) state: Mutex<State>,
 }
 
+/// Calls that can be in flight between two synchronisations before the backend drains (waits
+/// for them and records their outcome) by itself to reuse their error slots.
+pub(super) const ERROR_SLOTS: usize = 256;
+
+/// A caller's host out-param (`*num_released`, `*num_kept`): on this backend it is written when
+/// the call's device-side checks are known to have passed, at `kvs_kernels_synchronize`.
+pub(super) struct HostOut(pub(super) *mut u32);
+
+// SAFETY: the caller keeps the pointer alive and unread until kvs_kernels_synchronize returns
+// (documented on kvs_kernels_new_cuda); the backend writes it once, under its lock.
+unsafe impl Send for HostOut {}
+
+/// One call enqueued since the last drain: its entry point (for the report) and the host
+/// out-param it writes on success.
+pub(super) struct Call {
+    pub(super) name: &'static str,
+    pub(super) out: Option<(HostOut, u32)>,
+}
+
 /// Device memory the backend owns; guarded so calls from several threads serialise.
 pub(super) struct State {
     /// Scratch for compaction (gathered tokens), SnapKV (logits, stats, sums), block selection.
     work: Option<CudaSlice<u8>>,
-    /// `[code, index]` of the first device-side validation failure since the last sync.
-    pub(super) err: CudaSlice<u32>,
+    /// One `[code, index]` slot per call since the last drain: a call's kernels stop on their own
+    /// call's failure only, so one bad call never silences the calls after it.
+    pub(super) errs: CudaSlice<u32>,
+    /// The calls holding slots `0..calls.len()`, in order.
+    pub(super) calls: Vec<Call>,
+    /// Calls numbered before the last drain since the last synchronize (for the report).
+    pub(super) drained: usize,
+    /// Failures found by drains since the last synchronize, reported by it.
+    pub(super) failed: Vec<String>,
     /// Per physical block: the epoch of the last compaction that saw it (duplicate check).
     marks: Option<CudaSlice<u32>>,
     pub(super) epoch: u32,
@@ -78,15 +104,18 @@ impl CudaBackend {
             // the backend exists (documented on kvs_kernels_new_cuda).
             unsafe { ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream) }
         };
-        let err = stream
-            .alloc_zeros::<u32>(2)
-            .map_err(|e| cuda_err("allocating the error word", e))?;
+        let errs = stream
+            .alloc_zeros::<u32>(2 * ERROR_SLOTS)
+            .map_err(|e| cuda_err("allocating the error slots", e))?;
         Ok(CudaBackend {
             stream,
             funcs,
             state: Mutex::new(State {
                 work: None,
-                err,
+                errs,
+                calls: Vec::with_capacity(ERROR_SLOTS),
+                drained: 0,
+                failed: Vec::new(),
                 marks: None,
                 epoch: 0,
             }),
@@ -139,8 +168,10 @@ impl State {
         ))
     }
 
+    /// The error slot of the call being enqueued (the last one begun).
     pub(super) fn err_ptr(&self, stream: &Arc<CudaStream>) -> u64 {
-        ptr(&self.err, stream)
+        let slot = self.calls.len().saturating_sub(1) as u64;
+        ptr(&self.errs, stream) + slot * 8
     }
 }
 

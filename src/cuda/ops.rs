@@ -3,7 +3,7 @@
 //! keep lists) are checked by kernels that set the backend's error word, which stops the rest
 //! of the call's kernels and is reported by `synchronize`.
 
-use super::backend::{cuda_err, CudaBackend};
+use super::backend::{cuda_err, Call, CudaBackend, HostOut, State, ERROR_SLOTS};
 use crate::config::Pooling;
 use crate::ensure_arg;
 use crate::error::{Error, Result};
@@ -34,12 +34,14 @@ struct Geom {
 // SAFETY: plain-old-data, laid out as the kernel's struct.
 unsafe impl DeviceRepr for Geom {}
 
-const ERR_NAMES: [&str; 5] = [
+const ERR_NAMES: [&str; 7] = [
     "",
     "a block id of the row is out of range (row index",
     "a block id appears twice in the row (row index",
     "a keep position is outside [protected_len, cached_len) (keep index",
     "a keep list is not strictly ascending (keep index",
+    "indptr must start at 0, not decrease and end at nnz (indptr index",
+    "a non-empty sequence's last_page_len is below 1 (sequence",
 ];
 
 fn geom(cache: &KvCache) -> Result<Geom> {
@@ -89,34 +91,68 @@ macro_rules! launch {
 }
 
 impl CudaBackend {
-    /// Wait for the stream, then report (and clear) a device-side validation failure.
-    pub fn synchronize(&self) -> Result<()> {
-        let st = self.lock();
+    /// Start enqueueing call `name`: give it a clean error slot (draining the calls in flight
+    /// first when every slot is taken).
+    fn begin(&self, st: &mut State, name: &'static str) -> Result<u64> {
+        if st.calls.len() == ERROR_SLOTS {
+            self.drain(st)?;
+        }
+        st.calls.push(Call { name, out: None });
+        Ok(st.err_ptr(&self.stream))
+    }
+
+    /// Wait for the calls in flight, record the failed ones, write the host out-params of the
+    /// others, and clear their slots.
+    fn drain(&self, st: &mut State) -> Result<()> {
         self.stream
             .synchronize()
             .map_err(|e| cuda_err("cuStreamSynchronize", e))?;
-        let word = self
-            .stream
-            .clone_dtoh(&st.err)
-            .map_err(|e| cuda_err("reading the error word", e))?;
-        if word[0] != 0 {
-            let mut st = st;
-            self.stream
-                .memset_zeros(&mut st.err)
-                .map_err(|e| cuda_err("clearing the error word", e))?;
-            self.stream
-                .synchronize()
-                .map_err(|e| cuda_err("cuStreamSynchronize", e))?;
-            let what = ERR_NAMES
-                .get(word[0] as usize)
-                .copied()
-                .unwrap_or("unknown device error (index");
-            return Err(Error::invalid_arg(format!(
-                "{what} {}); the call that launched it moved no data",
-                word[1]
-            )));
+        if st.calls.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let words = self
+            .stream
+            .clone_dtoh(&st.errs)
+            .map_err(|e| cuda_err("reading the error slots", e))?;
+        for (i, call) in st.calls.drain(..).enumerate() {
+            let (code, index) = (words[2 * i], words[2 * i + 1]);
+            if code != 0 {
+                let what = ERR_NAMES
+                    .get(code as usize)
+                    .copied()
+                    .unwrap_or("unknown device error (index");
+                st.failed.push(format!(
+                    "call {} since the last synchronize ({}): {what} {index}); it wrote nothing",
+                    st.drained + i + 1,
+                    call.name
+                ));
+            } else if let Some((HostOut(p), value)) = call.out {
+                // SAFETY: the caller keeps the out-param alive until synchronize (documented).
+                unsafe { *p = value };
+            }
+        }
+        st.drained += words.len() / 2;
+        self.stream
+            .memset_zeros(&mut st.errs)
+            .map_err(|e| cuda_err("clearing the error slots", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("cuStreamSynchronize", e))
+    }
+
+    /// Wait for the stream; report every call since the last synchronize whose device-side
+    /// checks failed (each by its number and entry point). Calls are independent: a failed call
+    /// wrote nothing, and the calls after it ran.
+    pub fn synchronize(&self) -> Result<()> {
+        let mut st = self.lock();
+        self.drain(&mut st)?;
+        st.drained = 0;
+        let failed = std::mem::take(&mut st.failed);
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::invalid_arg(failed.join("; ")))
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -130,9 +166,9 @@ impl CudaBackend {
         keep: u64,
         keep_len: usize,
         selected: usize,
-        released: u64,
         released_cap: usize,
-    ) -> Result<usize> {
+        out: Option<(u64, *mut u32)>,
+    ) -> Result<()> {
         let g = geom(cache)?;
         let (c, p, k, h) = (cached_len, protected_len, selected, cache.num_kv_heads);
         let release = check_shape(cache, row_len, c, p, keep_len, k)?;
@@ -147,9 +183,18 @@ impl CudaBackend {
                 format!("released holds {released_cap} ids; this compaction releases {count}"),
             ));
         }
-        ensure_arg!(released != 0 || count == 0, "released is NULL");
+        ensure_arg!(
+            out.is_none_or(|(released, _)| released != 0 || count == 0),
+            "released is NULL"
+        );
         let mut st = self.lock();
-        let err = st.err_ptr(&self.stream);
+        let name = if out.is_some() {
+            "kvs_compact"
+        } else {
+            "kvs_compact_check"
+        };
+        let err = self.begin(&mut st, name)?;
+        st.calls.last_mut().expect("just begun").out = out.map(|(_, n)| (HostOut(n), count as u32));
         let (marks, epoch) = st.marks(&self.stream, cache.num_blocks)?;
         let work = st.work(
             &self.stream,
@@ -171,6 +216,9 @@ impl CudaBackend {
             &epoch,
             &err
         );
+        let Some((released, _)) = out else {
+            return Ok(());
+        };
         if k > 0 {
             launch!(
                 self,
@@ -210,7 +258,7 @@ impl CudaBackend {
                 &err
             );
         }
-        Ok(count)
+        Ok(())
     }
 
     fn row_check(&self, g: &Geom, row: u64, row_len: usize, err: u64) -> Result<()> {
@@ -253,8 +301,8 @@ impl CudaBackend {
         if cached_len == 0 {
             return Ok(());
         }
-        let st = self.lock();
-        let err = st.err_ptr(&self.stream);
+        let mut st = self.lock();
+        let err = self.begin(&mut st, "kvs_score_knorm")?;
         self.row_check(&g, row, row_len, err)?;
         let c32 = cached_len as u32;
         launch!(
@@ -291,7 +339,7 @@ impl CudaBackend {
             c.div_ceil(cache.block_size)
         );
         let mut st = self.lock();
-        let err = st.err_ptr(&self.stream);
+        let err = self.begin(&mut st, "kvs_score_snapkv")?;
         let logits_bytes = hq * w * c * 4;
         let stats_bytes = hq * w * 2 * 4;
         let work = st.work(&self.stream, logits_bytes + stats_bytes + h * c * 4)?;
@@ -372,7 +420,8 @@ impl CudaBackend {
             "meta_len = {meta_len}; expected num_blocks * num_kv_heads * head_dim = {n}"
         );
         check_block_fill(cache, block, filled)?;
-        let _st = self.lock();
+        let mut st = self.lock();
+        self.begin(&mut st, "kvs_quest_update_block")?;
         let (b32, f32_) = (block as u32, filled as u32);
         launch!(
             self,
@@ -422,8 +471,8 @@ impl CudaBackend {
         if row_len == 0 {
             return Ok(());
         }
-        let st = self.lock();
-        let err = st.err_ptr(&self.stream);
+        let mut st = self.lock();
+        let err = self.begin(&mut st, "kvs_quest_bound")?;
         self.row_check(&g, row, row_len, err)?;
         let q32 = q_heads as u32;
         launch!(
@@ -469,7 +518,8 @@ impl CudaBackend {
             return Ok(());
         }
         let (sink_end, tail_start) = p.regions();
-        let _st = self.lock();
+        let mut st = self.lock();
+        let err = self.begin(&mut st, "kvs_select_tokens")?;
         let args = (
             c as u32,
             p.protected_len as u32,
@@ -487,7 +537,8 @@ impl CudaBackend {
             &args.2,
             &args.3,
             &args.4,
-            &keep
+            &keep,
+            &err
         );
         Ok(())
     }
@@ -515,12 +566,25 @@ impl CudaBackend {
             return Ok(());
         }
         let mut st = self.lock();
+        let err = self.begin(&mut st, "kvs_select_blocks_csr")?;
         let positions = st.work(&self.stream, nnz.max(1) * 4)?;
-        let (n32, keep, sink, recent) = (
+        let (n32, nnz32, keep, sink, recent) = (
             num_seqs as u32,
+            nnz as u32,
             p.keep_blocks as u32,
             p.sink_blocks as u32,
             p.recent_blocks as u32,
+        );
+        // The page table lives on the device: check_csr's rules, checked there.
+        launch!(
+            self,
+            "kvs_csr_check",
+            cfg((blocks_for(num_seqs, 256), 1, 1), 256),
+            &indptr,
+            &n32,
+            &nnz32,
+            &last_page_len,
+            &err
         );
         launch!(
             self,
@@ -529,7 +593,8 @@ impl CudaBackend {
             &indptr,
             &n32,
             &keep,
-            &out_indptr
+            &out_indptr,
+            &err
         );
         launch!(
             self,
@@ -545,7 +610,8 @@ impl CudaBackend {
             &out_indptr,
             &out_indices,
             &out_last_page_len,
-            &positions
+            &positions,
+            &err
         );
         Ok(())
     }
@@ -561,7 +627,8 @@ impl CudaBackend {
         pad: i32,
         out_row: u64,
         out_row_len: usize,
-    ) -> Result<usize> {
+        num_kept: *mut u32,
+    ) -> Result<()> {
         p.check()?;
         let kept = row_len.min(p.keep_blocks);
         if out_row_len < kept {
@@ -571,6 +638,8 @@ impl CudaBackend {
             ));
         }
         let mut st = self.lock();
+        let err = self.begin(&mut st, "kvs_select_blocks_row")?;
+        st.calls.last_mut().expect("just begun").out = Some((HostOut(num_kept), kept as u32));
         // Scratch: [indptr(2) | out_indptr(2) | last_page_len in/out (2) | positions(row_len)].
         let work = st.work(&self.stream, (6 + row_len.max(1)) * 4)?;
         let row_len32 = row_len as u32;
@@ -579,7 +648,8 @@ impl CudaBackend {
             "kvs_row_header",
             cfg((1, 1, 1), 32),
             &row_len32,
-            &work
+            &work,
+            &err
         );
         let (indptr, out_indptr, lpl_in, lpl_out, positions) =
             (work, work + 8, work + 16, work + 20, work + 24);
@@ -596,7 +666,8 @@ impl CudaBackend {
             &indptr,
             &one_seq,
             &keep,
-            &out_indptr
+            &out_indptr,
+            &err
         );
         launch!(
             self,
@@ -612,7 +683,8 @@ impl CudaBackend {
             &out_indptr,
             &out_row,
             &lpl_out,
-            &positions
+            &positions,
+            &err
         );
         let (from, len) = (kept as u32, out_row_len as u32);
         if out_row_len > kept {
@@ -623,9 +695,10 @@ impl CudaBackend {
                 &out_row,
                 &from,
                 &len,
-                &pad
+                &pad,
+                &err
             );
         }
-        Ok(kept)
+        Ok(())
     }
 }

@@ -21,6 +21,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "kvs_quest_update",
     "kvs_quest_bound",
     "kvs_select_tokens",
+    "kvs_csr_check",
     "kvs_csr_out_indptr",
     "kvs_select_blocks_csr",
     "kvs_row_header",

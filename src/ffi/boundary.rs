@@ -13,7 +13,12 @@ thread_local! {
 fn set_last_error(message: &str) {
     // Interior NULs would truncate the C string silently; make them visible instead.
     let clean = CString::new(message.replace('\0', "\\0")).expect("NULs were replaced");
-    LAST_ERROR.with(|e| *e.borrow_mut() = clean);
+    // During thread teardown the slot may be gone; the status still tells what happened.
+    let _ = LAST_ERROR.try_with(|e| {
+        if let Ok(mut slot) = e.try_borrow_mut() {
+            *slot = clean;
+        }
+    });
 }
 
 /// The message of the last failed call on this thread (empty when none failed).
@@ -21,9 +26,12 @@ pub fn last_error_message() -> String {
     LAST_ERROR.with(|e| e.borrow().to_string_lossy().into_owned())
 }
 
-/// Pointer to this thread's last-error message, valid until the next failing call here.
+/// Pointer to this thread's last-error message, valid until the next failing call here. While
+/// the thread is being torn down (its thread-locals gone) there is no message: `""`.
 pub(super) fn last_error_ptr() -> *const std::ffi::c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    LAST_ERROR
+        .try_with(|e| e.try_borrow().map(|m| m.as_ptr()).unwrap_or(c"".as_ptr()))
+        .unwrap_or(c"".as_ptr())
 }
 
 /// Run `body` for the ABI function `name`: errors become their status and set the message,
@@ -47,6 +55,26 @@ pub(super) fn ffi_boundary(name: &str, body: impl FnOnce() -> Result<()>) -> Sta
             Status::Panic
         }
     }
+}
+
+/// The panic boundary of exports that return no status (`kvs_*_free`): a panic is recorded as
+/// this thread's last error and never unwinds into C.
+pub(super) fn ffi_void_boundary(name: &str, body: impl FnOnce()) {
+    let _ = ffi_boundary(name, || {
+        body();
+        Ok(())
+    });
+}
+
+/// The panic boundary of exports that return a value rather than a status: `fallback` when
+/// `body` panics (the panic is recorded as this thread's last error).
+pub(super) fn ffi_value_boundary<T>(name: &str, fallback: T, body: impl FnOnce() -> T) -> T {
+    let mut out = None;
+    let _ = ffi_boundary(name, || {
+        out = Some(body());
+        Ok(())
+    });
+    out.unwrap_or(fallback)
 }
 
 /// Check that `ptr` is non-NULL and aligned for `T`; `name` is the C argument's name.
@@ -160,6 +188,18 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(last_error_message(), "kvs_main: main thread");
+    }
+
+    #[test]
+    fn exports_without_a_status_catch_panics_too() {
+        ffi_void_boundary("kvs_thing_free", || panic!("in drop"));
+        assert!(last_error_message().contains("kvs_thing_free"));
+        assert_eq!(
+            ffi_value_boundary("kvs_value", 7u32, || panic!("no value")),
+            7
+        );
+        assert!(last_error_message().contains("kvs_value"));
+        assert_eq!(ffi_value_boundary("kvs_value", 7u32, || 3), 3);
     }
 
     #[test]

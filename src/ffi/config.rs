@@ -1,6 +1,6 @@
 //! `kvs_config`: a parsed, validated TOML configuration.
 
-use super::boundary::{arg_cstr, ffi_boundary};
+use super::boundary::{arg_cstr, ffi_boundary, ffi_void_boundary};
 use crate::config::{Budget, Config, Policy, Pooling};
 use crate::error::Error;
 use crate::plan::Phase;
@@ -72,10 +72,12 @@ pub unsafe extern "C" fn kvs_config_from_file(
 /// `config` must be NULL or a handle from this library not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn kvs_config_free(config: *mut KvsConfig) {
-    if !config.is_null() {
-        // SAFETY: the caller passes a handle made by `publish` and frees it once.
-        drop(unsafe { Box::from_raw(config) });
-    }
+    ffi_void_boundary("kvs_config_free", || {
+        if !config.is_null() {
+            // SAFETY: the caller passes a handle made by `publish` and frees it once.
+            drop(unsafe { Box::from_raw(config) });
+        }
+    })
 }
 
 /// A config's parameters for one phase, for engines that drive the kernels themselves.

@@ -5,7 +5,8 @@
 //! pointer is host memory; on the CUDA backend tensor and buffer pointers are device memory and
 //! the small parameter structs stay on the host.
 
-use super::boundary::{check_typed_ptr, ffi_boundary};
+use super::boundary::{check_typed_ptr, ffi_boundary, ffi_void_boundary};
+use super::regions::{check_disjoint, Region};
 use crate::config::Pooling;
 use crate::error::{Error, Result};
 use crate::kernels::compact::{compact, Compaction};
@@ -142,10 +143,15 @@ pub unsafe extern "C" fn kvs_kernels_new_cpu(out: *mut *mut KvsKernels) -> Statu
 
 /// Make the CUDA backend on device `ordinal`, launching on `stream` (a `CUstream`; NULL for the
 /// default stream). With it, tensor and buffer pointers passed to the kernel entry points are
-/// device pointers, calls only enqueue work on the stream, and problems found in device-resident
-/// data (block ids, keep lists) are reported by `kvs_kernels_synchronize`; the call that found
-/// them writes nothing. Statuses: `KVS_STATUS_NOT_COMPILED` (built without the `cuda` feature),
-/// `KVS_STATUS_NO_CUDA_DRIVER` (no libcuda / libnvrtc), `KVS_STATUS_NO_DEVICE`.
+/// device pointers and calls only enqueue work on the stream. Everything checkable on the host
+/// (shapes, counts, overlapping buffers) fails the call itself, which then enqueues nothing.
+/// Problems in device-resident data (block ids, keep lists, CSR page tables) are found on the
+/// device and reported by `kvs_kernels_synchronize`, per call: the call that found one writes
+/// nothing (no device output, no host out-param), and the calls after it run normally. Host
+/// out-params (`*num_released`, `*num_kept`) are written by `kvs_kernels_synchronize` for the
+/// calls that passed, so keep them alive until it returns. Statuses: `KVS_STATUS_NOT_COMPILED`
+/// (built without the `cuda` feature), `KVS_STATUS_NO_CUDA_DRIVER` (no libcuda / libnvrtc),
+/// `KVS_STATUS_NO_DEVICE`.
 ///
 /// # Safety
 /// `out` must be writable; `stream` must be NULL or a live stream of that device that outlives
@@ -181,8 +187,10 @@ pub unsafe extern "C" fn kvs_kernels_new_cuda(
     })
 }
 
-/// Wait for the backend's work and report device-side validation failures since the last call
-/// (`KVS_STATUS_INVALID_ARGUMENT` with the offending index). A no-op on the CPU backend, whose
+/// Wait for the backend's work, write the host out-params of the calls that passed, and report
+/// the calls since the last synchronize whose device-side checks failed
+/// (`KVS_STATUS_INVALID_ARGUMENT`, naming each failed call by its number since the last
+/// synchronize, its entry point and the offending index). A no-op on the CPU backend, whose
 /// calls report everything synchronously.
 ///
 /// # Safety
@@ -205,10 +213,12 @@ pub unsafe extern "C" fn kvs_kernels_synchronize(kernels: *const KvsKernels) -> 
 /// `kernels` must be NULL or a live handle, freed once.
 #[no_mangle]
 pub unsafe extern "C" fn kvs_kernels_free(kernels: *mut KvsKernels) {
-    if !kernels.is_null() {
-        // SAFETY: made by `publish`, freed once by contract.
-        drop(unsafe { Box::from_raw(kernels) });
-    }
+    ffi_void_boundary("kvs_kernels_free", || {
+        if !kernels.is_null() {
+            // SAFETY: made by `publish`, freed once by contract.
+            drop(unsafe { Box::from_raw(kernels) });
+        }
+    })
 }
 
 /// The backend's device (a `kvs_device`) into `*out`.
@@ -322,9 +332,26 @@ pub unsafe extern "C" fn kvs_score_snapkv(
             pool_kernel: args.pool_kernel as usize,
             pool,
         };
+        let kv = KvCache::new(cache)?;
+        let nq = p
+            .window
+            .saturating_mul(p.num_q_heads)
+            .saturating_mul(kv.head_dim);
+        let [k, v] = Region::kv(&kv, false);
+        check_disjoint(&[
+            k,
+            v,
+            Some(Region::read("seq.row", seq.row, seq.row_len as usize)),
+            Some(Region::read(
+                "args.queries",
+                args.queries as *const u8,
+                nq * qdtype.size(),
+            )),
+            Some(Region::write("scores", scores, scores_len)),
+        ])?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &kernels.cuda {
-            let cache = KvCache::new(cache)?;
+            let cache = kv;
             check_typed_ptr(args.queries, qdtype, "args.queries")?;
             return cu.snapkv(
                 &cache,
@@ -338,7 +365,6 @@ pub unsafe extern "C" fn kvs_score_snapkv(
             );
         }
         let (cache, row) = host_inputs(kernels, cache, seq)?;
-        let nq = p.window * p.num_q_heads * cache.head_dim;
         p.check(&cache, nq, scores_len)?;
         check_typed_ptr(args.queries, qdtype, "args.queries")?;
         // SAFETY: the caller promises window * num_q_heads * head_dim elements.
@@ -367,6 +393,13 @@ pub unsafe extern "C" fn kvs_score_knorm(
             arg_ref!(cache, "cache"),
             arg_ref!(seq, "seq"),
         );
+        let [k, v] = Region::kv(&KvCache::new(cache)?, false);
+        check_disjoint(&[
+            k,
+            v,
+            Some(Region::read("seq.row", seq.row, seq.row_len as usize)),
+            Some(Region::write("scores", scores, scores_len)),
+        ])?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &kernels.cuda {
             let cache = KvCache::new(cache)?;
@@ -413,6 +446,10 @@ pub unsafe extern "C" fn kvs_select_tokens(
             protected_tail: a.protected_tail as usize,
             selected: a.selected as usize,
         };
+        check_disjoint(&[
+            Some(Region::read("scores", scores, scores_len)),
+            Some(Region::write("keep", keep, keep_len)),
+        ])?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &_kernels.cuda {
             return cu.select_tokens(
@@ -457,56 +494,130 @@ pub unsafe extern "C" fn kvs_compact(
 ) -> Status {
     ffi_boundary("kvs_compact", || {
         let num_released = arg_out!(num_released, "num_released");
-        let (kernels, cache, seq) = (
-            arg_ref!(kernels, "kernels"),
-            arg_ref!(cache, "cache"),
-            arg_ref!(seq, "seq"),
-        );
-        #[cfg(feature = "cuda")]
-        if let Some(cu) = &kernels.cuda {
-            let cache = KvCache::new(cache)?;
-            let n = cu.compact(
-                &cache,
-                addr(seq.row),
-                seq.row_len as usize,
-                seq.cached_len as usize,
-                seq.protected_len as usize,
-                addr(keep),
+        let out = Some((released, num_released));
+        // SAFETY: forwarded caller pointers, as documented above.
+        unsafe {
+            compaction(
+                kernels,
+                cache,
+                seq,
+                keep,
                 keep_len,
-                selected as usize,
-                addr(released),
+                selected,
                 released_cap,
-            )?;
-            // SAFETY: checked by `arg_out!`.
-            unsafe { *num_released = n as u32 };
-            return Ok(());
+                out,
+            )
         }
-        let (cache, row) = host_inputs(kernels, cache, seq)?;
-        let req = Compaction {
-            row,
-            cached_len: seq.cached_len as usize,
-            protected_len: seq.protected_len as usize,
-            keep: arg_slice!(keep, keep_len, "keep"),
-            selected: selected as usize,
-        };
-        let range = req.check(&cache)?;
-        if released_cap < range.len() {
-            return Err(Error::new(
-                Status::BufferTooSmall,
-                format!(
-                    "released holds {released_cap} ids; this compaction releases {}",
-                    range.len()
-                ),
-            ));
-        }
-        let out = arg_slice_mut!(released, released_cap, "released");
-        // SAFETY: validated cache of live host tensors.
-        let range = unsafe { compact(&cache, &req)? };
-        out[..range.len()].copy_from_slice(&row[range.clone()]);
-        // SAFETY: checked by `arg_out!`.
-        unsafe { *num_released = range.len() as u32 };
-        Ok(())
     })
+}
+
+/// Validate a compaction exactly as `kvs_compact` would (same arguments, with `released_cap`
+/// the capacity the real call will pass), moving and writing nothing: an engine checks every
+/// layer of an event this way before the first byte of any layer moves. On the CUDA backend the
+/// checks of device-resident data are reported by `kvs_kernels_synchronize`.
+///
+/// # Safety
+/// Pointers as documented on `kvs_compact`.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_compact_check(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    seq: *const SequenceDesc,
+    keep: *const u32,
+    keep_len: usize,
+    selected: u32,
+    released_cap: usize,
+) -> Status {
+    ffi_boundary("kvs_compact_check", || {
+        // SAFETY: forwarded caller pointers, as documented on kvs_compact.
+        unsafe {
+            compaction(
+                kernels,
+                cache,
+                seq,
+                keep,
+                keep_len,
+                selected,
+                released_cap,
+                None,
+            )
+        }
+    })
+}
+
+/// The body of `kvs_compact` (`out` = the released ids and their count) and of
+/// `kvs_compact_check` (`out` = None: validate only).
+#[allow(clippy::too_many_arguments)]
+unsafe fn compaction(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    seq: *const SequenceDesc,
+    keep: *const u32,
+    keep_len: usize,
+    selected: u32,
+    released_cap: usize,
+    out: Option<(*mut i32, *mut u32)>,
+) -> Result<()> {
+    let (kernels, cache, seq) = (
+        arg_ref!(kernels, "kernels"),
+        arg_ref!(cache, "cache"),
+        arg_ref!(seq, "seq"),
+    );
+    let [k, v] = Region::kv(&KvCache::new(cache)?, true);
+    check_disjoint(&[
+        k,
+        v,
+        Some(Region::read("seq.row", seq.row, seq.row_len as usize)),
+        Some(Region::read("keep", keep, keep_len)),
+        out.map(|(r, _)| Region::write("released", r, released_cap)),
+        out.map(|(_, n)| Region::write("num_released", n, 1)),
+    ])?;
+    #[cfg(feature = "cuda")]
+    if let Some(cu) = &kernels.cuda {
+        let cache = KvCache::new(cache)?;
+        // `*num_released` is written at kvs_kernels_synchronize, once the device-side checks
+        // of this call are known to have passed.
+        return cu.compact(
+            &cache,
+            addr(seq.row),
+            seq.row_len as usize,
+            seq.cached_len as usize,
+            seq.protected_len as usize,
+            addr(keep),
+            keep_len,
+            selected as usize,
+            released_cap,
+            out.map(|(r, n)| (addr(r), n)),
+        );
+    }
+    let (cache, row) = host_inputs(kernels, cache, seq)?;
+    let req = Compaction {
+        row,
+        cached_len: seq.cached_len as usize,
+        protected_len: seq.protected_len as usize,
+        keep: arg_slice!(keep, keep_len, "keep"),
+        selected: selected as usize,
+    };
+    let range = req.check(&cache)?;
+    if released_cap < range.len() {
+        return Err(Error::new(
+            Status::BufferTooSmall,
+            format!(
+                "released holds {released_cap} ids; this compaction releases {}",
+                range.len()
+            ),
+        ));
+    }
+    let Some((released, num_released)) = out else {
+        return Ok(());
+    };
+    let ids = arg_slice_mut!(released, released_cap, "released");
+    // SAFETY: validated cache of live host tensors.
+    let range = unsafe { compact(&cache, &req)? };
+    ids[..range.len()].copy_from_slice(&row[range.clone()]);
+    // SAFETY: checked by `arg_out!` in kvs_compact.
+    unsafe { *num_released = range.len() as u32 };
+    Ok(())
 }
 
 /// Recompute Quest metadata of physical block `block` from its first `filled` slots into
@@ -526,6 +637,13 @@ pub unsafe extern "C" fn kvs_quest_update_block(
 ) -> Status {
     ffi_boundary("kvs_quest_update_block", || {
         let (kernels, cache) = (arg_ref!(kernels, "kernels"), arg_ref!(cache, "cache"));
+        let [k, v] = Region::kv(&KvCache::new(cache)?, false);
+        check_disjoint(&[
+            k,
+            v,
+            Some(Region::write("block_min", block_min, meta_len)),
+            Some(Region::write("block_max", block_max, meta_len)),
+        ])?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &kernels.cuda {
             let cache = KvCache::new(cache)?;
@@ -581,6 +699,18 @@ pub unsafe extern "C" fn kvs_quest_bound(
             arg_ref!(seq, "seq"),
         );
         let qd = DType::from_u32(query_dtype, "query_dtype")?;
+        let nq = (num_q_heads as usize).saturating_mul(KvCache::new(cache)?.head_dim);
+        check_disjoint(&[
+            Some(Region::read("seq.row", seq.row, seq.row_len as usize)),
+            Some(Region::read("query", query as *const u8, nq * qd.size())),
+            Some(Region::read("block_min", block_min, meta_len)),
+            Some(Region::read("block_max", block_max, meta_len)),
+            Some(Region::write(
+                "block_scores",
+                block_scores,
+                block_scores_len,
+            )),
+        ])?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &kernels.cuda {
             let cache = KvCache::new(cache)?;
@@ -600,7 +730,6 @@ pub unsafe extern "C" fn kvs_quest_bound(
             );
         }
         let (cache, row) = host_inputs(kernels, cache, seq)?;
-        let nq = num_q_heads as usize * cache.head_dim;
         check_typed_ptr(query, qd, "query")?;
         // SAFETY: the caller promises num_q_heads * head_dim elements.
         let q = unsafe { to_f32_vec(query as *const u8, qd, nq) };
@@ -645,6 +774,15 @@ pub unsafe extern "C" fn kvs_select_blocks_csr(
             sink_blocks: a.sink_blocks as usize,
             recent_blocks: a.recent_blocks as usize,
         };
+        check_disjoint(&[
+            Some(Region::read("indptr", indptr, n + 1)),
+            Some(Region::read("indices", indices, nnz)),
+            Some(Region::read("last_page_len", last_page_len, n)),
+            Some(Region::read("block_scores", block_scores, nnz)),
+            Some(Region::write("out_indptr", out_indptr, n + 1)),
+            Some(Region::write("out_indices", out_indices, out_indices_cap)),
+            Some(Region::write("out_last_page_len", out_last_page_len, n)),
+        ])?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &_kernels.cuda {
             return cu.select_blocks_csr(
@@ -702,9 +840,17 @@ pub unsafe extern "C" fn kvs_select_blocks_row(
             sink_blocks: a.sink_blocks as usize,
             recent_blocks: a.recent_blocks as usize,
         };
+        check_disjoint(&[
+            Some(Region::read("row", row, row_len as usize)),
+            Some(Region::read("block_scores", block_scores, row_len as usize)),
+            Some(Region::write("out_row", out_row, out_row_len as usize)),
+            Some(Region::write("num_kept", num_kept, 1)),
+        ])?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &_kernels.cuda {
-            let kept = cu.select_blocks_row(
+            // `*num_kept` is written at kvs_kernels_synchronize, like every output of this
+            // backend.
+            return cu.select_blocks_row(
                 addr(row),
                 row_len as usize,
                 addr(block_scores),
@@ -712,10 +858,8 @@ pub unsafe extern "C" fn kvs_select_blocks_row(
                 pad,
                 addr(out_row),
                 out_row_len as usize,
-            )?;
-            // SAFETY: checked by `arg_out!`.
-            unsafe { *num_kept = kept as u32 };
-            return Ok(());
+                num_kept,
+            );
         }
         let kept = select_blocks_row(
             arg_slice!(row, row_len, "row"),

@@ -14,6 +14,7 @@ mod config;
 mod info;
 mod kernels;
 mod plan;
+mod regions;
 
 pub use boundary::last_error_message;
 pub use config::*;

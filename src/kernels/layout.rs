@@ -215,14 +215,26 @@ impl KvCache {
             let ts = or_default(desc.token_stride, ts0);
             let hs = or_default(desc.head_stride, hs0);
             let bstr = or_default(desc.block_stride, bs0);
-            check_no_alias(
-                &mut [
-                    (ts, bs, "token_stride"),
-                    (hs, h, "head_stride"),
-                    (bstr, desc.num_blocks as usize, "block_stride"),
-                ],
-                d,
-            )?;
+            let mut dims = [
+                (ts, bs, "token_stride"),
+                (hs, h, "head_stride"),
+                (bstr, desc.num_blocks as usize, "block_stride"),
+            ];
+            check_no_alias(&mut dims, d)?;
+            // K and V may interleave (FlashInfer's [num_blocks, 2, ...] pages) but never share
+            // an element: V's base, seen from K's, must not be a difference of two offsets.
+            let delta = (desc.v as i128 - desc.k as i128) / align as i128;
+            let mut nested: Vec<(i128, i128)> = dims
+                .iter()
+                .map(|&(s, n, _)| (s as i128, n as i128))
+                .collect();
+            nested.push((1, d as i128));
+            nested.sort_by_key(|&(s, _)| std::cmp::Reverse(s));
+            ensure_arg!(
+                !is_offset_difference(delta, &nested),
+                "cache.v - cache.k = {delta} elements: V elements would share memory with K \
+                 elements under these strides; K and V must be disjoint"
+            );
             (bstr, ts, hs, desc.v as *mut u8)
         };
         let span = (desc.num_blocks as usize)
@@ -247,6 +259,22 @@ impl KvCache {
             token_stride,
             head_stride,
         })
+    }
+
+    /// Elements from the K (or V) base to one past the last element the cache addresses.
+    pub fn extent_elems(&self) -> usize {
+        let (nb, h, bs, d) = (
+            self.num_blocks,
+            self.num_kv_heads,
+            self.block_size,
+            self.head_dim,
+        );
+        let last = (nb - 1) * self.block_stride + (h - 1) * self.head_stride;
+        if self.layout.packed() {
+            last + 2 * bs * d
+        } else {
+            last + (bs - 1) * self.token_stride + d
+        }
     }
 
     /// True when the `head_dim` elements of one (block, head, slot) are contiguous in K and V.
@@ -305,6 +333,22 @@ fn or_default(v: u64, default: usize) -> usize {
 
 /// Strided dims (stride, extent) around a contiguous `head_dim`: sorted by stride, each must
 /// clear the full extent of the one inside it, so no two coordinates share an element.
+/// Whether `delta` is the difference of two offsets `Σ i_k s_k` (`0 <= i_k < n_k`) of the
+/// dims `(s_k, n_k)`, sorted by stride descending and nested (each stride at least the span of
+/// the dims after it, as `check_no_alias` ensures): the remainder after a digit must fit the
+/// dims below it, which leaves two candidate digits per level.
+fn is_offset_difference(delta: i128, dims: &[(i128, i128)]) -> bool {
+    match dims.split_first() {
+        None => delta == 0,
+        Some((&(s, n), rest)) => {
+            let q = delta.div_euclid(s);
+            [q, q + 1]
+                .iter()
+                .any(|&t| t.abs() < n && is_offset_difference(delta - t * s, rest))
+        }
+    }
+}
+
 fn check_no_alias(dims: &mut [(usize, usize, &str)], head_dim: usize) -> Result<()> {
     dims.sort_by_key(|d| d.0);
     let mut inner = head_dim;
@@ -405,6 +449,69 @@ mod tests {
         d.block_stride = 2 * page as u64;
         let c = KvCache::new(&d).unwrap();
         assert_eq!(c.v_offset(1, 0, 0, 0) + page, 3 * page);
+    }
+
+    #[test]
+    fn overlapping_k_and_v_are_refused_element_by_element() {
+        // NHD, 3 blocks of 16 x 2 heads x 32: one K tensor spans 3 * 1024 elements.
+        let mut buf = vec![0f32; 8192];
+        let base = buf.as_mut_ptr();
+        let at = |i: usize| unsafe { base.add(i) } as *mut c_void;
+        // V starting inside K's range: shares elements (shift by one head, one token, one block,
+        // or a single element) -> refused.
+        for shift in [1, 32, 64, 1024, 2047, 3071] {
+            let e = KvCache::new(&desc(Layout::Nhd, DType::F32, at(0), at(shift))).unwrap_err();
+            assert!(
+                e.message.contains("cache.v - cache.k"),
+                "{shift}: {}",
+                e.message
+            );
+            let e = KvCache::new(&desc(Layout::Nhd, DType::F32, at(shift), at(0))).unwrap_err();
+            assert!(
+                e.message.contains("cache.v - cache.k"),
+                "-{shift}: {}",
+                e.message
+            );
+        }
+        // Right after K, or in the gaps of a strided K (every other head slot), is disjoint.
+        assert!(KvCache::new(&desc(Layout::Nhd, DType::F32, at(0), at(3072))).is_ok());
+        let mut gappy = desc(Layout::Nhd, DType::F32, at(0), at(32));
+        gappy.head_stride = 64;
+        gappy.token_stride = 128;
+        gappy.block_stride = 2048;
+        let c = KvCache::new(&gappy).unwrap();
+        assert_bijective(&c, 2 * 2048 + 64);
+    }
+
+    #[test]
+    fn extent_ends_at_the_last_addressed_element() {
+        let mut buf = vec![0f32; 8192];
+        let (k, v) = (
+            buf.as_mut_ptr() as *mut c_void,
+            unsafe { buf.as_mut_ptr().add(4096) } as *mut c_void,
+        );
+        for layout in [Layout::Nhd, Layout::Hnd] {
+            let c = KvCache::new(&desc(layout, DType::F32, k, v)).unwrap();
+            assert_eq!(c.extent_elems(), 3 * 16 * 2 * 32);
+        }
+        let c = KvCache::new(&desc(
+            Layout::VllmCpuVec,
+            DType::F32,
+            k,
+            std::ptr::null_mut(),
+        ))
+        .unwrap();
+        assert_eq!(c.extent_elems(), 3 * 2 * 2 * 16 * 32);
+        let max = (0..3)
+            .flat_map(|b| {
+                (0..2).flat_map(move |h| {
+                    (0..16).flat_map(move |s| (0..32).map(move |d| (b, h, s, d)))
+                })
+            })
+            .map(|(b, h, s, d)| c.k_offset(b, h, s, d).max(c.v_offset(b, h, s, d)))
+            .max()
+            .unwrap();
+        assert_eq!(c.extent_elems(), max + 1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ import os
 from ctypes import POINTER, Structure, byref, c_char_p, c_size_t, c_uint32, c_uint64, c_void_p
 from pathlib import Path
 
-ABI_VERSION = 1  # KVS_ABI_VERSION of the header this binding mirrors
+ABI_VERSION = 2  # KVS_ABI_VERSION of the header this binding mirrors
 
 PHASE_PREFILL, PHASE_DECODE = 0, 1
 DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -110,6 +110,8 @@ class Library:
                                   c_void_p, c_size_t],
             "kvs_compact": [c_void_p, POINTER(KvCache), POINTER(Sequence), c_void_p, c_size_t,
                             c_uint32, c_void_p, c_size_t, POINTER(c_uint32)],
+            "kvs_compact_check": [c_void_p, POINTER(KvCache), POINTER(Sequence), c_void_p, c_size_t,
+                                  c_uint32, c_size_t],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes = args
@@ -181,6 +183,12 @@ class CpuKernels:
         self._lib.check(self._lib._lib.kvs_compact(self._handle, byref(cache), byref(seq), keep_ptr, keep_len,
                                                    selected, released_ptr, released_cap, byref(n)))
         return n.value
+
+    def compact_check(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
+                      released_cap: int) -> None:
+        """Validate `compact` with the same arguments without moving anything."""
+        self._lib.check(self._lib._lib.kvs_compact_check(self._handle, byref(cache), byref(seq), keep_ptr, keep_len,
+                                                         selected, released_cap))
 
     def compress(self, cache: KvCache, seq: Sequence, policy: str, params: PolicyParams, sel: TokenSelect,
                  queries, scores, keep, released) -> int:
