@@ -52,7 +52,8 @@ def main() -> None:
         out = real_schedule(*args, **kwargs)
         prof["schedule_s"] += time.perf_counter() - t0
         prompt = decode = pairs = decode_ctx = 0
-        offsets = sched.__dict__.get("_kvsieve", {}).get("reqs", {})
+        side = sched.__dict__.get("_kvsieve")
+        offsets = side.reqs if side is not None else {}
         for rid, n in out.num_scheduled_tokens.items():
             req = sched.requests[rid]
             before = req.num_computed_tokens - n  # schedule() already advanced it

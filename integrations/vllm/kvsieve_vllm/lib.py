@@ -12,6 +12,8 @@ import os
 from ctypes import POINTER, Structure, byref, c_char_p, c_size_t, c_uint32, c_uint64, c_void_p
 from pathlib import Path
 
+from . import faults
+
 ABI_VERSION = 2  # KVS_ABI_VERSION of the header this binding mirrors
 
 PHASE_PREFILL, PHASE_DECODE = 0, 1
@@ -165,50 +167,59 @@ class CpuKernels:
             self._lib._lib.kvs_kernels_free(self._handle)
             self._handle = c_void_p()
 
+    def _call(self, name: str, *args) -> None:
+        if faults.hit("lib"):
+            raise KvsieveError("KVS_STATUS_INVALID_ARGUMENT", f"{name}: injected fault (KVSIEVE_FAULTS lib)")
+        self._lib.check(getattr(self._lib._lib, name)(self._handle, *args))
+
     def score_knorm(self, cache: KvCache, seq: Sequence, scores_ptr: int, n: int) -> None:
-        self._lib.check(self._lib._lib.kvs_score_knorm(self._handle, byref(cache), byref(seq), scores_ptr, n))
+        self._call("kvs_score_knorm", byref(cache), byref(seq), scores_ptr, n)
 
     def score_snapkv(self, cache: KvCache, seq: Sequence, args: SnapKvArgs, scores_ptr: int, n: int) -> None:
-        self._lib.check(self._lib._lib.kvs_score_snapkv(self._handle, byref(cache), byref(seq), byref(args),
-                                                        scores_ptr, n))
+        self._call("kvs_score_snapkv", byref(cache), byref(seq), byref(args), scores_ptr, n)
 
     def select_tokens(self, scores_ptr: int | None, n_scores: int, heads: int, sel: TokenSelect,
                       keep_ptr: int, keep_len: int) -> None:
-        self._lib.check(self._lib._lib.kvs_select_tokens(self._handle, scores_ptr, n_scores, heads, byref(sel),
-                                                         keep_ptr, keep_len))
+        self._call("kvs_select_tokens", scores_ptr, n_scores, heads, byref(sel), keep_ptr, keep_len)
 
     def compact(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
                 released_ptr: int, released_cap: int) -> int:
         n = c_uint32()
-        self._lib.check(self._lib._lib.kvs_compact(self._handle, byref(cache), byref(seq), keep_ptr, keep_len,
-                                                   selected, released_ptr, released_cap, byref(n)))
+        self._call("kvs_compact", byref(cache), byref(seq), keep_ptr, keep_len, selected, released_ptr,
+                   released_cap, byref(n))
         return n.value
 
     def compact_check(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
                       released_cap: int) -> None:
         """Validate `compact` with the same arguments without moving anything."""
-        self._lib.check(self._lib._lib.kvs_compact_check(self._handle, byref(cache), byref(seq), keep_ptr, keep_len,
-                                                         selected, released_cap))
+        self._call("kvs_compact_check", byref(cache), byref(seq), keep_ptr, keep_len, selected, released_cap)
 
-    def compress(self, cache: KvCache, seq: Sequence, policy: str, params: PolicyParams, sel: TokenSelect,
-                 queries, scores, keep, released) -> int:
+    def select(self, cache: KvCache, seq: Sequence, policy: str, params: PolicyParams, sel: TokenSelect,
+               queries, scores, keep, n_scores: int | None = None, n_keep: int | None = None) -> None:
         """One layer of one sequence: score by `policy` (snapkv with `queries`, float32
-        [window, q_heads, head_dim]; knorm; streaming needs no scores), keep `sel.selected`
-        tokens per KV head and compact them to the front of the row. `scores`, `keep` and
-        `released` are caller-owned buffers (heads * cached_len float32, heads * selected int32,
-        row_len int32). Returns the number of blocks released."""
+        [window, q_heads, head_dim]; knorm; streaming needs no scores) into `scores` and keep
+        `sel.selected` tokens per KV head into `keep` (caller-owned: heads * cached_len float32,
+        heads * selected int32; `n_scores`/`n_keep` when the buffers are longer)."""
+        n_scores = scores.numel() if n_scores is None else n_scores
+        n_keep = keep.numel() if n_keep is None else n_keep
         scores_ptr = None
         if policy == "knorm":
-            self.score_knorm(cache, seq, scores.data_ptr(), scores.numel())
+            self.score_knorm(cache, seq, scores.data_ptr(), n_scores)
             scores_ptr = scores.data_ptr()
         elif policy == "snapkv":
-            args = SnapKvArgs(queries=queries.data_ptr(), queries_dtype=DTYPE["float32"], window=params.window,
+            args = SnapKvArgs(queries=queries.data_ptr(), queries_dtype=DTYPE["float32"], window=queries.shape[0],
                               num_q_heads=queries.shape[1], pool_kernel=params.pool_kernel, pool=params.pool)
-            self.score_snapkv(cache, seq, args, scores.data_ptr(), scores.numel())
+            self.score_snapkv(cache, seq, args, scores.data_ptr(), n_scores)
             scores_ptr = scores.data_ptr()
         elif policy != "streaming":
             raise KvsieveError("KVS_STATUS_INVALID_ARGUMENT", f"policy {policy!r} does not evict tokens")
-        self.select_tokens(scores_ptr, scores.numel(), cache.num_kv_heads, sel, keep.data_ptr(), keep.numel())
+        self.select_tokens(scores_ptr, n_scores, cache.num_kv_heads, sel, keep.data_ptr(), n_keep)
+
+    def compress(self, cache: KvCache, seq: Sequence, policy: str, params: PolicyParams, sel: TokenSelect,
+                 queries, scores, keep, released) -> int:
+        """`select`, then compact the kept tokens to the front of the row (`released`: row_len
+        int32). Returns the number of blocks released."""
+        self.select(cache, seq, policy, params, sel, queries, scores, keep)
         return self.compact(cache, seq, keep.data_ptr(), keep.numel(), sel.selected, released.data_ptr(),
                             released.numel())
 

@@ -1,45 +1,63 @@
 """The vLLM plugin entry point: `register()` patches a stock vLLM 0.32 (v1 engine, V1 model
-runner) so that each request's KV cache is compressed when its prefill ends, without a fork.
+runner) so that each request's KV cache is compressed, without a fork.
 
 vLLM calls `register()` (entry point group `vllm.general_plugins`) in every process it starts.
 It does nothing unless KVSIEVE_CONFIG names a kvsieve TOML file. When enabled it checks first
-that every name it patches exists and that the setup is one it supports, and only then patches,
-so it never half-patches. The patched functions live in `scheduler` (Scheduler.schedule),
-`worker` (the model runner) and `backends.cpu_attn` (the attention forward); DESIGN.md §5.
+that every name it patches or relies on exists, loads the library and validates the config, and
+only then patches, so it never half-patches. Setups kvsieve cannot serve are refused while the
+engine starts (`checks`), before the first request. The patched functions live in `scheduler`
+(vLLM's Scheduler), `worker` (the model runner) and `backends.cpu_attn` (the attention
+forward); they talk through `protocol` (DESIGN.md §5, §9).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
+from . import faults, scheduler, worker
 from . import settings as _settings_mod
 from .backends import cpu_attn
 from .checks import UnsupportedSetup, check_version
 from .lib import PHASE_DECODE, PHASE_PREFILL
-from .scheduler import wrap_schedule
 from .settings import Settings
 from .stats import stats
-from .worker import wrap_execute_model, wrap_prepare_inputs, wrap_update_states
 
 logger = logging.getLogger("vllm.kvsieve")
 
-# (module, class, attribute) of everything patched, with its wrapper factory; a test asserts
-# every name exists.
+_SCHED = ("vllm.v1.core.sched.scheduler", "Scheduler")
+_RUNNER = ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner")
+# (module, class, attribute) of everything patched, with its wrapper factory.
 PATCHES = {
-    ("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"): wrap_schedule,
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_update_states"): wrap_update_states,
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_prepare_inputs"): wrap_prepare_inputs,
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model"): wrap_execute_model,
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "forward"): cpu_attn.wrap_forward,
+    (*_SCHED, "__init__"): scheduler.wrap_init,
+    (*_SCHED, "schedule"): scheduler.wrap_schedule,
+    (*_SCHED, "update_from_output"): scheduler.wrap_update_from_output,
+    (*_SCHED, "_preempt_request"): scheduler.wrap_preempt_request,
+    (*_SCHED, "_free_request"): scheduler.wrap_free_request,
+    (*_RUNNER, "initialize_kv_cache"): worker.wrap_initialize_kv_cache,
+    (*_RUNNER, "_update_states"): worker.wrap_update_states,
+    (*_RUNNER, "_prepare_inputs"): worker.wrap_prepare_inputs,
+    (*_RUNNER, "execute_model"): worker.wrap_execute_model,
+    (*_RUNNER, "sample_tokens"): worker.wrap_sample_tokens,
+    cpu_attn.PATCH: cpu_attn.wrap_forward,
 }
 PATCHED = list(PATCHES)
+# (module, dotted name) of what the patches call or read without patching it.
 RELIED_UPON = [
-    ("vllm.v1.core.block_pool", "BlockPool", "free_blocks"),
-    ("vllm.v1.core.block_pool", "BlockPool", "_maybe_evict_cached_block"),
-    ("vllm.v1.worker.block_table", "BlockTable", "compute_slot_mapping"),
-    ("vllm.v1.worker.block_table", "MultiGroupBlockTable", "add_row"),
-    ("vllm.model_executor.models.utils", "extract_layer_index", "__call__"),
+    ("vllm.v1.core.block_pool", "BlockPool.free_blocks"),
+    ("vllm.v1.core.block_pool", "BlockPool._maybe_evict_cached_block"),
+    ("vllm.v1.worker.block_table", "BlockTable.compute_slot_mapping"),
+    ("vllm.v1.worker.block_table", "MultiGroupBlockTable.add_row"),
+    ("vllm.v1.outputs", "ModelRunnerOutput"),
+    ("vllm.v1.outputs", "EMPTY_MODEL_RUNNER_OUTPUT"),
+    ("vllm.v1.request", "RequestStatus.RUNNING"),
+    ("vllm.v1.request", "RequestStatus.FINISHED_ABORTED"),
+    ("vllm.v1.kv_cache_interface", "FullAttentionSpec"),
+    ("vllm.distributed.parallel_state", "get_tp_group"),
+    ("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa"),
+    ("vllm._custom_ops", "cpu_attn_reshape_and_cache"),
+    ("vllm.platforms", "current_platform"),
 ]
 
 _registered = False
@@ -47,21 +65,23 @@ _registered = False
 __all__ = ["PATCHED", "RELIED_UPON", "UnsupportedSetup", "check_names", "register", "stats"]
 
 
-def _resolve(module: str, cls: str, attr: str):
-    import importlib
-
+def _resolve(module: str, path: str):
+    """The object at `module.path`, or UnsupportedSetup naming what is missing."""
     try:
-        owner = getattr(importlib.import_module(module), cls)
-        getattr(owner, attr)
+        obj = importlib.import_module(module)
+        for part in path.split("."):
+            obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
-        raise UnsupportedSetup(f"{module}.{cls}.{attr} is missing ({e}); kvsieve is mapped on vLLM 0.32") from e
-    return owner
+        raise UnsupportedSetup(f"{module}.{path} is missing ({e}); kvsieve is mapped on vLLM 0.32") from e
+    return obj
 
 
 def check_names() -> None:
     """Every name kvsieve patches or relies on exists (raises UnsupportedSetup otherwise)."""
-    for entry in PATCHED + RELIED_UPON:
-        _resolve(*entry)
+    for module, cls, attr in PATCHED:
+        _resolve(module, f"{cls}.{attr}")
+    for module, path in RELIED_UPON:
+        _resolve(module, path)
 
 
 def register() -> None:
@@ -73,7 +93,8 @@ def register() -> None:
     check_version()
     check_names()
     new_settings = Settings(path)  # loads the library and validates the config first
-    owners = {entry: _resolve(*entry) for entry in PATCHED}
+    faults.arm_from_env()
+    owners = {entry: _resolve(entry[0], entry[1]) for entry in PATCHED}
     for entry, owner in owners.items():
         orig = getattr(owner, entry[2])
         wrapped = PATCHES[entry](orig)

@@ -1,15 +1,28 @@
-"""The scheduler side: decides every compression event and hands the released blocks to vLLM.
+"""The scheduler side: decides every compression event, and hands blocks back to vLLM only for
+events the workers acknowledged.
 
-After vLLM schedules a step, each scheduled request whose prefill ends in it (or, with
-`[decode]`, whose decode re-compression falls due in it) is planned (`kvs_plan_keep_count`); an
-event that releases blocks fixes the request's protected prefix (its leading blocks shared with
-other requests through the prefix cache, never rewritten), removes the blocks it will rewrite
-from the prefix cache and stops caching the request's later blocks, so no request ever reads
-rewritten KV through the cache. The event rides on the `SchedulerOutput` to the workers. Before
-vLLM schedules the next step, the block list is rewritten (the evicted positions hold the null
-block, right after the protected prefix, so the non-null blocks in order are the physical row)
-and the released blocks go back to vLLM's block pool. The list keeps its logical length, so
-vLLM's own allocation accounting needs no change.
+Patched on vLLM's `Scheduler`:
+- `__init__`: refuses unsupported setups (`checks.check_scheduler`) while the engine starts.
+- `schedule`: first preempts requests whose last event was torn (they recompute); after vLLM
+  schedules the step, plans the events that fall due in it (a prefill or recompute that ends,
+  a decode re-compression that is due) and the SnapKV window captures, all from lengths
+  (`kvs_plan_keep_count`), and attaches them as one `protocol.StepPlan`.
+- `update_from_output`: before vLLM reads the step's output, applies each event's `Ack`: DONE
+  rewrites the block list (the evicted positions hold the null block right after the protected
+  prefix, so the non-null blocks in order are the worker's row; the list keeps its logical
+  length, so vLLM's allocation accounting needs no change) and frees the released blocks;
+  FAILED or no ack leaves the request uncompressed; TORN marks it for recompute.
+- `_preempt_request` / `_free_request`: the PREEMPTED / FINISHED / ABORTED transitions.
+
+An event that releases blocks fixes the request's protected prefix (leading blocks shared with
+other requests through the prefix cache, never rewritten), removes the blocks it may rewrite
+from the prefix cache and stops caching the request's later blocks, all before the workers
+move anything, so no request ever reads rewritten KV through the cache.
+
+Containment: every kvsieve step here runs inside a try; a failure disables kvsieve for the
+request involved (it runs on uncompressed, logged once per kind, counted in stats) and vLLM's
+own code runs as it would without kvsieve. A request whose event failed or tore is not
+compressed again.
 """
 
 from __future__ import annotations
@@ -17,61 +30,253 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 
-from .checks import UnsupportedSetup, check_engine
-from .lib import PHASE_DECODE, PHASE_PREFILL, KvsieveError
+from . import faults, protocol
+from .checks import check_scheduler
+from .lib import PHASE_DECODE, PHASE_PREFILL
+from .protocol import Capture, Event, Outcome, StepAcks, StepPlan
 from .settings import settings
+from .state import Record, State
 from .stats import SCHEDULER_STATS
 
 logger = logging.getLogger("vllm.kvsieve")
 
 LOG_EVERY_STEPS = 100
+TIMELINE_LIMIT = 256
 
-
-@dataclass
-class _ReqState:
-    at_len: int  # num_computed_tokens when the last event was planned
-    offset: int = 0  # evicted tokens (logical - cached)
-    protected: int = 0  # leading cached tokens never rewritten (frozen at the first event)
-    frozen: bool = False
-    pending: object = None  # the plan of an event announced to the workers, applied next step
-
-
-# Never cache a compressed request's later blocks: its cached tokens no longer sit at the
-# positions their prefix-cache hashes describe.
+# Never cache a compressed request's later blocks: its later KV was computed attending over a
+# compressed cache, so it is not what the prefix-cache hash of those tokens promises.
 _NEVER_CACHE = 1 << 62
 
 
-def wrap_schedule(orig):
-    def schedule(self, *args, **kwargs):
-        st = self.__dict__.get("_kvsieve")
-        if st is None:
-            check_engine(self.vllm_config)
-            mgrs = self.kv_cache_manager.coordinator.single_type_managers
-            if len(mgrs) != 1:
-                raise UnsupportedSetup(f"{len(mgrs)} KV cache groups; kvsieve maps a single full-attention group")
-            st = self._kvsieve = {"reqs": {}, "steps": 0}
-        t0 = time.perf_counter()
-        changed = _apply_pending(self, st["reqs"])
-        SCHEDULER_STATS.seconds += time.perf_counter() - t0
-        out = orig(self, *args, **kwargs)
-        t0 = time.perf_counter()
-        mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
-        out.kvsieve_rows = {
-            rid: ([b.block_id for b in mgr.req_to_blocks[rid] if not b.is_null], st["reqs"][rid].offset)
-            for rid in changed if rid in mgr.req_to_blocks
-        }
-        out.kvsieve_events = _announce_events(self, st["reqs"], out)
-        SCHEDULER_STATS.seconds += time.perf_counter() - t0
-        st["steps"] += 1
-        if st["steps"] % LOG_EVERY_STEPS == 0 and SCHEDULER_STATS.compressions:
-            s = SCHEDULER_STATS.as_dict()
-            logger.info("kvsieve: %d compressions, %d blocks released, kept %.1f%% of %d tokens",
-                        s["compressions"], s["blocks_released"], 100 * s["kept_ratio"], s["tokens_before"])
-        return out
+class SchedulerSide:
+    """kvsieve's state in one vLLM Scheduler."""
 
-    return schedule
+    def __init__(self) -> None:
+        self.reqs: dict[str, Record] = {}
+        self.to_preempt: set[str] = set()
+        self.steps = 0
+        self.logged: set[str] = set()
+
+    # -- containment ---------------------------------------------------------------------------
+
+    def log_once(self, key: str, msg: str, *args) -> None:
+        if key not in self.logged:
+            self.logged.add(key)
+            logger.warning("kvsieve: " + msg + " (logged once per kind; counted in kvsieve stats)", *args)
+
+    def disable(self, rec: Record, kind: str, reason: str) -> None:
+        """No more events for this request; it runs on uncompressed (or as compressed so far)."""
+        rec.disabled = reason
+        SCHEDULER_STATS.failed[kind] += 1
+        SCHEDULER_STATS.request(rec.req_id)["disabled"] = reason
+        self.log_once(kind, "request %s is no longer compressed: %s", rec.req_id, reason)
+
+    def record(self, rid: str) -> Record:
+        rec = self.reqs.get(rid)
+        if rec is None:
+            rec = self.reqs[rid] = Record(rid)
+        return rec
+
+    # -- before vLLM schedules -----------------------------------------------------------------
+
+    def preempt_torn(self, sched) -> None:
+        """Requests whose KV an event left half compacted recompute from scratch."""
+        from vllm.v1.request import RequestStatus
+
+        for rid in sorted(self.to_preempt):
+            self.to_preempt.discard(rid)
+            req = sched.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING or req not in sched.running:
+                continue
+            sched.running.remove(req)
+            sched._preempt_request(req, time.monotonic())
+            # As vLLM's own reset_prefix_cache does: preempted and resumed in one step, the
+            # request must look unscheduled in the prior step (the worker gets its full state).
+            sched.prev_step_scheduled_req_ids.discard(rid)
+            SCHEDULER_STATS.counts["recomputed_after_torn_event"] += 1
+
+    # -- after vLLM schedules ------------------------------------------------------------------
+
+    def plan(self, sched, out) -> StepPlan:
+        faults.check("schedule")
+        plan = StepPlan()
+        for rid, n in out.num_scheduled_tokens.items():
+            req = sched.requests.get(rid)
+            if req is None:
+                continue
+            rec = self.record(rid)
+            try:
+                self._plan_request(sched, req, rec, n, plan)
+            except Exception as e:
+                plan.events.pop(rid, None)
+                plan.captures.pop(rid, None)
+                if rec.state == State.PENDING:
+                    rec.go(State.DECODING)
+                self.disable(rec, "scheduler", f"planning its event failed: {type(e).__name__}: {e}")
+        return plan
+
+    def _plan_request(self, sched, req, rec: Record, n: int, plan: StepPlan) -> None:
+        s = settings()
+        if rec.state == State.PREEMPTED:
+            rec.go(State.RESUMED)
+            rec.restart()
+        computed = req.num_computed_tokens  # already advanced by this step's schedule
+        if rec.prefilling:
+            if rec.first_computed is None:
+                rec.first_computed = computed - n
+            target = req.num_tokens  # the prompt, or prompt + output so far when recomputing
+            window = s.params[PHASE_PREFILL].window if s.policy[PHASE_PREFILL] == "snapkv" else 0
+            if window and not rec.disabled:
+                start = max(0, target - window)
+                lo, hi = max(start, computed - n), min(target, computed)
+                if lo < hi:
+                    plan.captures[rec.req_id] = Capture(rec.req_id, start, target, lo, hi)
+            if computed < target:
+                rec.go(State.PREFILLING if rec.state == State.ADMITTED else rec.state)
+                return
+            if rec.state == State.RESUMED:
+                _timeline(rec.req_id, ["recompute", computed])
+            phase = PHASE_PREFILL
+        elif rec.state in (State.DECODING, State.COMPRESSED):
+            if rec.disabled or s.params[PHASE_DECODE].policy == 0 or computed <= rec.at_len:
+                return
+            phase = PHASE_DECODE
+        else:
+            return  # TORN (waiting for its preemption) or an unexpected state: nothing to plan
+        rec.at_len = computed
+        resting = State.COMPRESSED if rec.state == State.COMPRESSED else State.DECODING
+        if rec.disabled:
+            rec.go(resting)
+            return
+        mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
+        bs = mgr.block_size
+        blocks = mgr.req_to_blocks.get(rec.req_id, [])
+        protected = rec.protected if rec.frozen else min(_shared_prefix_blocks(blocks) * bs, computed - rec.offset)
+        p = s.config.plan(computed, computed - rec.offset, protected, bs, phase)
+        if p.released_blocks == 0:
+            rec.go(resting)
+            return
+        window = None
+        if s.policy[phase] == "snapkv":
+            start = max(0, computed - s.params[phase].window, rec.first_computed or 0)
+            window = (start, computed)
+            if start > computed - s.params[phase].window:
+                SCHEDULER_STATS.counts["partial_snapkv_windows"] += 1
+        if not rec.frozen:
+            rec.protected, rec.frozen = protected, True
+            mgr.num_cached_block[rec.req_id] = _NEVER_CACHE
+            SCHEDULER_STATS.request(rec.req_id)["protected_tokens"] = protected
+        # Blocks from the protected prefix on may be rewritten: out of the prefix cache before
+        # the workers move anything (an abort can free them before the event is acknowledged).
+        pool = sched.kv_cache_manager.block_pool
+        for b in blocks[protected // bs:]:
+            if not b.is_null:
+                pool._maybe_evict_cached_block(b)
+        if rec.state == State.RESUMED:
+            SCHEDULER_STATS.counts["recompressions_after_preemption"] += 1
+        plan.events[rec.req_id] = Event(rec.req_id, phase, computed, rec.offset, protected, int(p.kept_tokens),
+                                        int(p.released_blocks), window)
+        rec.go(State.PENDING)
+        SCHEDULER_STATS.counts["events_announced"] += 1
+
+    # -- before vLLM reads the step's output ---------------------------------------------------
+
+    def apply_acks(self, sched, scheduler_output, runner_output) -> None:
+        plan = protocol.read(scheduler_output, StepPlan)
+        if plan is None or not plan.events:
+            return
+        got = protocol.read(runner_output, StepAcks)
+        acks = got.acks if got is not None else {}
+        for rid, ev in plan.events.items():
+            rec = self.reqs.get(rid)
+            if rec is None or rec.state != State.PENDING:
+                continue  # finished or aborted while its event ran
+            ack = acks.get(rid)
+            try:
+                if ack is None:
+                    rec.go(State.COMPRESSED if rec.events else State.DECODING)
+                    self.disable(rec, "lost", "the workers never acknowledged its event (lost between scheduler "
+                                 "and worker); nothing was freed")
+                elif ack.outcome == Outcome.DONE:
+                    self._apply_done(sched, rec, ev)
+                elif ack.outcome == Outcome.FAILED:
+                    rec.go(State.COMPRESSED if rec.events else State.DECODING)
+                    self.disable(rec, "worker", f"a worker refused its event, KV intact: {ack.reason}")
+                else:
+                    self._tear(rec, f"a worker moved only some layers: {ack.reason}")
+            except Exception as e:
+                self._tear(rec, f"applying its event failed: {type(e).__name__}: {e}")
+
+    def _tear(self, rec: Record, reason: str) -> None:
+        if rec.state != State.TORN:
+            rec.go(State.TORN)
+        self.to_preempt.add(rec.req_id)
+        self.disable(rec, "torn", reason + "; it will recompute its KV uncompressed")
+
+    def _apply_done(self, sched, rec: Record, ev: Event) -> None:
+        """The workers compacted: rewrite the block list and free the released blocks. Every
+        check runs before the list changes."""
+        mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
+        pool = sched.kv_cache_manager.block_pool
+        bs = mgr.block_size
+        blocks = mgr.req_to_blocks.get(rec.req_id)
+        pb, nulls = rec.protected // bs, rec.offset // bs
+        cached = ev.logical_len - rec.offset
+        if blocks is None or ev.offset != rec.offset or ev.protected != rec.protected:
+            raise RuntimeError(f"the request's blocks or lengths changed while its event ran (offset {rec.offset} "
+                               f"vs {ev.offset})")
+        physical = blocks[:pb] + blocks[pb + nulls:]
+        old, new = math.ceil(cached / bs), math.ceil(ev.kept_tokens / bs)
+        if (any(not b.is_null for b in blocks[pb:pb + nulls]) or len(physical) < old
+                or any(b.is_null for b in physical)):
+            raise RuntimeError(f"its block list ({len(blocks)} entries, {pb} protected, {nulls} null) does not hold "
+                               f"{cached} cached tokens")
+        released = physical[new:old]
+        if len(released) != ev.released_blocks:
+            raise RuntimeError(f"{len(released)} blocks to release, the plan said {ev.released_blocks}")
+        mgr.req_to_blocks[rec.req_id] = (physical[:pb] + [pool.null_block] * (nulls + len(released))
+                                         + physical[pb:new] + physical[old:])
+        pool.free_blocks(reversed(released))
+        rec.offset += ev.logical_len - rec.offset - ev.kept_tokens
+        rec.events += 1
+        rec.go(State.COMPRESSED)
+        SCHEDULER_STATS.compressed(rec.req_id, cached, cached - ev.kept_tokens, len(released))
+        _timeline(rec.req_id, ["event", ev.logical_len, ev.phase, ev.kept_tokens, ev.protected])
+
+    # -- vLLM's own transitions ----------------------------------------------------------------
+
+    def preempted(self, request) -> None:
+        rec = self.reqs.get(request.request_id)
+        if rec is not None:
+            rec.go(State.PREEMPTED)
+            self.to_preempt.discard(request.request_id)
+            SCHEDULER_STATS.counts["preemptions"] += 1
+
+    def freed(self, request) -> None:
+        from vllm.v1.request import RequestStatus
+
+        rec = self.reqs.pop(request.request_id, None)
+        self.to_preempt.discard(request.request_id)
+        if rec is None:
+            return
+        rec.go(State.ABORTED if request.status == RequestStatus.FINISHED_ABORTED else State.FINISHED)
+        SCHEDULER_STATS.request(rec.req_id)["states"] = [s.value for s in rec.history]
+
+    def log_progress(self) -> None:
+        self.steps += 1
+        if self.steps % LOG_EVERY_STEPS == 0 and (SCHEDULER_STATS.compressions or SCHEDULER_STATS.failed):
+            s = SCHEDULER_STATS.as_dict()
+            logger.info("kvsieve: %d compressions, %d blocks released, kept %.1f%% of %d tokens, events not done: %s",
+                        s["compressions"], s["blocks_released"], 100 * s["kept_ratio"], s["tokens_before"],
+                        s["events_failed"] or "none")
+
+
+def _timeline(req_id: str, entry: list) -> None:
+    """What happened to a request's cache, in order, for tests and debugging (bounded)."""
+    line = SCHEDULER_STATS.request(req_id).setdefault("timeline", [])
+    line.append(entry)
+    del line[:-TIMELINE_LIMIT]
 
 
 def _shared_prefix_blocks(blocks) -> int:
@@ -82,98 +287,83 @@ def _shared_prefix_blocks(blocks) -> int:
     return n
 
 
-def _announce_events(sched, reqs: dict, out) -> dict:
-    """After vLLM scheduled a step: plan the events that fall due in it. Returns
-    {request id: (phase, protected tokens, offset)} for the workers, who run them after the
-    step's forward."""
-    cfg = settings().config
-    mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
-    pool = sched.kv_cache_manager.block_pool
-    bs = mgr.block_size
-    decode_on = settings().params[PHASE_DECODE].policy != 0
-    events = {}
-    for rid in out.num_scheduled_tokens:
-        req = sched.requests.get(rid)
-        if req is None:
-            continue
-        length = req.num_computed_tokens  # already advanced by this step's schedule
-        s = reqs.get(rid)
-        if s is not None and length < s.at_len:
-            del reqs[rid]  # preempted and recomputing from scratch: plan again
-            s = None
-        if s is None:
-            if length != req.num_prompt_tokens:
-                continue
-            phase = PHASE_PREFILL
-            s = reqs[rid] = _ReqState(at_len=length)
-        elif decode_on and length > s.at_len and s.pending is None:
-            phase = PHASE_DECODE
-            s.at_len = length
-        else:
-            continue
-        blocks = mgr.req_to_blocks.get(rid, [])
-        protected = s.protected if s.frozen else min(_shared_prefix_blocks(blocks) * bs, length - s.offset)
-        plan = cfg.plan(length, length - s.offset, protected, bs, phase)
-        if plan.released_blocks == 0:
-            continue
-        if not s.frozen:
-            s.protected, s.frozen = protected, True
-            mgr.num_cached_block[rid] = _NEVER_CACHE
-        # Blocks from the protected prefix on are rewritten by this event: out of the prefix
-        # cache before any later schedule can hit them.
-        for b in blocks[protected // bs:]:
-            if not b.is_null:
-                pool._maybe_evict_cached_block(b)
-        s.pending = (phase, plan)
-        events[rid] = (phase, protected, s.offset)
-    return events
+def _side(sched) -> SchedulerSide | None:
+    return sched.__dict__.get("_kvsieve")
 
 
-def _apply_pending(sched, reqs: dict) -> set:
-    """Before vLLM schedules: rewrite the block lists of the events the workers ran after the
-    last step and free the released blocks. Returns the request ids whose rows changed."""
-    mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
-    pool = sched.kv_cache_manager.block_pool
-    bs = mgr.block_size
-    running = {q.request_id for q in sched.running}
-    changed = set()
-    for rid in list(reqs):
-        s = reqs[rid]
-        if rid not in sched.requests:
-            del reqs[rid]  # finished or aborted: vLLM freed its blocks
-            continue
-        if s.pending is None:
-            continue
-        _phase, plan = s.pending
-        s.pending = None
-        if rid not in running or rid not in mgr.req_to_blocks:
-            continue  # preempted before the rewrite: it recomputes from scratch
-        blocks = mgr.req_to_blocks[rid]
-        pb, nulls = s.protected // bs, s.offset // bs
-        physical = blocks[:pb] + blocks[pb + nulls:]
-        cached = s.at_len - s.offset
-        old, new = math.ceil(cached / bs), math.ceil(plan.kept_tokens / bs)
-        if (any(not b.is_null for b in blocks[pb:pb + nulls]) or len(physical) < old
-                or any(b.is_null for b in physical)):
-            raise KvsieveError("KVS_STATUS_INVALID_ARGUMENT",
-                               f"request {rid}: block list ({len(blocks)} entries, {pb} protected, {nulls} "
-                               f"null) does not hold {cached} cached tokens; the engine state is not what "
-                               "kvsieve expects")
-        released = physical[new:old]
-        mgr.req_to_blocks[rid] = (physical[:pb] + [pool.null_block] * (nulls + len(released))
-                                  + physical[pb:new] + physical[old:])
-        pool.free_blocks(reversed(released))
-        s.offset += int(plan.evicted_tokens)
-        SCHEDULER_STATS.compressions += 1
-        SCHEDULER_STATS.tokens_before += cached
-        SCHEDULER_STATS.tokens_evicted += int(plan.evicted_tokens)
-        SCHEDULER_STATS.blocks_released += len(released)
-        entry = SCHEDULER_STATS.per_request.setdefault(
-            rid, {"events": 0, "tokens_evicted": 0, "blocks_released": 0, "protected_tokens": s.protected})
-        entry["events"] += 1
-        entry["tokens_evicted"] += int(plan.evicted_tokens)
-        entry["blocks_released"] += len(released)
-        changed.add(rid)
-    return changed
+def _contained(side: SchedulerSide, what: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as e:
+        side.log_once("internal:" + what, "%s failed (%s: %s); vLLM continues without kvsieve for the requests "
+                      "involved", what, type(e).__name__, e)
+        SCHEDULER_STATS.failed["internal"] += 1
 
 
+def wrap_init(orig):
+    def __init__(self, *args, **kwargs):
+        orig(self, *args, **kwargs)
+        check_scheduler(self)  # refusals raise here, while the engine starts
+        self._kvsieve = SchedulerSide()
+
+    return __init__
+
+
+def wrap_schedule(orig):
+    def schedule(self, *args, **kwargs):
+        side = _side(self)
+        if side is None:
+            return orig(self, *args, **kwargs)
+        t0 = time.perf_counter()
+        _contained(side, "preempting requests with torn events", side.preempt_torn, self)
+        SCHEDULER_STATS.seconds += time.perf_counter() - t0
+        out = orig(self, *args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            plan = side.plan(self, out)
+        except Exception as e:
+            plan = StepPlan()
+            for rec in side.reqs.values():
+                if rec.state == State.PENDING:
+                    rec.go(State.COMPRESSED if rec.events else State.DECODING)
+            side.log_once("schedule", "planning a step failed (%s: %s); no event this step", type(e).__name__, e)
+            SCHEDULER_STATS.failed["scheduler"] += 1
+        setattr(out, protocol.ATTR, plan)
+        SCHEDULER_STATS.seconds += time.perf_counter() - t0
+        side.log_progress()
+        return out
+
+    return schedule
+
+
+def wrap_update_from_output(orig):
+    def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
+        side = _side(self)
+        if side is not None:
+            t0 = time.perf_counter()
+            _contained(side, "applying acknowledged events", side.apply_acks, self, scheduler_output,
+                       model_runner_output)
+            SCHEDULER_STATS.seconds += time.perf_counter() - t0
+        return orig(self, scheduler_output, model_runner_output, *args, **kwargs)
+
+    return update_from_output
+
+
+def wrap_preempt_request(orig):
+    def _preempt_request(self, request, *args, **kwargs):
+        side = _side(self)
+        if side is not None:
+            _contained(side, "tracking a preemption", side.preempted, request)
+        return orig(self, request, *args, **kwargs)
+
+    return _preempt_request
+
+
+def wrap_free_request(orig):
+    def _free_request(self, request, *args, **kwargs):
+        side = _side(self)
+        if side is not None:
+            _contained(side, "tracking a finished request", side.freed, request)
+        return orig(self, request, *args, **kwargs)
+
+    return _free_request

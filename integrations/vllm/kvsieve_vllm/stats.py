@@ -1,21 +1,51 @@
-"""kvsieve's counters in one process: the scheduler side (blocks released back to vLLM) and the
-worker side (tokens evicted, time spent compacting)."""
+"""kvsieve's counters in one process: the scheduler side (events planned, blocks released back
+to vLLM, failures by reason) and the worker side (tokens evicted, time spent compacting).
+
+Memory stays bounded however long the engine runs: aggregates are plain counters and
+`per_request` keeps the `PER_REQUEST_LIMIT` most recently updated requests.
+"""
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+
+PER_REQUEST_LIMIT = 1024
 
 
 @dataclass
 class Stats:
-    """Aggregate counters of one process (worker or scheduler side)."""
+    """Aggregate counters of one side (worker or scheduler) in this process."""
 
     compressions: int = 0
     tokens_before: int = 0
     tokens_evicted: int = 0
     blocks_released: int = 0
     seconds: float = 0.0
-    per_request: dict = field(default_factory=dict)
+    failed: Counter = field(default_factory=Counter)  # events not done, by reason
+    counts: Counter = field(default_factory=Counter)  # other events worth counting, by name
+    per_request: OrderedDict = field(default_factory=OrderedDict)
+
+    def request(self, req_id: str) -> dict:
+        """The per-request entry (made on first use), moved to the most recent end."""
+        entry = self.per_request.pop(req_id, None)
+        if entry is None:
+            entry = {"events": 0, "tokens_evicted": 0, "blocks_released": 0}
+        self.per_request[req_id] = entry
+        while len(self.per_request) > PER_REQUEST_LIMIT:
+            self.per_request.popitem(last=False)
+        return entry
+
+    def compressed(self, req_id: str, cached: int, evicted: int, released: int) -> dict:
+        self.compressions += 1
+        self.tokens_before += cached
+        self.tokens_evicted += evicted
+        self.blocks_released += released
+        entry = self.request(req_id)
+        entry["events"] += 1
+        entry["tokens_evicted"] += evicted
+        entry["blocks_released"] += released
+        return entry
 
     def as_dict(self) -> dict:
         ratio = (self.tokens_before - self.tokens_evicted) / self.tokens_before if self.tokens_before else 1.0
@@ -26,7 +56,9 @@ class Stats:
             "blocks_released": self.blocks_released,
             "kept_ratio": ratio,
             "seconds_in_kvsieve": self.seconds,
-            "per_request": dict(self.per_request),
+            "events_failed": dict(self.failed),
+            "counts": dict(self.counts),
+            "per_request": {k: dict(v) for k, v in self.per_request.items()},
         }
 
 
@@ -35,6 +67,6 @@ WORKER_STATS = Stats()
 
 
 def stats() -> dict:
-    """Counters of this process: `scheduler` (blocks released back to vLLM) and `worker` (tokens
-    evicted and compaction time). In vLLM's in-process mode both live here."""
+    """Counters of this process: `scheduler` (events, blocks released back to vLLM, failures)
+    and `worker` (tokens evicted, compaction time). In vLLM's in-process mode both live here."""
     return {"scheduler": SCHEDULER_STATS.as_dict(), "worker": WORKER_STATS.as_dict()}

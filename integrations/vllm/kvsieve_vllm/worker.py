@@ -1,49 +1,107 @@
-"""The worker side: installs compacted rows and offsets, keeps positions logical while slots
-and sequence lengths follow the physical row, and runs the events the scheduler attached to a
-step after that step's forward (score, select and compact every layer with libkvsieve).
+"""The worker side: runs the events the scheduler attached to a step after that step's forward,
+acknowledges each one, and keeps positions logical while slots and sequence lengths follow the
+compacted row.
 
-- `GPUModelRunner._update_states` (shared by `CPUModelRunner`): installs those rows and
-  offsets; forgets offsets of new, resumed (recomputing) and finished requests.
-- `GPUModelRunner._prepare_inputs`: positions stay logical (RoPE); slot mapping and sequence
-  lengths use `position - offset`.
-- `GPUModelRunner.execute_model`: after the forward of a step, runs the events. The scheduler
-  frees the tail blocks at its next `schedule`, after the data has moved; both sides derive the
-  kept count from the same lengths (`kvs_plan_keep_count`).
+Patched on `GPUModelRunner` (shared by `CPUModelRunner`):
+- `initialize_kv_cache`: checks the KV tensors and their packing (`checks.check_runner`) and
+  sets up this runner's kvsieve state.
+- `_update_states`: forgets offsets and windows of new, resumed (recomputing) and finished
+  requests.
+- `_prepare_inputs`: positions stay logical (RoPE); slot mapping and sequence lengths use
+  `position - offset`; maps this step's SnapKV window captures to batch rows.
+- `execute_model`: the forward with window capture on, then the step's events.
+- `sample_tokens`: attaches the step's acknowledgements to the `ModelRunnerOutput`.
+
+An event runs in two phases so that a failure never leaves a request half compacted:
+1. prepare: plan from the same lengths as the scheduler, then score, select and validate
+   (`kvs_compact_check`) every layer; nothing is written to the KV cache;
+2. move: compact every layer, then install the shortened row and the offset.
+With tensor parallelism every worker holds its own KV heads, so the workers agree (an
+all-reduce over the tensor-parallel CPU group) after each phase: an event moves only if every
+worker prepared it, and its acknowledgement is the worst outcome any worker had. A failure in
+phase 1 is FAILED (nothing moved anywhere); in phase 2 it is TORN (the scheduler preempts the
+request, which recomputes its KV from scratch). Nothing here raises into vLLM.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from copy import copy
+from dataclasses import dataclass
 
-from .backends.cpu_attn import CAPTURE, plan_capture
-from .checks import UnsupportedSetup
-from .lib import KvsieveError
+from . import capture, faults, protocol
+from .backends import cpu_attn
+from .checks import check_runner
+from .lib import LAYOUT, CpuKernels, Sequence, TokenSelect
+from .protocol import Ack, Outcome, StepAcks, StepPlan
 from .settings import settings
 from .stats import WORKER_STATS
 
+logger = logging.getLogger("vllm.kvsieve")
 
-def _offsets(runner) -> dict:
-    return runner.__dict__.setdefault("_kvsieve_offsets", {})
+
+class WorkerState:
+    """kvsieve's state in one model runner, made when vLLM allocates the KV cache."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers  # [(layer name, KV tensor)] in cache order
+        self.names = [name for name, _ in layers]
+        self.desc = [cpu_attn.describe(t) for _, t in layers]
+        self.block_size = self.desc[0].block_size
+        self.heads = self.desc[0].num_kv_heads
+        self.kernels = CpuKernels(settings().lib)
+        self.offsets: dict[str, int] = {}
+        self.windows = capture.Windows()
+        self.acks: StepAcks | None = None  # this step's, until a ModelRunnerOutput carries them
+        self.logged: set[str] = set()
+        self.rank = _tp_rank()
+        layout = next(k for k, v in LAYOUT.items() if v == self.desc[0].layout)
+        logger.info("kvsieve worker rank %d: %d layers, %d KV heads per layer, block size %d, layout %s (%s)",
+                    self.rank, len(layers), self.heads, self.block_size, layout, layers[0][1].dtype)
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        return get_tp_group().rank_in_group
+    except Exception:
+        return 0
+
+
+def _state(runner) -> WorkerState | None:
+    return runner.__dict__.get("_kvsieve")
+
+
+def _log_once(st: WorkerState, key: str, msg: str, *args) -> None:
+    if key not in st.logged:
+        st.logged.add(key)
+        logger.warning(msg, *args)
+
+
+def wrap_initialize_kv_cache(orig):
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        out = orig(self, kv_cache_config, *args, **kwargs)
+        # Refusals raise here, while the engine starts: before the first request.
+        self._kvsieve = WorkerState(check_runner(self))
+        return out
+
+    return initialize_kv_cache
 
 
 def wrap_update_states(orig):
     def _update_states(self, scheduler_output):
         ret = orig(self, scheduler_output)
-        offs = _offsets(self)
-        forget = set(scheduler_output.finished_req_ids)
-        forget |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
-        forget |= {r.req_id for r in scheduler_output.scheduled_new_reqs}
-        for rid in forget:
-            offs.pop(rid, None)
-        for rid, (row, offset) in (getattr(scheduler_output, "kvsieve_rows", None) or {}).items():
-            state = self.requests.get(rid)
-            if state is None:
-                continue
-            state.block_ids = (list(row),)
-            idx = self.input_batch.req_id_to_index.get(rid)
-            if idx is not None:
-                self.input_batch.block_table.add_row((list(row),), idx)
-            offs[rid] = offset
+        st = _state(self)
+        if st is not None:
+            forget = set(scheduler_output.finished_req_ids)
+            forget |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+            forget |= {r.req_id for r in scheduler_output.scheduled_new_reqs}
+            for rid in forget:
+                st.offsets.pop(rid, None)
+            st.windows.forget(forget)
         return ret
 
     return _update_states
@@ -52,115 +110,245 @@ def wrap_update_states(orig):
 def wrap_prepare_inputs(orig):
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = orig(self, scheduler_output, num_scheduled_tokens)
-        plan_capture(self, num_scheduled_tokens)
-        offs = _offsets(self)
-        if not offs:
+        st = _state(self)
+        if st is None:
             return out
-        import torch
-
-        num_reqs = self.input_batch.num_reqs
-        per_req = torch.tensor([offs.get(r, 0) for r in self.input_batch.req_ids[:num_reqs]], dtype=torch.int64)
-        if not bool(per_req.any()):
-            return out
-        total = scheduler_output.total_num_scheduled_tokens
-        self.seq_lens[:num_reqs] -= per_req.to(self.seq_lens.dtype)
-        self.optimistic_seq_lens_cpu[:num_reqs] -= per_req.to(self.optimistic_seq_lens_cpu.dtype)
-        req_idx = self.req_indices.gpu[:total].to(torch.int64)
-        physical = self.positions[:total] - per_req[req_idx].to(self.positions.dtype)
-        self.input_batch.block_table.compute_slot_mapping(num_reqs, self.query_start_loc.gpu[: num_reqs + 1], physical)
+        plan = protocol.read(scheduler_output, StepPlan)
+        try:
+            st.windows.plan_step(self, plan.captures if plan else {}, num_scheduled_tokens)
+        except Exception as e:
+            _log_once(st, "capture-plan", "kvsieve: planning SnapKV window capture failed (%s); those requests stay "
+                      "uncompressed", e)
+            st.windows.rows = []
+        if st.offsets:
+            # Not contained: without the offsets a compacted request would read wrong slots.
+            _apply_offsets(self, st, scheduler_output)
         return out
 
     return _prepare_inputs
 
 
+def _apply_offsets(runner, st: WorkerState, scheduler_output) -> None:
+    import torch
+
+    num_reqs = runner.input_batch.num_reqs
+    per_req = torch.tensor([st.offsets.get(r, 0) for r in runner.input_batch.req_ids[:num_reqs]], dtype=torch.int64)
+    if not bool(per_req.any()):
+        return
+    total = scheduler_output.total_num_scheduled_tokens
+    req_idx = runner.req_indices.gpu[:total].to(torch.int64)
+    physical = runner.positions[:total] - per_req[req_idx].to(runner.positions.dtype)
+    runner.seq_lens[:num_reqs] -= per_req.to(runner.seq_lens.dtype)
+    runner.optimistic_seq_lens_cpu[:num_reqs] -= per_req.to(runner.optimistic_seq_lens_cpu.dtype)
+    runner.input_batch.block_table.compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
+
+
 def wrap_execute_model(orig):
     def execute_model(self, scheduler_output, *args, **kwargs):
-        out = orig(self, scheduler_output, *args, **kwargs)
-        events = getattr(scheduler_output, "kvsieve_events", None)
-        if events:
-            t0 = time.perf_counter()
-            for rid, (phase, protected, offset) in events.items():
-                state = self.requests.get(rid)
-                if state is None:
-                    continue
-                length = state.num_computed_tokens + scheduler_output.num_scheduled_tokens[rid]
-                _compact_request(self, rid, phase, length, offset, protected)
-            WORKER_STATS.seconds += time.perf_counter() - t0
-        for rid in list(CAPTURE["queries"]):
-            state = self.requests.get(rid)
-            if state is None or state.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(rid, 0) >= len(
-                state.prompt_token_ids or ()
-            ):
-                del CAPTURE["queries"][rid]  # prefill over: the window served its event (if any)
-        return out
+        st = _state(self)
+        if st is None:
+            return orig(self, scheduler_output, *args, **kwargs)
+        st.windows.rows = []
+        st.acks = None
+        capture.ACTIVE = st.windows
+        try:
+            out = orig(self, scheduler_output, *args, **kwargs)
+        finally:
+            capture.ACTIVE = None
+        plan = protocol.read(scheduler_output, StepPlan)
+        if plan is not None and (plan.events or plan.captures):
+            if plan.events:
+                t0 = time.perf_counter()
+                st.acks = StepAcks(run_events(self, st, scheduler_output, plan))
+                WORKER_STATS.seconds += time.perf_counter() - t0
+            st.windows.end_step(plan.captures)
+        return _attach(st, out)
 
     return execute_model
 
 
-def _layer_caches(runner):
-    caches = [t for t in runner.kv_caches if t is not None]
-    if not caches:
-        raise UnsupportedSetup("the model runner holds no KV cache tensors")
-    for t in caches:
-        if t.dim() != 4 or t.device.type != "cpu" or not t.is_contiguous():
-            raise UnsupportedSetup(f"KV cache tensor of shape {tuple(t.shape)} on {t.device}; kvsieve maps "
-                                   "vLLM's CPU_ATTN cache [num_blocks, kv_heads, block_size, 2*head_dim]")
-    return caches
+def wrap_sample_tokens(orig):
+    def sample_tokens(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        st = _state(self)
+        return out if st is None else _attach(st, out)
+
+    return sample_tokens
 
 
-def _compact_request(runner, rid: str, phase: int, length: int, offset: int, protected: int) -> None:
-    """Run one event the scheduler announced: plan it again from the same lengths and score,
-    select and compact every layer. `length` logical tokens, `offset` of them evicted earlier,
-    the first `protected` cached tokens never touched."""
+def _attach(st: WorkerState, out):
+    """Put the step's acknowledgements on the ModelRunnerOutput that goes to the scheduler."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+    if st.acks is None or not isinstance(out, ModelRunnerOutput):
+        return out
+    if out is EMPTY_MODEL_RUNNER_OUTPUT:
+        out = copy(out)  # never write to vLLM's shared empty output
+    setattr(out, protocol.ATTR, st.acks)
+    st.acks = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Events.
+
+
+@dataclass
+class _Job:
+    """A prepared event: every layer's keep list, validated against the cache."""
+
+    req_id: str
+    cached: int
+    kept: int
+    evicted: int
+    released: int
+    row: list
+    row_tensor: object  # int32 copy of `row` that `seq` points into
+    seq: Sequence
+    selected: int
+    keeps: list
+
+
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dict[str, Ack]:
+    """Run this step's events; returns an Ack per event received. Never raises."""
+    acks: dict[str, Ack] = {}
+    events = []
+    for ev in plan.events.values():
+        if faults.hit("drop_event"):
+            continue  # lost in transit: the scheduler hears nothing about it
+        events.append(ev)
+    jobs: dict[str, _Job] = {}
+    for ev in events:
+        try:
+            jobs[ev.req_id] = _prepare(runner, st, scheduler_output, ev)
+        except Exception as e:
+            acks[ev.req_id] = Ack(ev.req_id, Outcome.FAILED, _reason(e))
+    ready = _agree([0 if ev.req_id in jobs else 1 for ev in events])
+    for ev, flag in zip(events, ready):
+        if flag and ev.req_id in jobs:
+            del jobs[ev.req_id]
+            acks[ev.req_id] = Ack(ev.req_id, Outcome.FAILED, "another tensor-parallel worker could not prepare it")
+    for rid, job in jobs.items():
+        try:
+            _move(runner, st, job)
+            acks[rid] = Ack(rid, Outcome.DONE)
+        except Exception as e:
+            acks[rid] = Ack(rid, Outcome.TORN, _reason(e))
+    final = _agree([int(acks[ev.req_id].outcome) for ev in events])
+    for ev, worst in zip(events, final):
+        if worst > acks[ev.req_id].outcome:
+            acks[ev.req_id] = Ack(ev.req_id, Outcome(worst), "another tensor-parallel worker moved only some layers")
+    for ev in events:
+        st.windows.forget([ev.req_id])
+        ack = acks[ev.req_id]
+        if ack.outcome == Outcome.DONE:
+            job = jobs[ev.req_id]
+            if not WORKER_STATS.compressions:
+                logger.info("kvsieve: first compression (request %s: %d -> %d cached tokens) (rank %d)", ev.req_id,
+                            job.cached, job.kept, st.rank)
+            entry = WORKER_STATS.compressed(ev.req_id, job.cached, job.evicted, job.released)
+            entry["kept_tokens"] = job.kept
+        else:
+            WORKER_STATS.failed[ack.outcome.name.lower()] += 1
+            _log_once(st, ack.outcome.name + ack.reason.split(":")[0],
+                      "kvsieve: event for request %s %s: %s (logged once per kind; counted in stats)", ev.req_id,
+                      "failed, its KV is intact" if ack.outcome == Outcome.FAILED else
+                      "moved only some layers, it will be recomputed", ack.reason)
+    return acks
+
+
+def _agree(flags: list[int]) -> list[int]:
+    """The element-wise maximum of `flags` over the tensor-parallel workers (identity alone)."""
+    if not flags:
+        return flags
+    try:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        group = get_tp_group()
+    except Exception:
+        return flags
+    if group.world_size == 1:
+        return flags
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(flags, dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group.cpu_group)
+    return [int(x) for x in t.tolist()]
+
+
+class Refused(RuntimeError):
+    """The worker's view of a request disagrees with the scheduler's event."""
+
+
+def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event) -> _Job:
+    """Phase 1: plan, score, select and validate every layer. Writes nothing to the cache."""
     import torch
 
-    from .layout import kvsieve_layout_for, vllm_isa
-    from .lib import DTYPE, LAYOUT, CpuKernels, KvCache, Sequence, TokenSelect
-
     s = settings()
-    caches = _layer_caches(runner)
-    nb, heads, bs, two_d = caches[0].shape
-    cached = length - offset
-    plan = s.config.plan(length, cached, protected, bs, phase)
-    if plan.released_blocks == 0:
-        raise KvsieveError("KVS_STATUS_PANIC", f"request {rid}: the scheduler announced an event the worker's "
-                           f"plan does not release blocks for ({length} tokens, {cached} cached)")
-    params, policy = s.params[phase], s.policy[phase]
-    dtype = caches[0].dtype
-    layout = kvsieve_layout_for(vllm_isa(dtype, bs, two_d // 2), dtype)
-    kernels = runner.__dict__.get("_kvsieve_kernels")
-    if kernels is None:
-        kernels = runner._kvsieve_kernels = CpuKernels(s.lib)
-    row = torch.tensor(runner.requests[rid].block_ids[0], dtype=torch.int32)
-    seq = Sequence(row=row.data_ptr(), row_len=len(row), cached_len=cached, protected_len=protected)
+    state = runner.requests.get(ev.req_id)
+    if state is None:
+        raise Refused("the worker holds no state for the request")
+    computed = state.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(ev.req_id, 0)
+    if computed != ev.logical_len:
+        raise Refused(f"the worker computed {computed} tokens, the event is for {ev.logical_len}")
+    offset = st.offsets.get(ev.req_id, 0)
+    if offset != ev.offset:
+        raise Refused(f"the worker's offset is {offset}, the scheduler's {ev.offset}")
+    bs = st.block_size
+    cached = ev.logical_len - offset
+    plan = s.config.plan(ev.logical_len, cached, ev.protected, bs, ev.phase)
+    if (int(plan.kept_tokens), int(plan.released_blocks)) != (ev.kept_tokens, ev.released_blocks):
+        raise Refused(f"the worker plans {plan.kept_tokens} kept / {plan.released_blocks} released, the "
+                      f"scheduler {ev.kept_tokens} / {ev.released_blocks}")
+    row = list(state.block_ids[0])
+    if len(row) < math.ceil(cached / bs):
+        raise Refused(f"the row has {len(row)} blocks for {cached} cached tokens")
+    params, policy = s.params[ev.phase], s.policy[ev.phase]
+    queries = None
+    if policy == "snapkv":
+        if ev.window is None:
+            raise Refused("a SnapKV event without an observation window")
+        queries = st.windows.queries(ev.req_id, ev.window[0], ev.window[1], st.names)
     k = int(plan.selected_tokens)
-    sel = TokenSelect(cached_len=cached, protected_len=protected, sink_tokens=params.sink_tokens,
+    rows = torch.tensor(row, dtype=torch.int32)
+    seq = Sequence(row=rows.data_ptr(), row_len=len(row), cached_len=cached, protected_len=ev.protected)
+    sel = TokenSelect(cached_len=cached, protected_len=ev.protected, sink_tokens=params.sink_tokens,
                       protected_tail=params.protected_tail, selected=k)
-    scores = torch.empty(heads * cached, dtype=torch.float32)
-    keep = torch.empty(heads * k, dtype=torch.int32)
-    released = torch.empty(max(1, len(row)), dtype=torch.int32)
-    captured = CAPTURE["queries"].get(rid, {}) if policy == "snapkv" else {}
-    for index, t in enumerate(caches):
-        desc = KvCache(k=t.data_ptr(), v=None, dtype=DTYPE[str(dtype).removeprefix("torch.")], layout=LAYOUT[layout],
-                       device=0, num_blocks=nb, block_size=bs, num_kv_heads=heads, head_dim=two_d // 2,
-                       block_stride=0, token_stride=0, head_stride=0)
-        q = None
-        if policy == "snapkv":
-            q = captured.get(index)
-            if q is None:
-                raise KvsieveError("KVS_STATUS_PANIC", f"request {rid}: no observation-window queries were captured "
-                                   f"for layer {index}")
-            q = q.contiguous()
-        n = kernels.compress(desc, seq, policy, params, sel, q, scores, keep, released)
-        if n != plan.released_blocks:
-            raise KvsieveError("KVS_STATUS_PANIC", f"request {rid}: compaction released {n} blocks, plan said "
-                               f"{plan.released_blocks}")
-    WORKER_STATS.compressions += 1
-    WORKER_STATS.tokens_before += cached
-    WORKER_STATS.tokens_evicted += int(plan.evicted_tokens)
-    WORKER_STATS.blocks_released += int(plan.released_blocks)
-    entry = WORKER_STATS.per_request.setdefault(rid, {"events": 0, "tokens_evicted": 0})
-    entry["events"] += 1
-    entry["tokens_evicted"] += int(plan.evicted_tokens)
+    scores = torch.empty(max(1, st.heads * cached), dtype=torch.float32)
+    keeps = []
+    for desc, name in zip(st.desc, st.names):
+        faults.check("prepare_layer")
+        keep = torch.empty(max(1, st.heads * k), dtype=torch.int32)  # never a NULL pointer, even for k = 0
+        q = queries[name] if queries is not None else None
+        st.kernels.select(desc, seq, policy, params, sel, q, scores, keep, st.heads * cached, st.heads * k)
+        st.kernels.compact_check(desc, seq, keep.data_ptr(), st.heads * k, k, max(1, len(row)))
+        keeps.append(keep)
+    return _Job(ev.req_id, cached, int(plan.kept_tokens), int(plan.evicted_tokens), int(plan.released_blocks),
+                row, rows, seq, k, keeps)
 
 
+def _move(runner, st: WorkerState, job: _Job) -> None:
+    """Phase 2: compact every layer, then read the request through its shortened row."""
+    import torch
+
+    released = torch.empty(max(1, len(job.row)), dtype=torch.int32)
+    for desc, keep in zip(st.desc, job.keeps):
+        faults.check("move_layer")
+        n = st.kernels.compact(desc, job.seq, keep.data_ptr(), st.heads * job.selected, job.selected,
+                               released.data_ptr(), released.numel())
+        if n != job.released:
+            raise Refused(f"compaction released {n} blocks, the plan {job.released}")
+    bs = st.block_size
+    new, old = math.ceil(job.kept / bs), math.ceil(job.cached / bs)
+    row = job.row[:new] + job.row[old:]
+    state = runner.requests[job.req_id]
+    state.block_ids = (row,)
+    idx = runner.input_batch.req_id_to_index.get(job.req_id)
+    if idx is not None:
+        runner.input_batch.block_table.add_row((list(row),), idx)
+    st.offsets[job.req_id] = st.offsets.get(job.req_id, 0) + job.evicted

@@ -164,3 +164,43 @@ def snapkv_logprobs(model, prompt: list[int], continuation: list[int], selected:
     for layer, q in zip(out.past_key_values.layers, recorded):
         _keep(layer, keep_by_scores(snapkv_scores(layer.keys[0], q, pool_kernel), selected, sink, tail))
     return _continue(model, out, len(prompt), continuation)
+
+
+@torch.no_grad()
+def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline: list, phases: dict) -> list[float]:
+    """Log-probabilities of `continuation` under the exact history kvsieve reports for a request
+    (`timeline`, in order): `["event", logical_len, phase, kept_tokens, protected]` cuts every
+    layer's cache to `kept_tokens` per head once the sequence has `logical_len` tokens, with the
+    rule `phases[phase] = (policy, sink, tail)`; `["recompute", length]` is a preemption: at
+    that length the cache is rebuilt densely from all tokens so far (vLLM recomputes prompt and
+    output), and the next token's logits come from that forward."""
+    tokens = list(prompt) + list(continuation)
+    out = model(torch.tensor([prompt]), use_cache=True)
+    cache = out.past_key_values
+    logprobs = [torch.log_softmax(out.logits[0, -1].double(), -1)[continuation[0]].item()]
+    logical = len(prompt)
+    pending = list(timeline)
+
+    def due(length: int) -> None:
+        nonlocal cache, out
+        while pending and pending[0][1] == length:
+            entry = pending.pop(0)
+            if entry[0] == "event":
+                policy, sink, tail = phases[entry[2]]
+                _cut(cache, policy, entry[3], sink, tail, entry[4])
+
+    due(logical)
+    for j in range(len(continuation) - 1):
+        nxt = logical + 1
+        if pending and pending[0][0] == "recompute" and pending[0][1] == nxt:
+            pending.pop(0)
+            step = model(torch.tensor([tokens[:nxt]]), use_cache=True)
+        else:
+            step = model(torch.tensor([[continuation[j]]]), position_ids=torch.tensor([[logical]]),
+                         past_key_values=cache, use_cache=True)
+        cache = step.past_key_values
+        logical = nxt
+        logprobs.append(torch.log_softmax(step.logits[0, -1].double(), -1)[continuation[j + 1]].item())
+        due(logical)
+    assert not pending, f"timeline entries never reached: {pending}"
+    return logprobs

@@ -16,7 +16,7 @@ def test_every_patched_name_exists():
     from kvsieve_vllm.plugin import PATCHED, RELIED_UPON, check_names
 
     check_names()
-    assert len(PATCHED) == 5 and len(RELIED_UPON) >= 4
+    assert len(PATCHED) == 11 and len(RELIED_UPON) >= 10
 
 
 # Run in a fresh process (the module-scoped engine of test_engine.py patches this one): each
@@ -26,13 +26,10 @@ import json, os, sys
 import vllm
 import kvsieve_vllm.plugin as p
 from kvsieve_vllm.lib import KvsieveError
-from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 def patched():
-    names = [Scheduler.schedule] + [getattr(GPUModelRunner, n)
-             for n in ("_update_states", "_prepare_inputs", "execute_model")]
-    return sum(bool(getattr(f, "__kvsieve__", False)) for f in names)
+    fns = [getattr(p._resolve(m, c), a) for m, c, a in p.PATCHED]
+    return sum(bool(getattr(f, "__kvsieve__", False)) for f in fns)
 
 def attempt(config, version=None):
     os.environ.pop("KVSIEVE_CONFIG", None)

@@ -1,55 +1,42 @@
-"""vLLM's CPU attention backend (CPU_ATTN): the SnapKV observation-window capture from
-`CPUAttentionBackendImpl.forward`."""
+"""vLLM's CPU attention backend (CPU_ATTN): the kvsieve descriptor of a layer's KV tensor and the
+hook that records SnapKV window queries from `CPUAttentionBackendImpl.forward`.
+
+The tensor is `[num_blocks, kv_heads, block_size, 2 * head_dim]` per layer with an ISA-dependent
+packing, probed at start-up (`checks.check_runner` -> `layout.verify_layout`)."""
 
 from __future__ import annotations
 
-from ..lib import PHASE_PREFILL
-from ..settings import settings
+import logging
+
+from .. import capture
+from ..lib import DTYPE, LAYOUT, KvCache
+
+logger = logging.getLogger("vllm.kvsieve")
+
+PATCH = ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "forward")
 
 
-# SnapKV's observation window: the queries of each request's last `window` prompt positions,
-# captured from the attention forward of whichever steps (prefill chunks) hold them.
-# CAPTURE["plan"]: this step's [(request id, first batch token, count, first window slot)];
-# CAPTURE["queries"][request id][layer index]: float32 [window, q_heads, head_dim].
-CAPTURE: dict = {"plan": [], "queries": {}}
+def describe(tensor) -> KvCache:
+    """kvsieve's descriptor of one layer's CPU_ATTN cache tensor."""
+    from ..layout import kvsieve_layout_for, vllm_isa
 
-
-def plan_capture(runner, num_scheduled_tokens) -> None:
-    CAPTURE["plan"] = []
-    s = settings()
-    if s.policy[PHASE_PREFILL] != "snapkv":
-        return
-    window = s.params[PHASE_PREFILL].window
-    num_reqs = runner.input_batch.num_reqs
-    starts = runner.query_start_loc.np[: num_reqs + 1]
-    for i, rid in enumerate(runner.input_batch.req_ids[:num_reqs]):
-        state = runner.requests.get(rid)
-        if state is None:
-            continue
-        first = int(runner.input_batch.num_computed_tokens_cpu[i])
-        n = int(num_scheduled_tokens[i])
-        prompt = len(state.prompt_token_ids or ())
-        lo, hi = max(first, prompt - window), min(first + n, prompt)
-        if lo < hi:
-            CAPTURE["plan"].append((rid, int(starts[i]) + lo - first, hi - lo, lo - (prompt - window)))
+    nb, heads, bs, two_d = tensor.shape
+    layout = kvsieve_layout_for(vllm_isa(tensor.dtype, bs, two_d // 2), tensor.dtype)
+    return KvCache(k=tensor.data_ptr(), v=None, dtype=DTYPE[str(tensor.dtype).removeprefix("torch.")],
+                   layout=LAYOUT[layout], device=0, num_blocks=nb, block_size=bs, num_kv_heads=heads,
+                   head_dim=two_d // 2, block_stride=0, token_stride=0, head_stride=0)
 
 
 def wrap_forward(orig):
     def forward(self, layer, query, *args, **kwargs):
-        if CAPTURE["plan"]:
-            import torch
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            index = extract_layer_index(layer.layer_name)
-            window = settings().params[PHASE_PREFILL].window
-            for rid, start, count, slot in CAPTURE["plan"]:
-                per_layer = CAPTURE["queries"].setdefault(rid, {})
-                buf = per_layer.get(index)
-                if buf is None:
-                    buf = per_layer[index] = torch.zeros(window, query.shape[1], query.shape[2], dtype=torch.float32)
-                buf[slot:slot + count] = query[start:start + count].float()
+        windows = capture.ACTIVE
+        if windows is not None and windows.rows:
+            try:
+                windows.record(layer.layer_name, query)
+            except Exception as e:  # never break the forward; the window's event fails instead
+                logger.warning("kvsieve: recording SnapKV window queries failed (%s); those requests stay "
+                               "uncompressed", e)
+                windows.fail_step(f"recording failed: {e}")
         return orig(self, layer, query, *args, **kwargs)
 
     return forward
-
-

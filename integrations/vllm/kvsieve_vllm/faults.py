@@ -1,0 +1,68 @@
+"""Fault injection, for the tests that prove kvsieve contains its failures.
+
+`KVSIEVE_FAULTS` (read when the plugin registers, in every vLLM process) or `arm()` names the
+faults: comma-separated `point=N` (fail the N-th time the point is reached, counting from 1 in
+this process) or `point=N+` (the N-th time and every time after). Points:
+
+- `lib`: a libkvsieve kernel call raises KvsieveError (as if the library returned an error);
+- `prepare_layer`: an exception in the worker's per-layer scoring/selection loop;
+- `move_layer`: an exception in the per-layer compaction loop (after earlier layers moved);
+- `drop_event`: the worker never sees an event the scheduler announced (lost in transit);
+- `schedule`: an exception in the scheduler's planning of a step.
+
+Unarmed points cost one dict lookup. Never set KVSIEVE_FAULTS in production.
+"""
+
+from __future__ import annotations
+
+import os
+
+POINTS = ("lib", "prepare_layer", "move_layer", "drop_event", "schedule")
+
+
+class InjectedFault(RuntimeError):
+    """Raised where a fault was injected."""
+
+
+_armed: dict[str, tuple[int, bool]] = {}
+_seen: dict[str, int] = {}
+
+
+def arm(point: str, n: int, repeat: bool = False) -> None:
+    if point not in POINTS:
+        raise ValueError(f"unknown fault point {point!r}; one of {', '.join(POINTS)}")
+    _armed[point] = (n, repeat)
+    _seen[point] = 0
+
+
+def disarm() -> None:
+    _armed.clear()
+    _seen.clear()
+
+
+def arm_from_env() -> None:
+    spec = os.environ.get("KVSIEVE_FAULTS", "").strip()
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        point, _, n = item.partition("=")
+        repeat = n.endswith("+")
+        try:
+            count = int(n.rstrip("+"))
+        except ValueError:
+            raise ValueError(f"KVSIEVE_FAULTS: {item!r} is not point=N or point=N+") from None
+        arm(point.strip(), count, repeat)
+
+
+def hit(point: str) -> bool:
+    """Count one pass through `point`; True when the fault fires on this pass."""
+    entry = _armed.get(point)
+    if entry is None:
+        return False
+    _seen[point] += 1
+    n, repeat = entry
+    return _seen[point] == n or (repeat and _seen[point] > n)
+
+
+def check(point: str) -> None:
+    """Raise InjectedFault when the fault at `point` fires."""
+    if hit(point):
+        raise InjectedFault(f"injected fault at {point} (pass {_seen[point]})")

