@@ -118,6 +118,12 @@ class SchedulerSide:
 
     def _plan_request(self, sched, req, rec: Record, n: int, plan: StepPlan) -> None:
         s = settings()
+        if getattr(req, "resumable", False) and not rec.disabled:
+            # A streaming-input session appends prompt turns to a request after its prefill;
+            # kvsieve has not mapped that, so it leaves such requests whole.
+            rec.disabled = "a resumable (streaming-input) request; kvsieve leaves it uncompressed"
+            SCHEDULER_STATS.counts["requests_left_whole"] += 1
+            self.log_once("resumable", "request %s: %s", rec.req_id, rec.disabled)
         if rec.state == State.PREEMPTED:
             rec.go(State.RESUMED)
             rec.restart()
@@ -349,21 +355,20 @@ def wrap_update_from_output(orig):
     return update_from_output
 
 
-def wrap_preempt_request(orig):
-    def _preempt_request(self, request, *args, **kwargs):
-        side = _side(self)
-        if side is not None:
-            _contained(side, "tracking a preemption", side.preempted, request)
-        return orig(self, request, *args, **kwargs)
+def _wrap_tracking(what: str, track):
+    """A wrapper for a Scheduler method taking a request, that tells kvsieve first."""
 
-    return _preempt_request
+    def factory(orig):
+        def wrapper(self, request, *args, **kwargs):
+            side = _side(self)
+            if side is not None:
+                _contained(side, what, track, side, request)
+            return orig(self, request, *args, **kwargs)
+
+        return wrapper
+
+    return factory
 
 
-def wrap_free_request(orig):
-    def _free_request(self, request, *args, **kwargs):
-        side = _side(self)
-        if side is not None:
-            _contained(side, "tracking a finished request", side.freed, request)
-        return orig(self, request, *args, **kwargs)
-
-    return _free_request
+wrap_preempt_request = _wrap_tracking("tracking a preemption", SchedulerSide.preempted)
+wrap_free_request = _wrap_tracking("tracking a finished request", SchedulerSide.freed)

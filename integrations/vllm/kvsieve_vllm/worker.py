@@ -42,6 +42,23 @@ from .stats import WORKER_STATS
 logger = logging.getLogger("vllm.kvsieve")
 
 
+class Scratch:
+    """Caller-owned buffers the kernels write into, grown to the largest event seen and then
+    reused: steady serving allocates nothing per event (and fragments no heap)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict = {}
+
+    def get(self, name: str, n: int, dtype):
+        """At least max(n, 1) elements of `dtype` (never a NULL pointer, even for n = 0)."""
+        import torch
+
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < max(n, 1):
+            buf = self.bufs[name] = torch.empty(max(n, 1) * 5 // 4 + 1, dtype=dtype)
+        return buf
+
+
 class WorkerState:
     """kvsieve's state in one model runner, made when vLLM allocates the KV cache."""
 
@@ -56,6 +73,7 @@ class WorkerState:
         self.windows = capture.Windows()
         self.acks: StepAcks | None = None  # this step's, until a ModelRunnerOutput carries them
         self.logged: set[str] = set()
+        self.scratch = Scratch()
         self.rank = _tp_rank()
         layout = next(k for k, v in LAYOUT.items() if v == self.desc[0].layout)
         logger.info("kvsieve worker rank %d: %d layers, %d KV heads per layer, block size %d, layout %s (%s)",
@@ -222,9 +240,9 @@ def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dic
             continue  # lost in transit: the scheduler hears nothing about it
         events.append(ev)
     jobs: dict[str, _Job] = {}
-    for ev in events:
+    for slot, ev in enumerate(events):
         try:
-            jobs[ev.req_id] = _prepare(runner, st, scheduler_output, ev)
+            jobs[ev.req_id] = _prepare(runner, st, scheduler_output, ev, slot)
         except Exception as e:
             acks[ev.req_id] = Ack(ev.req_id, Outcome.FAILED, _reason(e))
     ready = _agree([0 if ev.req_id in jobs else 1 for ev in events])
@@ -285,8 +303,9 @@ class Refused(RuntimeError):
     """The worker's view of a request disagrees with the scheduler's event."""
 
 
-def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event) -> _Job:
-    """Phase 1: plan, score, select and validate every layer. Writes nothing to the cache."""
+def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event, slot: int) -> _Job:
+    """Phase 1: plan, score, select and validate every layer. Writes nothing to the cache.
+    The keep lists go to scratch `keep{slot}` (one per event of the step), until phase 2."""
     import torch
 
     s = settings()
@@ -319,11 +338,13 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event) -> _
     seq = Sequence(row=rows.data_ptr(), row_len=len(row), cached_len=cached, protected_len=ev.protected)
     sel = TokenSelect(cached_len=cached, protected_len=ev.protected, sink_tokens=params.sink_tokens,
                       protected_tail=params.protected_tail, selected=k)
-    scores = torch.empty(max(1, st.heads * cached), dtype=torch.float32)
+    scores = st.scratch.get("scores", st.heads * cached, torch.float32)
+    per_layer = st.heads * k
+    keep_all = st.scratch.get(f"keep{slot}", len(st.desc) * per_layer, torch.int32)
     keeps = []
-    for desc, name in zip(st.desc, st.names):
+    for i, (desc, name) in enumerate(zip(st.desc, st.names)):
         faults.check("prepare_layer")
-        keep = torch.empty(max(1, st.heads * k), dtype=torch.int32)  # never a NULL pointer, even for k = 0
+        keep = keep_all[i * per_layer:(i + 1) * per_layer] if per_layer else keep_all[:1]
         q = queries[name] if queries is not None else None
         st.kernels.select(desc, seq, policy, params, sel, q, scores, keep, st.heads * cached, st.heads * k)
         st.kernels.compact_check(desc, seq, keep.data_ptr(), st.heads * k, k, max(1, len(row)))
@@ -336,7 +357,7 @@ def _move(runner, st: WorkerState, job: _Job) -> None:
     """Phase 2: compact every layer, then read the request through its shortened row."""
     import torch
 
-    released = torch.empty(max(1, len(job.row)), dtype=torch.int32)
+    released = st.scratch.get("released", len(job.row), torch.int32)
     for desc, keep in zip(st.desc, job.keeps):
         faults.check("move_layer")
         n = st.kernels.compact(desc, job.seq, keep.data_ptr(), st.heads * job.selected, job.selected,

@@ -101,8 +101,22 @@ def main() -> None:
             res["requests"] = [per.get(i, {}) for i in ids]
             after = stats()["scheduler"]["events_failed"]
             res["failed"] = {k: v - failed_before.get(k, 0) for k, v in after.items() if v != failed_before.get(k, 0)}
+            # What kvsieve still holds once every request is gone (must be nothing). The worker
+            # hears of the last step's finished requests with the next step, as vLLM's own
+            # runner state does, so it may only hold requests the runner still holds.
+            side, runner = sched._kvsieve, _model_runner(llm)
+            held = set(runner.requests)
+            res["kvsieve_left"] = {"records": len(side.reqs), "to_preempt": len(side.to_preempt),
+                                   "offsets": len(set(runner._kvsieve.offsets) - held),
+                                   "windows": len(set(runner._kvsieve.windows.windows) - held)}
         results.append(res)
     print("RESULT" + json.dumps(results), flush=True)
+
+
+def _model_runner(llm):
+    """The in-process engine's model runner (UniProcExecutor -> worker wrapper -> worker)."""
+    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker
+    return getattr(worker, "worker", worker).model_runner
 
 
 def _generate_preempting(llm, sched, name, prompts, sps):

