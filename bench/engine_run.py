@@ -103,6 +103,8 @@ def main() -> None:
         engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), sp)
     token_times: dict[str, list[float]] = {str(i): [] for i in range(len(requests))}
     tokens: dict[str, list[int]] = {}
+    want = sum(len(p) + n for p, n in requests)  # tokens to compute (recompute after preemption aside)
+    next_report = t0 + 10
     while engine.has_unfinished_requests():
         s0 = time.perf_counter()
         outs = engine.step()
@@ -118,6 +120,14 @@ def main() -> None:
             times = token_times[o.request_id]
             times.extend([now - t0] * (len(ids) - len(times)))
             tokens[o.request_id] = ids
+        if now >= next_report:  # serve.py relays these lines while the run goes on
+            next_report = now + 10
+            done = min(prof["prompt_tokens_computed"] - prof["recomputed_tokens"], sum(len(p) for p, _ in requests)) \
+                + sum(len(t) for t in tokens.values())
+            left = (now - t0) * (want - done) / max(done, 1)
+            finished = sum(1 for i, (_, n) in enumerate(requests) if len(tokens.get(str(i), [])) >= n)
+            print(f"[progress] {now - t0:.0f} s: {finished}/{len(requests)} requests done, {done:,}/{want:,} tokens, "
+                  f"~{left:.0f} s left", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
     free_after = pool.get_num_free_blocks()
 

@@ -22,6 +22,8 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import tomllib
 from pathlib import Path
 
@@ -31,7 +33,9 @@ sys.path.insert(0, str(HERE))
 
 from model import generate, shape_of  # noqa: E402
 from report import plot_serving, serving_table, summarize  # noqa: E402
-from workloads import WORKLOADS  # noqa: E402
+from workloads import WORKLOADS, TextWorkload  # noqa: E402
+
+PROSE = ROOT.parent / "shared" / "models" / "byte-llama-5m" / "val.txt"  # held-out prose for text workloads
 
 BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
 # The library this checkout built, unless the caller points elsewhere (engine processes inherit it).
@@ -66,16 +70,44 @@ def run_engine(engine: dict, requests: list, config_text: str | None, workdir: P
         path = workdir / f"{label}.toml"
         path.write_text(config_text)
         env["KVSIEVE_CONFIG"] = str(path)
-    print(f"[bench] {label}: {len(requests)} requests ...", file=sys.stderr, flush=True)
-    r = subprocess.run([sys.executable, str(HERE / "engine_run.py")], input=json.dumps({"engine": engine,
-                       "requests": requests}), capture_output=True, text=True, env=env)
-    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT")), None)
-    if r.returncode != 0 or line is None:
-        raise SystemExit(f"[bench] {label}: the engine run failed (exit {r.returncode}):\n{r.stderr[-6000:]}")
+    print(f"[bench] {label}: {len(requests)} requests, starting the engine ...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, str(HERE / "engine_run.py")], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # Feed the spec and drain stdout from threads; relay the child's progress lines as they come.
+        out: list[str] = []
+        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))
+        reader.start()
+        proc.stdin.write(json.dumps({"engine": engine, "requests": requests}))
+        proc.stdin.close()
+        for text in proc.stderr:
+            err.write(text)
+            if text.startswith("[progress]"):
+                print(f"[bench] {label}: {text[len('[progress] '):].rstrip()}", file=sys.stderr, flush=True)
+        proc.wait()
+        reader.join()
+        err.seek(0)
+        stderr = err.read()
+    line = next((x for x in "".join(out).splitlines() if x.startswith("RESULT")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"[bench] {label}: the engine run failed (exit {proc.returncode}):\n{stderr[-6000:]}")
     res = json.loads(line[len("RESULT"):])
     if res["free_after"] != res["total_blocks"]:
         raise SystemExit(f"[bench] {label}: {res['total_blocks'] - res['free_after']} KV blocks were not returned")
     return res
+
+
+def sample_answers(tokenizer, requests: list, answers: list, runs: dict, limit: int = 3) -> str:
+    """A few questions with what stock vLLM and each kvsieve run answered, for a person to read."""
+    lines = []
+    for i in [j for j, a in enumerate(answers) if a is not None][:limit]:
+        text = tokenizer.decode(requests[i][0][-120:])
+        question = text.split("\n\n")[-1].split("<|im_end|>")[0].strip()
+        lines.append(f"\nQ{i}: {question}\n  expected: {', '.join(answers[i])}")
+        for label, r in runs.items():
+            said = " ".join(tokenizer.decode(r["tokens"][i], skip_special_tokens=True).split())
+            lines.append(f"  {label:>14}: {said[:100]}")
+    return "\n".join(lines)
 
 
 def parse_range(text: str, flag: str) -> tuple[int, int]:
@@ -137,10 +169,30 @@ def main(argv: list[str] | None = None) -> dict:
             where = f"--config {config_path}" + ("" if b is None else f" with --budgets {b}")
             raise SystemExit(f"{where}: {e}") from None
 
-    model_dir = a.model or generate(ROOT / "build" / "models" / a.shape, a.shape, seed=a.seed)
+    answers = None
+    if isinstance(w, TextWorkload):
+        # Real text needs a real model and its tokenizer: SmolLM2-135M-Instruct unless --model.
+        if not PROSE.is_file():
+            raise SystemExit(f"--workload {w.name}: its prose ({PROSE}) is missing; it comes with ../shared")
+        if a.model is None:
+            import smollm2
+
+            print("[bench] SmolLM2-135M-Instruct (fetched and converted on first use) ...", file=sys.stderr, flush=True)
+            model_dir = smollm2.ensure()
+        else:
+            model_dir = a.model
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--workload {w.name} needs a model with a tokenizer; {model_dir}: {e}") from None
+        requests, answers = w.make(tokenizer, PROSE, seed=a.seed, requests=a.requests, prompt=prompt, output=output)
+    else:
+        model_dir = a.model or generate(ROOT / "build" / "models" / a.shape, a.shape, seed=a.seed)
+        requests = w.make(shape_of(model_dir)["vocab"], seed=a.seed, requests=a.requests, prompt=prompt,
+                          output=output)
     shape = shape_of(model_dir)
-    vocab = shape["vocab"]
-    requests = w.make(vocab, seed=a.seed, requests=a.requests, prompt=prompt, output=output)
     longest = max(len(p) + n for p, n in requests)
     max_model_len = BLOCK_SIZE * math.ceil(longest / BLOCK_SIZE)
     if shape["max_positions"] and max_model_len > shape["max_positions"]:
@@ -181,11 +233,23 @@ def main(argv: list[str] | None = None) -> dict:
     if "kvsieve@100%" in runs:
         same = sum(a_ == b_ for a_, b_ in zip(runs["kvsieve@100%"]["tokens"], stock_tokens))
         result["greedy_agreement_full_budget"] = {"identical": same, "requests": len(requests)}
+    if answers is not None and any(x is not None for x in answers):
+        from ruler import score
+
+        # The answers served in each run, scored as the accuracy suite scores them.
+        result["accuracy"] = {
+            label: [sum(score(tokenizer.decode(t, skip_special_tokens=True), ans)
+                        for t, ans in zip(r["tokens"], answers) if ans is not None),
+                    sum(ans is not None for ans in answers)]
+            for label, r in runs.items()}
     name = a.name or w.name
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{name}.json").write_text(json.dumps(result, indent=1))
     plot_serving(result, a.out / f"{name}.png")
     print(serving_table(result))
+    if "accuracy" in result:
+        print("\nanswers found (exact match): " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in result["accuracy"].items()))
+        print(sample_answers(tokenizer, requests, answers, runs))
     print(f"\nwrote {a.out / (name + '.json')} and {a.out / (name + '.png')}")
     return result
 

