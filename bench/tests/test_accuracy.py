@@ -51,7 +51,7 @@ def test_the_slice_is_the_committed_one(slice_run):
 def test_dense_vllm_answers_the_slice(slice_run):
     k, n = _total(slice_run["scores"]["prefix_caching_off"]["dense"])
     # The model finds these keys with its whole cache; if not, nothing below means anything.
-    assert n >= 12 and k >= n - 1, (k, n, slice_run["texts"]["prefix_caching_off"]["dense"])
+    assert n >= 8 and k >= n - 1, (k, n, slice_run["texts"]["prefix_caching_off"]["dense"])
 
 
 def test_kvsieve_keeps_the_same_counts_and_answers(slice_run):
