@@ -71,12 +71,21 @@ class Load:
 
     def worker(self, index: int) -> None:
         rng = random.Random(self.seed * 1000 + index)
+        first = True
         while time.time() < self.deadline:
-            n = rng.choice([rng.randint(64, 256), rng.randint(256, 1024), rng.randint(1024, 1800)])
-            out = min(rng.choice([16, 64, 128, 256, 400]), MAX_MODEL_LEN - n - 1)
+            if first:
+                # Opening burst: every client starts with a short prompt and a long answer, so the
+                # requests are admitted together (7-8 blocks each) and then outgrow the KV space
+                # together (each reaches the [decode] budget plus one interval, 14 blocks): preemption
+                # does not hang on how the random mix happens to overlap on a given machine.
+                n, out, mode = rng.randint(200, 250), 400, "complete"
+                first = False
+            else:
+                n = rng.choice([rng.randint(64, 256), rng.randint(256, 1024), rng.randint(1024, 1800)])
+                out = min(rng.choice([16, 64, 128, 256, 400]), MAX_MODEL_LEN - n - 1)
+                mode = rng.choices(["complete", "stream", "disconnect"], [0.6, 0.25, 0.15])[0]
             start = rng.randrange(0, len(self.text) - n)
             prompt = [256] + list(self.text[start:start + n - 1])
-            mode = rng.choices(["complete", "stream", "disconnect"], [0.6, 0.25, 0.15])[0]
             self._note("requests")
             try:
                 if mode == "complete":
