@@ -7,6 +7,7 @@ with the same prompts and the same kept counts.
     .venv/bin/python bench/accuracy.py --suite slice        # the CI slice (bench/tests)
     .venv/bin/python bench/accuracy.py --tasks niah_number --lengths 1024,2048 --samples 10 \\
         --policies snapkv --budgets 0.25 --presses snapkv,expected_attention
+    .venv/bin/python bench/accuracy.py --report bench/results/accuracy.json   # tables + goals again
 
 Each vLLM engine runs in its own process (one per prefix-caching setting) and serves every
 configuration in turn (kvsieve's settings are swapped between runs; "dense" is kvsieve with
@@ -250,7 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default="accuracy", help="output file stem")
+    ap.add_argument("--report", type=Path, metavar="JSON", help="re-write the tables and plot of a saved run, run nothing")
     a = ap.parse_args(argv)
+    if a.report:
+        result = json.loads(a.report.read_text())
+        md = report(result) + goals(result)
+        a.report.with_suffix(".md").write_text(md)
+        plot(result, a.report.with_suffix(".png"))
+        print(md)
+        return 0
     cfg = dict(SUITES[a.suite])
     for k in ("tasks", "lengths", "long_tasks", "policies", "budgets", "presses", "prefix_caching", "cached_budgets"):
         if getattr(a, k) is not None:
@@ -265,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(a.model, cfg, a.seed, a.kv_gib, log=lambda m: print(m, flush=True))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.name}.json").write_text(json.dumps(result))
-    md = report(result)
+    md = report(result) + goals(result)
     (a.out / f"{a.name}.md").write_text(md)
     plot(result, a.out / f"{a.name}.png")
     print(md)
@@ -335,6 +344,67 @@ def report(result: dict) -> str:
                     got = [cells.get(t, {}).get(str(L)) for _, cells in rows]
                     lines.append(f"| {t} | {L} | " + " | ".join(f"{g[0]}/{g[1]}" if g else "-" for g in got) + " |")
     return "\n".join(lines) + "\n"
+
+
+SINGLE_NEEDLE = ("niah_number", "niah_word", "niah_uuid")
+
+
+def _best(runs: dict, prefix: str, budget: float, task: str, length: str | None = None) -> tuple[str, list[int]]:
+    """The run (policy or press) of `prefix` at `budget` that found the most for `task` (at one
+    length, or all), with its [found, asked]."""
+    best = ("-", [0, 0])
+    for r, cells in runs.items():
+        if not r.startswith(prefix + ":") or float(r.rsplit(":", 1)[1]) != budget:
+            continue
+        got = _sum([v for L, v in cells.get(task, {}).items() if length is None or L == length])
+        if got[1] and (best[1][1] == 0 or got[0] > best[1][0]):
+            best = (r.split(":")[1], got)
+    return best
+
+
+def _verdict(ours: list[int], theirs: list[int]) -> str:
+    """'yes' when ours found at least as many; 'within' when theirs' rate lies inside our 95%
+    interval; 'no' otherwise."""
+    if ours[0] >= theirs[0]:
+        return "yes"
+    lo, hi = wilson(*ours)
+    return "within" if lo <= theirs[0] / max(1, theirs[1]) <= hi else "no"
+
+
+def goals(result: dict) -> str:
+    """The issue's three policy goals, checked on a run (prefix caching off): per budget and task,
+    kvsieve's best policy against kvpress's best press; at 50%, kvsieve's best against dense in
+    every task and length where dense found something; at 25%, single-needle tasks at >= 80% of
+    dense."""
+    sc = result["scores"].get("prefix_caching_off", {})
+    kp = result["scores"].get("kvpress", {})
+    dense = sc.get("dense", {})
+    tasks = sorted(dense)
+    budgets = sorted({float(r.rsplit(":", 1)[1]) for r in sc if r != "dense"})
+    out = ["\n#### Goals (prefix caching off)\n", "kvsieve's best policy against kvpress's best press, per task (all lengths):\n",
+           "| budget | task | kvsieve best | kvpress best | holds |", "| --- | --- | --- | --- | --- |"]
+    for b in budgets:
+        for t in tasks:
+            (pn, pk), (qn, qk) = _best(sc, "kvsieve", b, t), _best(kp, "kvpress", b, t)
+            if qk[1]:
+                out.append(f"| {b:.0%} | {t} | {pn} {pk[0]}/{pk[1]} | {qn} {qk[0]}/{qk[1]} | {_verdict(pk, qk)} |")
+    if 0.5 in budgets:
+        out += ["\nAt 50%, kvsieve's best policy against dense where dense found something:\n",
+                "| task | length | dense | kvsieve best | holds |", "| --- | --- | --- | --- | --- |"]
+        for t in tasks:
+            for L, d in sorted(dense[t].items(), key=lambda x: int(x[0])):
+                if d[0]:
+                    pn, pk = _best(sc, "kvsieve", 0.5, t, L)
+                    out.append(f"| {t} | {L} | {d[0]}/{d[1]} | {pn} {pk[0]}/{pk[1]} | {_verdict(pk, d)} |")
+    if 0.25 in budgets:
+        out += ["\nAt 25%, single-needle tasks against 80% of dense (all lengths):\n",
+                "| task | dense | kvsieve best | 80% of dense | holds |", "| --- | --- | --- | --- | --- |"]
+        for t in (x for x in SINGLE_NEEDLE if x in dense):
+            d = _sum(list(dense[t].values()))
+            pn, pk = _best(sc, "kvsieve", 0.25, t)
+            out.append(f"| {t} | {d[0]}/{d[1]} | {pn} {pk[0]}/{pk[1]} | {0.8 * d[0]:.1f} | "
+                       f"{'yes' if pk[0] >= 0.8 * d[0] else 'no'} |")
+    return "\n".join(out) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:

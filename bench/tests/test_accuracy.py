@@ -92,3 +92,27 @@ def test_kvpress_with_one_shared_prefill_answers_as_kvpress_itself():
     direct = accuracy.run_kvpress(model, jobs, tok.eos_token_id, shared_prefill=False)
     assert set(direct) == {j["run"] for j in jobs} and all(r[0]["tokens"] for r in direct.values()), direct
     assert shared == direct
+
+
+def test_goals_judge_the_best_policy_and_press_task_by_task():
+    """`goals` (the table bench/README.md quotes) takes the best run per task on each side and
+    calls a shortfall 'within' only when the other side's rate is inside our 95% interval."""
+    res = {"scores": {
+        "prefix_caching_off": {
+            "dense": {"niah_number": {"1024": [4, 4]}, "vt": {"1024": [4, 4]}},
+            "kvsieve:snapkv:0.25": {"niah_number": {"1024": [1, 4]}, "vt": {"1024": [0, 4]}},
+            "kvsieve:knorm:0.25": {"niah_number": {"1024": [4, 4]}, "vt": {"1024": [0, 4]}},
+            "kvsieve:snapkv:0.5": {"niah_number": {"1024": [4, 4]}, "vt": {"1024": [0, 40]}},
+        },
+        "kvpress": {
+            "kvpress:tova:0.25": {"niah_number": {"1024": [2, 4]}, "vt": {"1024": [1, 4]}},
+            "kvpress:snapkv:0.5": {"niah_number": {"1024": [0, 4]}, "vt": {"1024": [30, 40]}},
+        },
+    }}
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")) for line in accuracy.goals(res).splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert ("25%", "niah_number", "knorm 4/4", "tova 2/4", "yes") in rows
+    assert ("25%", "vt", "snapkv 0/4", "tova 1/4", "within") in rows  # 0/4: interval 0-0.49 holds 0.25
+    assert ("50%", "vt", "snapkv 0/40", "snapkv 30/40", "no") in rows
+    assert ("vt", "1024", "4/4", "snapkv 0/40", "no") in rows  # at 50% against dense
+    assert ("niah_number", "4/4", "knorm 4/4", "3.2", "yes") in rows  # 25%, single needle
