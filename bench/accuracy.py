@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,9 +27,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+import child  # noqa: E402
 import ruler  # noqa: E402
 PROSE = ROOT.parent / "shared" / "models" / "byte-llama-5m" / "val.txt"
-KVPRESS_SITE = ROOT / ".venv" / "kvpress-site"
 BLOCK = 32
 if (ROOT / "target" / "release" / "libkvsieve.so").is_file():
     os.environ.setdefault("KVSIEVE_LIB", str(ROOT / "target" / "release" / "libkvsieve.so"))
@@ -125,15 +124,6 @@ for run in spec["runs"]:
 print("RESULT" + json.dumps(out))
 """
 
-def _child(script: str, spec: dict, env: dict, what: str) -> dict:
-    argv = [sys.executable, script] if script.endswith(".py") else [sys.executable, "-c", script]
-    r = subprocess.run(argv, input=json.dumps(spec), capture_output=True, text=True, env=env, check=False)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT")), None)
-    if line is None:
-        raise SystemExit(f"{what} failed:\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}")
-    return json.loads(line[len("RESULT"):])
-
-
 def run_vllm(model: Path, samples: list[dict], runs: list[dict], prefix_caching: bool, kv_gib: int) -> dict:
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvsieve-accuracy-{os.getpid()}.toml"
     path.write_text(config_text(None, 1.0))
@@ -143,18 +133,15 @@ def run_vllm(model: Path, samples: list[dict], runs: list[dict], prefix_caching:
     engine = dict(model=str(model), dtype="float32", block_size=BLOCK, max_model_len=min(8192, max(2048, longest + BLOCK)),
                   enable_prefix_caching=prefix_caching, max_num_batched_tokens=2048, max_num_seqs=16, seed=0,
                   enforce_eager=True)
-    return _child(VLLM_CHILD, {"engine": engine, "runs": runs, "samples": samples}, env, "vLLM run")
+    return child.run(VLLM_CHILD, {"engine": engine, "runs": runs, "samples": samples}, env, "vLLM run")
 
 
 def run_kvpress(model: Path, jobs: list[dict], eos: int, shared_prefill: bool = True) -> dict:
     """kvpress's answers to `jobs` (bench/kvpress_answers.py, in its own process: kvpress pins an
     older transformers, installed in its own site dir)."""
-    if not (KVPRESS_SITE / "kvpress").is_dir():
-        raise SystemExit(f"kvpress is not installed at {KVPRESS_SITE}; run scripts/setup.sh")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(KVPRESS_SITE), os.environ.get("PYTHONPATH", "")]))
     spec = {"model": str(model), "jobs": jobs, "eos": eos, "threads": os.cpu_count() or 2,
             "mode": "shared" if shared_prefill else "direct"}
-    return _child(str(HERE / "kvpress_answers.py"), spec, env, "kvpress run")
+    return child.run(HERE / "kvpress_answers.py", spec, child.kvpress_env(), "kvpress run")
 
 
 def aggregate(samples: list[dict], outputs: dict[str, list], tokenizer) -> dict:

@@ -25,14 +25,15 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import child  # noqa: E402
+
 DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "byte-llama-5m"
-KVPRESS_SITE = ROOT / ".venv" / "kvpress-site"
 BOS = 256
 # val.txt concatenates 9 held-out tails; a sample must not straddle two (model README).
 DOC_ENDS = [55712, 89561, 149869, 310688, 400255, 449789, 476701, 527709, 548538]
@@ -204,20 +205,13 @@ print("RESULT" + json.dumps({"nll": out, "version": __import__("kvpress").__vers
 def run_kvpress(model_dir: Path, data: list, ours: dict) -> dict:
     """kvpress NLLs keeping kvsieve's kept counts, in a child process with kvpress's site dir
     (scripts/setup.sh installs it) ahead of the venv's packages."""
-    if not (KVPRESS_SITE / "kvpress").is_dir():
-        raise SystemExit(f"kvpress is not installed at {KVPRESS_SITE}; run scripts/setup.sh")
+    env = child.kvpress_env()
     jobs = []
     for policy, per_budget in ours.items():
         for b, entry in per_budget.items():
             for (prompt, cont), kept in zip(data, entry["kept"]):
                 jobs.append({"policy": policy, "budget": b, "prompt": prompt, "cont": cont, "kept": kept})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(KVPRESS_SITE), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", KVPRESS_CHILD], input=json.dumps({"model": str(model_dir), "jobs": jobs}),
-                       capture_output=True, text=True, env=env)
-    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT")), None)
-    if line is None:
-        raise SystemExit(f"kvpress run failed:\n{r.stderr[-4000:]}")
-    return json.loads(line[len("RESULT"):])
+    return child.run(KVPRESS_CHILD, {"model": str(model_dir), "jobs": jobs}, env, "kvpress run")
 
 
 def mean(xs: list[float]) -> float:

@@ -20,10 +20,7 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
-import threading
 import tomllib
 from pathlib import Path
 
@@ -31,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import child  # noqa: E402
 from model import generate, shape_of  # noqa: E402
 from report import plot_serving, serving_table, summarize  # noqa: E402
 from workloads import WORKLOADS, TextWorkload  # noqa: E402
@@ -71,27 +69,13 @@ def run_engine(engine: dict, requests: list, config_text: str | None, workdir: P
         path.write_text(config_text)
         env["KVSIEVE_CONFIG"] = str(path)
     print(f"[bench] {label}: {len(requests)} requests, starting the engine ...", file=sys.stderr, flush=True)
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, str(HERE / "engine_run.py")], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        # Feed the spec and drain stdout from threads; relay the child's progress lines as they come.
-        out: list[str] = []
-        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))
-        reader.start()
-        proc.stdin.write(json.dumps({"engine": engine, "requests": requests}))
-        proc.stdin.close()
-        for text in proc.stderr:
-            err.write(text)
-            if text.startswith("[progress]"):
-                print(f"[bench] {label}: {text[len('[progress] '):].rstrip()}", file=sys.stderr, flush=True)
-        proc.wait()
-        reader.join()
-        err.seek(0)
-        stderr = err.read()
-    line = next((x for x in "".join(out).splitlines() if x.startswith("RESULT")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"[bench] {label}: the engine run failed (exit {proc.returncode}):\n{stderr[-6000:]}")
-    res = json.loads(line[len("RESULT"):])
+
+    def relay(text: str) -> None:
+        if text.startswith("[progress]"):
+            print(f"[bench] {label}: {text[len('[progress] '):].rstrip()}", file=sys.stderr, flush=True)
+
+    res = child.run(HERE / "engine_run.py", {"engine": engine, "requests": requests}, env,
+                    f"[bench] {label}: the engine run", relay)
     if res["free_after"] != res["total_blocks"]:
         raise SystemExit(f"[bench] {label}: {res['total_blocks'] - res['free_after']} KV blocks were not returned")
     return res
