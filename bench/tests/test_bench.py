@@ -106,8 +106,8 @@ def test_kvsieve_with_kvpress_settings_matches_kvpress(byte_llama):
     differently from the dense one."""
     import quality
 
-    if not (quality.KVPRESS_SITE / "kvpress").is_dir():
-        pytest.skip(f"kvpress is not installed at {quality.KVPRESS_SITE} (scripts/setup.sh installs it)")
+    if not (quality.child.KVPRESS_SITE / "kvpress").is_dir():
+        pytest.skip(f"kvpress is not installed at {quality.child.KVPRESS_SITE} (scripts/setup.sh installs it)")
     data = quality.samples(byte_llama / "val.txt", 2, 512, 64, seed=1)
     ours = quality.run_ours(byte_llama, data, ["streaming", "snapkv"], [0.1])
     for policy in ("streaming", "snapkv"):
