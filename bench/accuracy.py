@@ -241,11 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, metavar="JSON", help="re-write the tables and plot of a saved run, run nothing")
     a = ap.parse_args(argv)
     if a.report:
-        result = json.loads(a.report.read_text())
-        md = report(result) + goals(result)
-        a.report.with_suffix(".md").write_text(md)
-        plot(result, a.report.with_suffix(".png"))
-        print(md)
+        write_report(json.loads(a.report.read_text()), a.report.with_suffix(""))
         return 0
     cfg = dict(SUITES[a.suite])
     for k in ("tasks", "lengths", "long_tasks", "policies", "budgets", "presses", "prefix_caching", "cached_budgets"):
@@ -261,12 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(a.model, cfg, a.seed, a.kv_gib, log=lambda m: print(m, flush=True))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.name}.json").write_text(json.dumps(result))
-    md = report(result) + goals(result)
-    (a.out / f"{a.name}.md").write_text(md)
-    plot(result, a.out / f"{a.name}.png")
-    print(md)
+    write_report(result, a.out / a.name)
     print(f"[accuracy] {result['seconds']} s; wrote {a.out / a.name}.{{json,md,png}}")
     return 0
+
+
+def write_report(result: dict, stem: Path) -> None:
+    """`stem`.md (the tables and the goals) and `stem`.png of a run, and the tables on stdout."""
+    md = report(result) + goals(result)
+    stem.with_suffix(".md").write_text(md)
+    plot(result, stem.with_suffix(".png"))
+    print(md)
 
 
 def _cell(kn) -> str:

@@ -104,10 +104,11 @@ def test_kvsieve_with_kvpress_settings_matches_kvpress(byte_llama):
     """The quality harness: for StreamingLLM and SnapKV, kvsieve set to kvpress's settings keeps
     the same tokens as kvpress, so the continuation NLLs agree; and the compressed caches score
     differently from the dense one."""
+    import child
     import quality
 
-    if not (quality.child.KVPRESS_SITE / "kvpress").is_dir():
-        pytest.skip(f"kvpress is not installed at {quality.child.KVPRESS_SITE} (scripts/setup.sh installs it)")
+    if not (child.KVPRESS_SITE / "kvpress").is_dir():
+        pytest.skip(f"kvpress is not installed at {child.KVPRESS_SITE} (scripts/setup.sh installs it)")
     data = quality.samples(byte_llama / "val.txt", 2, 512, 64, seed=1)
     ours = quality.run_ours(byte_llama, data, ["streaming", "snapkv"], [0.1])
     for policy in ("streaming", "snapkv"):
