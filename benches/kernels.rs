@@ -130,6 +130,7 @@ fn bench_compact(c: &mut Criterion) {
                             protected_len: 0,
                             keep: &keep,
                             selected: k,
+                            dest: None,
                         };
                         black_box(unsafe { compact(&cache, &req) }.unwrap())
                     })

@@ -476,6 +476,38 @@ kvs_status kvs_compact_check(const struct kvs_kernels *kernels,
                              uint32_t selected,
                              size_t released_cap);
 
+// Out-of-place compaction: each head's kept tokens (as for `kvs_compact`) are written, K and
+// V, to positions `0..selected` of the blocks `dest[0..dest_len]` (`dest_len` =
+// `ceil(selected / block_size)`; fresh blocks, none of them in `seq.row`), and the row is only
+// read. Use it when the row's blocks may be shared (a prefix cache): the sequence continues on
+// `row[..protected_len / block_size]` followed by `dest`, and every block of the row from the
+// protected prefix to `ceil(cached_len / block_size)` can be given back with its contents
+// intact. Validated before the first byte is written, like `kvs_compact`.
+//
+// # Safety
+// Pointers as documented on `kvs_compact`; `dest` holds `dest_len` ids.
+kvs_status kvs_compact_into(const struct kvs_kernels *kernels,
+                            const struct kvs_kv_cache *cache,
+                            const struct kvs_sequence *seq,
+                            const uint32_t *keep,
+                            size_t keep_len,
+                            uint32_t selected,
+                            const int32_t *dest,
+                            uint32_t dest_len);
+
+// Validate an out-of-place compaction exactly as `kvs_compact_into` would, writing nothing.
+//
+// # Safety
+// Pointers as documented on `kvs_compact_into`.
+kvs_status kvs_compact_into_check(const struct kvs_kernels *kernels,
+                                  const struct kvs_kv_cache *cache,
+                                  const struct kvs_sequence *seq,
+                                  const uint32_t *keep,
+                                  size_t keep_len,
+                                  uint32_t selected,
+                                  const int32_t *dest,
+                                  uint32_t dest_len);
+
 // Recompute Quest metadata of physical block `block` from its first `filled` slots into
 // `block_min`/`block_max` (`[num_blocks][num_kv_heads][head_dim]` f32 each, `meta_len` floats).
 //

@@ -31,6 +31,8 @@ struct Geom {
 #define KVS_ERR_KEEP_ORDER 4u
 #define KVS_ERR_INDPTR 5u
 #define KVS_ERR_LAST_PAGE_LEN 6u
+#define KVS_ERR_DEST_RANGE 7u
+#define KVS_ERR_DEST_REPEAT 8u
 
 __device__ __forceinline__ u64 elem(const Geom& g, u64 block, u64 head, u64 slot, u64 d) {
   return block * g.block_stride + head * g.head_stride + slot * g.token_stride + d;
@@ -126,6 +128,37 @@ extern "C" __global__ void kvs_compact_scatter(Geom g, const i32* row, const u32
     u64 o = elem(g, db, h, ds, d) * esz;
     copy_elem(g.k + o, in + d * esz, esz);
     copy_elem(g.v + o, in + (g.dim + d) * esz, esz);
+  }
+}
+
+// Out of place: dest ids in range, none twice and none in the row. Launched after
+// kvs_compact_check with the same marks and epoch, so the row's ids are already marked.
+extern "C" __global__ void kvs_compact_dest_check(Geom g, const i32* dest, u32 dest_len, u32* marks,
+                                                  u32 epoch, u32* err) {
+  for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < dest_len; i += (u64)gridDim.x * blockDim.x) {
+    i32 b = dest[i];
+    if (b < 0 || (u64)b >= g.num_blocks) {
+      fail(err, KVS_ERR_DEST_RANGE, (u32)i);
+    } else if (atomicExch(&marks[b], epoch) == epoch) {
+      fail(err, KVS_ERR_DEST_REPEAT, (u32)i);
+    }
+  }
+}
+
+// grid (selected, heads): K and V of keep[h][j] (read from the row) to position j of dest. The
+// row is only read and dest is disjoint from it, so no workspace is needed.
+extern "C" __global__ void kvs_compact_into(Geom g, const i32* row, const u32* keep, u32 selected,
+                                            const i32* dest, const u32* err) {
+  if (*(volatile const u32*)err) return;
+  u64 j = blockIdx.x, h = blockIdx.y;
+  u64 src = keep[h * selected + j];
+  u64 sb = (u64)row[src / g.block_size], ss = src % g.block_size;
+  u64 db = (u64)dest[j / g.block_size], ds = j % g.block_size;
+  u64 esz = esize(g.dtype);
+  for (u64 d = threadIdx.x; d < g.dim; d += blockDim.x) {
+    u64 so = elem(g, sb, h, ss, d) * esz, dO = elem(g, db, h, ds, d) * esz;
+    copy_elem(g.k + dO, g.k + so, esz);
+    copy_elem(g.v + dO, g.v + so, esz);
   }
 }
 

@@ -110,6 +110,116 @@ fn compaction_through_the_abi_releases_the_tail_blocks() {
     assert_eq!(released, f.row[4..7].to_vec());
 }
 
+/// Out of place through the ABI: with protected_len 16, the 40 kept tokens of each head land in
+/// the 3 free blocks of the cache (guards of the fixture), the row keeps every byte, and bad
+/// destinations (in the row, repeated, out of range, too few, NULL) are refused with nothing
+/// written, by the check and the call alike.
+#[test]
+fn out_of_place_compaction_through_the_abi_writes_only_dest() {
+    let mut f = fixture();
+    let seq = f.seq();
+    let free: Vec<i32> = (0..10).filter(|b| !f.row.contains(b)).collect();
+    assert_eq!(free.len(), 3);
+    let k = cpu();
+    let into = |f: &mut Fixture, dest: &[i32], n: u32, check: bool| -> (Status, bool) {
+        let before = (f.t.k.clone(), f.t.v.clone());
+        let (keep, sel) = (f.keep.clone(), f.selected);
+        let d = if dest.is_empty() {
+            null()
+        } else {
+            dest.as_ptr()
+        };
+        let s = unsafe {
+            if check {
+                kvs_compact_into_check(k, &f.t.desc, &seq, keep.as_ptr(), keep.len(), sel, d, n)
+            } else {
+                kvs_compact_into(k, &f.t.desc, &seq, keep.as_ptr(), keep.len(), sel, d, n)
+            }
+        };
+        (s, before != (f.t.k.clone(), f.t.v.clone()))
+    };
+    let (r1, r0) = (f.row[1], f.row[0]);
+    let bad: Vec<(&str, Vec<i32>, u32, &str)> = vec![
+        (
+            "a row block",
+            vec![free[0], r1, free[2]],
+            3,
+            "in the source row",
+        ),
+        (
+            "the protected block",
+            vec![r0, free[1], free[2]],
+            3,
+            "in the source row",
+        ),
+        (
+            "a repeat",
+            vec![free[0], free[1], free[0]],
+            3,
+            "twice in dest",
+        ),
+        (
+            "out of range",
+            vec![free[0], 10, free[2]],
+            3,
+            "not a block id",
+        ),
+        (
+            "too few",
+            vec![free[0], free[1]],
+            2,
+            "need ceil(selected / block_size) = 3",
+        ),
+        ("NULL", vec![], 3, "dest"),
+    ];
+    for (what, dest, n, msg) in &bad {
+        for check in [true, false] {
+            let (s, moved) = into(&mut f, dest, *n, check);
+            assert_eq!(
+                s,
+                Status::InvalidArgument,
+                "{what} (check {check}): {}",
+                last_error()
+            );
+            assert!(last_error().contains(msg), "{what}: {}", last_error());
+            assert!(!moved, "{what}: bytes moved on a refused call");
+        }
+    }
+    let (s, moved) = into(&mut f, &free, 3, true);
+    assert_eq!((s, moved), (Status::Ok, false), "{}", last_error());
+    let before = f.t.k.clone();
+    let (s, moved) = into(&mut f, &free, 3, false);
+    assert_eq!((s, moved), (Status::Ok, true), "{}", last_error());
+    unsafe { kvs_kernels_free(k) };
+    // Row blocks unchanged; dest holds the kept tokens, slot by slot.
+    let c = f.t.cache();
+    let word = |b: usize, h: usize, slot: usize, d: usize| c.k_offset(b, h, slot, d);
+    for &b in &f.row {
+        for h in 0..2 {
+            for slot in 0..16 {
+                for d in 0..8 {
+                    let o = word(b as usize, h, slot, d);
+                    assert_eq!(f.t.k[o], before[o], "row block {b} changed");
+                }
+            }
+        }
+    }
+    for h in 0..2 {
+        for j in 0..f.selected as usize {
+            let src = f.keep[h * f.selected as usize + j] as usize;
+            let (sb, ss) = (f.row[src / 16] as usize, src % 16);
+            let (db, ds) = (free[j / 16] as usize, j % 16);
+            for d in 0..8 {
+                assert_eq!(
+                    f.t.k[word(db, h, ds, d)],
+                    before[word(sb, h, ss, d)],
+                    "head {h} token {j}"
+                );
+            }
+        }
+    }
+}
+
 /// A named bad input: how to spoil the fixture, the status and a piece of the message expected.
 type Case = (
     String,

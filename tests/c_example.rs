@@ -66,6 +66,15 @@ fn check_output(stdout: &str) {
         "{stdout}"
     );
     assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+    // Out of place first: the kept tokens land in the four fresh blocks, the row is unchanged.
+    assert!(
+        stdout.contains("compacted out of place into blocks 9 4 10 8; the row is unchanged"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("refused as expected (KVS_STATUS_INVALID_ARGUMENT)"),
+        "{stdout}"
+    );
     // 100 tokens, budget 40, blocks of 16: 52 kept, the row's last three blocks (6 1 3) go back.
     assert!(
         stdout.contains("compacted 100 -> 52 tokens per head, released blocks: 6 1 3"),

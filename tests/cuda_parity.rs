@@ -193,6 +193,122 @@ fn compaction_matches_cpu_bit_for_bit() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU (run with --include-ignored there)"]
+fn out_of_place_compaction_matches_cpu_bit_for_bit() {
+    let g = gpu("out_of_place_compaction_matches_cpu_bit_for_bit");
+    let mut rng = Rng(43);
+    for (layout, dtype, bs) in SHAPES {
+        let (heads, dim, c) = (4, 64, 3 * bs + 7);
+        let blocks = c.div_ceil(bs);
+        let p = bs; // one protected block
+        let k = (c - p) / 3;
+        let nd = k.div_ceil(bs);
+        let total = blocks + nd + 2;
+        let mut t = TestCache::new(layout, dtype, total, bs, heads, dim);
+        t.fill_bits(&mut rng);
+        let ids = random_row(&mut rng, total, blocks + nd);
+        let (row, dest) = ids.split_at(blocks);
+        let mut keep = Vec::new();
+        for _ in 0..heads {
+            let mut pos: Vec<u32> = (p as u32..c as u32).collect();
+            rng.shuffle(&mut pos);
+            pos.truncate(k);
+            pos.sort_unstable();
+            keep.extend(pos);
+        }
+        let dev = upload(&g, &t);
+        let (drow, dkeep, ddest) = (g.up(row), g.up(&keep), g.up(dest));
+        let seq = SequenceDesc {
+            row: dptr(&drow, &g.stream) as *const i32,
+            row_len: blocks as u32,
+            cached_len: c as u32,
+            protected_len: p as u32,
+        };
+        let s = unsafe {
+            kvs_compact_into(
+                g.kernels,
+                &dev.desc,
+                &seq,
+                dptr(&dkeep, &g.stream) as *const u32,
+                keep.len(),
+                k as u32,
+                dptr(&ddest, &g.stream) as *const i32,
+                nd as u32,
+            )
+        };
+        assert_eq!(s, Status::Ok, "{}", last_error());
+        assert_eq!(
+            unsafe { kvs_kernels_synchronize(g.kernels) },
+            Status::Ok,
+            "{}",
+            last_error()
+        );
+        let hseq = SequenceDesc {
+            row: row.as_ptr(),
+            ..seq
+        };
+        let s = unsafe {
+            kvs_compact_into(
+                g.cpu,
+                &t.desc,
+                &hseq,
+                keep.as_ptr(),
+                keep.len(),
+                k as u32,
+                dest.as_ptr(),
+                nd as u32,
+            )
+        };
+        assert_eq!(s, Status::Ok, "{}", last_error());
+        assert!(
+            g.down(&dev.k) == t.k,
+            "{layout:?} {dtype:?} bs {bs}: K differs"
+        );
+        assert!(
+            g.down(&dev.v) == t.v,
+            "{layout:?} {dtype:?} bs {bs}: V differs"
+        );
+    }
+    // A destination block inside the row is found on the device; nothing is written.
+    let mut t = TestCache::new(Layout::Nhd, DType::F16, 8, 16, 2, 32);
+    t.fill_bits(&mut rng);
+    let row = random_row(&mut rng, 8, 5);
+    let keep: Vec<u32> = (0..2).flat_map(|_| (10u32..40).step_by(2)).collect();
+    let dest = [row[2]];
+    let dev = upload(&g, &t);
+    let (drow, dkeep, ddest) = (g.up(&row), g.up(&keep), g.up(&dest));
+    let seq = SequenceDesc {
+        row: dptr(&drow, &g.stream) as *const i32,
+        row_len: 5,
+        cached_len: 70,
+        protected_len: 0,
+    };
+    let s = unsafe {
+        kvs_compact_into(
+            g.kernels,
+            &dev.desc,
+            &seq,
+            dptr(&dkeep, &g.stream) as *const u32,
+            30,
+            15,
+            dptr(&ddest, &g.stream) as *const i32,
+            1,
+        )
+    };
+    assert_eq!(s, Status::Ok, "enqueued; the device finds the overlap");
+    assert_eq!(
+        unsafe { kvs_kernels_synchronize(g.kernels) },
+        Status::InvalidArgument
+    );
+    assert!(
+        last_error().contains("in the row or twice in dest"),
+        "{}",
+        last_error()
+    );
+    assert!(g.down(&dev.k) == t.k, "K written although dest was refused");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --include-ignored there)"]
 fn bad_device_rows_move_nothing_and_are_reported_at_sync() {
     let g = gpu("bad_device_rows_move_nothing_and_are_reported_at_sync");
     let mut rng = Rng(5);

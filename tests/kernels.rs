@@ -136,7 +136,7 @@ proptest! {
         }
         let before_k = t.k.clone();
         let before_v = t.v.clone();
-        let req = Compaction { row: &row, cached_len: s.cached_len, protected_len: p, keep: &keep, selected: k };
+        let req = Compaction { row: &row, cached_len: s.cached_len, protected_len: p, keep: &keep, selected: k, dest: None };
         let released = unsafe { compact(&cache, &req) }.unwrap();
         prop_assert_eq!(released, (p + k).div_ceil(s.block_size)..s.blocks());
 
@@ -159,6 +159,58 @@ proptest! {
             for h in 0..s.heads { for slot in 0..s.block_size { for d in 0..s.head_dim {
                 let o = cache.k_offset(b, h, slot, d) * esz;
                 prop_assert_eq!(&kb[o..o + esz], &ka[o..o + esz], "K of block {} changed", b);
+            }}}
+        }
+    }
+
+    /// Out-of-place compaction equals the reference gather into `dest`, bit for bit, and writes
+    /// nothing but `dest`'s blocks: the source row (which other sequences may share through a
+    /// prefix cache) keeps every byte.
+    #[test]
+    fn out_of_place_compaction_is_exact_and_leaves_the_row(s in shape(700), frac in 0.0f64..=1.0) {
+        let mut rng = Rng(s.seed);
+        let p = s.protected_blocks * s.block_size;
+        let k = (((s.cached_len - p) as f64) * frac) as usize;
+        let nd = k.div_ceil(s.block_size);
+        let num_blocks = s.blocks() + nd + s.guards;
+        let mut t = TestCache::new(s.layout, s.dtype, num_blocks, s.block_size, s.heads, s.head_dim);
+        t.fill_bits(&mut rng);
+        let ids = random_row(&mut rng, num_blocks, s.blocks() + nd);
+        let (row, dest) = ids.split_at(s.blocks());
+        let mut keep = Vec::new();
+        for _ in 0..s.heads {
+            let mut pos: Vec<u32> = (p as u32..s.cached_len as u32).collect();
+            rng.shuffle(&mut pos);
+            pos.truncate(k);
+            pos.sort_unstable();
+            keep.extend(pos);
+        }
+        let (before_k, before_v) = (t.k.clone(), t.v.clone());
+        let cache = t.cache();
+        let req = Compaction { row, cached_len: s.cached_len, protected_len: p, keep: &keep, selected: k, dest: Some(dest) };
+        let released = unsafe { compact(&cache, &req) }.unwrap();
+        prop_assert_eq!(released, s.protected_blocks..s.blocks());
+
+        let mut expect = TestCache::new(s.layout, s.dtype, num_blocks, s.block_size, s.heads, s.head_dim);
+        expect.k.copy_from_slice(&before_k);
+        expect.v.copy_from_slice(&before_v);
+        let ec = expect.cache();
+        unsafe { reference::compact_into(&ec, row, &keep, k, dest, expect.elems, expect.elems) };
+        prop_assert!(t.k == expect.k, "K differs from the reference");
+        prop_assert!(t.v == expect.v, "V differs from the reference");
+
+        // Independently of the reference: only dest's blocks changed.
+        let esz = s.dtype.size();
+        let written: std::collections::HashSet<usize> = dest.iter().map(|&b| b as usize).collect();
+        let (kb, ka): (&[u8], &[u8]) = (bytemuck_u8(&before_k), bytemuck_u8(&t.k));
+        // The packed layouts keep V inside the K tensor.
+        let (vb, va): (&[u8], &[u8]) = if t.v.is_empty() { (kb, ka) } else { (bytemuck_u8(&before_v), bytemuck_u8(&t.v)) };
+        for b in 0..num_blocks {
+            if written.contains(&b) { continue; }
+            for h in 0..s.heads { for slot in 0..s.block_size { for d in 0..s.head_dim {
+                let (ko, vo) = (cache.k_offset(b, h, slot, d) * esz, cache.v_offset(b, h, slot, d) * esz);
+                prop_assert_eq!(&kb[ko..ko + esz], &ka[ko..ko + esz], "K of block {} changed", b);
+                prop_assert_eq!(&vb[vo..vo + esz], &va[vo..vo + esz], "V of block {} changed", b);
             }}}
         }
     }
@@ -358,6 +410,7 @@ fn snapkv_pipeline_keeps_the_heavy_hitter() {
         protected_len: 0,
         keep: &keep,
         selected: 24,
+        dest: None,
     };
     let released = unsafe { compact(&cache, &req) }.unwrap();
     assert_eq!(released, 2..13);
@@ -409,6 +462,7 @@ fn threaded_compaction_matches_reference() {
             protected_len: p,
             keep: &keep,
             selected: k,
+            dest: None,
         };
         assert!(
             2 * 8 * k * 128 * 4 > (1 << 20),

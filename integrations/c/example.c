@@ -45,15 +45,34 @@ static const char DEFAULT_CONFIG[] =
 
 /*
  * One layer of one sequence end to end: a small f32 NHD cache whose values encode their
- * (token, head, dim), knorm scores, selection of the planned count, in-place compaction. The
- * check: every kept slot now holds the token the selection chose, and the released blocks are
- * the tail of the row.
+ * (token, head, dim), knorm scores, selection of the planned count, then compaction twice:
+ * out of place into fresh blocks (the row is only read, as when its blocks are shared through
+ * a prefix cache), and in place. The checks: every kept slot holds the token the selection
+ * chose, the out-of-place form left the row untouched, and the in-place form released the tail
+ * of the row.
  */
-enum { BS = 16, HEADS = 2, DIM = 8, NBLOCKS = 8, CACHED = 100 };
+enum { BS = 16, HEADS = 2, DIM = 8, NBLOCKS = 11, CACHED = 100 };
+
+/* Slot j of head h in `blocks` holds the token keep[h][j] chose. */
+static int holds_kept(const float *v, const int32_t *blocks, const uint32_t *keep,
+                      uint32_t selected, const char *what) {
+  for (uint32_t h = 0; h < HEADS; h++)
+    for (uint32_t j = 0; j < selected; j++) {
+      uint32_t t = keep[h * selected + j];
+      size_t at = (((size_t)blocks[j / BS] * BS + j % BS) * HEADS + h) * DIM;
+      if (v[at] != (float)(t * 1000 + h * 100)) {
+        fprintf(stderr, "%s: head %u slot %u holds %.0f, expected token %u\n", what, h, j, v[at],
+                t);
+        return 1;
+      }
+    }
+  return 0;
+}
 
 static int compact_one_sequence(void) {
   static float k[NBLOCKS * BS * HEADS * DIM], v[NBLOCKS * BS * HEADS * DIM];
-  const int32_t row[] = {5, 0, 7, 2, 6, 1, 3}; /* 7 blocks hold 100 tokens; block 4 is not ours */
+  /* 7 blocks hold 100 tokens; blocks 4, 8, 9 and 10 are free. */
+  const int32_t row[] = {5, 0, 7, 2, 6, 1, 3};
   for (int i = 0; i < 7; i++)
     for (int s = 0; s < BS; s++)
       for (int h = 0; h < HEADS; h++)
@@ -90,6 +109,29 @@ static int compact_one_sequence(void) {
                           .selected = (uint32_t)plan.selected_tokens};
   size_t keep_len = HEADS * (size_t)sel.selected;
   CHECK(kvs_select_tokens(kernels, scores, HEADS * CACHED, HEADS, &sel, keep, keep_len));
+
+  /* Out of place: the 52 kept tokens into ceil(52 / BS) = 4 fresh blocks; every byte of the row
+     stays as it was. A destination block that is in the row is refused before anything moves. */
+  static float v_before[NBLOCKS * BS * HEADS * DIM];
+  memcpy(v_before, v, sizeof v);
+  const int32_t dest[] = {9, 4, 10, 8}, overlapping[] = {9, 5, 10, 8};
+  expect_status(kvs_compact_into(kernels, &cache, &seq, keep, keep_len, sel.selected, overlapping,
+                                 4),
+                KVS_STATUS_INVALID_ARGUMENT, "a destination block inside the row");
+  expect_status(kvs_compact_into_check(kernels, &cache, &seq, keep, keep_len, sel.selected, dest,
+                                       3),
+                KVS_STATUS_INVALID_ARGUMENT, "too few destination blocks");
+  CHECK(kvs_compact_into_check(kernels, &cache, &seq, keep, keep_len, sel.selected, dest, 4));
+  CHECK(kvs_compact_into(kernels, &cache, &seq, keep, keep_len, sel.selected, dest, 4));
+  if (holds_kept(v, dest, keep, sel.selected, "out of place")) return 1;
+  for (int i = 0; i < 7; i++)
+    if (memcmp(&v[(size_t)row[i] * BS * HEADS * DIM], &v_before[(size_t)row[i] * BS * HEADS * DIM],
+               sizeof(float) * BS * HEADS * DIM) != 0) {
+      fprintf(stderr, "out-of-place compaction wrote row block %d\n", row[i]);
+      return 1;
+    }
+  printf("compacted out of place into blocks 9 4 10 8; the row is unchanged\n");
+
   int32_t released[8];
   uint32_t num_released = 0;
   /* An engine compacting several layers checks every layer first, so a refusal never leaves
@@ -104,15 +146,7 @@ static int compact_one_sequence(void) {
             plan.released_blocks);
     return 1;
   }
-  for (uint32_t h = 0; h < HEADS; h++)
-    for (uint32_t j = 0; j < sel.selected; j++) {
-      uint32_t t = keep[h * sel.selected + j];
-      size_t at = (((size_t)row[j / BS] * BS + j % BS) * HEADS + h) * DIM;
-      if (v[at] != (float)(t * 1000 + h * 100)) {
-        fprintf(stderr, "head %u slot %u holds %.0f, expected token %u\n", h, j, v[at], t);
-        return 1;
-      }
-    }
+  if (holds_kept(v, row, keep, sel.selected, "in place")) return 1;
   printf("compacted %u -> %" PRIu64 " tokens per head, released blocks:", CACHED,
          plan.kept_tokens);
   for (uint32_t i = 0; i < num_released; i++) printf(" %d", released[i]);

@@ -8,3 +8,4 @@ mod ops;
 pub mod source;
 
 pub use backend::CudaBackend;
+pub use ops::SeqArgs;

@@ -34,7 +34,7 @@ struct Geom {
 // SAFETY: plain-old-data, laid out as the kernel's struct.
 unsafe impl DeviceRepr for Geom {}
 
-const ERR_NAMES: [&str; 7] = [
+const ERR_NAMES: [&str; 9] = [
     "",
     "a block id of the row is out of range (row index",
     "a block id appears twice in the row (row index",
@@ -42,7 +42,29 @@ const ERR_NAMES: [&str; 7] = [
     "a keep list is not strictly ascending (keep index",
     "indptr must start at 0, not decrease and end at nnz (indptr index",
     "a non-empty sequence's last_page_len is below 1 (sequence",
+    "a dest block id is out of range (dest index",
+    "a dest block id is in the row or twice in dest; pass fresh blocks (dest index",
 ];
+
+/// NULL checks before a call begins (a begun call counts as enqueued).
+fn check_seq_ptrs(a: &SeqArgs) -> Result<()> {
+    ensure_arg!(
+        a.row != 0 && (a.keep != 0 || a.keep_len == 0),
+        "seq.row or keep is NULL"
+    );
+    Ok(())
+}
+
+/// One sequence's compaction arguments on the device (`kvs_sequence` plus its keep lists).
+pub struct SeqArgs {
+    pub row: u64,
+    pub row_len: usize,
+    pub cached_len: usize,
+    pub protected_len: usize,
+    pub keep: u64,
+    pub keep_len: usize,
+    pub selected: usize,
+}
 
 fn geom(cache: &KvCache) -> Result<Geom> {
     cache.require_device(Device::Cuda)?;
@@ -155,27 +177,24 @@ impl CudaBackend {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn compact(
         &self,
         cache: &KvCache,
-        row: u64,
-        row_len: usize,
-        cached_len: usize,
-        protected_len: usize,
-        keep: u64,
-        keep_len: usize,
-        selected: usize,
+        a: &SeqArgs,
         released_cap: usize,
         out: Option<(u64, *mut u32)>,
     ) -> Result<()> {
         let g = geom(cache)?;
-        let (c, p, k, h) = (cached_len, protected_len, selected, cache.num_kv_heads);
-        let release = check_shape(cache, row_len, c, p, keep_len, k)?;
-        ensure_arg!(
-            row != 0 && (keep != 0 || keep_len == 0),
-            "seq.row or keep is NULL"
-        );
+        let (row, keep, k, h) = (a.row, a.keep, a.selected, cache.num_kv_heads);
+        let release = check_shape(
+            cache,
+            a.row_len,
+            a.cached_len,
+            a.protected_len,
+            a.keep_len,
+            k,
+            None,
+        )?;
         let (first, count) = (release.start, release.len());
         if released_cap < count {
             return Err(Error::new(
@@ -187,6 +206,7 @@ impl CudaBackend {
             out.is_none_or(|(released, _)| released != 0 || count == 0),
             "released is NULL"
         );
+        check_seq_ptrs(a)?;
         let mut st = self.lock();
         let name = if out.is_some() {
             "kvs_compact"
@@ -195,30 +215,15 @@ impl CudaBackend {
         };
         let err = self.begin(&mut st, name)?;
         st.calls.last_mut().expect("just begun").out = out.map(|(_, n)| (HostOut(n), count as u32));
-        let (marks, epoch) = st.marks(&self.stream, cache.num_blocks)?;
+        self.compact_check(&mut st, &g, a, None, err)?;
+        let Some((released, _)) = out else {
+            return Ok(());
+        };
         let work = st.work(
             &self.stream,
             2 * h * k * cache.head_dim * cache.dtype.size(),
         )?;
-        let (row_len32, sel32, c32, p32) = (row_len as u32, k as u32, c as u32, p as u32);
-        launch!(
-            self,
-            "kvs_compact_check",
-            cfg((blocks_for(row_len.max(keep_len), 256), 1, 1), 256),
-            &g,
-            &row,
-            &row_len32,
-            &keep,
-            &sel32,
-            &c32,
-            &p32,
-            &marks,
-            &epoch,
-            &err
-        );
-        let Some((released, _)) = out else {
-            return Ok(());
-        };
+        let (sel32, p32) = (k as u32, a.protected_len as u32);
         if k > 0 {
             launch!(
                 self,
@@ -257,6 +262,104 @@ impl CudaBackend {
                 &released,
                 &err
             );
+        }
+        Ok(())
+    }
+
+    /// Out of place: the kept tokens to `dest` (`run` false: validate only).
+    pub fn compact_into(
+        &self,
+        cache: &KvCache,
+        a: &SeqArgs,
+        dest: u64,
+        dest_len: usize,
+        run: bool,
+    ) -> Result<()> {
+        let g = geom(cache)?;
+        let (row, keep, k, h) = (a.row, a.keep, a.selected, cache.num_kv_heads);
+        check_shape(
+            cache,
+            a.row_len,
+            a.cached_len,
+            a.protected_len,
+            a.keep_len,
+            k,
+            Some(dest_len),
+        )?;
+        ensure_arg!(dest != 0 || dest_len == 0, "dest is NULL");
+        check_seq_ptrs(a)?;
+        let mut st = self.lock();
+        let name = if run {
+            "kvs_compact_into"
+        } else {
+            "kvs_compact_into_check"
+        };
+        let err = self.begin(&mut st, name)?;
+        self.compact_check(&mut st, &g, a, Some((dest, dest_len)), err)?;
+        if run && k > 0 {
+            let sel32 = k as u32;
+            launch!(
+                self,
+                "kvs_compact_into",
+                cfg((sel32, h as u32, 1), 128),
+                &g,
+                &row,
+                &keep,
+                &sel32,
+                &dest,
+                &err
+            );
+        }
+        Ok(())
+    }
+
+    /// The device-side checks of a compaction: the row's ids, the keep lists and, out of
+    /// place, the destination blocks (marked after the row, so an overlap names dest).
+    fn compact_check(
+        &self,
+        st: &mut State,
+        g: &Geom,
+        a: &SeqArgs,
+        dest: Option<(u64, usize)>,
+        err: u64,
+    ) -> Result<()> {
+        let (marks, epoch) = st.marks(&self.stream, g.num_blocks as usize)?;
+        let (row_len32, sel32, c32, p32) = (
+            a.row_len as u32,
+            a.selected as u32,
+            a.cached_len as u32,
+            a.protected_len as u32,
+        );
+        launch!(
+            self,
+            "kvs_compact_check",
+            cfg((blocks_for(a.row_len.max(a.keep_len), 256), 1, 1), 256),
+            g,
+            &a.row,
+            &row_len32,
+            &a.keep,
+            &sel32,
+            &c32,
+            &p32,
+            &marks,
+            &epoch,
+            &err
+        );
+        if let Some((dest, n)) = dest {
+            if n > 0 {
+                let n32 = n as u32;
+                launch!(
+                    self,
+                    "kvs_compact_dest_check",
+                    cfg((blocks_for(n, 256), 1, 1), 256),
+                    g,
+                    &dest,
+                    &n32,
+                    &marks,
+                    &epoch,
+                    &err
+                );
+            }
         }
         Ok(())
     }

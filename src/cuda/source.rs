@@ -12,6 +12,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "kvs_compact_gather",
     "kvs_compact_scatter",
     "kvs_copy_released",
+    "kvs_compact_dest_check",
+    "kvs_compact_into",
     "kvs_row_check",
     "kvs_knorm",
     "kvs_snapkv_logits",

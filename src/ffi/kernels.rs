@@ -494,20 +494,12 @@ pub unsafe extern "C" fn kvs_compact(
 ) -> Status {
     ffi_boundary("kvs_compact", || {
         let num_released = arg_out!(num_released, "num_released");
-        let out = Some((released, num_released));
+        let target = Target::InPlace {
+            released_cap,
+            out: Some((released, num_released)),
+        };
         // SAFETY: forwarded caller pointers, as documented above.
-        unsafe {
-            compaction(
-                kernels,
-                cache,
-                seq,
-                keep,
-                keep_len,
-                selected,
-                released_cap,
-                out,
-            )
-        }
+        unsafe { compaction(kernels, cache, seq, keep, keep_len, selected, target) }
     })
 }
 
@@ -529,25 +521,92 @@ pub unsafe extern "C" fn kvs_compact_check(
     released_cap: usize,
 ) -> Status {
     ffi_boundary("kvs_compact_check", || {
+        let target = Target::InPlace {
+            released_cap,
+            out: None,
+        };
         // SAFETY: forwarded caller pointers, as documented on kvs_compact.
-        unsafe {
-            compaction(
-                kernels,
-                cache,
-                seq,
-                keep,
-                keep_len,
-                selected,
-                released_cap,
-                None,
-            )
-        }
+        unsafe { compaction(kernels, cache, seq, keep, keep_len, selected, target) }
     })
 }
 
-/// The body of `kvs_compact` (`out` = the released ids and their count) and of
-/// `kvs_compact_check` (`out` = None: validate only).
+/// Out-of-place compaction: each head's kept tokens (as for `kvs_compact`) are written, K and
+/// V, to positions `0..selected` of the blocks `dest[0..dest_len]` (`dest_len` =
+/// `ceil(selected / block_size)`; fresh blocks, none of them in `seq.row`), and the row is only
+/// read. Use it when the row's blocks may be shared (a prefix cache): the sequence continues on
+/// `row[..protected_len / block_size]` followed by `dest`, and every block of the row from the
+/// protected prefix to `ceil(cached_len / block_size)` can be given back with its contents
+/// intact. Validated before the first byte is written, like `kvs_compact`.
+///
+/// # Safety
+/// Pointers as documented on `kvs_compact`; `dest` holds `dest_len` ids.
+#[no_mangle]
 #[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvs_compact_into(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    seq: *const SequenceDesc,
+    keep: *const u32,
+    keep_len: usize,
+    selected: u32,
+    dest: *const i32,
+    dest_len: u32,
+) -> Status {
+    ffi_boundary("kvs_compact_into", || {
+        let target = Target::Into {
+            dest,
+            dest_len: dest_len as usize,
+            run: true,
+        };
+        // SAFETY: forwarded caller pointers, as documented above.
+        unsafe { compaction(kernels, cache, seq, keep, keep_len, selected, target) }
+    })
+}
+
+/// Validate an out-of-place compaction exactly as `kvs_compact_into` would, writing nothing.
+///
+/// # Safety
+/// Pointers as documented on `kvs_compact_into`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvs_compact_into_check(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    seq: *const SequenceDesc,
+    keep: *const u32,
+    keep_len: usize,
+    selected: u32,
+    dest: *const i32,
+    dest_len: u32,
+) -> Status {
+    ffi_boundary("kvs_compact_into_check", || {
+        let target = Target::Into {
+            dest,
+            dest_len: dest_len as usize,
+            run: false,
+        };
+        // SAFETY: forwarded caller pointers, as documented on kvs_compact_into.
+        unsafe { compaction(kernels, cache, seq, keep, keep_len, selected, target) }
+    })
+}
+
+/// Where a compaction call puts the kept tokens, and whether it moves them.
+#[derive(Clone, Copy)]
+enum Target {
+    /// In the row; `out` = the released ids and their count (None: validate only).
+    InPlace {
+        released_cap: usize,
+        out: Option<(*mut i32, *mut u32)>,
+    },
+    /// Into the `dest` blocks (`run` false: validate only).
+    Into {
+        dest: *const i32,
+        dest_len: usize,
+        run: bool,
+    },
+}
+
+/// The body of the four compaction entry points.
 unsafe fn compaction(
     kernels: *const KvsKernels,
     cache: *const KvCacheDesc,
@@ -555,14 +614,21 @@ unsafe fn compaction(
     keep: *const u32,
     keep_len: usize,
     selected: u32,
-    released_cap: usize,
-    out: Option<(*mut i32, *mut u32)>,
+    target: Target,
 ) -> Result<()> {
     let (kernels, cache, seq) = (
         arg_ref!(kernels, "kernels"),
         arg_ref!(cache, "cache"),
         arg_ref!(seq, "seq"),
     );
+    let (out, released_cap) = match target {
+        Target::InPlace { released_cap, out } => (out, released_cap),
+        Target::Into { .. } => (None, 0),
+    };
+    let dest = match target {
+        Target::Into { dest, dest_len, .. } => Some((dest, dest_len)),
+        Target::InPlace { .. } => None,
+    };
     let [k, v] = Region::kv(&KvCache::new(cache)?, true);
     check_disjoint(&[
         k,
@@ -571,24 +637,35 @@ unsafe fn compaction(
         Some(Region::read("keep", keep, keep_len)),
         out.map(|(r, _)| Region::write("released", r, released_cap)),
         out.map(|(_, n)| Region::write("num_released", n, 1)),
+        dest.map(|(d, n)| Region::read("dest", d, n)),
     ])?;
     #[cfg(feature = "cuda")]
     if let Some(cu) = &kernels.cuda {
         let cache = KvCache::new(cache)?;
-        // `*num_released` is written at kvs_kernels_synchronize, once the device-side checks
-        // of this call are known to have passed.
-        return cu.compact(
-            &cache,
-            addr(seq.row),
-            seq.row_len as usize,
-            seq.cached_len as usize,
-            seq.protected_len as usize,
-            addr(keep),
+        let seq_args = crate::cuda::SeqArgs {
+            row: addr(seq.row),
+            row_len: seq.row_len as usize,
+            cached_len: seq.cached_len as usize,
+            protected_len: seq.protected_len as usize,
+            keep: addr(keep),
             keep_len,
-            selected as usize,
-            released_cap,
-            out.map(|(r, n)| (addr(r), n)),
-        );
+            selected: selected as usize,
+        };
+        return match target {
+            // `*num_released` is written at kvs_kernels_synchronize, once the device-side
+            // checks of this call are known to have passed.
+            Target::InPlace { released_cap, out } => cu.compact(
+                &cache,
+                &seq_args,
+                released_cap,
+                out.map(|(r, n)| (addr(r), n)),
+            ),
+            Target::Into {
+                dest,
+                dest_len,
+                run,
+            } => cu.compact_into(&cache, &seq_args, addr(dest), dest_len, run),
+        };
     }
     let (cache, row) = host_inputs(kernels, cache, seq)?;
     let req = Compaction {
@@ -597,27 +674,42 @@ unsafe fn compaction(
         protected_len: seq.protected_len as usize,
         keep: arg_slice!(keep, keep_len, "keep"),
         selected: selected as usize,
+        dest: match dest {
+            Some((d, n)) => Some(arg_slice!(d, n, "dest")),
+            None => None,
+        },
     };
     let range = req.check(&cache)?;
-    if released_cap < range.len() {
-        return Err(Error::new(
-            Status::BufferTooSmall,
-            format!(
-                "released holds {released_cap} ids; this compaction releases {}",
-                range.len()
-            ),
-        ));
+    match target {
+        Target::Into { run, .. } => {
+            if run {
+                // SAFETY: validated cache of live host tensors.
+                unsafe { compact(&cache, &req)? };
+            }
+            Ok(())
+        }
+        Target::InPlace { released_cap, out } => {
+            if released_cap < range.len() {
+                return Err(Error::new(
+                    Status::BufferTooSmall,
+                    format!(
+                        "released holds {released_cap} ids; this compaction releases {}",
+                        range.len()
+                    ),
+                ));
+            }
+            let Some((released, num_released)) = out else {
+                return Ok(());
+            };
+            let ids = arg_slice_mut!(released, released_cap, "released");
+            // SAFETY: validated cache of live host tensors.
+            let range = unsafe { compact(&cache, &req)? };
+            ids[..range.len()].copy_from_slice(&row[range.clone()]);
+            // SAFETY: checked by `arg_out!` in kvs_compact.
+            unsafe { *num_released = range.len() as u32 };
+            Ok(())
+        }
     }
-    let Some((released, num_released)) = out else {
-        return Ok(());
-    };
-    let ids = arg_slice_mut!(released, released_cap, "released");
-    // SAFETY: validated cache of live host tensors.
-    let range = unsafe { compact(&cache, &req)? };
-    ids[..range.len()].copy_from_slice(&row[range.clone()]);
-    // SAFETY: checked by `arg_out!` in kvs_compact.
-    unsafe { *num_released = range.len() as u32 };
-    Ok(())
 }
 
 /// Recompute Quest metadata of physical block `block` from its first `filled` slots into

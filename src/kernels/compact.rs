@@ -1,11 +1,19 @@
-//! In-place compaction of one sequence's K and V, for one layer.
+//! Compaction of one sequence's K and V, for one layer, in place or into other blocks.
 //!
 //! For every KV head, the kept cached positions `keep[h][0..k]` (ascending, all at or after the
-//! protected prefix `P`) move to positions `P..P+k`. Because `keep[h][j] >= P + j` and the copy
-//! runs in ascending `j`, each source is read before anything overwrites it: the forward gather
-//! in place equals a gather from a snapshot, bit for bit. Blocks of the row past the new end are
-//! released. Nothing is written outside the row's blocks from `P` on, and everything is
-//! validated before the first byte moves.
+//! protected prefix `P`) move to positions `P..P+k`.
+//!
+//! In place (`dest` None), the row itself holds them: because `keep[h][j] >= P + j` and the copy
+//! runs in ascending `j`, each source is read before anything overwrites it, so the forward
+//! gather equals a gather from a snapshot, bit for bit. Blocks of the row past the new end are
+//! released; nothing is written outside the row's blocks from `P` on.
+//!
+//! Out of place (`dest` Some), position `P + j` lives at `dest[j / bs]`, slot `j % bs`: the
+//! source row is only read, so blocks other sequences share (a prefix cache) stay exactly as
+//! they were. `dest` holds `ceil(k / bs)` blocks, none of them in the row; every source block
+//! from `P` on is released (the caller drops them from the sequence).
+//!
+//! Either way everything is validated before the first byte moves.
 
 use super::layout::KvCache;
 use super::page_table::check_row;
@@ -23,6 +31,13 @@ pub struct Compaction<'a> {
     /// `[num_kv_heads][selected]` cached positions, each row strictly ascending, in `[P, C)`.
     pub keep: &'a [u32],
     pub selected: usize,
+    /// Out of place: the `ceil(selected / block_size)` blocks that receive positions `P..P+k`.
+    pub dest: Option<&'a [i32]>,
+}
+
+/// The destination blocks an out-of-place compaction of `selected` tokens needs.
+pub fn dest_blocks(cache: &KvCache, selected: usize) -> usize {
+    selected.div_ceil(cache.block_size)
 }
 
 /// The shape checks of a compaction, which need no access to the row's or keep lists'
@@ -35,6 +50,7 @@ pub fn check_shape(
     protected_len: usize,
     keep_len: usize,
     selected: usize,
+    dest_len: Option<usize>,
 ) -> Result<Range<usize>> {
     let (bs, c, p, k, h) = (
         cache.block_size,
@@ -62,7 +78,17 @@ pub fn check_shape(
         row_len >= old_blocks,
         "row has {row_len} blocks but cached_len needs {old_blocks}"
     );
-    Ok((p + k).div_ceil(bs)..old_blocks)
+    match dest_len {
+        None => Ok((p + k).div_ceil(bs)..old_blocks),
+        Some(n) => {
+            let need = dest_blocks(cache, k);
+            ensure_arg!(
+                n == need,
+                "dest has {n} blocks; selected = {k} tokens need ceil(selected / block_size) = {need}"
+            );
+            Ok(p / bs..old_blocks)
+        }
+    }
 }
 
 impl Compaction<'_> {
@@ -75,6 +101,7 @@ impl Compaction<'_> {
             self.protected_len,
             self.keep.len(),
             self.selected,
+            self.dest.map(<[i32]>::len),
         )?;
         let (c, p, k, h) = (
             self.cached_len,
@@ -83,6 +110,9 @@ impl Compaction<'_> {
             cache.num_kv_heads,
         );
         check_row(self.row, cache.num_blocks, released.end)?;
+        if let Some(dest) = self.dest {
+            check_dest(dest, self.row, cache.num_blocks)?;
+        }
         for head in 0..h {
             let ks = &self.keep[head * k..(head + 1) * k];
             for (j, &t) in ks.iter().enumerate() {
@@ -100,6 +130,29 @@ impl Compaction<'_> {
         }
         Ok(released)
     }
+}
+
+/// Destination blocks: ids in range, none twice, none in the source row (an out-of-place
+/// compaction reads the row while it writes `dest`; a shared block must never be written).
+pub fn check_dest(dest: &[i32], row: &[i32], num_blocks: usize) -> Result<()> {
+    let mut seen = vec![0u64; num_blocks.div_ceil(64)];
+    for &b in row {
+        // In range: check_row ran first.
+        seen[b as usize / 64] |= 1u64 << (b as usize % 64);
+    }
+    for (i, &b) in dest.iter().enumerate() {
+        ensure_arg!(
+            b >= 0 && (b as usize) < num_blocks,
+            "dest[{i}] = {b} is not a block id of this cache (0 <= id < num_blocks = {num_blocks})"
+        );
+        let (w, bit) = (b as usize / 64, 1u64 << (b as usize % 64));
+        ensure_arg!(
+            seen[w] & bit == 0,
+            "dest[{i}] = {b} is in the source row or twice in dest; pass fresh blocks, disjoint from the row"
+        );
+        seen[w] |= bit;
+    }
+    Ok(())
 }
 
 /// Compact `req` in `cache` (host memory). Returns the row positions of the released blocks.
@@ -162,17 +215,22 @@ unsafe fn move_heads(cache: &KvCache, req: &Compaction, heads: Range<usize>) {
     }
 }
 
-/// Copy K and V of `keep[head][j]` to position `protected_len + j`.
+/// Copy K and V of `keep[head][j]` to position `protected_len + j` (in the row, or in `dest`).
 #[inline(always)]
 unsafe fn move_token(cache: &KvCache, req: &Compaction, head: usize, j: usize) {
     let (bs, d, esz) = (cache.block_size, cache.head_dim, cache.dtype.size());
     let src = req.keep[head * req.selected + j] as usize;
-    let dst = req.protected_len + j;
-    if src == dst {
-        return; // already in place (the common case for sinks)
-    }
     let (sb, ss) = (req.row[src / bs] as usize, src % bs);
-    let (db, ds) = (req.row[dst / bs] as usize, dst % bs);
+    let (db, ds) = match req.dest {
+        Some(dest) => (dest[j / bs] as usize, j % bs),
+        None => {
+            let dst = req.protected_len + j;
+            if src == dst {
+                return; // already in place (the common case for sinks)
+            }
+            (req.row[dst / bs] as usize, dst % bs)
+        }
+    };
     if cache.rows_contiguous() {
         // SAFETY: validated coordinates; distinct (block, slot, head) never alias (layout check).
         unsafe {

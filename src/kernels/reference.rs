@@ -139,6 +139,41 @@ pub unsafe fn compact(
     k_len: usize,
     v_len: usize,
 ) {
+    // SAFETY: forwarded.
+    unsafe { compact_to(c, row, keep, selected, row, protected_len, k_len, v_len) }
+}
+
+/// Out-of-place compaction: kept token `j` of every head goes to position `j` of `dest`.
+///
+/// # Safety
+/// As `compact`, with `dest` blocks of the cache.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn compact_into(
+    c: &KvCache,
+    row: &[i32],
+    keep: &[u32],
+    selected: usize,
+    dest: &[i32],
+    k_len: usize,
+    v_len: usize,
+) {
+    // SAFETY: forwarded.
+    unsafe { compact_to(c, row, keep, selected, dest, 0, k_len, v_len) }
+}
+
+/// Kept token `j` of each head, read from `row` in a snapshot, to position `dst_start + j` of
+/// `dst_row`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn compact_to(
+    c: &KvCache,
+    row: &[i32],
+    keep: &[u32],
+    selected: usize,
+    dst_row: &[i32],
+    dst_start: usize,
+    k_len: usize,
+    v_len: usize,
+) {
     let esz = c.dtype.size();
     // SAFETY: the caller passes the tensor lengths in elements.
     let k_snap = unsafe { std::slice::from_raw_parts(c.k, k_len * esz) }.to_vec();
@@ -147,11 +182,11 @@ pub unsafe fn compact(
     for h in 0..c.num_kv_heads {
         for j in 0..selected {
             let src = keep[h * selected + j] as usize;
-            let dst = protected_len + j;
+            let dst = dst_start + j;
             let (sb, ss, db, ds) = (
                 row[src / bs] as usize,
                 src % bs,
-                row[dst / bs] as usize,
+                dst_row[dst / bs] as usize,
                 dst % bs,
             );
             for d in 0..c.head_dim {

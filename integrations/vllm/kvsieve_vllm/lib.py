@@ -114,8 +114,18 @@ class Library:
                             c_uint32, c_void_p, c_size_t, POINTER(c_uint32)],
             "kvs_compact_check": [c_void_p, POINTER(KvCache), POINTER(Sequence), c_void_p, c_size_t,
                                   c_uint32, c_size_t],
+            "kvs_compact_into": [c_void_p, POINTER(KvCache), POINTER(Sequence), c_void_p, c_size_t,
+                                 c_uint32, c_void_p, c_uint32],
+            "kvs_compact_into_check": [c_void_p, POINTER(KvCache), POINTER(Sequence), c_void_p, c_size_t,
+                                       c_uint32, c_void_p, c_uint32],
         }.items():
-            fn = getattr(lib, name)
+            fn = getattr(lib, name, None)
+            if fn is None:
+                raise KvsieveError(
+                    "KVS_STATUS_UNSUPPORTED",
+                    f"{found} has no {name} (an older libkvsieve); install the library built from the same "
+                    "kvsieve version as this package, or point KVSIEVE_LIB at it",
+                )
             fn.argtypes = args
             fn.restype = c_uint32
         lib.kvs_config_free.argtypes = [c_void_p]
@@ -193,6 +203,18 @@ class CpuKernels:
                       released_cap: int) -> None:
         """Validate `compact` with the same arguments without moving anything."""
         self._call("kvs_compact_check", byref(cache), byref(seq), keep_ptr, keep_len, selected, released_cap)
+
+    def compact_into(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
+                     dest_ptr: int, dest_len: int) -> None:
+        """Out of place: the kept tokens to positions 0.. of the `dest` blocks (int32, fresh,
+        none in the row); the row is only read."""
+        self._call("kvs_compact_into", byref(cache), byref(seq), keep_ptr, keep_len, selected, dest_ptr, dest_len)
+
+    def compact_into_check(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
+                           dest_ptr: int, dest_len: int) -> None:
+        """Validate `compact_into` with the same arguments without writing anything."""
+        self._call("kvs_compact_into_check", byref(cache), byref(seq), keep_ptr, keep_len, selected, dest_ptr,
+                   dest_len)
 
     def select(self, cache: KvCache, seq: Sequence, policy: str, params: PolicyParams, sel: TokenSelect,
                queries, scores, keep, n_scores: int | None = None, n_keep: int | None = None) -> None:

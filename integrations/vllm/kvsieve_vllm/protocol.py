@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # The attribute each payload rides on.
 ATTR = "kvsieve"
@@ -41,6 +41,11 @@ class Event:
     kept_tokens: int
     released_blocks: int
     window: tuple[int, int] | None = None
+    # Out of place: the fresh blocks that receive the kept tokens after the protected prefix
+    # (`ceil((kept_tokens - protected) / block_size)` of them); the row's blocks from the
+    # protected prefix on are only read, and are given back intact (prefix-cache hashes and
+    # all) when the event is done. None: compact in place.
+    dest: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,18 @@ Patched on vLLM's `Scheduler`:
   FAILED or no ack leaves the request uncompressed; TORN marks it for recompute.
 - `_preempt_request` / `_free_request`: the PREEMPTED / FINISHED / ABORTED transitions.
 
-An event that releases blocks fixes the request's protected prefix (leading blocks shared with
-other requests through the prefix cache, never rewritten), removes the blocks it may rewrite
-from the prefix cache and stops caching the request's later blocks, all before the workers
-move anything, so no request ever reads rewritten KV through the cache.
+Prefix caching: no block that is or may become shared is ever rewritten. When the blocks an
+event reads include one in the prefix cache (hashed) or held by another request, the event is
+out of place: the scheduler takes fresh blocks from the pool for the kept tokens, the workers
+write them there (`kvs_compact_into`) and only read the originals, and on DONE the request's
+originals go back to the pool with their hashes, so later requests (the next turn of a chat,
+the next question on a document) still hit them until the pool reuses them. The budget covers
+the whole sequence, shared prefix included. When the pool holds fewer free blocks than the
+kept tokens need, the event runs in place behind a protected prefix (the leading blocks other
+requests share, never moved) after taking the blocks it rewrites out of the prefix cache: the
+pre-prefix-cache behaviour, counted as `in_place_pool_short`; kvsieve never preempts another
+request to make room. Either way the first event stops caching the request's later blocks
+(their KV was computed over a compressed cache, not what a prefix hash promises).
 
 Containment: every kvsieve step here runs inside a try; a failure disables kvsieve for the
 request involved (it runs on uncompressed, logged once per kind, counted in stats) and vLLM's
@@ -111,6 +119,7 @@ class SchedulerSide:
             except Exception as e:
                 plan.events.pop(rid, None)
                 plan.captures.pop(rid, None)
+                self.give_back_dest(sched, rec)
                 if rec.state == State.PENDING:
                     rec.go(State.DECODING)
                 self.disable(rec, "scheduler", f"planning its event failed: {type(e).__name__}: {e}")
@@ -156,10 +165,27 @@ class SchedulerSide:
             rec.go(resting)
             return
         mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
+        pool = sched.kv_cache_manager.block_pool
         bs = mgr.block_size
         blocks = mgr.req_to_blocks.get(rec.req_id, [])
-        protected = rec.protected if rec.frozen else min(_shared_prefix_blocks(blocks) * bs, computed - rec.offset)
-        p = s.config.plan(computed, computed - rec.offset, protected, bs, phase)
+        cached = computed - rec.offset
+        protected = rec.protected if rec.frozen else 0
+        pb, nulls = protected // bs, rec.offset // bs
+        source = (blocks[:pb] + blocks[pb + nulls:])[pb:math.ceil(cached / bs)]
+        shared = pool.enable_caching and any(b.block_hash is not None or b.ref_cnt > 1 for b in source)
+        p = s.config.plan(computed, cached, protected, bs, phase)
+        dest = None
+        if shared and p.released_blocks:
+            need = math.ceil(int(p.selected_tokens) / bs)
+            if pool.get_num_free_blocks() >= need:
+                dest = pool.get_new_blocks(need)
+            elif not rec.frozen:
+                # Pool short: in place, behind the leading blocks other requests share.
+                protected = min(_shared_prefix_blocks(blocks) * bs, cached)
+                p = s.config.plan(computed, cached, protected, bs, phase)
+                SCHEDULER_STATS.counts["in_place_pool_short"] += 1
+            else:
+                SCHEDULER_STATS.counts["in_place_pool_short"] += 1
         if p.released_blocks == 0:
             rec.go(resting)
             return
@@ -173,16 +199,21 @@ class SchedulerSide:
             rec.protected, rec.frozen = protected, True
             mgr.num_cached_block[rec.req_id] = _NEVER_CACHE
             SCHEDULER_STATS.request(rec.req_id)["protected_tokens"] = protected
-        # Blocks from the protected prefix on may be rewritten: out of the prefix cache before
-        # the workers move anything (an abort can free them before the event is acknowledged).
-        pool = sched.kv_cache_manager.block_pool
-        for b in blocks[protected // bs:]:
-            if not b.is_null:
-                pool._maybe_evict_cached_block(b)
+        if dest is None:
+            # In place: blocks from the protected prefix on may be rewritten, so out of the
+            # prefix cache before the workers move anything (an abort can free them before the
+            # event is acknowledged).
+            for b in blocks[protected // bs:]:
+                if not b.is_null:
+                    pool._maybe_evict_cached_block(b)
+        else:
+            rec.dest = dest
+            SCHEDULER_STATS.counts["events_into_fresh_blocks"] += 1
         if rec.state == State.RESUMED:
             SCHEDULER_STATS.counts["recompressions_after_preemption"] += 1
         plan.events[rec.req_id] = Event(rec.req_id, phase, computed, rec.offset, protected, int(p.kept_tokens),
-                                        int(p.released_blocks), window)
+                                        int(p.released_blocks), window,
+                                        None if dest is None else tuple(b.block_id for b in dest))
         rec.go(State.PENDING)
         SCHEDULER_STATS.counts["events_announced"] += 1
 
@@ -200,6 +231,8 @@ class SchedulerSide:
                 continue  # finished or aborted while its event ran
             ack = acks.get(rid)
             try:
+                if ack is None or ack.outcome != Outcome.DONE:
+                    self.give_back_dest(sched, rec)  # nothing reads them: the request keeps its row
                 if ack is None:
                     rec.go(State.COMPRESSED if rec.events else State.DECODING)
                     self.disable(rec, "lost", "the workers never acknowledged its event (lost between scheduler "
@@ -212,7 +245,14 @@ class SchedulerSide:
                 else:
                     self._tear(rec, f"a worker moved only some layers: {ack.reason}")
             except Exception as e:
+                self.give_back_dest(sched, rec)
                 self._tear(rec, f"applying its event failed: {type(e).__name__}: {e}")
+
+    def give_back_dest(self, sched, rec: Record) -> None:
+        """Return the fresh blocks of an out-of-place event that will not be installed."""
+        if rec.dest:
+            dest, rec.dest = rec.dest, []
+            sched.kv_cache_manager.block_pool.free_blocks(dest)
 
     def _tear(self, rec: Record, reason: str) -> None:
         if rec.state != State.TORN:
@@ -238,34 +278,44 @@ class SchedulerSide:
                 or any(b.is_null for b in physical)):
             raise RuntimeError(f"its block list ({len(blocks)} entries, {pb} protected, {nulls} null) does not hold "
                                f"{cached} cached tokens")
-        released = physical[new:old]
-        if len(released) != ev.released_blocks:
-            raise RuntimeError(f"{len(released)} blocks to release, the plan said {ev.released_blocks}")
-        mgr.req_to_blocks[rec.req_id] = (physical[:pb] + [pool.null_block] * (nulls + len(released))
-                                         + physical[pb:new] + physical[old:])
+        if ev.dest is None:
+            released, kept, taken = physical[new:old], physical[pb:new], 0
+        else:
+            if tuple(b.block_id for b in rec.dest) != ev.dest:
+                raise RuntimeError("its fresh blocks are not the ones the event wrote")
+            released, kept, taken = physical[pb:old], rec.dest, len(rec.dest)
+        if len(released) - taken != ev.released_blocks or len(kept) != new - pb:
+            raise RuntimeError(f"{len(released) - taken} blocks to release and {len(kept)} to keep, the plan said "
+                               f"{ev.released_blocks} and {new - pb}")
+        rec.dest = []  # installed below: the request's own blocks from here on
+        mgr.req_to_blocks[rec.req_id] = (physical[:pb] + [pool.null_block] * (nulls + ev.released_blocks)
+                                         + kept + physical[old:])
+        # Last block first: the free queue evicts in order, so the prefix stays hit-able longest.
         pool.free_blocks(reversed(released))
         rec.offset += ev.logical_len - rec.offset - ev.kept_tokens
         rec.events += 1
         rec.go(State.COMPRESSED)
-        SCHEDULER_STATS.compressed(rec.req_id, cached, cached - ev.kept_tokens, len(released))
+        SCHEDULER_STATS.compressed(rec.req_id, cached, cached - ev.kept_tokens, ev.released_blocks)
         _timeline(rec.req_id, ["event", ev.logical_len, ev.phase, ev.kept_tokens, ev.protected])
 
     # -- vLLM's own transitions ----------------------------------------------------------------
 
-    def preempted(self, request) -> None:
+    def preempted(self, sched, request) -> None:
         rec = self.reqs.get(request.request_id)
         if rec is not None:
+            self.give_back_dest(sched, rec)
             rec.go(State.PREEMPTED)
             self.to_preempt.discard(request.request_id)
             SCHEDULER_STATS.counts["preemptions"] += 1
 
-    def freed(self, request) -> None:
+    def freed(self, sched, request) -> None:
         from vllm.v1.request import RequestStatus
 
         rec = self.reqs.pop(request.request_id, None)
         self.to_preempt.discard(request.request_id)
         if rec is None:
             return
+        self.give_back_dest(sched, rec)
         rec.go(State.ABORTED if request.status == RequestStatus.FINISHED_ABORTED else State.FINISHED)
         SCHEDULER_STATS.request(rec.req_id)["states"] = [s.value for s in rec.history]
 
@@ -330,6 +380,7 @@ def wrap_schedule(orig):
         except Exception as e:
             plan = StepPlan()
             for rec in side.reqs.values():
+                side.give_back_dest(self, rec)
                 if rec.state == State.PENDING:
                     rec.go(State.COMPRESSED if rec.events else State.DECODING)
             side.log_once("schedule", "planning a step failed (%s: %s); no event this step", type(e).__name__, e)
@@ -362,7 +413,7 @@ def _wrap_tracking(what: str, track):
         def wrapper(self, request, *args, **kwargs):
             side = _side(self)
             if side is not None:
-                _contained(side, what, track, side, request)
+                _contained(side, what, track, side, self, request)
             return orig(self, request, *args, **kwargs)
 
         return wrapper

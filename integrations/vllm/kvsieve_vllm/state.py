@@ -75,6 +75,7 @@ class Record:
     first_computed: int | None = None  # where this prefill (or recompute) started computing
     disabled: str = ""
     events: int = 0
+    dest: list = field(default_factory=list)  # fresh blocks held for the PENDING out-of-place event
     history: list = field(default_factory=lambda: [State.ADMITTED])  # states visited, for tests and logs
 
     def go(self, new: State) -> None:

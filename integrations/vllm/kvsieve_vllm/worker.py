@@ -14,12 +14,16 @@ Patched on `GPUModelRunner` (shared by `CPUModelRunner`):
 
 An event runs in two phases so that a failure never leaves a request half compacted:
 1. prepare: plan from the same lengths as the scheduler, then score, select and validate
-   (`kvs_compact_check`) every layer; nothing is written to the KV cache;
-2. move: compact every layer, then install the shortened row and the offset.
+   (`kvs_compact_check` / `kvs_compact_into_check`) every layer; nothing is written to the KV
+   cache;
+2. move: compact every layer (in place, or out of place into the event's fresh `dest` blocks
+   when the row's blocks may be shared through the prefix cache), then, once every worker
+   moved, install the shortened row and the offset.
 With tensor parallelism every worker holds its own KV heads, so the workers agree (an
 all-reduce over the tensor-parallel CPU group) after each phase: an event moves only if every
 worker prepared it, and its acknowledgement is the worst outcome any worker had. A failure in
-phase 1 is FAILED (nothing moved anywhere); in phase 2 it is TORN (the scheduler preempts the
+phase 1 is FAILED (nothing moved anywhere). In phase 2, out of place it is FAILED too (only the
+fresh blocks were written; the row is intact), in place it is TORN (the scheduler preempts the
 request, which recomputes its KV from scratch). Nothing here raises into vLLM.
 """
 
@@ -225,6 +229,8 @@ class _Job:
     seq: Sequence
     selected: int
     keeps: list
+    dest: list | None  # out of place: the fresh blocks
+    dest_tensor: object  # int32 copy of `dest` the kernels read
 
 
 def _reason(e: Exception) -> str:
@@ -252,14 +258,27 @@ def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dic
             acks[ev.req_id] = Ack(ev.req_id, Outcome.FAILED, "another tensor-parallel worker could not prepare it")
     for rid, job in jobs.items():
         try:
-            _move(runner, st, job)
+            _move(st, job)
             acks[rid] = Ack(rid, Outcome.DONE)
         except Exception as e:
-            acks[rid] = Ack(rid, Outcome.TORN, _reason(e))
+            # Out of place only the fresh blocks were written: the row is as it was.
+            acks[rid] = Ack(rid, Outcome.FAILED if job.dest is not None else Outcome.TORN, _reason(e))
     final = _agree([int(acks[ev.req_id].outcome) for ev in events])
     for ev, worst in zip(events, final):
         if worst > acks[ev.req_id].outcome:
-            acks[ev.req_id] = Ack(ev.req_id, Outcome(worst), "another tensor-parallel worker moved only some layers")
+            acks[ev.req_id] = Ack(ev.req_id, Outcome(worst), "another tensor-parallel worker " +
+                                  ("moved only some layers" if worst == Outcome.TORN else "could not move it"))
+    for rid, job in jobs.items():
+        if acks[rid].outcome == Outcome.DONE:
+            try:
+                _install(runner, st, job)
+            except Exception as e:
+                acks[rid] = Ack(rid, Outcome.TORN, _reason(e))
+    # An install failing on one worker while another installed: the request recomputes.
+    for ev, worst in zip(events, _agree([int(acks[ev.req_id].outcome) for ev in events])):
+        if worst > acks[ev.req_id].outcome:
+            acks[ev.req_id] = Ack(ev.req_id, Outcome(worst), "another tensor-parallel worker could not install the "
+                                  "shortened row")
     for ev in events:
         st.windows.forget([ev.req_id])
         ack = acks[ev.req_id]
@@ -334,6 +353,12 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event, slot
             raise Refused("a SnapKV event without an observation window")
         queries = st.windows.queries(ev.req_id, ev.window[0], ev.window[1], st.names)
     k = int(plan.selected_tokens)
+    dest = dest_tensor = None
+    if ev.dest is not None:
+        dest = list(ev.dest)
+        if len(dest) != math.ceil(k / bs):
+            raise Refused(f"the event brings {len(dest)} fresh blocks for {k} kept tokens")
+        dest_tensor = torch.tensor(dest, dtype=torch.int32)
     rows = torch.tensor(row, dtype=torch.int32)
     seq = Sequence(row=rows.data_ptr(), row_len=len(row), cached_len=cached, protected_len=ev.protected)
     sel = TokenSelect(cached_len=cached, protected_len=ev.protected, sink_tokens=params.sink_tokens,
@@ -347,26 +372,40 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event, slot
         keep = keep_all[i * per_layer:(i + 1) * per_layer] if per_layer else keep_all[:1]
         q = queries[name] if queries is not None else None
         st.kernels.select(desc, seq, policy, params, sel, q, scores, keep, st.heads * cached, st.heads * k)
-        st.kernels.compact_check(desc, seq, keep.data_ptr(), st.heads * k, k, max(1, len(row)))
+        if dest is None:
+            st.kernels.compact_check(desc, seq, keep.data_ptr(), st.heads * k, k, max(1, len(row)))
+        else:
+            st.kernels.compact_into_check(desc, seq, keep.data_ptr(), st.heads * k, k, dest_tensor.data_ptr(),
+                                          len(dest))
         keeps.append(keep)
     return _Job(ev.req_id, cached, int(plan.kept_tokens), int(plan.evicted_tokens), int(plan.released_blocks),
-                row, rows, seq, k, keeps)
+                row, rows, seq, k, keeps, dest, dest_tensor)
 
 
-def _move(runner, st: WorkerState, job: _Job) -> None:
-    """Phase 2: compact every layer, then read the request through its shortened row."""
+def _move(st: WorkerState, job: _Job) -> None:
+    """Phase 2: compact every layer (in place, or into the fresh blocks)."""
     import torch
 
     released = st.scratch.get("released", len(job.row), torch.int32)
     for desc, keep in zip(st.desc, job.keeps):
         faults.check("move_layer")
+        if job.dest is not None:
+            st.kernels.compact_into(desc, job.seq, keep.data_ptr(), st.heads * job.selected, job.selected,
+                                    job.dest_tensor.data_ptr(), len(job.dest))
+            continue
         n = st.kernels.compact(desc, job.seq, keep.data_ptr(), st.heads * job.selected, job.selected,
                                released.data_ptr(), released.numel())
         if n != job.released:
             raise Refused(f"compaction released {n} blocks, the plan {job.released}")
+
+
+def _install(runner, st: WorkerState, job: _Job) -> None:
+    """Every worker moved the event: read the request through its shortened row."""
     bs = st.block_size
+    pb = job.seq.protected_len // bs
     new, old = math.ceil(job.kept / bs), math.ceil(job.cached / bs)
-    row = job.row[:new] + job.row[old:]
+    kept = job.row[pb:new] if job.dest is None else job.dest
+    row = job.row[:pb] + kept + job.row[old:]
     state = runner.requests[job.req_id]
     state.block_ids = (row,)
     idx = runner.input_batch.req_id_to_index.get(job.req_id)

@@ -206,33 +206,59 @@ def test_decode_recompression_matches_reference():
         assert max(diffs) < 2e-5, f"prompt of {len(p)} ({events} events): logprob diffs {diffs}"
 
 
-def test_prefix_caching_never_serves_rewritten_kv():
-    """Prefix caching on. A prompt compressed in one run and sent again in the next decodes the
-    same (its rewritten blocks left the prefix cache, so it recomputes rather than reading
-    compacted KV). Then it runs beside a prompt sharing its first 10 blocks: blocks held by
-    both form a protected prefix that neither rewrites. Every output equals the reference
-    holding the kept K/V, with the protected prefix kvsieve reports."""
+def test_prefix_caching_compresses_into_fresh_blocks_and_keeps_the_originals():
+    """Prefix caching on, one engine, runs one after the other: x; x again; y (shares x's first
+    10 blocks); x and y together. Every event compresses the whole sequence (no protected
+    prefix: the budget covers the shared part too) into fresh blocks, and x's original blocks go
+    back to the pool with their hashes. So the repeated x hits its whole prompt, y hits x's 10
+    blocks, and both read exactly the original KV: every output equals the transformers
+    reference computed from scratch. A watcher compares the bytes of every prefix-cached block
+    after each step with the step before: no cached block is ever written. Every block comes
+    back after each run."""
     text = _text()
     x = [256] + list(text[400000:400000 + 700])
     y = x[:320] + list(text[450000:450000 + 380])
-    runs = _subprocess_generate(CONFIG, [[x], [x], [x, y]], extra_args={"enable_prefix_caching": True},
+    runs = _subprocess_generate(CONFIG, [[x], [x], [y], [x, y]], extra_args={"enable_prefix_caching": True},
                                 sequential=True)
-    (first,), (again,), (third, shared) = runs["outputs"]
+    (first,), (again,), (alone,), (third, shared) = runs["outputs"]
+    assert runs["protected"] == [0] * 5, runs["protected"]
+    assert runs["into_fresh_blocks"] == 5 and runs["in_place_pool_short"] == 0, runs
+    assert runs["cached_tokens"][:3] == [0, 672, 320], f"prefix-cache hits: {runs['cached_tokens']}"
+    assert runs["watch"]["violations"] == [], runs["watch"]["violations"][:5]
+    assert runs["watch"]["blocks_checked"] > 100, runs["watch"]
+    assert runs["free"] == [runs["free"][0]] * len(runs["free"]), f"free blocks after each run: {runs['free']}"
     assert again[0] == first[0], "the repeated prompt must decode as the first time"
-    assert max(abs(a - b) for a, b in zip(again[1], first[1])) < 1e-5
     from kvsieve_vllm.lib import load
 
     cfg = load().config_from_str(CONFIG)
     model = _model()
-    protected = runs["protected"]
-    assert protected[:2] == [0, 0] and all(p % BLOCK == 0 and p <= 320 for p in protected), protected
-    assert max(protected[2:]) == 320, f"the 10 shared blocks should be protected: {protected}"
-    for p, (toks, lps), pr in zip([x, x, x, y], [first, again, third, shared], protected):
-        ref, events = evicting_logprobs(model, p, toks, lambda l, c, ph, _pr: cfg.plan(l, c, pr, BLOCK, ph),
-                                        {0: ("streaming", SINK, RECENT)}, protected=pr)
+    for p, (toks, lps) in zip([x, x, y, x, y], [first, again, alone, third, shared]):
+        ref, events = evicting_logprobs(model, p, toks, lambda l, c, ph, pr: cfg.plan(l, c, pr, BLOCK, ph),
+                                        {0: ("streaming", SINK, RECENT)})
         assert events == 1
         diffs = [abs(a - b) for a, b in zip(lps, ref)]
-        assert max(diffs) < 2e-5, f"prompt of {len(p)}, protected {pr}: logprob diffs {diffs}"
+        assert max(diffs) < 2e-5, f"prompt of {len(p)}: logprob diffs {diffs}"
+
+
+def test_prefix_caching_with_a_short_pool_compacts_in_place():
+    """Prefix caching on and a pool too small for the fresh blocks (24 blocks; x's prompt holds
+    22 of them when its event is due and its 189 kept tokens need 6): the event runs in place,
+    as documented, with no error and no preemption of anyone; the output equals the reference
+    and every block comes back."""
+    text = _text()
+    x = [256] + list(text[400000:400000 + 700])
+    runs = _subprocess_generate(CONFIG, [[x]], sequential=True,
+                                extra_args={"enable_prefix_caching": True, "num_gpu_blocks_override": 25,
+                                            "max_model_len": 768})
+    ((toks, lps),), = runs["outputs"]
+    assert runs["in_place_pool_short"] == 1 and runs["into_fresh_blocks"] == 0, runs
+    assert runs["protected"] == [0] and runs["free"] == [runs["free_start"]], runs
+    from kvsieve_vllm.lib import load
+
+    cfg = load().config_from_str(CONFIG)
+    ref, events = evicting_logprobs(_model(), x, toks, lambda l, c, ph, pr: cfg.plan(l, c, pr, BLOCK, ph),
+                                    {0: ("streaming", SINK, RECENT)})
+    assert events == 1 and max(abs(a - b) for a, b in zip(lps, ref)) < 2e-5
 
 
 def _subprocess_generate(config_text, batch, max_tokens=MAX_TOKENS, extra_env=None, extra_args=None,
@@ -240,31 +266,78 @@ def _subprocess_generate(config_text, batch, max_tokens=MAX_TOKENS, extra_env=No
     """Greedy tokens and logprobs from a fresh vLLM process: stock (config_text None) or with
     kvsieve configured by config_text. With `sequential`, `batch` is a list of batches run one
     after the other in the same engine, and the result also lists each request's protected
-    prefix as kvsieve reported it."""
+    prefix as kvsieve reported it, its prefix-cache hit (tokens), the free blocks after each
+    run, kvsieve's out-of-place and pool-short event counts, and what a watcher of the
+    prefix-cached blocks saw (`watch`: any cached block whose bytes changed between steps)."""
     args = dict(ENGINE_ARGS, **(extra_args or {}))
     script = textwrap.dedent(f"""
         import json, os, sys
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
+
+        def watch_cached_blocks(llm):
+            # After every step: the bytes of each block in the prefix cache. A block that keeps
+            # the same hash object from one step to the next must keep its bytes too.
+            sched = llm.llm_engine.engine_core.engine_core.scheduler
+            pool = sched.kv_cache_manager.block_pool
+            worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker
+            runner = getattr(worker, "worker", worker).model_runner
+            layers = [t for t in runner.kv_caches]
+            seen, report = {{}}, {{"violations": [], "blocks_checked": 0}}
+            orig = sched.update_from_output
+
+            def update_from_output(*a, **k):
+                out = orig(*a, **k)
+                now = {{}}
+                for b in pool.blocks:
+                    h = b.block_hash
+                    if h is None or b.is_null:
+                        continue
+                    data = [t[b.block_id].clone() for t in layers]
+                    old = seen.get(b.block_id)
+                    if old is not None and old[0] is h:
+                        report["blocks_checked"] += 1
+                        if any(not (d == o).all() for d, o in zip(data, old[1])):
+                            report["violations"].append(b.block_id)
+                    now[b.block_id] = (h, data)
+                seen.clear()
+                seen.update(now)
+                return out
+
+            sched.update_from_output = update_from_output
+            return report
+
         if __name__ == "__main__":
             batches = json.loads(sys.stdin.read())
             if not {sequential!r}:
                 batches = [batches]
             llm = LLM(**{args!r})
+            pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+            free_start = pool.get_num_free_blocks()
+            watch = watch_cached_blocks(llm) if {sequential!r} else None
             sp = SamplingParams(temperature=0.0, max_tokens={max_tokens}, detokenize=False, ignore_eos=True,
                                 logprobs=0)
-            results, protected = [], []
+            results, protected, cached, free = [], [], [], []
             for batch in batches:
                 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
                 results.append([(list(o.outputs[0].token_ids),
                                  [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs]) for o in outs])
+                cached += [o.num_cached_tokens or 0 for o in outs]
+                free.append(pool.get_num_free_blocks())
                 if os.environ.get("KVSIEVE_CONFIG"):
                     import kvsieve_vllm
                     per = kvsieve_vllm.stats()["scheduler"]["per_request"]
                     # vLLM's engine ids are the caller's id plus a random suffix.
                     by_external = {{k.rsplit("-", 1)[0]: v for k, v in per.items()}}
                     protected += [by_external.get(o.request_id, {{}}).get("protected_tokens") for o in outs]
-            res = {{"outputs": results, "protected": protected}} if {sequential!r} else results[0]
+            res = results[0]
+            if {sequential!r}:
+                res = {{"outputs": results, "protected": protected, "cached_tokens": cached, "free": free,
+                        "free_start": free_start, "watch": watch}}
+                if os.environ.get("KVSIEVE_CONFIG"):
+                    counts = kvsieve_vllm.stats()["scheduler"]["counts"]
+                    res.update(into_fresh_blocks=counts.get("events_into_fresh_blocks", 0),
+                               in_place_pool_short=counts.get("in_place_pool_short", 0))
             print("RESULT" + json.dumps(res))
     """)
     env = {k: v for k, v in os.environ.items() if k != "KVSIEVE_CONFIG"}
