@@ -239,9 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default="accuracy", help="output file stem")
     ap.add_argument("--report", type=Path, metavar="JSON", help="re-write the tables and plot of a saved run, run nothing")
+    ap.add_argument("--merge", type=Path, metavar="JSON",
+                    help="with --report: take the vLLM settings of this saved run (same prompts) into the report's run, "
+                         "replacing those it has (e.g. prefix caching on, measured again)")
     a = ap.parse_args(argv)
+    if a.merge and not a.report:
+        raise SystemExit("--merge needs --report (the run to merge into)")
     if a.report:
-        write_report(json.loads(a.report.read_text()), a.report.with_suffix(""))
+        result = json.loads(a.report.read_text())
+        if a.merge:
+            merge(result, json.loads(a.merge.read_text()), a.merge)
+            a.report.write_text(json.dumps(result))
+        write_report(result, a.report.with_suffix(""))
         return 0
     cfg = dict(SUITES[a.suite])
     for k in ("tasks", "lengths", "long_tasks", "policies", "budgets", "presses", "prefix_caching", "cached_budgets"):
@@ -262,9 +271,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def merge(result: dict, other: dict, where: Path) -> None:
+    """Put `other`'s vLLM settings (outputs, scores, texts) into `result`; both must have served
+    the same prompts."""
+    if [(s["id"], s["prompt"]) for s in other["samples"]] != [(s["id"], s["prompt"]) for s in result["samples"]]:
+        raise SystemExit(f"--merge {where}: its prompts are not the report's; run it with the same suite and seed")
+    for setting, runs in other["vllm"].items():
+        result["vllm"][setting] = runs
+        result["scores"][setting] = other["scores"][setting]
+        result["texts"][setting] = other["texts"][setting]
+    result.setdefault("merged", []).append({"file": where.name, "settings": list(other["vllm"]),
+                                            "seconds": other.get("seconds")})
+
+
+def prefix_parity(result: dict) -> str:
+    """Each kvsieve run served with prefix caching off and on: accuracy both ways, and on how
+    many prompts the kept counts and the generated tokens are identical."""
+    off, on = result["vllm"].get("prefix_caching_off", {}), result["vllm"].get("prefix_caching_on", {})
+    both = [r for r in off if r in on]
+    if not both:
+        return ""
+    so, sn = result["scores"]["prefix_caching_off"], result["scores"]["prefix_caching_on"]
+    out = ["\n#### Prefix caching on against off (the same prompts)\n",
+           "| run | found, off | found, on | same kept count | same answer tokens |", "| --- | --- | --- | --- | --- |"]
+    for r in both:
+        kept = sum(a["kept"] == b["kept"] for a, b in zip(off[r], on[r]))
+        same = sum(a["tokens"] == b["tokens"] for a, b in zip(off[r], on[r]))
+        fo, fn = total(so[r]), total(sn[r])
+        out.append(f"| {r} | {fo[0]}/{fo[1]} | {fn[0]}/{fn[1]} | {kept}/{len(off[r])} | {same}/{len(off[r])} |")
+    return "\n".join(out) + "\n"
+
+
 def write_report(result: dict, stem: Path) -> None:
     """`stem`.md (the tables and the goals) and `stem`.png of a run, and the tables on stdout."""
-    md = report(result) + goals(result)
+    md = report(result) + prefix_parity(result) + goals(result)
     stem.with_suffix(".md").write_text(md)
     plot(result, stem.with_suffix(".png"))
     print(md)

@@ -3,12 +3,15 @@
 Reads a JSON spec on stdin ({"engine": LLM kwargs, "requests": [[prompt ids, max tokens], ...]}),
 serves every request at once (offline batch: all arrive at t=0) through vLLM's in-process
 engine, and prints one line `RESULT{json}` with per-request timings, the output tokens, and a
-per-step profile. kvsieve is on when KVSIEVE_CONFIG is set in the environment (the plugin reads
+per-step profile. A request may follow another (`[ids, max tokens, {"after": j, "extend": bool}]`):
+it arrives when request `j` finishes, and its prompt is `ids`, or with `extend` j's prompt, j's
+output, then `ids` (the next turn of a chat). kvsieve is on when KVSIEVE_CONFIG is set in the environment (the plugin reads
 it at start, so each configuration gets its own process).
 
 What it measures, and how:
 - per request: time of the first output token (TTFT, from submission) and of every later one;
-  TPOT = (last - first) / (tokens - 1), vLLM's benchmark definition.
+  TPOT = (last - first) / (tokens - 1), vLLM's benchmark definition; the prompt's length and
+  how many of its tokens the prefix cache held (vLLM's `num_cached_tokens`).
 - per step (scheduler hook): KV blocks in use after scheduling (peak = largest), requests
   running, prompt (prefill, including recompute after preemption) and decode tokens scheduled.
 - where the time goes: wall time of steps that carry prompt tokens vs decode-only steps, the
@@ -97,15 +100,31 @@ def main() -> None:
     executor.sample_tokens = timed(executor.sample_tokens)
 
     requests = spec["requests"]
-    t0 = time.perf_counter()
-    for i, (prompt, max_tokens) in enumerate(requests):
-        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    followers: dict[int, list[int]] = {}
+    for i, r in enumerate(requests):
+        if len(r) > 2:
+            followers.setdefault(int(r[2]["after"]), []).append(i)
+    prompts: dict[int, list[int]] = {}
+    submitted: dict[int, float] = {}
+    cached_tokens: dict[int, int] = {}
+
+    def submit(i: int, prompt: list[int], at: float) -> None:
+        sp = SamplingParams(temperature=0.0, max_tokens=requests[i][1], ignore_eos=True, detokenize=False)
+        prompts[i], submitted[i] = prompt, at
         engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), sp)
+
+    t0 = time.perf_counter()
+    for i, r in enumerate(requests):
+        if len(r) < 3:
+            submit(i, r[0], 0.0)
     token_times: dict[str, list[float]] = {str(i): [] for i in range(len(requests))}
     tokens: dict[str, list[int]] = {}
-    want = sum(len(p) + n for p, n in requests)  # tokens to compute (recompute after preemption aside)
+    # Tokens to compute (recompute after preemption aside); a follower's prompt is known only when
+    # it arrives, so this grows as they do.
+    want = sum(len(p) + n for i, (p, n, *_) in enumerate(requests) if i in prompts) \
+        + sum(n for i, (p, n, *_) in enumerate(requests) if i not in prompts)
     next_report = t0 + 10
-    while engine.has_unfinished_requests():
+    while engine.has_unfinished_requests() or len(prompts) < len(requests):
         s0 = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter()
@@ -117,15 +136,22 @@ def main() -> None:
         prof["step_records"].append([round(now - s0, 6), *step_work[0]])
         for o in outs:
             ids = list(o.outputs[0].token_ids)
+            i = int(o.request_id)
             times = token_times[o.request_id]
-            times.extend([now - t0] * (len(ids) - len(times)))
+            times.extend([now - t0 - submitted[i]] * (len(ids) - len(times)))
             tokens[o.request_id] = ids
+            cached_tokens[i] = o.num_cached_tokens or 0
+            if o.finished:
+                for j in followers.get(i, []):
+                    head = prompts[i] + ids if requests[j][2].get("extend") else []
+                    submit(j, head + requests[j][0], now - t0)
+                    want += len(prompts[j])
         if now >= next_report:  # serve.py relays these lines while the run goes on
             next_report = now + 10
-            done = min(prof["prompt_tokens_computed"] - prof["recomputed_tokens"], sum(len(p) for p, _ in requests)) \
+            done = min(prof["prompt_tokens_computed"] - prof["recomputed_tokens"], sum(map(len, prompts.values()))) \
                 + sum(len(t) for t in tokens.values())
             left = (now - t0) * (want - done) / max(done, 1)
-            finished = sum(1 for i, (_, n) in enumerate(requests) if len(tokens.get(str(i), [])) >= n)
+            finished = sum(1 for i, (_, n, *_) in enumerate(requests) if len(tokens.get(str(i), [])) >= n)
             print(f"[progress] {now - t0:.0f} s: {finished}/{len(requests)} requests done, {done:,}/{want:,} tokens, "
                   f"~{left:.0f} s left", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
@@ -143,6 +169,8 @@ def main() -> None:
         "block_size": sched.kv_cache_manager.coordinator.single_type_managers[0].block_size,
         "token_times": [token_times[str(i)] for i in range(len(requests))],
         "tokens": [tokens.get(str(i), []) for i in range(len(requests))],
+        "prompt_lens": [len(prompts[i]) for i in range(len(requests))],
+        "cached_tokens": [cached_tokens.get(i, 0) for i in range(len(requests))],
         "profile": prof, "kvsieve": kvsieve,
     }))
 

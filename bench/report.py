@@ -48,9 +48,11 @@ def summarize(run: dict, requests: list) -> dict:
     times = run["token_times"]
     wall = run["wall_s"]
     out_tokens = sum(len(t) for t in run["tokens"])
-    for (prompt, max_tokens), got in zip(requests, run["tokens"]):
+    for (prompt, max_tokens, *_), got in zip(requests, run["tokens"]):
         if len(got) != max_tokens:
             raise ValueError(f"a request produced {len(got)} tokens, expected {max_tokens}")
+    # A follower's prompt (a chat's next turn) is only known once it arrived: the run reports it.
+    prompt_lens = run.get("prompt_lens") or [len(r[0]) for r in requests]
     ttft = [t[0] for t in times]
     tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in times if len(t) > 1]
     prof = run["profile"]
@@ -59,7 +61,11 @@ def summarize(run: dict, requests: list) -> dict:
         "wall_s": wall,
         "requests_per_s": len(requests) / wall,
         "output_tokens_per_s": out_tokens / wall,
-        "total_tokens_per_s": (out_tokens + sum(len(p) for p, _ in requests)) / wall,
+        "total_tokens_per_s": (out_tokens + sum(prompt_lens)) / wall,
+        "prompt_tokens": sum(prompt_lens),
+        # Share of prompt tokens the prefix cache held (vLLM's num_cached_tokens per request).
+        "prefix_cache_hit_rate": sum(run["cached_tokens"]) / max(1, sum(prompt_lens)) if "cached_tokens" in run
+        else None,
         "ttft_mean_s": sum(ttft) / len(ttft), "ttft_p99_s": percentile(ttft, 99),
         "tpot_mean_ms": 1e3 * sum(tpot) / len(tpot) if tpot else None,
         "tpot_p99_ms": 1e3 * percentile(tpot, 99) if tpot else None,
@@ -110,6 +116,8 @@ def serving_table(result: dict) -> str:
         ("preemptions", "preemptions", "d"),
         ("prompt tokens recomputed", "recomputed_tokens", "d"),
     ]
+    if all(runs[l].get("prefix_cache_hit_rate") is not None for l in labels):
+        rows.append(("prefix-cache hit rate (prompt tokens)", "prefix_cache_hit_rate", ".1%"))
     head = "| metric | " + " | ".join(labels) + " |"
     lines = [head, "|" + " --- |" * (len(labels) + 1)]
     for title, key, spec in rows:

@@ -94,6 +94,17 @@ def sample_answers(tokenizer, requests: list, answers: list, runs: dict, limit: 
     return "\n".join(lines)
 
 
+def full_lengths(requests: list) -> list[int]:
+    """Prompt plus output tokens of each request; a chat turn's prompt holds the turns before it."""
+    out: list[int] = []
+    for ids, n, *follow in requests:
+        head = 0
+        if follow and follow[0].get("extend"):
+            head = out[follow[0]["after"]]
+        out.append(head + len(ids) + n)
+    return out
+
+
 def parse_range(text: str, flag: str) -> tuple[int, int]:
     try:
         lo, _, hi = text.partition(":")
@@ -123,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-agreement", action="store_true", help="skip the full-budget greedy agreement run")
+    ap.add_argument("--prefix-caching", action="store_true",
+                    help="turn vLLM's prefix caching on for every run (on by default for multi-turn, shared-doc)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", help="result file name (default: the workload's)")
@@ -177,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         requests = w.make(shape_of(model_dir)["vocab"], seed=a.seed, requests=a.requests, prompt=prompt,
                           output=output)
     shape = shape_of(model_dir)
-    longest = max(len(p) + n for p, n in requests)
+    longest = max(full_lengths(requests))
     max_model_len = BLOCK_SIZE * math.ceil(longest / BLOCK_SIZE)
     if shape["max_positions"] and max_model_len > shape["max_positions"]:
         raise SystemExit(f"the longest request ({longest} tokens) passes the model's max_position_embeddings "
@@ -187,8 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     if kv_blocks <= per_request:
         raise SystemExit(f"--kv-blocks {kv_blocks}: the longest request needs {per_request} blocks of "
                          f"{BLOCK_SIZE}; give at least {per_request + 1}")
+    prefix_caching = a.prefix_caching or getattr(w, "prefix_caching", False)
     engine = dict(model=str(model_dir), skip_tokenizer_init=True, dtype=a.dtype, max_model_len=max_model_len,
-                  enforce_eager=True, block_size=BLOCK_SIZE, enable_prefix_caching=False, seed=a.seed,
+                  enforce_eager=True, block_size=BLOCK_SIZE, enable_prefix_caching=prefix_caching, seed=a.seed,
                   max_num_batched_tokens=a.max_batched_tokens, max_num_seqs=a.max_num_seqs,
                   num_gpu_blocks_override=kv_blocks)
     workdir = ROOT / "build" / "bench"
@@ -204,8 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "workload": {"name": w.name, "what": w.what, "requests": len(requests), "prompt_tokens": list(prompt),
-                     "output_tokens": list(output), "total_prompt_tokens": sum(len(p) for p, _ in requests),
-                     "total_output_tokens": sum(n for _, n in requests)},
+                     "output_tokens": list(output),
+                     "total_prompt_tokens": sum(len(r[0]) for r in requests),
+                     "total_output_tokens": sum(r[1] for r in requests), "prefix_caching": prefix_caching},
         "model": {"dir": str(model_dir), **shape, "dtype": a.dtype},
         "engine": {k: v for k, v in engine.items() if k != "model"},
         "kv_bytes_per_block": 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * BLOCK_SIZE

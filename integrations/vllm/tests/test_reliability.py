@@ -98,6 +98,10 @@ def runs():
         "tight": (tight, pressure, PREFILL),
         "tight_prefix": (dict(tight, enable_prefix_caching=True), [dict(pressure[0], config=DECODE_WIDE), pressure[1]],
                          PREFILL),
+        # Prefix caching on: events compact out of place, so a failure while moving leaves the row intact.
+        "faults_prefix": (dict(ENGINE, num_gpu_blocks_override=200, enable_prefix_caching=True),
+                          [faults[0], {"name": "move_layer", "prompts": fault_prompts(), "max_tokens": 12,
+                                       "faults": FAULTS["move_layer"]}], PREFILL),
     }
     with ThreadPoolExecutor(2) as pool:
         futures = {k: pool.submit(run_engine, *v) for k, v in jobs.items()}
@@ -108,6 +112,26 @@ def _model():
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
+
+
+def test_out_of_place_move_failure_leaves_the_request_whole(runs):
+    """Prefix caching on: the event writes fresh blocks and only reads the row, so a failure in
+    the middle of its layers is FAILED, not TORN: the request keeps its original blocks, is not
+    preempted, decodes exactly as stock vLLM, and the fresh blocks go back to the pool."""
+    stock, clean, r = runs["stock"]["clean"], runs["faults_prefix"]["clean"], runs["faults_prefix"]["move_layer"]
+    assert "error" not in r, r["error"]
+    assert r["free_after"] == r["free_before"], "blocks leaked"
+    assert set(r["kvsieve_left"].values()) == {0}, r["kvsieve_left"]
+    assert clean["failed"] == {} and len([q for q in clean["requests"] if q.get("events")]) == 3
+    assert clean["tokens"] == runs["faults"]["clean"]["tokens"], "prefix caching on keeps the same kept sets"
+    affected = [i for i, q in enumerate(r["requests"]) if q.get("disabled")]
+    assert len(affected) == 1 and r["failed"] == {"worker": 1}, (r["failed"], r["requests"])
+    i = affected[0]
+    assert "torn" not in r["requests"][i]["states"] and r["preemptions"][i] == 0, r["requests"][i]
+    assert r["tokens"][i] == stock["tokens"][i], "the request whose event failed decodes as stock vLLM"
+    for j, toks in enumerate(r["tokens"]):
+        if j != i:
+            assert toks == clean["tokens"][j]
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
