@@ -140,7 +140,7 @@ def main() -> None:
             times = token_times[o.request_id]
             times.extend([now - t0 - submitted[i]] * (len(ids) - len(times)))
             tokens[o.request_id] = ids
-            cached_tokens[i] = o.num_cached_tokens or 0
+            cached_tokens[i] = max(cached_tokens.get(i, 0), o.num_cached_tokens or 0)
             if o.finished:
                 for j in followers.get(i, []):
                     head = prompts[i] + ids if requests[j][2].get("extend") else []

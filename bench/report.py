@@ -116,7 +116,8 @@ def serving_table(result: dict) -> str:
         ("preemptions", "preemptions", "d"),
         ("prompt tokens recomputed", "recomputed_tokens", "d"),
     ]
-    if all(runs[l].get("prefix_cache_hit_rate") is not None for l in labels):
+    if result.get("engine", {}).get("enable_prefix_caching") and \
+            all(runs[l].get("prefix_cache_hit_rate") is not None for l in labels):
         rows.append(("prefix-cache hit rate (prompt tokens)", "prefix_cache_hit_rate", ".1%"))
     head = "| metric | " + " | ".join(labels) + " |"
     lines = [head, "|" + " --- |" * (len(labels) + 1)]
@@ -140,11 +141,15 @@ def serving_table(result: dict) -> str:
     w = result["workload"]
     m = result["model"]
     agree = result.get("greedy_agreement_full_budget")
+    # A follower's prompt holds the turns before it: the runs report what was served.
+    prompt_tokens = stock.get("prompt_tokens") or w["total_prompt_tokens"]
+    arrival = ("followers (a chat's next turn, questions after a document) arriving when the request they follow "
+               "finished, the rest at t=0; prefix caching on") if w.get("prefix_caching") else "all arriving at t=0"
     foot = [
         "",
         f"workload {w['name']}: {w['requests']} requests, prompts {w['prompt_tokens'][0]}-{w['prompt_tokens'][1]} "
-        f"tokens, outputs {w['output_tokens'][0]}-{w['output_tokens'][1]} ({w['total_prompt_tokens']} prompt / "
-        f"{w['total_output_tokens']} output tokens in all), all arriving at t=0",
+        f"tokens, outputs {w['output_tokens'][0]}-{w['output_tokens'][1]} ({prompt_tokens} prompt / "
+        f"{w['total_output_tokens']} output tokens in all), {arrival}",
         f"model {m['layers']} layers, {m['q_heads']} query / {m['kv_heads']} KV heads of {m['head_dim']}, "
         f"{m['dtype']}; KV space {result['engine']['num_gpu_blocks_override']} blocks of "
         f"{result['engine']['block_size']} tokens ({result['kv_bytes_per_block'] / 2**10:.0f} KiB each)",
