@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{random_row, Rng, TestCache};
+use common::{random_keep, random_row, Rng, TestCache};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use kvsieve::ffi::*;
 use kvsieve::kernels::{DType, KvCacheDesc, Layout};
@@ -123,14 +123,7 @@ fn compaction_matches_cpu_bit_for_bit() {
         let row = random_row(&mut rng, blocks + 3, blocks);
         let p = bs; // one protected block
         let k = (c - p) / 3;
-        let mut keep = Vec::new();
-        for _ in 0..heads {
-            let mut pos: Vec<u32> = (p as u32..c as u32).collect();
-            rng.shuffle(&mut pos);
-            pos.truncate(k);
-            pos.sort_unstable();
-            keep.extend(pos);
-        }
+        let keep = random_keep(&mut rng, heads, p, c, k);
         let dev = upload(&g, &t);
         let (drow, dkeep) = (g.up(&row), g.up(&keep));
         let dreleased: CudaSlice<i32> = g.stream.alloc_zeros(blocks).unwrap();
@@ -207,14 +200,7 @@ fn out_of_place_compaction_matches_cpu_bit_for_bit() {
         t.fill_bits(&mut rng);
         let ids = random_row(&mut rng, total, blocks + nd);
         let (row, dest) = ids.split_at(blocks);
-        let mut keep = Vec::new();
-        for _ in 0..heads {
-            let mut pos: Vec<u32> = (p as u32..c as u32).collect();
-            rng.shuffle(&mut pos);
-            pos.truncate(k);
-            pos.sort_unstable();
-            keep.extend(pos);
-        }
+        let keep = random_keep(&mut rng, heads, p, c, k);
         let dev = upload(&g, &t);
         let (drow, dkeep, ddest) = (g.up(row), g.up(&keep), g.up(dest));
         let seq = SequenceDesc {

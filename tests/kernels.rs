@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{random_row, Rng, TestCache};
+use common::{random_keep, random_row, Rng, TestCache};
 use kvsieve::config::Pooling;
 use kvsieve::kernels::compact::{compact, Compaction};
 use kvsieve::kernels::reference;
@@ -126,14 +126,7 @@ proptest! {
         let p = s.protected_blocks * s.block_size;
         let avail = s.cached_len - p;
         let k = ((avail as f64) * frac) as usize;
-        let mut keep = Vec::new();
-        for _ in 0..s.heads {
-            let mut pos: Vec<u32> = (p as u32..s.cached_len as u32).collect();
-            rng.shuffle(&mut pos);
-            pos.truncate(k);
-            pos.sort_unstable();
-            keep.extend(pos);
-        }
+        let keep = random_keep(&mut rng, s.heads, p, s.cached_len, k);
         let before_k = t.k.clone();
         let before_v = t.v.clone();
         let req = Compaction { row: &row, cached_len: s.cached_len, protected_len: p, keep: &keep, selected: k, dest: None };
@@ -177,14 +170,7 @@ proptest! {
         t.fill_bits(&mut rng);
         let ids = random_row(&mut rng, num_blocks, s.blocks() + nd);
         let (row, dest) = ids.split_at(s.blocks());
-        let mut keep = Vec::new();
-        for _ in 0..s.heads {
-            let mut pos: Vec<u32> = (p as u32..s.cached_len as u32).collect();
-            rng.shuffle(&mut pos);
-            pos.truncate(k);
-            pos.sort_unstable();
-            keep.extend(pos);
-        }
+        let keep = random_keep(&mut rng, s.heads, p, s.cached_len, k);
         let (before_k, before_v) = (t.k.clone(), t.v.clone());
         let cache = t.cache();
         let req = Compaction { row, cached_len: s.cached_len, protected_len: p, keep: &keep, selected: k, dest: Some(dest) };
@@ -445,14 +431,7 @@ fn threaded_compaction_matches_reference() {
         let cache = t.cache();
         let p = 32;
         let k = 1000;
-        let mut keep = Vec::new();
-        for _ in 0..8 {
-            let mut pos: Vec<u32> = (p as u32..2000).collect();
-            rng.shuffle(&mut pos);
-            pos.truncate(k);
-            pos.sort_unstable();
-            keep.extend(pos);
-        }
+        let keep = random_keep(&mut rng, 8, p, 2000, k);
         let mut expect = TestCache::new(layout, DType::F32, cache.num_blocks, 16, 8, 128);
         expect.k.copy_from_slice(&t.k);
         expect.v.copy_from_slice(&t.v);

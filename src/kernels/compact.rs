@@ -16,7 +16,7 @@
 //! Either way everything is validated before the first byte moves.
 
 use super::layout::KvCache;
-use super::page_table::check_row;
+use super::page_table::BlockIds;
 use crate::ensure_arg;
 use crate::error::Result;
 use std::ops::Range;
@@ -109,9 +109,14 @@ impl Compaction<'_> {
             self.selected,
             cache.num_kv_heads,
         );
-        check_row(self.row, cache.num_blocks, released.end)?;
+        let mut ids = BlockIds::checked_row(self.row, cache.num_blocks, released.end)?;
         if let Some(dest) = self.dest {
-            check_dest(dest, self.row, cache.num_blocks)?;
+            // The row is read while dest is written: a shared block must never be written.
+            ids.add(
+                "dest",
+                dest,
+                "is in the source row or twice in dest; pass fresh blocks, disjoint from the row",
+            )?;
         }
         for head in 0..h {
             let ks = &self.keep[head * k..(head + 1) * k];
@@ -130,29 +135,6 @@ impl Compaction<'_> {
         }
         Ok(released)
     }
-}
-
-/// Destination blocks: ids in range, none twice, none in the source row (an out-of-place
-/// compaction reads the row while it writes `dest`; a shared block must never be written).
-pub fn check_dest(dest: &[i32], row: &[i32], num_blocks: usize) -> Result<()> {
-    let mut seen = vec![0u64; num_blocks.div_ceil(64)];
-    for &b in row {
-        // In range: check_row ran first.
-        seen[b as usize / 64] |= 1u64 << (b as usize % 64);
-    }
-    for (i, &b) in dest.iter().enumerate() {
-        ensure_arg!(
-            b >= 0 && (b as usize) < num_blocks,
-            "dest[{i}] = {b} is not a block id of this cache (0 <= id < num_blocks = {num_blocks})"
-        );
-        let (w, bit) = (b as usize / 64, 1u64 << (b as usize % 64));
-        ensure_arg!(
-            seen[w] & bit == 0,
-            "dest[{i}] = {b} is in the source row or twice in dest; pass fresh blocks, disjoint from the row"
-        );
-        seen[w] |= bit;
-    }
-    Ok(())
 }
 
 /// Compact `req` in `cache` (host memory). Returns the row positions of the released blocks.

@@ -7,25 +7,47 @@ use crate::error::Result;
 /// Check a block-table row before any byte moves: at least `needed` blocks, every id in
 /// `[0, num_blocks)`, no id twice (two slots of one physical block would alias).
 pub fn check_row(row: &[i32], num_blocks: usize, needed: usize) -> Result<()> {
-    ensure_arg!(
-        row.len() >= needed,
-        "row has {} blocks but cached_len needs {needed}",
-        row.len()
-    );
-    let mut seen = vec![0u64; num_blocks.div_ceil(64)];
-    for (i, &b) in row.iter().enumerate() {
+    BlockIds::checked_row(row, num_blocks, needed).map(|_| ())
+}
+
+/// The block ids seen so far by a check, so one id may not appear in two places (twice in a
+/// row, or in a row and in the blocks a compaction writes).
+pub struct BlockIds {
+    seen: Vec<u64>,
+    num_blocks: usize,
+}
+
+impl BlockIds {
+    /// `check_row`, keeping the row's ids for checks of other lists against it.
+    pub fn checked_row(row: &[i32], num_blocks: usize, needed: usize) -> Result<BlockIds> {
         ensure_arg!(
-            b >= 0 && (b as usize) < num_blocks,
-            "row[{i}] = {b} is not a block id of this cache (0 <= id < num_blocks = {num_blocks})"
+            row.len() >= needed,
+            "row has {} blocks but cached_len needs {needed}",
+            row.len()
         );
-        let (w, bit) = (b as usize / 64, 1u64 << (b as usize % 64));
-        ensure_arg!(
-            seen[w] & bit == 0,
-            "row[{i}] = {b} appears twice in the row"
-        );
-        seen[w] |= bit;
+        let mut ids = BlockIds {
+            seen: vec![0u64; num_blocks.div_ceil(64)],
+            num_blocks,
+        };
+        ids.add("row", row, "appears twice in the row")?;
+        Ok(ids)
     }
-    Ok(())
+
+    /// Add `list` (called `name` in messages): every id in range and not seen before, else an
+    /// error saying it `repeat`s.
+    pub fn add(&mut self, name: &str, list: &[i32], repeat: &str) -> Result<()> {
+        let n = self.num_blocks;
+        for (i, &b) in list.iter().enumerate() {
+            ensure_arg!(
+                b >= 0 && (b as usize) < n,
+                "{name}[{i}] = {b} is not a block id of this cache (0 <= id < num_blocks = {n})"
+            );
+            let (w, bit) = (b as usize / 64, 1u64 << (b as usize % 64));
+            ensure_arg!(self.seen[w] & bit == 0, "{name}[{i}] = {b} {repeat}");
+            self.seen[w] |= bit;
+        }
+        Ok(())
+    }
 }
 
 /// Check a CSR page table of `last_page_len.len()` sequences: indptr starts at 0, never

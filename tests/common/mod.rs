@@ -129,3 +129,16 @@ pub fn random_row(rng: &mut Rng, num_blocks: usize, n: usize) -> Vec<i32> {
     ids.truncate(n);
     ids
 }
+
+/// Keep lists for `heads` KV heads: `k` distinct positions of `[lo, hi)` per head, ascending.
+pub fn random_keep(rng: &mut Rng, heads: usize, lo: usize, hi: usize, k: usize) -> Vec<u32> {
+    let mut keep = Vec::with_capacity(heads * k);
+    for _ in 0..heads {
+        let mut pos: Vec<u32> = (lo as u32..hi as u32).collect();
+        rng.shuffle(&mut pos);
+        pos.truncate(k);
+        pos.sort_unstable();
+        keep.extend(pos);
+    }
+    keep
+}
