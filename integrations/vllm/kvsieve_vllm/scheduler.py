@@ -169,9 +169,8 @@ class SchedulerSide:
         bs = mgr.block_size
         blocks = mgr.req_to_blocks.get(rec.req_id, [])
         cached = computed - rec.offset
-        protected = rec.protected if rec.frozen else 0
-        pb, nulls = protected // bs, rec.offset // bs
-        source = (blocks[:pb] + blocks[pb + nulls:])[pb:math.ceil(cached / bs)]
+        protected = rec.protected  # 0 until an event fixes it
+        source = _physical(blocks, rec, bs)[protected // bs:math.ceil(cached / bs)]
         shared = pool.enable_caching and any(b.block_hash is not None or b.ref_cnt > 1 for b in source)
         p = s.config.plan(computed, cached, protected, bs, phase)
         dest = None
@@ -179,13 +178,12 @@ class SchedulerSide:
             need = math.ceil(int(p.selected_tokens) / bs)
             if pool.get_num_free_blocks() >= need:
                 dest = pool.get_new_blocks(need)
-            elif not rec.frozen:
-                # Pool short: in place, behind the leading blocks other requests share.
-                protected = min(_shared_prefix_blocks(blocks) * bs, cached)
-                p = s.config.plan(computed, cached, protected, bs, phase)
-                SCHEDULER_STATS.counts["in_place_pool_short"] += 1
             else:
                 SCHEDULER_STATS.counts["in_place_pool_short"] += 1
+                if not rec.frozen:
+                    # Pool short: in place, behind the leading blocks other requests share.
+                    protected = min(_shared_prefix_blocks(blocks) * bs, cached)
+                    p = s.config.plan(computed, cached, protected, bs, phase)
         if p.released_blocks == 0:
             rec.go(resting)
             return
@@ -272,7 +270,7 @@ class SchedulerSide:
         if blocks is None or ev.offset != rec.offset or ev.protected != rec.protected:
             raise RuntimeError(f"the request's blocks or lengths changed while its event ran (offset {rec.offset} "
                                f"vs {ev.offset})")
-        physical = blocks[:pb] + blocks[pb + nulls:]
+        physical = _physical(blocks, rec, bs)
         old, new = math.ceil(cached / bs), math.ceil(ev.kept_tokens / bs)
         if (any(not b.is_null for b in blocks[pb:pb + nulls]) or len(physical) < old
                 or any(b.is_null for b in physical)):
@@ -333,6 +331,13 @@ def _timeline(req_id: str, entry: list) -> None:
     line = SCHEDULER_STATS.request(req_id).setdefault("timeline", [])
     line.append(entry)
     del line[:-TIMELINE_LIMIT]
+
+
+def _physical(blocks, rec: Record, bs: int) -> list:
+    """The request's blocks without the null entries that stand for evicted tokens (they sit
+    right after the protected prefix): the row the workers compact."""
+    pb = rec.protected // bs
+    return blocks[:pb] + blocks[pb + rec.offset // bs:]
 
 
 def _shared_prefix_blocks(blocks) -> int:
