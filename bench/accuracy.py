@@ -34,7 +34,7 @@ BLOCK = 32
 if (ROOT / "target" / "release" / "libkvsieve.so").is_file():
     os.environ.setdefault("KVSIEVE_LIB", str(ROOT / "target" / "release" / "libkvsieve.so"))
 
-POLICIES = {  # kvsieve's defaults per policy (sink 4, recent 64, SnapKV window 32, max-pool 15)
+POLICIES = {  # kvsieve's defaults per policy (sink 4, recent 64, SnapKV window 32, max-pool 31)
     "streaming": 'policy = "streaming"\n',
     "knorm": 'policy = "knorm"\n',
     "snapkv": 'policy = "snapkv"\n',
@@ -272,14 +272,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merge(result: dict, other: dict, where: Path) -> None:
-    """Put `other`'s vLLM settings (outputs, scores, texts) into `result`; both must have served
-    the same prompts."""
+    """Put `other`'s vLLM runs (outputs, scores, texts) into `result`, run by run: a run of the
+    same name and setting is replaced, others are kept. Both must have served the same prompts."""
     if [(s["id"], s["prompt"]) for s in other["samples"]] != [(s["id"], s["prompt"]) for s in result["samples"]]:
         raise SystemExit(f"--merge {where}: its prompts are not the report's; run it with the same suite and seed")
     for setting, runs in other["vllm"].items():
-        result["vllm"][setting] = runs
-        result["scores"][setting] = other["scores"][setting]
-        result["texts"][setting] = other["texts"][setting]
+        for part in ("vllm", "scores", "texts"):
+            result[part].setdefault(setting, {}).update(other[part][setting])
     result.setdefault("merged", []).append({"file": where.name, "settings": list(other["vllm"]),
                                             "seconds": other.get("seconds")})
 

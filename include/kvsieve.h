@@ -206,6 +206,16 @@ typedef struct kvs_policy_params {
   uint32_t interval;
 } kvs_policy_params;
 
+// What one request asks for itself (`kvs_config_for_request`).
+typedef struct kvs_request_args {
+  // Nonzero: no compression for this request (refused unless `requests.allow_opt_out`).
+  uint32_t opt_out;
+  // Its own budget in tokens; 0 keeps the config's.
+  uint32_t budget_tokens;
+  // Its own budget as a fraction of the logical length; 0 keeps the config's.
+  double budget_ratio;
+} kvs_request_args;
+
 // One layer's paged KV cache as the engine holds it (`kvs_kv_cache` in C).
 typedef struct kvs_kv_cache {
   // Base of the K tensor (and of V too for the packed vLLM CPU layouts).
@@ -331,6 +341,19 @@ void kvs_config_free(struct kvs_config *config);
 kvs_status kvs_config_policy_params(const struct kvs_config *config,
                                     uint32_t phase,
                                     struct kvs_policy_params *out);
+
+// Derive the config one request is served with: `config` with the request's own budget
+// (every configured phase) or with compression off, within the bounds of the config's
+// `[requests]` section. Plan and compress that request with `*out` (free it with
+// `kvs_config_free`); scheduler and workers derive the same config from the same arguments.
+// Errors: `KVS_STATUS_INVALID_ARGUMENT` naming the request field, its value and the bounds
+// (a budget outside them, both a token and a ratio budget, an opt-out the config forbids).
+//
+// # Safety
+// `config` must be a live handle, `args` readable and `out` writable.
+kvs_status kvs_config_for_request(const struct kvs_config *config,
+                                  const struct kvs_request_args *args,
+                                  struct kvs_config **out);
 
 // The library version, `"MAJOR.MINOR.PATCH"` (static storage; never free it).
 const char *kvs_version(void);

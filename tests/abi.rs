@@ -165,6 +165,95 @@ fn plan_keep_count_through_the_abi() {
 }
 
 #[test]
+fn config_for_request_through_the_abi() {
+    let c = config(SNAP);
+    let lens = SequenceLengths {
+        logical_len: 5000,
+        cached_len: 5000,
+        protected_len: 0,
+        block_size: 16,
+    };
+    let kept = |cfg: *const KvsConfig| {
+        let mut plan = KeepPlan::default();
+        assert_eq!(
+            unsafe { kvs_plan_keep_count(cfg, 0, &lens, &mut plan) },
+            Status::Ok
+        );
+        plan.kept_tokens
+    };
+    let derive = |args: RequestArgs| {
+        let mut out = null_mut();
+        let s = unsafe { kvs_config_for_request(c, &args, &mut out) };
+        (s, out)
+    };
+    // Its own ratio: half of 5000 kept (whole blocks evicted, so a little more).
+    let (s, half) = derive(RequestArgs {
+        budget_ratio: 0.5,
+        ..RequestArgs::default()
+    });
+    assert_eq!(s, Status::Ok, "{}", last_error());
+    assert_eq!(kept(half), 2504);
+    let (s, off) = derive(RequestArgs {
+        opt_out: 1,
+        ..RequestArgs::default()
+    });
+    assert_eq!(s, Status::Ok);
+    assert_eq!(kept(off), 5000);
+    let (s, same) = derive(RequestArgs::default());
+    assert_eq!(s, Status::Ok);
+    assert_eq!(kept(same), kept(c));
+    for h in [half, off, same] {
+        unsafe { kvs_config_free(h) };
+    }
+
+    let sentinel = std::ptr::dangling_mut::<KvsConfig>();
+    for (args, msg) in [
+        (
+            RequestArgs {
+                budget_tokens: 600,
+                budget_ratio: 0.5,
+                ..RequestArgs::default()
+            },
+            "both set",
+        ),
+        (
+            RequestArgs {
+                budget_ratio: 0.01,
+                ..RequestArgs::default()
+            },
+            "requests.min_budget_ratio",
+        ),
+        (
+            RequestArgs {
+                budget_tokens: 3,
+                ..RequestArgs::default()
+            },
+            "requests.min_budget_tokens",
+        ),
+    ] {
+        let mut out = sentinel;
+        assert_eq!(
+            unsafe { kvs_config_for_request(c, &args, &mut out) },
+            Status::InvalidArgument
+        );
+        assert!(last_error().contains(msg), "{}", last_error());
+        assert_eq!(out, sentinel, "out must be untouched on failure");
+    }
+    let mut out = sentinel;
+    assert_eq!(
+        unsafe { kvs_config_for_request(c, null(), &mut out) },
+        Status::InvalidArgument
+    );
+    assert!(last_error().contains("args is NULL"));
+    assert_eq!(
+        unsafe { kvs_config_for_request(null(), &RequestArgs::default(), &mut out) },
+        Status::InvalidArgument
+    );
+    assert_eq!(out, sentinel);
+    unsafe { kvs_config_free(c) };
+}
+
+#[test]
 fn policy_params_reflect_the_config() {
     let c = config("[sparsity]\npolicy='snapkv'\nbudget_ratio=0.25\nrecent_tokens=16\nwindow=48\n[decode]\npolicy='streaming'\ninterval=128\n");
     let mut p = PolicyParams::default();

@@ -5,7 +5,10 @@
 //! this module only ever sees values that passed validation.
 
 mod raw;
+mod request;
 mod validate;
+
+pub use request::RequestOptions;
 
 use crate::error::{Error, Result};
 use crate::status::Status;
@@ -104,11 +107,26 @@ pub struct Decode {
     pub budget: Budget,
 }
 
+/// `[requests]`: what one request may ask for itself (an engine passes it per request, e.g.
+/// vLLM's `SamplingParams.extra_args`); see `Config::for_request`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requests {
+    /// Whether a request may turn compression off for itself.
+    pub allow_opt_out: bool,
+    /// Bounds of a request's own `budget_tokens` (inclusive).
+    pub min_budget_tokens: u32,
+    pub max_budget_tokens: u32,
+    /// Bounds of a request's own `budget_ratio` (inclusive).
+    pub min_budget_ratio: f64,
+    pub max_budget_ratio: f64,
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub sparsity: Sparsity,
     pub decode: Option<Decode>,
+    pub requests: Requests,
 }
 
 impl Config {

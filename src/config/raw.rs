@@ -10,6 +10,7 @@ use toml::Spanned;
 pub(super) struct RawConfig {
     pub sparsity: Spanned<RawSparsity>,
     pub decode: Option<Spanned<RawDecode>>,
+    pub requests: Option<Spanned<RawRequests>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -33,4 +34,14 @@ pub(super) struct RawDecode {
     pub interval: Option<Spanned<i64>>,
     pub budget_tokens: Option<Spanned<i64>>,
     pub budget_ratio: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRequests {
+    pub allow_opt_out: Option<Spanned<bool>>,
+    pub min_budget_tokens: Option<Spanned<i64>>,
+    pub max_budget_tokens: Option<Spanned<i64>>,
+    pub min_budget_ratio: Option<Spanned<f64>>,
+    pub max_budget_ratio: Option<Spanned<f64>>,
 }

@@ -59,7 +59,7 @@ fn defaults_fill_optional_keys() {
     let c = Config::from_toml_str("[sparsity]\npolicy = \"knorm\"\nbudget_ratio = 0.25\n").unwrap();
     assert_eq!(c.sparsity.budget, Budget::Ratio(0.25));
     assert_eq!((c.sparsity.sink_tokens, c.sparsity.recent_tokens), (4, 64));
-    assert_eq!(c.sparsity.pool_kernel, 15);
+    assert_eq!(c.sparsity.pool_kernel, 31);
     assert!(c.decode.is_none());
 }
 
@@ -241,5 +241,157 @@ fn impossible_combinations_are_refused() {
         &e,
         Status::ConfigInvalid,
         &["decode.budget_tokens = 10", "68"],
+    );
+}
+
+const SNAP_RATIO: &str = "[sparsity]\npolicy = \"snapkv\"\nbudget_ratio = 0.25\n[decode]\npolicy = \"streaming\"\nbudget_tokens = 512\ninterval = 64\n";
+
+#[test]
+fn requests_section_defaults_and_bounds() {
+    let c = Config::from_toml_str(SNAP_RATIO).unwrap();
+    // Defaults: opt-out allowed, a ratio in [0.1, 1], tokens from what is always kept (4 + 64).
+    assert!(c.requests.allow_opt_out);
+    assert_eq!(
+        (c.requests.min_budget_tokens, c.requests.max_budget_tokens),
+        (68, i32::MAX as u32)
+    );
+    assert_eq!(
+        (c.requests.min_budget_ratio, c.requests.max_budget_ratio),
+        (0.1, 1.0)
+    );
+    let c = Config::from_toml_str(&format!(
+        "{SNAP_RATIO}[requests]\nallow_opt_out = false\nmin_budget_tokens = 256\nmax_budget_tokens = 4096\n\
+         min_budget_ratio = 0.2\nmax_budget_ratio = 0.5\n"
+    ))
+    .unwrap();
+    assert!(!c.requests.allow_opt_out);
+    assert_eq!(
+        (c.requests.min_budget_tokens, c.requests.max_budget_tokens),
+        (256, 4096)
+    );
+    assert_eq!(
+        (c.requests.min_budget_ratio, c.requests.max_budget_ratio),
+        (0.2, 0.5)
+    );
+}
+
+#[test]
+fn requests_section_refusals_name_key_and_line() {
+    for (extra, parts) in [
+        (
+            "min_budget_tokens = 10",
+            &["requests.min_budget_tokens = 10", "68 <=", "line 9"][..],
+        ),
+        (
+            "min_budget_tokens = 500\nmax_budget_tokens = 400",
+            &["requests.max_budget_tokens = 400", "500 <="],
+        ),
+        (
+            "max_budget_ratio = 1.5",
+            &["requests.max_budget_ratio = 1.5", "<= 1"],
+        ),
+        (
+            "min_budget_ratio = 0.6\nmax_budget_ratio = 0.5",
+            &["requests.max_budget_ratio = 0.5", "0.6 <="],
+        ),
+        (
+            "min_budget_ratio = 0.0",
+            &["requests.min_budget_ratio = 0", "above 0"],
+        ),
+    ] {
+        let e = err(&format!("{SNAP_RATIO}[requests]\n{extra}\n"));
+        assert_mentions(&e, Status::ConfigInvalid, parts);
+    }
+    let e = err(&format!("{SNAP_RATIO}[requests]\nallow_opt_outs = true\n"));
+    assert_mentions(&e, Status::ConfigParse, &["allow_opt_outs"]);
+}
+
+#[test]
+fn a_request_budget_replaces_every_phase_within_bounds() {
+    let c = Config::from_toml_str(SNAP_RATIO).unwrap();
+    let r = c
+        .for_request(&RequestOptions {
+            opt_out: false,
+            budget: Some(Budget::Ratio(0.5)),
+        })
+        .unwrap();
+    assert_eq!(r.sparsity.budget, Budget::Ratio(0.5));
+    assert_eq!(r.decode.as_ref().unwrap().budget, Budget::Ratio(0.5));
+    // Everything else is the config's.
+    assert_eq!(
+        (r.sparsity.window, r.sparsity.pool_kernel),
+        (c.sparsity.window, c.sparsity.pool_kernel)
+    );
+    let r = c
+        .for_request(&RequestOptions {
+            opt_out: false,
+            budget: Some(Budget::Tokens(1000)),
+        })
+        .unwrap();
+    assert_eq!(r.sparsity.budget, Budget::Tokens(1000));
+    assert_eq!(c.for_request(&RequestOptions::default()).unwrap(), c);
+    for (budget, parts) in [
+        (
+            Budget::Ratio(0.05),
+            &["budget_ratio = 0.05", "requests.min_budget_ratio = 0.1"][..],
+        ),
+        (Budget::Ratio(f64::NAN), &["budget_ratio = NaN"]),
+        (
+            Budget::Tokens(20),
+            &["budget_tokens = 20", "requests.min_budget_tokens = 68"],
+        ),
+    ] {
+        let e = c
+            .for_request(&RequestOptions {
+                opt_out: false,
+                budget: Some(budget),
+            })
+            .unwrap_err();
+        assert_mentions(&e, Status::InvalidArgument, parts);
+    }
+}
+
+#[test]
+fn an_opted_out_request_is_never_compressed_unless_forbidden() {
+    use crate::plan::{plan_keep_count, Phase, SequenceLengths};
+    let c = Config::from_toml_str(SNAP_RATIO).unwrap();
+    let off = c
+        .for_request(&RequestOptions {
+            opt_out: true,
+            budget: None,
+        })
+        .unwrap();
+    let lens = SequenceLengths {
+        logical_len: 100_000,
+        cached_len: 100_000,
+        protected_len: 0,
+        block_size: 16,
+    };
+    for phase in [Phase::Prefill, Phase::Decode] {
+        assert!(plan_keep_count(&c, phase, &lens).unwrap().released_blocks > 0);
+        assert_eq!(
+            plan_keep_count(&off, phase, &lens).unwrap().released_blocks,
+            0
+        );
+    }
+    let e = c
+        .for_request(&RequestOptions {
+            opt_out: true,
+            budget: Some(Budget::Ratio(0.5)),
+        })
+        .unwrap_err();
+    assert_mentions(&e, Status::InvalidArgument, &["opt_out and a budget"]);
+    let strict =
+        Config::from_toml_str(&format!("{SNAP_RATIO}[requests]\nallow_opt_out = false\n")).unwrap();
+    let e = strict
+        .for_request(&RequestOptions {
+            opt_out: true,
+            budget: None,
+        })
+        .unwrap_err();
+    assert_mentions(
+        &e,
+        Status::InvalidArgument,
+        &["requests.allow_opt_out = false"],
     );
 }

@@ -1,7 +1,7 @@
 //! `kvs_config`: a parsed, validated TOML configuration.
 
 use super::boundary::{arg_cstr, ffi_boundary, ffi_void_boundary};
-use crate::config::{Budget, Config, Policy, Pooling};
+use crate::config::{Budget, Config, Policy, Pooling, RequestOptions};
 use crate::error::Error;
 use crate::plan::Phase;
 use crate::status::Status;
@@ -190,6 +190,56 @@ pub unsafe extern "C" fn kvs_config_policy_params(
         };
         // SAFETY: checked by `arg_out!`.
         unsafe { *out = params };
+        Ok(())
+    })
+}
+
+/// What one request asks for itself (`kvs_config_for_request`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestArgs {
+    /// Nonzero: no compression for this request (refused unless `requests.allow_opt_out`).
+    pub opt_out: u32,
+    /// Its own budget in tokens; 0 keeps the config's.
+    pub budget_tokens: u32,
+    /// Its own budget as a fraction of the logical length; 0 keeps the config's.
+    pub budget_ratio: f64,
+}
+
+/// Derive the config one request is served with: `config` with the request's own budget
+/// (every configured phase) or with compression off, within the bounds of the config's
+/// `[requests]` section. Plan and compress that request with `*out` (free it with
+/// `kvs_config_free`); scheduler and workers derive the same config from the same arguments.
+/// Errors: `KVS_STATUS_INVALID_ARGUMENT` naming the request field, its value and the bounds
+/// (a budget outside them, both a token and a ratio budget, an opt-out the config forbids).
+///
+/// # Safety
+/// `config` must be a live handle, `args` readable and `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_config_for_request(
+    config: *const KvsConfig,
+    args: *const RequestArgs,
+    out: *mut *mut KvsConfig,
+) -> Status {
+    ffi_boundary("kvs_config_for_request", || {
+        let out = arg_out!(out, "out");
+        let c = &arg_ref!(config, "config").config;
+        let a = arg_ref!(args, "args");
+        let budget = match (a.budget_tokens, a.budget_ratio) {
+            (0, 0.0) => None,
+            (0, r) => Some(Budget::Ratio(r)),
+            (n, 0.0) => Some(Budget::Tokens(n)),
+            (n, r) => {
+                return Err(Error::invalid_arg(format!(
+                    "budget_tokens = {n} and budget_ratio = {r} are both set; ask for one of them"
+                )))
+            }
+        };
+        let req = RequestOptions {
+            opt_out: a.opt_out != 0,
+            budget,
+        };
+        publish(c.for_request(&req)?, out);
         Ok(())
     })
 }

@@ -48,6 +48,10 @@ class PolicyParams(Structure):
                 ("interval", c_uint32)]
 
 
+class RequestArgs(Structure):
+    _fields_ = [("opt_out", c_uint32), ("budget_tokens", c_uint32), ("budget_ratio", ctypes.c_double)]
+
+
 class KvCache(Structure):
     _fields_ = [("k", c_void_p), ("v", c_void_p), ("dtype", c_uint32), ("layout", c_uint32),
                 ("device", c_uint32), ("num_blocks", c_uint32), ("block_size", c_uint32),
@@ -101,6 +105,7 @@ class Library:
             "kvs_config_from_str": [c_char_p, c_size_t, POINTER(c_void_p)],
             "kvs_config_from_file": [c_char_p, POINTER(c_void_p)],
             "kvs_config_policy_params": [c_void_p, c_uint32, POINTER(PolicyParams)],
+            "kvs_config_for_request": [c_void_p, POINTER(RequestArgs), POINTER(c_void_p)],
             "kvs_plan_keep_count": [c_void_p, c_uint32, POINTER(SequenceLengths), POINTER(KeepPlan)],
             "kvs_kv_cache_offset": [POINTER(KvCache), c_uint32, c_uint32, c_uint32, c_uint32,
                                     c_uint32, POINTER(c_uint64)],
@@ -261,6 +266,14 @@ class Config:
         out = PolicyParams()
         self._lib.check(self._lib._lib.kvs_config_policy_params(self._handle, phase, byref(out)))
         return out
+
+    def for_request(self, opt_out: bool = False, budget_tokens: int = 0, budget_ratio: float = 0.0) -> "Config":
+        """`kvs_config_for_request`: this config with one request's own budget (or with
+        compression off), refused outside the config's `[requests]` bounds."""
+        args = RequestArgs(int(bool(opt_out)), budget_tokens, budget_ratio)
+        handle = c_void_p()
+        self._lib.check(self._lib._lib.kvs_config_for_request(self._handle, byref(args), byref(handle)))
+        return Config(self._lib, handle)
 
     def plan(self, logical_len: int, cached_len: int, protected_len: int, block_size: int,
              phase: int = PHASE_PREFILL) -> KeepPlan:

@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 
-from . import faults, scheduler, worker
+from . import faults, metrics, request_options, scheduler, worker
 from . import settings as _settings_mod
 from .backends import cpu_attn
 from .checks import UnsupportedSetup, check_version
@@ -35,6 +35,8 @@ PATCHES = {
     (*_SCHED, "update_from_output"): scheduler.wrap_update_from_output,
     (*_SCHED, "_preempt_request"): scheduler.wrap_preempt_request,
     (*_SCHED, "_free_request"): scheduler.wrap_free_request,
+    (*_SCHED, "make_stats"): metrics.wrap_make_stats,
+    ("vllm.sampling_params", "SamplingParams", "_verify_extra_args"): request_options.wrap_verify_extra_args,
     (*_RUNNER, "initialize_kv_cache"): worker.wrap_initialize_kv_cache,
     (*_RUNNER, "_update_states"): worker.wrap_update_states,
     (*_RUNNER, "_prepare_inputs"): worker.wrap_prepare_inputs,
@@ -58,6 +60,10 @@ RELIED_UPON = [
     ("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa"),
     ("vllm._custom_ops", "cpu_attn_reshape_and_cache"),
     ("vllm.platforms", "current_platform"),
+    ("vllm.v1.metrics.stats", "SchedulerStats"),
+    ("vllm.v1.metrics.loggers", "AggregateStatLoggerBase"),
+    ("vllm.v1.worker.worker_base", "WorkerBase"),
+    ("vllm.exceptions", "VLLMValidationError"),
 ]
 
 _registered = False
@@ -84,6 +90,10 @@ def check_names() -> None:
         _resolve(module, path)
 
 
+def _worker_stats(self) -> dict:
+    return stats()
+
+
 def register() -> None:
     """vLLM's plugin entry point: inert without KVSIEVE_CONFIG, idempotent, all-or-nothing."""
     global _registered
@@ -101,6 +111,10 @@ def register() -> None:
         wrapped.__wrapped__ = orig
         wrapped.__kvsieve__ = True
         setattr(owner, entry[2], wrapped)
+    metrics.install_stats_field()
+    # `collective_rpc("kvsieve_stats")` (LLM, or the OpenAI server's dev endpoint) returns each
+    # worker's stats() (its process's; the scheduler side is the engine core's, on /metrics).
+    _resolve("vllm.v1.worker.worker_base", "WorkerBase").kvsieve_stats = _worker_stats
     _settings_mod.install(new_settings)
     _registered = True
     logger.info("kvsieve %s enabled (%s, prefill policy %s, decode policy %s)", new_settings.lib.version, path,

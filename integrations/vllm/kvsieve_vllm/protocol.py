@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-PROTOCOL_VERSION = 2
+from .request_options import Options
+
+PROTOCOL_VERSION = 3
 
 # The attribute each payload rides on.
 ATTR = "kvsieve"
@@ -46,6 +48,9 @@ class Event:
     # protected prefix on are only read, and are given back intact (prefix-cache hashes and
     # all) when the event is done. None: compact in place.
     dest: tuple[int, ...] | None = None
+    # The request's own settings (SamplingParams.extra_args) when it asked for any: workers plan
+    # with the config derived from them, as the scheduler did. None: the config's.
+    options: Options | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class StepAcks:
     """A worker's payload on a `ModelRunnerOutput`: one Ack per event it received."""
 
     acks: dict[str, Ack] = field(default_factory=dict)
+    seconds: float = 0.0  # this worker's time running the step's events (kvsieve's cost on that side)
     version: int = PROTOCOL_VERSION
 
 

@@ -43,6 +43,7 @@ from . import faults, protocol
 from .checks import check_scheduler
 from .lib import PHASE_DECODE, PHASE_PREFILL
 from .protocol import Capture, Event, Outcome, StepAcks, StepPlan
+from .request_options import OptionError, parse
 from .settings import settings
 from .state import Record, State
 from .stats import SCHEDULER_STATS
@@ -75,7 +76,7 @@ class SchedulerSide:
 
     def disable(self, rec: Record, kind: str, reason: str) -> None:
         """No more events for this request; it runs on uncompressed (or as compressed so far)."""
-        rec.disabled = reason
+        rec.disabled, rec.skip_kind = reason, kind
         SCHEDULER_STATS.failed[kind] += 1
         SCHEDULER_STATS.request(rec.req_id)["disabled"] = reason
         self.log_once(kind, "request %s is no longer compressed: %s", rec.req_id, reason)
@@ -125,11 +126,33 @@ class SchedulerSide:
                 self.disable(rec, "scheduler", f"planning its event failed: {type(e).__name__}: {e}")
         return plan
 
+    def resolve_options(self, req, rec: Record) -> None:
+        """The request's own settings (SamplingParams.extra_args), once. The API server refused
+        bad ones; one that arrives anyway (another frontend) leaves the request uncompressed."""
+        s = settings()
+        rec.config = s.config
+        params = getattr(req, "sampling_params", None)
+        try:
+            rec.options = parse(getattr(params, "extra_args", None))
+            rec.config = s.requests.get(rec.options)
+        except OptionError as e:
+            rec.disabled, rec.skip_kind = f"its kvsieve options were refused: {e}", "bad_request_options"
+            self.log_once("options", "request %s is not compressed: %s", rec.req_id, rec.disabled)
+            return
+        if rec.options.opt_out:
+            rec.disabled, rec.skip_kind = "it opted out (kvsieve = off)", "opted_out"
+            SCHEDULER_STATS.requests["opted_out"] += 1
+        elif not rec.options.default:
+            SCHEDULER_STATS.requests["own_budget"] += 1
+
     def _plan_request(self, sched, req, rec: Record, n: int, plan: StepPlan) -> None:
         s = settings()
+        if rec.config is None:
+            self.resolve_options(req, rec)
         if getattr(req, "resumable", False) and not rec.disabled:
             # A streaming-input session appends prompt turns to a request after its prefill;
             # kvsieve has not mapped that, so it leaves such requests whole.
+            rec.skip_kind = "resumable"
             rec.disabled = "a resumable (streaming-input) request; kvsieve leaves it uncompressed"
             SCHEDULER_STATS.counts["requests_left_whole"] += 1
             self.log_once("resumable", "request %s: %s", rec.req_id, rec.disabled)
@@ -162,6 +185,8 @@ class SchedulerSide:
         rec.at_len = computed
         resting = State.COMPRESSED if rec.state == State.COMPRESSED else State.DECODING
         if rec.disabled:
+            if phase == PHASE_PREFILL:
+                SCHEDULER_STATS.skipped[rec.skip_kind or "disabled"] += 1
             rec.go(resting)
             return
         mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
@@ -172,7 +197,7 @@ class SchedulerSide:
         protected = rec.protected  # 0 until an event fixes it
         source = _physical(blocks, rec, bs)[protected // bs:math.ceil(cached / bs)]
         shared = pool.enable_caching and any(b.block_hash is not None or b.ref_cnt > 1 for b in source)
-        p = s.config.plan(computed, cached, protected, bs, phase)
+        p = rec.config.plan(computed, cached, protected, bs, phase)
         dest = None
         if shared and p.released_blocks:
             need = math.ceil(int(p.selected_tokens) / bs)
@@ -183,7 +208,7 @@ class SchedulerSide:
                 if not rec.frozen:
                     # Pool short: in place, behind the leading blocks other requests share.
                     protected = min(_shared_prefix_blocks(blocks) * bs, cached)
-                    p = s.config.plan(computed, cached, protected, bs, phase)
+                    p = rec.config.plan(computed, cached, protected, bs, phase)
         if p.released_blocks == 0:
             rec.go(resting)
             return
@@ -211,7 +236,8 @@ class SchedulerSide:
             SCHEDULER_STATS.counts["recompressions_after_preemption"] += 1
         plan.events[rec.req_id] = Event(rec.req_id, phase, computed, rec.offset, protected, int(p.kept_tokens),
                                         int(p.released_blocks), window,
-                                        None if dest is None else tuple(b.block_id for b in dest))
+                                        None if dest is None else tuple(b.block_id for b in dest),
+                                        None if rec.options.default else rec.options)
         rec.go(State.PENDING)
         SCHEDULER_STATS.counts["events_announced"] += 1
 
@@ -223,6 +249,7 @@ class SchedulerSide:
             return
         got = protocol.read(runner_output, StepAcks)
         acks = got.acks if got is not None else {}
+        SCHEDULER_STATS.worker_seconds += got.seconds if got is not None else 0.0
         for rid, ev in plan.events.items():
             rec = self.reqs.get(rid)
             if rec is None or rec.state != State.PENDING:

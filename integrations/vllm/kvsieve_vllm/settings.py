@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .checks import UnsupportedSetup
 from .lib import PHASE_DECODE, PHASE_PREFILL, POLICY_NAMES, load
+from .request_options import RequestConfigs
 
 PLUGIN_POLICIES = ("streaming", "knorm", "snapkv")
 
@@ -22,6 +23,7 @@ class Settings:
             raise UnsupportedSetup(f"{path}: sparsity.policy = {policy!r} is not driven by the vLLM plugin yet; "
                                    f"use one of {', '.join(PLUGIN_POLICIES)}")
         self.policy = {PHASE_PREFILL: policy, PHASE_DECODE: POLICY_NAMES[self.params[PHASE_DECODE].policy]}
+        self.requests = RequestConfigs(self.config)  # per-request configs (SamplingParams.extra_args)
 
 
 _settings: Settings | None = None

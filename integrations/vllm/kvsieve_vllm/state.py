@@ -74,6 +74,9 @@ class Record:
     at_len: int = 0  # logical length at the last planned event (decode events run once a step)
     first_computed: int | None = None  # where this prefill (or recompute) started computing
     disabled: str = ""
+    skip_kind: str = ""  # why no event runs (a stats reason), set with `disabled`
+    options: object = None  # request_options.Options, resolved at its first step
+    config: object = None  # the lib.Config its events are planned with (the request's own budget)
     events: int = 0
     dest: list = field(default_factory=list)  # fresh blocks held for the PENDING out-of-place event
     history: list = field(default_factory=lambda: [State.ADMITTED])  # states visited, for tests and logs

@@ -23,6 +23,9 @@ class Stats:
     blocks_released: int = 0
     seconds: float = 0.0
     failed: Counter = field(default_factory=Counter)  # events not done, by reason
+    skipped: Counter = field(default_factory=Counter)  # prefill-end events not run, by reason
+    requests: Counter = field(default_factory=Counter)  # requests by what they asked (opted_out, own_budget)
+    worker_seconds: float = 0.0  # scheduler side: the workers' time on events, from their acks
     counts: Counter = field(default_factory=Counter)  # other events worth counting, by name
     per_request: OrderedDict = field(default_factory=OrderedDict)
 
@@ -56,7 +59,10 @@ class Stats:
             "blocks_released": self.blocks_released,
             "kept_ratio": ratio,
             "seconds_in_kvsieve": self.seconds,
+            "seconds_in_workers": self.worker_seconds,
             "events_failed": dict(self.failed),
+            "events_skipped": dict(self.skipped),
+            "requests": dict(self.requests),
             "counts": dict(self.counts),
             "per_request": {k: dict(v) for k, v in self.per_request.items()},
         }

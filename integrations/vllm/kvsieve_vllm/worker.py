@@ -181,8 +181,10 @@ def wrap_execute_model(orig):
         if plan is not None and (plan.events or plan.captures):
             if plan.events:
                 t0 = time.perf_counter()
-                st.acks = StepAcks(run_events(self, st, scheduler_output, plan))
-                WORKER_STATS.seconds += time.perf_counter() - t0
+                acks = run_events(self, st, scheduler_output, plan)
+                dt = time.perf_counter() - t0
+                WORKER_STATS.seconds += dt
+                st.acks = StepAcks(acks, seconds=dt)
             st.windows.end_step(plan.captures)
         return _attach(st, out)
 
@@ -251,11 +253,10 @@ def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dic
             jobs[ev.req_id] = _prepare(runner, st, scheduler_output, ev, slot)
         except Exception as e:
             acks[ev.req_id] = Ack(ev.req_id, Outcome.FAILED, _reason(e))
-    ready = _agree([0 if ev.req_id in jobs else 1 for ev in events])
-    for ev, flag in zip(events, ready):
-        if flag and ev.req_id in jobs:
-            del jobs[ev.req_id]
-            acks[ev.req_id] = Ack(ev.req_id, Outcome.FAILED, "another tensor-parallel worker could not prepare it")
+    for ev in events:
+        acks.setdefault(ev.req_id, Ack(ev.req_id, Outcome.DONE))  # prepared, so far
+    _worst_over_workers(events, acks, "could not prepare it")
+    jobs = {rid: job for rid, job in jobs.items() if acks[rid].outcome == Outcome.DONE}
     for rid, job in jobs.items():
         try:
             _move(st, job)
@@ -263,11 +264,7 @@ def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dic
         except Exception as e:
             # Out of place only the fresh blocks were written: the row is as it was.
             acks[rid] = Ack(rid, Outcome.FAILED if job.dest is not None else Outcome.TORN, _reason(e))
-    final = _agree([int(acks[ev.req_id].outcome) for ev in events])
-    for ev, worst in zip(events, final):
-        if worst > acks[ev.req_id].outcome:
-            acks[ev.req_id] = Ack(ev.req_id, Outcome(worst), "another tensor-parallel worker " +
-                                  ("moved only some layers" if worst == Outcome.TORN else "could not move it"))
+    _worst_over_workers(events, acks, "could not move it", torn="moved only some layers")
     for rid, job in jobs.items():
         if acks[rid].outcome == Outcome.DONE:
             try:
@@ -275,10 +272,7 @@ def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dic
             except Exception as e:
                 acks[rid] = Ack(rid, Outcome.TORN, _reason(e))
     # An install failing on one worker while another installed: the request recomputes.
-    for ev, worst in zip(events, _agree([int(acks[ev.req_id].outcome) for ev in events])):
-        if worst > acks[ev.req_id].outcome:
-            acks[ev.req_id] = Ack(ev.req_id, Outcome(worst), "another tensor-parallel worker could not install the "
-                                  "shortened row")
+    _worst_over_workers(events, acks, "could not install the shortened row")
     for ev in events:
         st.windows.forget([ev.req_id])
         ack = acks[ev.req_id]
@@ -296,6 +290,15 @@ def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dic
                       "failed, its KV is intact" if ack.outcome == Outcome.FAILED else
                       "moved only some layers, it will be recomputed", ack.reason)
     return acks
+
+
+def _worst_over_workers(events: list, acks: dict[str, Ack], what: str, torn: str | None = None) -> None:
+    """Each event's ack becomes the worst outcome any tensor-parallel worker has for it, with a
+    reason naming what another worker failed to do (`torn` when that left it TORN)."""
+    for ev, worst in zip(events, _agree([int(acks[ev.req_id].outcome) for ev in events])):
+        if worst > acks[ev.req_id].outcome:
+            why = torn if torn and worst == Outcome.TORN else what
+            acks[ev.req_id] = Ack(ev.req_id, Outcome(worst), "another tensor-parallel worker " + why)
 
 
 def _agree(flags: list[int]) -> list[int]:
@@ -339,7 +342,8 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event, slot
         raise Refused(f"the worker's offset is {offset}, the scheduler's {ev.offset}")
     bs = st.block_size
     cached = ev.logical_len - offset
-    plan = s.config.plan(ev.logical_len, cached, ev.protected, bs, ev.phase)
+    config = s.requests.get(ev.options) if ev.options is not None else s.config
+    plan = config.plan(ev.logical_len, cached, ev.protected, bs, ev.phase)
     if (int(plan.kept_tokens), int(plan.released_blocks)) != (ev.kept_tokens, ev.released_blocks):
         raise Refused(f"the worker plans {plan.kept_tokens} kept / {plan.released_blocks} released, the "
                       f"scheduler {ev.kept_tokens} / {ev.released_blocks}")

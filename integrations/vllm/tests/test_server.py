@@ -5,13 +5,15 @@ parallelism 2 each of two worker processes compacts its own half of the KV heads
 - TP 1 server == in-process engine: greedy tokens equal, with SnapKV at prefill and streaming
   re-compression while decoding (so the window capture and the acks work across processes).
 - TP 2 server == TP 1 server: greedy tokens equal; both workers report compressing with 2 of
-  the 4 KV heads each; the compressed outputs differ from stock vLLM's where kvsieve evicted.
+  the 4 KV heads each; the compressed outputs differ from stock vLLM's where kvsieve evicted;
+  /metrics shows the same kvsieve counts at TP 2 as at TP 1, and none on stock vLLM.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,15 +57,28 @@ def prompts() -> list[list[int]]:
     return [[256] + list(text[i * 7000: i * 7000 + n]) for i, n in enumerate([300, 700, 1100, 1500])]
 
 
-def _serve(config: str | None, extra: list[str] = (), env: dict | None = None) -> tuple[list, str]:
-    """Each prompt in turn (one request at a time, so batching is the same everywhere)."""
+def _serve(config: str | None, extra: list[str] = (), env: dict | None = None) -> tuple[list, str, dict]:
+    """Each prompt in turn (one request at a time, so batching is the same everywhere); the
+    outputs, the log and the kvsieve series of /metrics once they settle."""
     with Server(str(MODEL), ARGS + list(extra), config=config, env=env) as srv:
         out = []
         for p in prompts():
             status, body = srv.complete(p, MAX_TOKENS)
             assert status == 200, body
             out.append(body["choices"][0]["token_ids"])
-        return out, srv.log()
+        return out, srv.log(), _settled_metrics(srv)
+
+
+def _settled_metrics(srv: Server) -> dict:
+    """kvsieve's samples (summed over labels) once two reads half a second apart agree."""
+    prev = None
+    for _ in range(40):
+        now = {k: v for k, v in srv.metrics().items() if k.startswith("vllm:kvsieve_")}
+        if now == prev:
+            break
+        prev = now
+        time.sleep(0.5)
+    return now
 
 
 def _in_process(config: str) -> list:
@@ -79,11 +94,12 @@ def _compressions_by_rank(log: str) -> dict[int, int]:
 
 @pytest.fixture(scope="module")
 def served():
-    stock, _ = _serve(None)
-    tp1, log1 = _serve(CONFIG)
-    tp2, log2 = _serve(CONFIG, ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
-                       env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    return {"stock": stock, "tp1": tp1, "log1": log1, "tp2": tp2, "log2": log2, "inproc": _in_process(CONFIG)}
+    stock, _, stock_metrics = _serve(None)
+    tp1, log1, m1 = _serve(CONFIG)
+    tp2, log2, m2 = _serve(CONFIG, ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
+                           env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    return {"stock": stock, "tp1": tp1, "log1": log1, "tp2": tp2, "log2": log2, "inproc": _in_process(CONFIG),
+            "metrics": {"stock": stock_metrics, "tp1": m1, "tp2": m2}}
 
 
 def test_server_with_its_own_worker_process_decodes_as_in_process(served):
@@ -100,3 +116,16 @@ def test_tensor_parallel_2_decodes_as_tensor_parallel_1(served):
     assert sum(a != b for a, b in zip(served["tp1"], served["stock"])) >= 2
     for log in (served["log1"], served["log2"]):
         assert not [l for l in log.splitlines() if " ERROR " in l or "no longer compressed" in l]
+
+
+def test_metrics_count_each_event_once_with_two_workers(served):
+    """The scheduler reports events (not each worker), so TP 2 shows TP 1's counts; the workers'
+    time arrives with their acknowledgements from the worker processes."""
+    m = served["metrics"]
+    assert m["stock"] == {}, "no kvsieve series without KVSIEVE_CONFIG"
+    for key in ("compressions_total", "tokens_before_total", "tokens_evicted_total", "blocks_released_total"):
+        assert m["tp2"]["vllm:kvsieve_" + key] == m["tp1"]["vllm:kvsieve_" + key] > 0, key
+    assert m["tp1"]["vllm:kvsieve_compressions_total"] >= 4, "every prompt compressed at least once"
+    for run in ("tp1", "tp2"):
+        assert m[run]["vllm:kvsieve_seconds_total"] > 0
+        assert m[run].get("vllm:kvsieve_events_failed_total", 0) == 0

@@ -1,0 +1,75 @@
+"""kvsieve on vLLM's `/metrics`, through vLLM's own stats path.
+
+The engine core (where the scheduler runs, in a process of its own under the OpenAI server)
+puts a snapshot of kvsieve's scheduler-side counters on every `SchedulerStats` it reports
+(`SchedulerStats.kvsieve`, a field kvsieve adds in every process when it is enabled). The
+workers' time arrives with their acknowledgements, so with tensor parallelism nothing is read
+from a worker process. In the API server, `stat_logger.KvsieveStatLogger` (entry point group
+`vllm.stat_logger_plugins`) turns the snapshots into Prometheus series beside vLLM's, with
+vLLM's names and labels (`vllm:` prefix, `model_name`, `engine`):
+
+    vllm:kvsieve_compressions_total           compression events done
+    vllm:kvsieve_tokens_before_total          cached tokens those events started from
+    vllm:kvsieve_tokens_evicted_total         cached tokens they evicted
+    vllm:kvsieve_blocks_released_total        KV blocks handed back to vLLM's pool
+    vllm:kvsieve_kept_ratio                   1 - evicted / before (1 before any event)
+    vllm:kvsieve_seconds_total{side}          time in kvsieve: scheduler, worker
+    vllm:kvsieve_events_failed_total{reason}  events not done (worker, torn, lost, ...)
+    vllm:kvsieve_events_skipped_total{reason} prefill-end events not run (opted_out, ...)
+    vllm:kvsieve_requests_total{kind}         requests that asked for something: opted_out, own_budget
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .stats import SCHEDULER_STATS
+
+FIELD = "kvsieve"
+_installed = False
+
+
+def snapshot() -> dict[str, float]:
+    """The engine's cumulative kvsieve counters as a flat map (what rides on SchedulerStats)."""
+    s = SCHEDULER_STATS
+    out = {"compressions": s.compressions, "tokens_before": s.tokens_before, "tokens_evicted": s.tokens_evicted,
+           "blocks_released": s.blocks_released, "seconds:scheduler": s.seconds, "seconds:worker": s.worker_seconds}
+    for prefix, counter in (("failed:", s.failed), ("skipped:", s.skipped), ("requests:", s.requests)):
+        for k, v in counter.items():
+            out[prefix + k] = v
+    return out
+
+
+def install_stats_field() -> None:
+    """Give vLLM's SchedulerStats a `kvsieve` field (default None) so the snapshot crosses the
+    engine-core -> API-server boundary: vLLM's msgpack transport encodes and decodes a
+    dataclass by its declared fields. Every process does this at register(), before vLLM builds
+    an encoder or decoder; a process that did not simply reads None."""
+    global _installed
+    if _installed:
+        return
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    if FIELD not in SchedulerStats.__dataclass_fields__:
+        f = dataclasses.field(default=None, init=False)  # so dataclasses.replace() still works
+        f.name, f.type = FIELD, "dict[str, float] | None"
+        f._field_type = dataclasses._FIELD  # what @dataclass sets on a regular field
+        SchedulerStats.__annotations__[FIELD] = dict[str, float] | None
+        SchedulerStats.__dataclass_fields__[FIELD] = f
+        setattr(SchedulerStats, FIELD, None)  # instances made by vLLM's own __init__ read None
+    _installed = True
+
+
+def wrap_make_stats(orig):
+    """`Scheduler.make_stats`: vLLM's stats with kvsieve's snapshot on them."""
+
+    def make_stats(self, *args, **kwargs):
+        stats = orig(self, *args, **kwargs)
+        if stats is not None and self.__dict__.get("_kvsieve") is not None:
+            try:
+                setattr(stats, FIELD, snapshot())
+            except Exception:  # never let metrics take a step down
+                pass
+        return stats
+
+    return make_stats
