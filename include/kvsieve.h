@@ -67,7 +67,8 @@ typedef uint32_t kvs_status;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
-// When the event happens: at the end of prefill (`[sparsity]`) or while decoding (`[decode]`).
+// When the event happens: at the end of prefill (`[sparsity]`), while decoding (`[decode]`),
+// or between prefill chunks (`[prefill]`, planned by `plan_prefill_chunk`).
 enum kvs_phase
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
   : uint32_t
@@ -75,6 +76,7 @@ enum kvs_phase
  {
   KVS_PHASE_PREFILL = 0,
   KVS_PHASE_DECODE = 1,
+  KVS_PHASE_PREFILL_CHUNK = 2,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -202,7 +204,7 @@ typedef struct kvs_policy_params {
   // A `kvs_pooling` value.
   uint32_t pool;
   uint32_t min_length;
-  // Decode only: tokens the cache may outgrow the budget by before the next event.
+  // Decode and prefill chunks: tokens the cache may outgrow the budget by before the next event.
   uint32_t interval;
 } kvs_policy_params;
 
@@ -608,6 +610,34 @@ kvs_status kvs_plan_keep_count(const struct kvs_config *config,
                                uint32_t phase,
                                const struct kvs_sequence_lengths *lengths,
                                struct kvs_keep_plan *out);
+
+// Plan an event between two prefill chunks (the config's `[prefill]` section): `lengths` as
+// computed so far, `prompt_len` the whole prompt's length (a ratio budget is of it). Due once
+// the cache holds `prefill.interval` tokens more than the budget; otherwise (and without a
+// `[prefill]` section) the plan keeps everything. Errors as `kvs_plan_keep_count`, plus
+// `prompt_len < logical_len`.
+//
+// # Safety
+// `config` must be a live handle, `lengths` readable and `out` writable.
+kvs_status kvs_plan_prefill_chunk(const struct kvs_config *config,
+                                  const struct kvs_sequence_lengths *lengths,
+                                  uint64_t prompt_len,
+                                  struct kvs_keep_plan *out);
+
+// Write to `*out` the most cached tokens one sequence of at most `max_len` tokens can hold at
+// once under `config` when prefilled in chunks of at most `chunk` tokens (`block_size`-token
+// blocks): what an engine may size its KV space by instead of `max_len`. It is `max_len`
+// unless every phase bounds the cache: a `[prefill]` and a `[decode]` section, and
+// `requests.allow_opt_out = false` (requests' own budgets count up to `[requests]`' largest).
+// Errors: `KVS_STATUS_INVALID_ARGUMENT` for NULLs or a zero `block_size` or `chunk`.
+//
+// # Safety
+// `config` must be a live handle and `out` writable.
+kvs_status kvs_config_max_cached_tokens(const struct kvs_config *config,
+                                        uint64_t max_len,
+                                        uint64_t chunk,
+                                        uint32_t block_size,
+                                        uint64_t *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -133,10 +133,10 @@ fn plan_keep_count_through_the_abi() {
     };
     let mut out = before;
     assert_eq!(
-        unsafe { kvs_plan_keep_count(c, 2, &lens, &mut out) },
+        unsafe { kvs_plan_keep_count(c, 3, &lens, &mut out) },
         Status::InvalidArgument
     );
-    assert!(last_error().contains("phase = 2"));
+    assert!(last_error().contains("phase = 3"));
     assert_eq!(
         unsafe { kvs_plan_keep_count(null(), 0, &lens, &mut out) },
         Status::InvalidArgument
@@ -161,6 +161,59 @@ fn plan_keep_count_through_the_abi() {
     );
     assert!(last_error().contains("block_size is 0"));
     assert_eq!(out, before, "out must be untouched on failure");
+    unsafe { kvs_config_free(c) };
+}
+
+#[test]
+fn prefill_chunk_plans_and_params_through_the_abi() {
+    let c = config("[sparsity]\npolicy = \"snapkv\"\nbudget_ratio = 0.25\n[prefill]\npolicy = \"snapkv\"\ninterval = 32\n");
+    let lens = SequenceLengths {
+        logical_len: 3000,
+        cached_len: 3000,
+        protected_len: 0,
+        block_size: 16,
+    };
+    let mut plan = KeepPlan::default();
+    assert_eq!(
+        unsafe { kvs_plan_prefill_chunk(c, &lens, 8000, &mut plan) },
+        Status::Ok
+    );
+    // 25% of the 8000-token prompt: 2000 kept, whole blocks evicted.
+    assert_eq!((plan.kept_tokens, plan.released_blocks), (2008, 62));
+    let before = plan;
+    assert_eq!(
+        unsafe { kvs_plan_prefill_chunk(c, &lens, 2000, &mut plan) },
+        Status::InvalidArgument
+    );
+    assert!(
+        last_error().contains("prompt_len = 2000"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        unsafe { kvs_plan_keep_count(c, 2, &lens, &mut plan) },
+        Status::InvalidArgument
+    );
+    assert!(last_error().contains("kvs_plan_prefill_chunk"));
+    assert_eq!(
+        unsafe { kvs_plan_prefill_chunk(c, null(), 8000, &mut plan) },
+        Status::InvalidArgument
+    );
+    assert_eq!(plan, before, "out must be untouched on failure");
+    let mut params = PolicyParams::default();
+    assert_eq!(
+        unsafe { kvs_config_policy_params(c, 2, &mut params) },
+        Status::Ok
+    );
+    assert_eq!(
+        (
+            params.policy,
+            params.budget_ratio,
+            params.interval,
+            params.protected_tail
+        ),
+        (2, 0.25, 32, 64)
+    );
     unsafe { kvs_config_free(c) };
 }
 

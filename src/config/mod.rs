@@ -107,6 +107,28 @@ pub struct Decode {
     pub budget: Budget,
 }
 
+/// `[prefill]`: optional compression between prefill chunks (opt-in: a chunk is compressed
+/// before the question at the end of the prompt is seen). Sinks, the recent tail and SnapKV's
+/// window are `[sparsity]`'s; the event at prefill end still runs with `[sparsity]`'s budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prefill {
+    pub policy: Policy,
+    /// A chunk event runs once the cache has grown this many tokens past the budget.
+    pub interval: u32,
+    /// Budget while prefilling; a ratio is of the whole prompt. `[sparsity]`'s unless set.
+    pub budget: Budget,
+}
+
+impl Prefill {
+    /// Trailing tokens a chunk event keeps: the recent window, and for SnapKV its window.
+    pub fn protected_tail(&self, sparsity: &Sparsity) -> u32 {
+        match self.policy {
+            Policy::SnapKv => sparsity.recent_tokens.max(sparsity.window),
+            _ => sparsity.recent_tokens,
+        }
+    }
+}
+
 /// `[requests]`: what one request may ask for itself (an engine passes it per request, e.g.
 /// vLLM's `SamplingParams.extra_args`); see `Config::for_request`.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +148,7 @@ pub struct Requests {
 pub struct Config {
     pub sparsity: Sparsity,
     pub decode: Option<Decode>,
+    pub prefill: Option<Prefill>,
     pub requests: Requests,
 }
 

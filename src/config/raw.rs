@@ -10,6 +10,7 @@ use toml::Spanned;
 pub(super) struct RawConfig {
     pub sparsity: Spanned<RawSparsity>,
     pub decode: Option<Spanned<RawDecode>>,
+    pub prefill: Option<Spanned<RawPrefill>>,
     pub requests: Option<Spanned<RawRequests>>,
 }
 
@@ -44,4 +45,13 @@ pub(super) struct RawRequests {
     pub max_budget_tokens: Option<Spanned<i64>>,
     pub min_budget_ratio: Option<Spanned<f64>>,
     pub max_budget_ratio: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPrefill {
+    pub policy: Option<Spanned<String>>,
+    pub interval: Option<Spanned<i64>>,
+    pub budget_tokens: Option<Spanned<i64>>,
+    pub budget_ratio: Option<Spanned<f64>>,
 }

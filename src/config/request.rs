@@ -5,7 +5,8 @@
 use super::{Budget, Config};
 use crate::error::{Error, Result};
 
-/// What a request asks for. `budget` replaces the budget of every configured phase, so a
+/// What a request asks for. `budget` replaces the budget of every configured phase (prefill
+/// chunks, prefill end, decode), so a
 /// request that asks for more KV is not cut back by the next decode re-compression.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RequestOptions {
@@ -36,6 +37,7 @@ impl Config {
             // Never due: no sequence reaches this length (page tables are int32).
             out.sparsity.min_length = u32::MAX;
             out.decode = None;
+            out.prefill = None;
             return Ok(out);
         }
         let budget = match req.budget {
@@ -64,6 +66,9 @@ impl Config {
         out.sparsity.budget = budget;
         if let Some(d) = out.decode.as_mut() {
             d.budget = budget;
+        }
+        if let Some(p) = out.prefill.as_mut() {
+            p.budget = budget;
         }
         Ok(out)
     }

@@ -395,3 +395,40 @@ fn an_opted_out_request_is_never_compressed_unless_forbidden() {
         &["requests.allow_opt_out = false"],
     );
 }
+
+#[test]
+fn prefill_section_defaults_and_refusals() {
+    let c = Config::from_toml_str(
+        "[sparsity]\npolicy = \"snapkv\"\nbudget_ratio = 0.25\n[prefill]\npolicy = \"knorm\"\n",
+    )
+    .unwrap();
+    let p = c.prefill.unwrap();
+    assert_eq!(
+        (p.policy, p.interval, p.budget),
+        (Policy::KNorm, 1, Budget::Ratio(0.25))
+    );
+    for (extra, parts) in [
+        (
+            "policy = \"quest\"",
+            &[
+                "prefill.policy = \"quest\"",
+                "streaming, snapkv, knorm",
+                "line 5",
+            ][..],
+        ),
+        (
+            "policy = \"snapkv\"\ninterval = 0",
+            &["prefill.interval = 0", "1 <="],
+        ),
+        (
+            "policy = \"snapkv\"\nbudget_tokens = 40",
+            &["prefill.budget_tokens = 40", "at least", "68"],
+        ),
+        ("interval = 4", &["prefill.policy is missing"]),
+    ] {
+        let e = err(&format!(
+            "[sparsity]\npolicy = \"snapkv\"\nbudget_ratio = 0.25\n[prefill]\n{extra}\n"
+        ));
+        assert_mentions(&e, Status::ConfigInvalid, parts);
+    }
+}

@@ -1,8 +1,8 @@
 //! Raw config → validated `Config`. Every error names the key (`section.key`), the value given,
 //! what is allowed, and the line it came from.
 
-use super::raw::{RawConfig, RawDecode, RawRequests, RawSparsity};
-use super::{Budget, Config, Decode, Policy, Pooling, Requests, Sparsity};
+use super::raw::{RawConfig, RawDecode, RawPrefill, RawRequests, RawSparsity};
+use super::{Budget, Config, Decode, Policy, Pooling, Prefill, Requests, Sparsity};
 use crate::error::{Error, Result};
 use crate::status::Status;
 use std::fmt::Display;
@@ -134,10 +134,15 @@ pub(super) fn validate(raw: RawConfig, text: &str) -> Result<Config> {
         Some(d) => Some(decode(&src, d, &sparsity)?),
         None => None,
     };
+    let prefill = match &raw.prefill {
+        Some(p) => Some(prefill(&src, p, &sparsity)?),
+        None => None,
+    };
     let requests = requests(&src, raw.requests.as_ref(), &sparsity)?;
     Ok(Config {
         sparsity,
         decode,
+        prefill,
         requests,
     })
 }
@@ -360,5 +365,53 @@ fn requests(
         max_budget_tokens: max_tokens,
         min_budget_ratio: min_ratio,
         max_budget_ratio: max_ratio,
+    })
+}
+
+fn prefill(src: &Source, section: &Spanned<RawPrefill>, sparsity: &Sparsity) -> Result<Prefill> {
+    let p = section.get_ref();
+    let line = src.line(section);
+    let policy = match &p.policy {
+        Some(v) => src.policy(
+            "prefill.policy",
+            v,
+            &[Policy::Streaming, Policy::SnapKv, Policy::KNorm],
+        )?,
+        None => {
+            return Err(src.missing(
+                "prefill.policy",
+                line,
+                "set it to one of: streaming, snapkv, knorm",
+            ))
+        }
+    };
+    // 1: compress as soon as a chunk takes the cache a block past the budget (eviction is whole
+    // blocks, so nothing smaller can be released): peak KV is budget + one chunk + one block.
+    let interval = src.int("prefill.interval", &p.interval, 1, MAX_TOKENS, 1)?;
+    let budget = src
+        .budget("prefill", &p.budget_tokens, &p.budget_ratio)?
+        .unwrap_or(sparsity.budget);
+    if let (Budget::Tokens(b), Some(bt)) = (budget, &p.budget_tokens) {
+        let tail = Prefill {
+            policy,
+            interval,
+            budget,
+        }
+        .protected_tail(sparsity);
+        let floor = sparsity.sink_tokens as u64 + tail as u64;
+        if (b as u64) < floor {
+            return Err(src.bad(
+                "prefill.budget_tokens",
+                bt,
+                format!(
+                    "it must be at least sparsity.sink_tokens + the tail always kept = {floor}"
+                ),
+            ));
+        }
+    }
+    Ok(Prefill {
+        policy,
+        interval,
+        budget,
     })
 }

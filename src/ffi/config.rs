@@ -98,7 +98,7 @@ pub struct PolicyParams {
     /// A `kvs_pooling` value.
     pub pool: u32,
     pub min_length: u32,
-    /// Decode only: tokens the cache may outgrow the budget by before the next event.
+    /// Decode and prefill chunks: tokens the cache may outgrow the budget by before the next event.
     pub interval: u32,
 }
 
@@ -132,8 +132,10 @@ pub(super) fn phase_from_u32(phase: u32) -> crate::error::Result<Phase> {
     match phase {
         0 => Ok(Phase::Prefill),
         1 => Ok(Phase::Decode),
+        2 => Ok(Phase::PrefillChunk),
         other => Err(Error::invalid_arg(format!(
-            "phase = {other} is not a kvs_phase; use KVS_PHASE_PREFILL (0) or KVS_PHASE_DECODE (1)"
+            "phase = {other} is not a kvs_phase; use KVS_PHASE_PREFILL (0), KVS_PHASE_DECODE (1) or \
+             KVS_PHASE_PREFILL_CHUNK (2)"
         ))),
     }
 }
@@ -167,6 +169,15 @@ pub unsafe extern "C" fn kvs_config_policy_params(
                 d.interval,
             ),
             (Phase::Decode, None) => (PolicyId::None as u32, None, sp.recent_tokens, 0),
+            (Phase::PrefillChunk, _) => match &c.prefill {
+                Some(pf) => (
+                    policy_id(pf.policy),
+                    Some(pf.budget),
+                    pf.protected_tail(sp),
+                    pf.interval,
+                ),
+                None => (PolicyId::None as u32, None, sp.recent_tokens, 0),
+            },
         };
         let (budget_tokens, budget_ratio) = match budget {
             Some(Budget::Tokens(n)) => (n, 0.0),

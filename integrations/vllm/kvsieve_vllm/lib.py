@@ -16,7 +16,7 @@ from . import faults
 
 ABI_VERSION = 2  # KVS_ABI_VERSION of the header this binding mirrors
 
-PHASE_PREFILL, PHASE_DECODE = 0, 1
+PHASE_PREFILL, PHASE_DECODE, PHASE_PREFILL_CHUNK = 0, 1, 2
 DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
 LAYOUT = {"nhd": 0, "hnd": 1, "vllm_cpu_vec": 2, "vllm_cpu_amx": 3}
 POLICY_NAMES = {0: "none", 1: "streaming", 2: "snapkv", 3: "knorm", 4: "quest"}
@@ -107,6 +107,8 @@ class Library:
             "kvs_config_policy_params": [c_void_p, c_uint32, POINTER(PolicyParams)],
             "kvs_config_for_request": [c_void_p, POINTER(RequestArgs), POINTER(c_void_p)],
             "kvs_plan_keep_count": [c_void_p, c_uint32, POINTER(SequenceLengths), POINTER(KeepPlan)],
+            "kvs_plan_prefill_chunk": [c_void_p, POINTER(SequenceLengths), c_uint64, POINTER(KeepPlan)],
+            "kvs_config_max_cached_tokens": [c_void_p, c_uint64, c_uint64, c_uint32, POINTER(c_uint64)],
             "kvs_kv_cache_offset": [POINTER(KvCache), c_uint32, c_uint32, c_uint32, c_uint32,
                                     c_uint32, POINTER(c_uint64)],
             "kvs_kernels_new_cpu": [POINTER(c_void_p)],
@@ -281,6 +283,22 @@ class Config:
         lens = SequenceLengths(logical_len, cached_len, protected_len, block_size)
         out = KeepPlan()
         self._lib.check(self._lib._lib.kvs_plan_keep_count(self._handle, phase, byref(lens), byref(out)))
+        return out
+
+    def max_cached_tokens(self, max_len: int, chunk: int, block_size: int) -> int:
+        """`kvs_config_max_cached_tokens`: the most tokens one sequence holds (max_len unless
+        every phase is bounded)."""
+        out = c_uint64()
+        self._lib.check(self._lib._lib.kvs_config_max_cached_tokens(self._handle, max_len, chunk, block_size,
+                                                                    byref(out)))
+        return out.value
+
+    def plan_chunk(self, logical_len: int, cached_len: int, protected_len: int, block_size: int,
+                   prompt_len: int) -> KeepPlan:
+        """`kvs_plan_prefill_chunk`: an event between prefill chunks of a `prompt_len` prompt."""
+        lens = SequenceLengths(logical_len, cached_len, protected_len, block_size)
+        out = KeepPlan()
+        self._lib.check(self._lib._lib.kvs_plan_prefill_chunk(self._handle, byref(lens), prompt_len, byref(out)))
         return out
 
 

@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 
-from . import faults, metrics, request_options, scheduler, worker
+from . import admission, faults, metrics, request_options, scheduler, worker
 from . import settings as _settings_mod
 from .backends import cpu_attn
 from .checks import UnsupportedSetup, check_version
@@ -37,6 +37,10 @@ PATCHES = {
     (*_SCHED, "_free_request"): scheduler.wrap_free_request,
     (*_SCHED, "make_stats"): metrics.wrap_make_stats,
     ("vllm.sampling_params", "SamplingParams", "_verify_extra_args"): request_options.wrap_verify_extra_args,
+    # A module-level function: the owner is the module itself (empty class path).
+    ("vllm.v1.core.kv_cache_utils", "", "_check_enough_kv_cache_memory"):
+        admission.wrap_check_enough_kv_cache_memory,
+    ("vllm.v1.core.kv_cache_manager", "KVCacheManager", "allocate_slots"): admission.wrap_allocate_slots,
     (*_RUNNER, "initialize_kv_cache"): worker.wrap_initialize_kv_cache,
     (*_RUNNER, "_update_states"): worker.wrap_update_states,
     (*_RUNNER, "_prepare_inputs"): worker.wrap_prepare_inputs,
@@ -75,7 +79,7 @@ def _resolve(module: str, path: str):
     """The object at `module.path`, or UnsupportedSetup naming what is missing."""
     try:
         obj = importlib.import_module(module)
-        for part in path.split("."):
+        for part in filter(None, path.split(".")):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
         raise UnsupportedSetup(f"{module}.{path} is missing ({e}); kvsieve is mapped on vLLM 0.32") from e

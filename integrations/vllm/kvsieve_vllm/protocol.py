@@ -18,7 +18,7 @@ from enum import IntEnum
 
 from .request_options import Options
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # The attribute each payload rides on.
 ATTR = "kvsieve"
@@ -51,6 +51,8 @@ class Event:
     # The request's own settings (SamplingParams.extra_args) when it asked for any: workers plan
     # with the config derived from them, as the scheduler did. None: the config's.
     options: Options | None = None
+    # Chunk events (phase PREFILL_CHUNK): the whole prompt's length, which their budget is of.
+    prompt_len: int = 0
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,9 @@ import logging
 import math
 import time
 
-from . import faults, protocol
+from . import admission, faults, protocol
 from .checks import check_scheduler
-from .lib import PHASE_DECODE, PHASE_PREFILL
+from .lib import PHASE_DECODE, PHASE_PREFILL, PHASE_PREFILL_CHUNK
 from .protocol import Capture, Event, Outcome, StepAcks, StepPlan
 from .request_options import OptionError, parse
 from .settings import settings
@@ -122,7 +122,8 @@ class SchedulerSide:
                 plan.captures.pop(rid, None)
                 self.give_back_dest(sched, rec)
                 if rec.state == State.PENDING:
-                    rec.go(State.DECODING)
+                    rec.go(rec.chunk_from or State.DECODING)
+                    rec.chunk_from = None
                 self.disable(rec, "scheduler", f"planning its event failed: {type(e).__name__}: {e}")
         return plan
 
@@ -159,6 +160,7 @@ class SchedulerSide:
         if rec.state == State.PREEMPTED:
             rec.go(State.RESUMED)
             rec.restart()
+        target = 0  # set while prefilling
         computed = req.num_computed_tokens  # already advanced by this step's schedule
         if rec.prefilling:
             if rec.first_computed is None:
@@ -172,10 +174,13 @@ class SchedulerSide:
                     plan.captures[rec.req_id] = Capture(rec.req_id, start, target, lo, hi)
             if computed < target:
                 rec.go(State.PREFILLING if rec.state == State.ADMITTED else rec.state)
-                return
-            if rec.state == State.RESUMED:
-                _timeline(rec.req_id, ["recompute", computed])
-            phase = PHASE_PREFILL
+                if s.policy[PHASE_PREFILL_CHUNK] == "none" or rec.disabled or rec.req_id in plan.captures:
+                    return  # no [prefill] section, or this chunk computes the question's window
+                phase = PHASE_PREFILL_CHUNK
+            else:
+                if rec.state == State.RESUMED:
+                    _timeline(rec.req_id, ["recompute", computed])
+                phase = PHASE_PREFILL
         elif rec.state in (State.DECODING, State.COMPRESSED):
             if rec.disabled or s.params[PHASE_DECODE].policy == 0 or computed <= rec.at_len:
                 return
@@ -183,7 +188,12 @@ class SchedulerSide:
         else:
             return  # TORN (waiting for its preemption) or an unexpected state: nothing to plan
         rec.at_len = computed
-        resting = State.COMPRESSED if rec.state == State.COMPRESSED else State.DECODING
+        if phase == PHASE_PREFILL_CHUNK:
+            resting = rec.state  # still prefilling
+        elif rec.state == State.COMPRESSED or (phase == PHASE_PREFILL and rec.offset):
+            resting = State.COMPRESSED  # chunk events compressed the prompt already
+        else:
+            resting = State.DECODING
         if rec.disabled:
             if phase == PHASE_PREFILL:
                 SCHEDULER_STATS.skipped[rec.skip_kind or "disabled"] += 1
@@ -197,7 +207,8 @@ class SchedulerSide:
         protected = rec.protected  # 0 until an event fixes it
         source = _physical(blocks, rec, bs)[protected // bs:math.ceil(cached / bs)]
         shared = pool.enable_caching and any(b.block_hash is not None or b.ref_cnt > 1 for b in source)
-        p = rec.config.plan(computed, cached, protected, bs, phase)
+        prompt_len = target if phase == PHASE_PREFILL_CHUNK else 0
+        p = _plan(rec.config, phase, computed, cached, protected, bs, prompt_len)
         dest = None
         if shared and p.released_blocks:
             need = math.ceil(int(p.selected_tokens) / bs)
@@ -208,13 +219,17 @@ class SchedulerSide:
                 if not rec.frozen:
                     # Pool short: in place, behind the leading blocks other requests share.
                     protected = min(_shared_prefix_blocks(blocks) * bs, cached)
-                    p = rec.config.plan(computed, cached, protected, bs, phase)
+                    p = _plan(rec.config, phase, computed, cached, protected, bs, prompt_len)
         if p.released_blocks == 0:
             rec.go(resting)
             return
         window = None
         if s.policy[phase] == "snapkv":
             start = max(0, computed - s.params[phase].window, rec.first_computed or 0)
+            if phase == PHASE_PREFILL_CHUNK:
+                # The chunk's own last queries, all computed by this step's forward.
+                start = max(start, computed - n)
+                plan.captures[rec.req_id] = Capture(rec.req_id, start, computed, start, computed)
             window = (start, computed)
             if start > computed - s.params[phase].window:
                 SCHEDULER_STATS.counts["partial_snapkv_windows"] += 1
@@ -237,7 +252,10 @@ class SchedulerSide:
         plan.events[rec.req_id] = Event(rec.req_id, phase, computed, rec.offset, protected, int(p.kept_tokens),
                                         int(p.released_blocks), window,
                                         None if dest is None else tuple(b.block_id for b in dest),
-                                        None if rec.options.default else rec.options)
+                                        None if rec.options.default else rec.options, prompt_len)
+        if phase == PHASE_PREFILL_CHUNK:
+            rec.chunk_from = rec.state
+            SCHEDULER_STATS.counts["prefill_chunk_events"] += 1
         rec.go(State.PENDING)
         SCHEDULER_STATS.counts["events_announced"] += 1
 
@@ -259,13 +277,13 @@ class SchedulerSide:
                 if ack is None or ack.outcome != Outcome.DONE:
                     self.give_back_dest(sched, rec)  # nothing reads them: the request keeps its row
                 if ack is None:
-                    rec.go(State.COMPRESSED if rec.events else State.DECODING)
+                    rec.settle()
                     self.disable(rec, "lost", "the workers never acknowledged its event (lost between scheduler "
                                  "and worker); nothing was freed")
                 elif ack.outcome == Outcome.DONE:
                     self._apply_done(sched, rec, ev)
                 elif ack.outcome == Outcome.FAILED:
-                    rec.go(State.COMPRESSED if rec.events else State.DECODING)
+                    rec.settle()
                     self.disable(rec, "worker", f"a worker refused its event, KV intact: {ack.reason}")
                 else:
                     self._tear(rec, f"a worker moved only some layers: {ack.reason}")
@@ -319,7 +337,7 @@ class SchedulerSide:
         pool.free_blocks(reversed(released))
         rec.offset += ev.logical_len - rec.offset - ev.kept_tokens
         rec.events += 1
-        rec.go(State.COMPRESSED)
+        rec.settle()
         SCHEDULER_STATS.compressed(rec.req_id, cached, cached - ev.kept_tokens, ev.released_blocks)
         _timeline(rec.req_id, ["event", ev.logical_len, ev.phase, ev.kept_tokens, ev.protected])
 
@@ -367,6 +385,13 @@ def _physical(blocks, rec: Record, bs: int) -> list:
     return blocks[:pb] + blocks[pb + rec.offset // bs:]
 
 
+def _plan(config, phase: int, computed: int, cached: int, protected: int, bs: int, prompt_len: int):
+    """The library's plan for an event of `phase` (chunk events also need the prompt's length)."""
+    if phase == PHASE_PREFILL_CHUNK:
+        return config.plan_chunk(computed, cached, protected, bs, prompt_len)
+    return config.plan(computed, cached, protected, bs, phase)
+
+
 def _shared_prefix_blocks(blocks) -> int:
     """Leading blocks held by another request too (prefix-cache hits share whole prefixes)."""
     n = 0
@@ -392,6 +417,7 @@ def wrap_init(orig):
     def __init__(self, *args, **kwargs):
         orig(self, *args, **kwargs)
         check_scheduler(self)  # refusals raise here, while the engine starts
+        admission.install_admission_bound(self)
         self._kvsieve = SchedulerSide()
 
     return __init__
@@ -414,7 +440,7 @@ def wrap_schedule(orig):
             for rec in side.reqs.values():
                 side.give_back_dest(self, rec)
                 if rec.state == State.PENDING:
-                    rec.go(State.COMPRESSED if rec.events else State.DECODING)
+                    rec.settle()
             side.log_once("schedule", "planning a step failed (%s: %s); no event this step", type(e).__name__, e)
             SCHEDULER_STATS.failed["scheduler"] += 1
         setattr(out, protocol.ATTR, plan)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .checks import UnsupportedSetup
-from .lib import PHASE_DECODE, PHASE_PREFILL, POLICY_NAMES, load
+from .lib import PHASE_DECODE, PHASE_PREFILL, PHASE_PREFILL_CHUNK, POLICY_NAMES, load
 from .request_options import RequestConfigs
 
 PLUGIN_POLICIES = ("streaming", "knorm", "snapkv")
@@ -16,13 +16,12 @@ class Settings:
         self.path = path
         self.lib = load()
         self.config = self.lib.config_from_file(path)
-        self.params = {PHASE_PREFILL: self.config.params(PHASE_PREFILL),
-                       PHASE_DECODE: self.config.params(PHASE_DECODE)}
+        self.params = {p: self.config.params(p) for p in (PHASE_PREFILL, PHASE_DECODE, PHASE_PREFILL_CHUNK)}
         policy = POLICY_NAMES[self.params[PHASE_PREFILL].policy]
         if policy not in PLUGIN_POLICIES:
             raise UnsupportedSetup(f"{path}: sparsity.policy = {policy!r} is not driven by the vLLM plugin yet; "
                                    f"use one of {', '.join(PLUGIN_POLICIES)}")
-        self.policy = {PHASE_PREFILL: policy, PHASE_DECODE: POLICY_NAMES[self.params[PHASE_DECODE].policy]}
+        self.policy = {p: POLICY_NAMES[self.params[p].policy] for p in self.params}  # "none": phase not configured
         self.requests = RequestConfigs(self.config)  # per-request configs (SamplingParams.extra_args)
 
 

@@ -9,6 +9,8 @@
     any live state --vLLM preempts--> PREEMPTED --rescheduled--> RESUMED (recompute from 0)
     RESUMED --recompute ends--> PENDING or DECODING (compressed again, like a prefill)
     any state --> FINISHED / ABORTED (the record is dropped)
+    With `[prefill]`: PREFILLING / RESUMED --chunk event due--> PENDING --any ack--> back to
+    PREFILLING / RESUMED; a prefill that ends compressed rests in COMPRESSED.
 
 A transition not in `ALLOWED` raises `IllegalTransition`: the caller contains it (the request
 is left uncompressed), so an engine state kvsieve did not expect never becomes a wrong row.
@@ -38,11 +40,11 @@ _LIVE = {S.ADMITTED, S.PREFILLING, S.PENDING, S.DECODING, S.COMPRESSED, S.TORN, 
 _END = {S.FINISHED, S.ABORTED}
 ALLOWED: dict[State, set[State]] = {
     S.ADMITTED: {S.PREFILLING, S.PENDING, S.DECODING, S.PREEMPTED} | _END,
-    S.PREFILLING: {S.PREFILLING, S.PENDING, S.DECODING, S.PREEMPTED} | _END,
-    S.RESUMED: {S.RESUMED, S.PENDING, S.DECODING, S.PREEMPTED} | _END,
+    S.PREFILLING: {S.PREFILLING, S.PENDING, S.DECODING, S.COMPRESSED, S.PREEMPTED} | _END,
+    S.RESUMED: {S.RESUMED, S.PENDING, S.DECODING, S.COMPRESSED, S.PREEMPTED} | _END,
     # PREEMPTED from PENDING cannot happen with synchronous scheduling (nothing schedules
     # between an event's announcement and its acks); allowed so such an engine stays consistent.
-    S.PENDING: {S.COMPRESSED, S.DECODING, S.TORN, S.PREEMPTED} | _END,
+    S.PENDING: {S.COMPRESSED, S.DECODING, S.PREFILLING, S.RESUMED, S.TORN, S.PREEMPTED} | _END,
     S.DECODING: {S.DECODING, S.PENDING, S.PREEMPTED} | _END,
     S.COMPRESSED: {S.COMPRESSED, S.PENDING, S.PREEMPTED} | _END,
     S.TORN: {S.PREEMPTED} | _END,
@@ -79,6 +81,7 @@ class Record:
     config: object = None  # the lib.Config its events are planned with (the request's own budget)
     events: int = 0
     dest: list = field(default_factory=list)  # fresh blocks held for the PENDING out-of-place event
+    chunk_from: State | None = None  # PREFILLING / RESUMED while a chunk event is PENDING
     history: list = field(default_factory=lambda: [State.ADMITTED])  # states visited, for tests and logs
 
     def go(self, new: State) -> None:
@@ -91,11 +94,21 @@ class Record:
             del self.history[:-HISTORY_LIMIT]
         self.state = new
 
+    def settle(self) -> None:
+        """Leave PENDING after an event that did not tear: back to prefilling after a chunk
+        event, else COMPRESSED once any event is done (DECODING otherwise)."""
+        if self.chunk_from is not None:
+            back, self.chunk_from = self.chunk_from, None
+            self.go(back)
+        else:
+            self.go(S.COMPRESSED if self.events else S.DECODING)
+
     def restart(self) -> None:
         """Recompute from scratch (after a preemption): nothing evicted, nothing protected."""
         self.offset = self.protected = self.at_len = 0
         self.frozen = False
         self.first_computed = None
+        self.chunk_from = None
 
     @property
     def prefilling(self) -> bool:

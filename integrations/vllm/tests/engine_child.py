@@ -6,7 +6,8 @@ Reads a JSON spec on stdin: {"engine": LLM kwargs, "runs": [run, ...]}, where a 
 process's), "faults": KVSIEVE_FAULTS-style text or null}. Runs them one after the other in one
 engine and prints one line `RESULT{json}` with, per run: greedy tokens and logprobs per prompt,
 free KV blocks before and after, vLLM's preemption count per request, the kvsieve scheduler's
-per-request record (states visited, timeline of events and recomputes), the failures kvsieve
+per-request record (states visited, timeline of events and recomputes), the most KV blocks each
+request held at once, the failures kvsieve
 counted during the run, and the exception text if the run raised.
 """
 
@@ -52,6 +53,19 @@ def main() -> None:
         return real_preempt(request, *args, **kwargs)
 
     sched._preempt_request = counting
+    # KV blocks each request holds (null entries for evicted positions not counted), at their
+    # largest: measured after every schedule, which allocates the step's blocks.
+    peak: dict = {}
+    real_schedule = sched.schedule
+    mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
+
+    def measuring(*args, **kwargs):
+        out = real_schedule(*args, **kwargs)
+        for rid, blocks in mgr.req_to_blocks.items():
+            peak[rid] = max(peak.get(rid, 0), sum(not b.is_null for b in blocks))
+        return out
+
+    sched.schedule = measuring
     results = []
     for run in spec["runs"]:
         res = {"name": run["name"]}
@@ -93,6 +107,8 @@ def main() -> None:
         for k, v in preemptions.items():
             by_prefix[k.rsplit("-", 1)[0]] = v
         res["preemptions"] = [by_prefix.get(i, 0) for i in ids]
+        peaks = {k.rsplit("-", 1)[0]: v for k, v in peak.items()}
+        res["peak_blocks"] = [peaks.get(i, 0) for i in ids]
         if enabled:
             from kvsieve_vllm import faults, stats
 

@@ -173,9 +173,25 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
     layer's cache to `kept_tokens` per head once the sequence has `logical_len` tokens, with the
     rule `phases[phase] = (policy, sink, tail)`; `["recompute", length]` is a preemption: at
     that length the cache is rebuilt densely from all tokens so far (vLLM recomputes prompt and
-    output), and the next token's logits come from that forward."""
+    output), and the next token's logits come from that forward. Events of phase 2 (between
+    prefill chunks) split the prompt: its tokens up to the event's length are computed over the
+    cache as cut so far, then cut, and the rest of the prompt attends to what was kept."""
     tokens = list(prompt) + list(continuation)
-    out = model(torch.tensor([prompt]), use_cache=True)
+    cache, pos = None, 0
+
+    def forward(end: int):
+        # Logical positions for RoPE; the causal mask over the cache as held (cache_position:
+        # where each query sits among the cached keys), so a query sees no later chunk token.
+        held = cache.get_seq_length() if cache is not None else 0
+        return model(torch.tensor([prompt[pos:end]]), position_ids=torch.arange(pos, end)[None],
+                     cache_position=torch.arange(held, held + end - pos), past_key_values=cache, use_cache=True)
+
+    while timeline and timeline[0][0] == "event" and timeline[0][2] == 2 and timeline[0][1] < len(prompt):
+        entry, timeline = timeline[0], timeline[1:]
+        cache, pos = forward(entry[1]).past_key_values, entry[1]
+        policy, sink, tail = phases[2]
+        _cut(cache, policy, entry[3], sink, tail, entry[4])
+    out = forward(len(prompt))
     cache = out.past_key_values
     logprobs = [torch.log_softmax(out.logits[0, -1].double(), -1)[continuation[0]].item()]
     logical = len(prompt)

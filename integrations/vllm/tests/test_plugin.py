@@ -17,8 +17,10 @@ def test_every_patched_name_exists():
 
     check_names()
     # Scheduler 6 (its make_stats carries the metrics), model runner 5, CPU attention 1, and
-    # SamplingParams' extra-args check (per-request options refused as vLLM's own).
-    assert len(PATCHED) == 13 and len(RELIED_UPON) >= 10
+    # SamplingParams' extra-args check (per-request options refused as vLLM's own), vLLM's
+    # start-up check of the KV space and its admission gate (sized by what a request holds when
+    # kvsieve bounds it).
+    assert len(PATCHED) == 15 and len(RELIED_UPON) >= 10
     assert ("vllm.sampling_params", "SamplingParams", "_verify_extra_args") in PATCHED
 
 
