@@ -25,8 +25,10 @@ def test_terminal_states_have_no_way_out_and_live_states_can_always_end():
     for src in State:
         if src not in (State.FINISHED, State.ABORTED):
             assert {State.FINISHED, State.ABORTED} <= ALLOWED[src], src
-    # A request is only resumed from a preemption, and only recomputes after one.
-    assert [s for s in State if State.RESUMED in ALLOWED[s] and s != State.RESUMED] == [State.PREEMPTED]
+    # A request is only resumed from a preemption (or back from a chunk event of its recompute),
+    # and only recomputes after one.
+    assert [s for s in State if State.RESUMED in ALLOWED[s] and s != State.RESUMED] == [State.PENDING,
+                                                                                     State.PREEMPTED]
     assert ALLOWED[State.PREEMPTED] == {State.RESUMED, State.FINISHED, State.ABORTED}
 
 
@@ -51,3 +53,27 @@ def test_disabled_survives_a_restart():
     rec.restart()
     rec.go(State.RESUMED)
     assert rec.disabled == "torn event" and rec.prefilling
+
+
+def test_chunk_events_return_to_prefilling_and_the_prefill_ends_compressed():
+    """[prefill]: a chunk event is PENDING between two prefill chunks; whatever its ack, the
+    request goes back to where it was (settle), and a recompute's chunk events back to RESUMED."""
+    rec = Record("r")
+    rec.go(State.PREFILLING)
+    for done in (True, False):
+        rec.chunk_from = rec.state
+        rec.go(State.PENDING)
+        rec.events += done
+        rec.settle()
+        assert rec.state == State.PREFILLING and rec.chunk_from is None
+    rec.go(State.COMPRESSED)  # the prompt ended compressed, no prefill-end event due
+    rec.go(State.PREEMPTED)
+    rec.go(State.RESUMED)
+    rec.restart()
+    rec.chunk_from = rec.state
+    rec.go(State.PENDING)
+    rec.settle()
+    assert rec.state == State.RESUMED
+    rec.go(State.PENDING)  # the prefill-end event: settles as any other
+    rec.settle()
+    assert rec.state == State.COMPRESSED
