@@ -86,6 +86,27 @@ impl Source<'_> {
         }
     }
 
+    /// A section's required `policy` key, one of `allowed` (the message lists them).
+    fn required_policy(
+        &self,
+        key: &str,
+        v: &Option<Spanned<String>>,
+        allowed: &[Policy],
+        section_line: usize,
+    ) -> Result<Policy> {
+        match v {
+            Some(p) => self.policy(key, p, allowed),
+            None => {
+                let names: Vec<&str> = allowed.iter().map(|p| p.name()).collect();
+                Err(self.missing(
+                    key,
+                    section_line,
+                    &format!("set it to one of: {}", names.join(", ")),
+                ))
+            }
+        }
+    }
+
     /// Exactly one of `<section>.budget_tokens` / `<section>.budget_ratio`.
     fn budget(
         &self,
@@ -150,25 +171,17 @@ pub(super) fn validate(raw: RawConfig, text: &str) -> Result<Config> {
 fn sparsity(src: &Source, section: &Spanned<RawSparsity>) -> Result<Sparsity> {
     let s = section.get_ref();
     let line = src.line(section);
-    let policy = match &s.policy {
-        Some(p) => src.policy(
-            "sparsity.policy",
-            p,
-            &[
-                Policy::Streaming,
-                Policy::SnapKv,
-                Policy::KNorm,
-                Policy::Quest,
-            ],
-        )?,
-        None => {
-            return Err(src.missing(
-                "sparsity.policy",
-                line,
-                "set it to one of: streaming, snapkv, knorm, quest",
-            ))
-        }
-    };
+    let policy = src.required_policy(
+        "sparsity.policy",
+        &s.policy,
+        &[
+            Policy::Streaming,
+            Policy::SnapKv,
+            Policy::KNorm,
+            Policy::Quest,
+        ],
+        line,
+    )?;
     let budget = src
         .budget("sparsity", &s.budget_tokens, &s.budget_ratio)?
         .ok_or_else(|| {
@@ -259,12 +272,12 @@ fn sparsity(src: &Source, section: &Spanned<RawSparsity>) -> Result<Sparsity> {
 fn decode(src: &Source, section: &Spanned<RawDecode>, sparsity: &Sparsity) -> Result<Decode> {
     let d = section.get_ref();
     let line = src.line(section);
-    let policy = match &d.policy {
-        Some(p) => src.policy("decode.policy", p, &[Policy::Streaming, Policy::KNorm])?,
-        None => {
-            return Err(src.missing("decode.policy", line, "set it to one of: streaming, knorm"))
-        }
-    };
+    let policy = src.required_policy(
+        "decode.policy",
+        &d.policy,
+        &[Policy::Streaming, Policy::KNorm],
+        line,
+    )?;
     let interval = match &d.interval {
         Some(_) => src.int("decode.interval", &d.interval, 1, MAX_TOKENS, 0)?,
         None => {
@@ -371,20 +384,12 @@ fn requests(
 fn prefill(src: &Source, section: &Spanned<RawPrefill>, sparsity: &Sparsity) -> Result<Prefill> {
     let p = section.get_ref();
     let line = src.line(section);
-    let policy = match &p.policy {
-        Some(v) => src.policy(
-            "prefill.policy",
-            v,
-            &[Policy::Streaming, Policy::SnapKv, Policy::KNorm],
-        )?,
-        None => {
-            return Err(src.missing(
-                "prefill.policy",
-                line,
-                "set it to one of: streaming, snapkv, knorm",
-            ))
-        }
-    };
+    let policy = src.required_policy(
+        "prefill.policy",
+        &p.policy,
+        &[Policy::Streaming, Policy::SnapKv, Policy::KNorm],
+        line,
+    )?;
     // 1: compress as soon as a chunk takes the cache a block past the budget (eviction is whole
     // blocks, so nothing smaller can be released): peak KV is budget + one chunk + one block.
     let interval = src.int("prefill.interval", &p.interval, 1, MAX_TOKENS, 1)?;
