@@ -90,7 +90,12 @@ pub struct Sparsity {
 impl Sparsity {
     /// Trailing tokens that must stay: the recent window, and for SnapKV its observation window.
     pub fn protected_tail(&self) -> u32 {
-        match self.policy {
+        self.tail_for(self.policy)
+    }
+
+    /// The trailing tokens an event scoring with `policy` keeps (prefill end or prefill chunks).
+    pub fn tail_for(&self, policy: Policy) -> u32 {
+        match policy {
             Policy::SnapKv => self.recent_tokens.max(self.window),
             _ => self.recent_tokens,
         }
@@ -122,10 +127,7 @@ pub struct Prefill {
 impl Prefill {
     /// Trailing tokens a chunk event keeps: the recent window, and for SnapKV its window.
     pub fn protected_tail(&self, sparsity: &Sparsity) -> u32 {
-        match self.policy {
-            Policy::SnapKv => sparsity.recent_tokens.max(sparsity.window),
-            _ => sparsity.recent_tokens,
-        }
+        sparsity.tail_for(self.policy)
     }
 }
 
