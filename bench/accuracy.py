@@ -7,6 +7,8 @@ with the same prompts and the same kept counts.
     .venv/bin/python bench/accuracy.py --suite slice        # the CI slice (bench/tests)
     .venv/bin/python bench/accuracy.py --tasks niah_number --lengths 1024,2048 --samples 10 \\
         --policies snapkv --budgets 0.25 --presses snapkv,expected_attention
+    .venv/bin/python bench/accuracy.py --policies snapkv,snapkv_chunks --presses "" --chunk 512 \
+        --prefix-caching off --name accuracy-chunks-512     # compression between prefill chunks
     .venv/bin/python bench/accuracy.py --report bench/results/accuracy.json   # tables + goals again
 
 Each vLLM engine runs in its own process (one per prefix-caching setting) and serves every
@@ -48,6 +50,9 @@ VARIANTS = {
     "knorm_bare": 'policy = "knorm"\nsink_tokens = 0\nrecent_tokens = 0\n',
     "knorm_r32": 'policy = "knorm"\nsink_tokens = 4\nrecent_tokens = 32\n',
 }
+# Compression between prefill chunks (`[prefill]`, issue 13): the policy's defaults, and the same
+# policy applied after every prefill chunk that takes the cache past the budget.
+CHUNKED = {"snapkv_chunks": "snapkv", "knorm_chunks": "knorm", "streaming_chunks": "streaming"}
 PRESSES = ("snapkv", "knorm", "streaming", "expected_attention", "keydiff", "tova", "adakv_snapkv")
 SUITES = {
     # The hour suite: every task at 1k and 2k, two needle tasks at 4k and 8k (a 8k prompt costs
@@ -82,6 +87,8 @@ def config_text(policy: str | None, budget: float) -> str:
     """kvsieve's config for a run; None is dense (nothing is ever due)."""
     if policy is None:
         return '[sparsity]\npolicy = "streaming"\nbudget_ratio = 1.0\nmin_length = 1000000\n'
+    if policy in CHUNKED:
+        return config_text(CHUNKED[policy], budget) + f'[prefill]\npolicy = "{CHUNKED[policy]}"\n'
     return f"[sparsity]\n{POLICIES.get(policy) or VARIANTS[policy]}budget_ratio = {budget}\nmin_length = 512\n"
 
 
@@ -116,22 +123,25 @@ for run in spec["runs"]:
     res = []
     for o in outs:
         line = per.get(o.request_id, {}).get("timeline", [])
-        kept = [e[3] for e in line if e[0] == "event"]
-        res.append({"tokens": list(o.outputs[0].token_ids), "kept": kept[0] if kept else None,
+        # Kept by the prompt's last event (chunk events, phase 2, come before it).
+        kept = [e[3] for e in line if e[0] == "event" and e[2] in (0, 2)]
+        res.append({"tokens": list(o.outputs[0].token_ids), "kept": kept[-1] if kept else None,
+                    "chunk_events": sum(e[0] == "event" and e[2] == 2 for e in line),
                     "protected": per.get(o.request_id, {}).get("protected_tokens", 0)})
     out[run["name"]] = res
     print(f"[accuracy] vllm {run['name']} done", file=sys.stderr, flush=True)
 print("RESULT" + json.dumps(out))
 """
 
-def run_vllm(model: Path, samples: list[dict], runs: list[dict], prefix_caching: bool, kv_gib: int) -> dict:
+def run_vllm(model: Path, samples: list[dict], runs: list[dict], prefix_caching: bool, kv_gib: int,
+             chunk: int = 2048) -> dict:
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvsieve-accuracy-{os.getpid()}.toml"
     path.write_text(config_text(None, 1.0))
     env = dict(os.environ, KVSIEVE_CONFIG=str(path), VLLM_CPU_KVCACHE_SPACE=str(kv_gib), VLLM_USE_V2_MODEL_RUNNER="0",
                VLLM_ENABLE_V1_MULTIPROCESSING="0")
     longest = max(len(s["prompt"]) + s["max_tokens"] for s in samples)
     engine = dict(model=str(model), dtype="float32", block_size=BLOCK, max_model_len=min(8192, max(2048, longest + BLOCK)),
-                  enable_prefix_caching=prefix_caching, max_num_batched_tokens=2048, max_num_seqs=16, seed=0,
+                  enable_prefix_caching=prefix_caching, max_num_batched_tokens=chunk, max_num_seqs=16, seed=0,
                   enforce_eager=True)
     return child.run(VLLM_CHILD, {"engine": engine, "runs": runs, "samples": samples}, env, "vLLM run")
 
@@ -172,8 +182,8 @@ def parse(cfg: dict) -> dict:
         if t not in ruler.TASKS:
             raise SystemExit(f"--tasks: unknown task {t!r}; choose from {', '.join(ruler.TASKS)}")
     for p in out["policies"]:
-        if p not in POLICIES and p not in VARIANTS:
-            raise SystemExit(f"--policies: unknown policy {p!r}; choose from {', '.join([*POLICIES, *VARIANTS])}")
+        if p not in POLICIES and p not in VARIANTS and p not in CHUNKED:
+            raise SystemExit(f"--policies: unknown policy {p!r}; choose from {', '.join([*POLICIES, *VARIANTS, *CHUNKED])}")
     for p in out["presses"]:
         if p not in PRESSES:
             raise SystemExit(f"--presses: unknown press {p!r}; choose from {', '.join(PRESSES)}")
@@ -199,7 +209,7 @@ def evaluate(model: Path, cfg: dict, seed: int = 0, kv_gib: int = 8, log=print) 
     for pc in c["prefix_caching"]:
         todo = [r for r in runs if not pc or r["name"] == "dense" or float(r["name"].rsplit(":", 1)[1]) in
                 c["cached_budgets"]]
-        res = run_vllm(model, samples, todo, pc, kv_gib)
+        res = run_vllm(model, samples, todo, pc, kv_gib, int(cfg.get("chunk", 2048)))
         result["vllm"]["prefix_caching_" + ("on" if pc else "off")] = res
         log(f"[accuracy] vLLM with prefix caching {'on' if pc else 'off'}: {time.time() - t0:.0f} s")
     base = result["vllm"]["prefix_caching_off" if False in c["prefix_caching"] else "prefix_caching_on"]
@@ -235,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--" + k.replace("_", "-"), help=f"comma-separated (default: the suite's {k})")
     ap.add_argument("--samples", type=int, help="samples per task and length")
     ap.add_argument("--kv-gib", type=int, default=8, help="VLLM_CPU_KVCACHE_SPACE for the engines")
+    ap.add_argument("--chunk", type=int, help="prefill tokens per step (max_num_batched_tokens; default 2048)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default="accuracy", help="output file stem")
@@ -258,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg[k] = getattr(a, k)
     if a.samples is not None:
         cfg["samples"] = a.samples
+    if a.chunk is not None:
+        cfg["chunk"] = a.chunk
     parse(cfg)  # bad names fail before the model is fetched
     if a.model is None:
         import smollm2

@@ -100,7 +100,7 @@ def serving_table(result: dict) -> str:
     """Markdown table: one column per run, ratios against stock in the last rows."""
     runs = result["runs"]
     labels = list(runs)
-    stock = runs["stock"]
+    stock = runs.get("stock")  # absent when stock vLLM refused the workload (result["stock_refused"])
     rows = [
         ("requests/s", "requests_per_s", ".3f"),
         ("output tokens/s", "output_tokens_per_s", ".1f"),
@@ -134,15 +134,16 @@ def serving_table(result: dict) -> str:
         for term in TIME_TERMS:
             lines.append(f"| est. step time: {term} (s) | " + " | ".join(
                 f"{runs[l]['time_attribution']['seconds'][term]:.1f}" for l in labels) + " |")
-    lines.append("| output throughput vs stock | " + " | ".join(
-        f"{runs[l]['output_tokens_per_s'] / stock['output_tokens_per_s']:.2f}x" for l in labels) + " |")
-    lines.append("| KV blocks per request vs stock | " + " | ".join(
-        f"{stock['kv_blocks_per_request'] / runs[l]['kv_blocks_per_request']:.2f}x fewer" for l in labels) + " |")
+    if stock:
+        lines.append("| output throughput vs stock | " + " | ".join(
+            f"{runs[l]['output_tokens_per_s'] / stock['output_tokens_per_s']:.2f}x" for l in labels) + " |")
+        lines.append("| KV blocks per request vs stock | " + " | ".join(
+            f"{stock['kv_blocks_per_request'] / runs[l]['kv_blocks_per_request']:.2f}x fewer" for l in labels) + " |")
     w = result["workload"]
     m = result["model"]
     agree = result.get("greedy_agreement_full_budget")
     # A follower's prompt holds the turns before it: the runs report what was served.
-    prompt_tokens = stock.get("prompt_tokens") or w["total_prompt_tokens"]
+    prompt_tokens = runs[labels[0]].get("prompt_tokens") or w["total_prompt_tokens"]
     arrival = ("followers (a chat's next turn, questions after a document) arriving when the request they follow "
                "finished, the rest at t=0; prefix caching on") if w.get("prefix_caching") else "all arriving at t=0"
     foot = [
@@ -158,6 +159,8 @@ def serving_table(result: dict) -> str:
         cfg = "; ".join(l for l in result["kvsieve_config"].splitlines() if l.strip())
         foot.append(f"kvsieve config ({Path(result.get('kvsieve_config_file', '')).name}): {cfg}"
                     + ("; kvsieve@X% runs set sparsity.budget_ratio = X" if any("@" in l and l != "kvsieve@100%" for l in labels) else ""))
+    if result.get("stock_refused"):
+        foot.append(f"stock vLLM refused to start: {result['stock_refused']}")
     if agree:
         foot.append(f"greedy outputs at full budget (kvsieve@100%) identical to stock: {agree['identical']}/"
                     f"{agree['requests']} requests")
@@ -174,7 +177,7 @@ def plot_serving(result: dict, path) -> None:
     runs = result["runs"]
     sieve = sorted(((float(l.split("@")[1].rstrip("%")), r) for l, r in runs.items() if l.startswith("kvsieve@")),
                    key=lambda x: x[0])
-    stock = runs["stock"]
+    stock = runs.get("stock")
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.6))
     metrics = ((a1, "output_tokens_per_s", "output tokens/s"), (a2, "max_running", "largest batch (running requests)"),
                (a3, "kv_blocks_per_request", "KV blocks per running request"))
@@ -182,14 +185,16 @@ def plot_serving(result: dict, path) -> None:
         # One kvsieve config (no budget sweep): bars per run.
         labels = list(runs)
         for ax, key, title in metrics:
-            ax.bar(range(len(labels)), [runs[l][key] for l in labels], color=["gray"] + ["C0"] * (len(labels) - 1))
+            ax.bar(range(len(labels)), [runs[l][key] for l in labels],
+                   color=["gray" if l == "stock" else "C0" for l in labels])
             ax.set_xticks(range(len(labels)), labels, fontsize=8)
             ax.set_title(title)
             ax.grid(alpha=0.3, axis="y")
     else:
         for ax, key, title in metrics:
             ax.plot([b for b, _ in sieve], [r[key] for _, r in sieve], "o-", label="vLLM + kvsieve")
-            ax.axhline(stock[key], ls="--", color="gray", label="stock vLLM")
+            if stock:
+                ax.axhline(stock[key], ls="--", color="gray", label="stock vLLM")
             ax.set_xlabel("kvsieve budget (% of prompt kept)")
             ax.set_title(title)
             ax.grid(alpha=0.3)
@@ -198,7 +203,8 @@ def plot_serving(result: dict, path) -> None:
         ax.set_ylim(bottom=0)
     w = result["workload"]
     fig.suptitle(f"{w['name']}: {w['requests']} requests, {w['prompt_tokens'][0]}-{w['prompt_tokens'][1]} prompt, "
-                 f"{w['output_tokens'][0]}-{w['output_tokens'][1]} output tokens", fontsize=9)
+                 f"{w['output_tokens'][0]}-{w['output_tokens'][1]} output tokens"
+                 + ("; stock vLLM refused to start" if result.get("stock_refused") else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

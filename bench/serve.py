@@ -81,6 +81,12 @@ def run_engine(engine: dict, requests: list, config_text: str | None, workdir: P
     return res
 
 
+def refusal(failure: str) -> str:
+    """The engine's own reason from a failed engine run's output (its last error line)."""
+    errors = [l.strip() for l in failure.splitlines() if "Error:" in l]
+    return (errors[-1] if errors else failure.strip().splitlines()[-1])[:600]
+
+
 def sample_answers(tokenizer, requests: list, answers: list, runs: dict, limit: int = 3) -> str:
     """A few questions with what stock vLLM and each kvsieve run answered, for a person to read."""
     lines = []
@@ -197,9 +203,21 @@ def main(argv: list[str] | None = None) -> dict:
                          f"({shape['max_positions']}); lower --prompt-len/--output-len")
     per_request = math.ceil(longest / BLOCK_SIZE)
     kv_blocks = a.kv_blocks or max(per_request + 1, int(a.kv_requests * per_request))
-    if kv_blocks <= per_request:
-        raise SystemExit(f"--kv-blocks {kv_blocks}: the longest request needs {per_request} blocks of "
-                         f"{BLOCK_SIZE}; give at least {per_request + 1}")
+    # Prompts longer than the KV space: served only when kvsieve bounds every request (its
+    # [prefill], [decode] and [requests] sections) below it; stock vLLM is expected to refuse.
+    longer_than_kv = kv_blocks <= per_request
+    if longer_than_kv:
+        for b in budgets:
+            bound = lib.config_from_str(kvsieve_config(base, b)).max_cached_tokens(
+                max_model_len, a.max_batched_tokens, BLOCK_SIZE)
+            if math.ceil(bound / BLOCK_SIZE) >= kv_blocks:
+                raise SystemExit(
+                    f"--kv-blocks {kv_blocks}: the longest request needs {per_request} blocks of {BLOCK_SIZE} and "
+                    f"kvsieve's config (--config {config_path}"
+                    + ("" if b is None else f", budget {b}") + f") holds up to {bound} tokens of one request; give "
+                    f"at least {per_request + 1} blocks, or bound every request below the KV space ([prefill], "
+                    "[decode] and [requests] allow_opt_out = false, bench/configs/longer-than-kv.toml)")
+        a.no_agreement = True  # a full budget cannot fit
     prefix_caching = a.prefix_caching or getattr(w, "prefix_caching", False)
     engine = dict(model=str(model_dir), skip_tokenizer_init=True, dtype=a.dtype, max_model_len=max_model_len,
                   enforce_eager=True, block_size=BLOCK_SIZE, enable_prefix_caching=prefix_caching, seed=a.seed,
@@ -208,7 +226,16 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = ROOT / "build" / "bench"
     workdir.mkdir(parents=True, exist_ok=True)
 
-    runs = {"stock": run_engine(engine, requests, None, workdir, "stock")}
+    runs, stock_refused = {}, None
+    try:
+        runs["stock"] = run_engine(engine, requests, None, workdir, "stock")
+    except SystemExit as e:
+        if not longer_than_kv:
+            raise
+        stock_refused = refusal(str(e))
+        print(f"[bench] stock: refused to start, as expected: {stock_refused}", file=sys.stderr, flush=True)
+    if longer_than_kv and stock_refused is None:
+        raise SystemExit("[bench] stock vLLM served prompts longer than its KV space; this benchmark expects a refusal")
     if not a.no_agreement:
         runs["kvsieve@100%"] = run_engine(engine, requests, kvsieve_config(base, None, full=True), workdir,
                                           "kvsieve-full")
@@ -228,8 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
         "kvsieve_config": kvsieve_config(base, None), "kvsieve_config_file": str(config_path),
         "runs": {label: summarize(r, requests) for label, r in runs.items()},
     }
-    stock_tokens = runs["stock"]["tokens"]
+    if stock_refused:
+        result["stock_refused"] = stock_refused
     if "kvsieve@100%" in runs:
+        stock_tokens = runs["stock"]["tokens"]
         same = sum(a_ == b_ for a_, b_ in zip(runs["kvsieve@100%"]["tokens"], stock_tokens))
         result["greedy_agreement_full_budget"] = {"identical": same, "requests": len(requests)}
     if answers is not None and any(x is not None for x in answers):

@@ -1,11 +1,13 @@
-"""`kvsieve-check CONFIG [--model DIR] [--kv-blocks N]`: validate a kvsieve config and show what
-it does to requests before a server runs with it.
+"""`kvsieve-check CONFIG [--model DIR] [--kv-blocks N] [--chunk N]`: validate a kvsieve config and
+show what it does to requests before a server runs with it.
 
 For a few prompt lengths it plans each request's events with the library's own planner (what
-the plugin's scheduler calls): the tokens and KV blocks a request holds once its prompt is
-compressed and at the end of its answer (decode re-compression included), against stock vLLM,
-and the largest batch a KV space of N blocks holds with and without kvsieve. Needs the library
-only (no vLLM): exit status 0 for a valid config, 2 with the library's message otherwise.
+the plugin's scheduler calls): the tokens and KV blocks a request holds while its prompt is
+prefilled (compressed between chunks with `[prefill]`), once it is compressed and at the end of
+its answer (decode re-compression included), against stock vLLM, and the largest batch a KV
+space of N blocks holds with and without kvsieve. With every request bounded, it prints the
+bound vLLM then starts and admits by (prompts longer than the KV space are served). Needs the
+library only (no vLLM): exit status 0 for a valid config, 2 with the library's message otherwise.
 """
 
 from __future__ import annotations
@@ -16,15 +18,25 @@ import math
 import sys
 from pathlib import Path
 
-from .lib import PHASE_DECODE, PHASE_PREFILL, POLICY_NAMES, KvsieveError, load
+from .lib import PHASE_DECODE, PHASE_PREFILL, PHASE_PREFILL_CHUNK, POLICY_NAMES, KvsieveError, load
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def request_profile(config, prompt: int, output: int, block_size: int) -> dict:
-    """Cached tokens of one request: at the end of prefill (before and after the prefill event)
-    and at its largest while decoding `output` tokens (decode events as they fall due)."""
-    p = config.plan(prompt, prompt, 0, block_size, PHASE_PREFILL)
+def request_profile(config, prompt: int, output: int, block_size: int, chunk: int) -> dict:
+    """Cached tokens of one request: at its largest while prefilling in `chunk`-token steps
+    (chunk events as they fall due; none in the step computing the last 32 tokens, where a SnapKV
+    window may sit), after the prefill event, and at its largest while decoding `output` tokens
+    (decode events as they fall due)."""
+    logical = cached = peak_prefill = 0
+    chunked = config.params(PHASE_PREFILL_CHUNK).policy != 0
+    while logical < prompt:
+        step = min(chunk, prompt - logical)
+        logical, cached = logical + step, cached + step
+        peak_prefill = max(peak_prefill, cached)
+        if chunked and logical < prompt - 32:
+            cached = int(config.plan_chunk(logical, cached, 0, block_size, prompt).kept_tokens)
+    p = config.plan(prompt, cached, 0, block_size, PHASE_PREFILL)
     cached = int(p.kept_tokens)
     after_prefill, peak = cached, cached
     for n in range(1, output + 1):
@@ -32,12 +44,13 @@ def request_profile(config, prompt: int, output: int, block_size: int) -> dict:
         peak = max(peak, cached)
         d = config.plan(prompt + n, cached, 0, block_size, PHASE_DECODE)
         cached = int(d.kept_tokens)
-    return {"prompt": prompt, "kept_after_prefill": after_prefill, "peak_decoding": peak, "at_end": cached}
+    return {"prompt": prompt, "peak_prefill": peak_prefill, "kept_after_prefill": after_prefill,
+            "peak_decoding": peak, "at_end": cached}
 
 
 def largest_batch(kv_blocks: int, prefill_blocks: int, running_blocks: int) -> int:
-    """Requests a KV space holds: one prompt prefilling at full size (compression runs when its
-    prefill ends), the rest at their decoding peak."""
+    """Requests a KV space holds: one prompt prefilling at its largest, the rest at their
+    decoding peak."""
     if kv_blocks < prefill_blocks:
         return 0
     return 1 + (kv_blocks - prefill_blocks) // max(running_blocks, 1)
@@ -57,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, help="HF model directory (config.json): KV bytes per block, max length")
     ap.add_argument("--kv-blocks", type=int, help="KV space in blocks (vLLM logs it at start: 'GPU KV cache size')")
     ap.add_argument("--block-size", type=int, default=16, help="vLLM's --block-size (default 16)")
+    ap.add_argument("--chunk", type=int, default=2048,
+                    help="prefill tokens per step: vLLM's --max-num-batched-tokens (default 2048)")
     ap.add_argument("--lengths", default="1024,2048,4096,8192", help="prompt lengths, comma-separated")
     ap.add_argument("--output-tokens", type=int, default=256, help="answer length per request (default 256)")
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="KV dtype (default: the model's)")
@@ -65,15 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         lengths = [int(x) for x in a.lengths.split(",") if x.strip()]
     except ValueError:
         ap.error(f"--lengths: {a.lengths!r} is not a comma-separated list of token counts")
-    if a.block_size <= 0 or a.output_tokens < 0 or (a.kv_blocks is not None and a.kv_blocks <= 0):
-        ap.error("--block-size and --kv-blocks must be positive, --output-tokens at least 0")
+    if a.block_size <= 0 or a.chunk <= 0 or a.output_tokens < 0 or (a.kv_blocks is not None and a.kv_blocks <= 0):
+        ap.error("--block-size, --chunk and --kv-blocks must be positive, --output-tokens at least 0")
     try:
         lib = load()
         config = lib.config_from_file(a.config)
     except KvsieveError as e:
         print(f"kvsieve-check: {e.message}", file=sys.stderr)
         return 2
-    pre, dec = config.params(PHASE_PREFILL), config.params(PHASE_DECODE)
+    pre, dec, chunks = config.params(PHASE_PREFILL), config.params(PHASE_DECODE), config.params(PHASE_PREFILL_CHUNK)
 
     def budget(p) -> str:
         return f"{p.budget_tokens} tokens" if p.budget_tokens else f"{p.budget_ratio:g} of the sequence"
@@ -81,11 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.config}: valid (libkvsieve {lib.version} at {lib.path})")
     print(f"  prefill: {POLICY_NAMES[pre.policy]}, budget {budget(pre)}, sink {pre.sink_tokens}, "
           f"tail kept {pre.protected_tail}, min_length {pre.min_length}")
+    if chunks.policy:
+        print(f"  between prefill chunks: {POLICY_NAMES[chunks.policy]}, budget {budget(chunks)} of the prompt, "
+              f"once the cache is {chunks.interval} token(s) past it")
+    else:
+        print("  between prefill chunks: nothing (the prompt is held whole until its prefill ends)")
     if dec.policy:
         print(f"  decode:  {POLICY_NAMES[dec.policy]}, budget {budget(dec)}, every {dec.interval} tokens past it")
     else:
         print("  decode:  no re-compression while generating")
     bytes_per_block = None
+    max_len = max(lengths) + a.output_tokens
     if a.model:
         info = model_info(a.model)
         size = DTYPE_BYTES.get(a.dtype or info["dtype"], 2)
@@ -94,21 +115,35 @@ def main(argv: list[str] | None = None) -> int:
               f"{a.dtype or info['dtype']}): {bytes_per_block / 1024:.0f} KiB per {a.block_size}-token block")
         if info["max_len"]:
             lengths = [n for n in lengths if n + a.output_tokens <= info["max_len"]] or lengths
+            max_len = info["max_len"]
     bs, out = a.block_size, a.output_tokens
-    head = ["prompt", "kept after prefill", "blocks stock", "blocks kvsieve", "kept share"]
+    bound = config.max_cached_tokens(max_len, a.chunk, bs)
+    if bound < max_len:
+        print(f"  bounded: one request holds at most {bound} tokens ({math.ceil(bound / bs)} blocks) at "
+              f"max_model_len {max_len}, chunk {a.chunk}; vLLM starts and admits by that, so prompts longer than "
+              "the KV space are served")
+    else:
+        print(f"  unbounded: a request may hold up to max_model_len ({max_len}) tokens; vLLM's KV space must hold "
+              "one such request (bounding needs [prefill], [decode] and [requests] allow_opt_out = false, own "
+              "budgets capped by [requests])")
+    head = ["prompt", "largest while prefilling", "kept after prefill", "blocks stock", "blocks kvsieve",
+            "kept share"]
     if a.kv_blocks:
         head += [f"batch in {a.kv_blocks} blocks: stock", "kvsieve"]
-    print(f"\nPer request ({out} output tokens, block size {bs}; blocks at the request's largest while decoding):")
+    print(f"\nPer request ({out} output tokens, block size {bs}, {a.chunk}-token prefill chunks; tokens at the "
+          "largest while prefilling, blocks at the largest while decoding):")
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     for n in lengths:
-        prof = request_profile(config, n, out, bs)
+        prof = request_profile(config, n, out, bs, a.chunk)
         stock = math.ceil((n + out) / bs)
         mine = math.ceil(prof["peak_decoding"] / bs)
-        row = [str(n), str(prof["kept_after_prefill"]), str(stock), str(mine), f"{mine / stock:.0%}"]
+        row = [str(n), str(prof["peak_prefill"]), str(prof["kept_after_prefill"]), str(stock), str(mine),
+               f"{mine / stock:.0%}"]
         if a.kv_blocks:
             row += [str(largest_batch(a.kv_blocks, stock, stock)),
-                    str(largest_batch(a.kv_blocks, math.ceil(n / bs), mine))]
+                    str(largest_batch(a.kv_blocks, math.ceil(prof["peak_prefill"] / bs),
+                                      math.ceil(prof["peak_decoding"] / bs)))]
         print("| " + " | ".join(row) + " |")
     if bytes_per_block and a.kv_blocks:
         print(f"\nKV space: {a.kv_blocks} blocks = {a.kv_blocks * bytes_per_block / 2**30:.2f} GiB")

@@ -285,6 +285,14 @@ class Config:
         self._lib.check(self._lib._lib.kvs_plan_keep_count(self._handle, phase, byref(lens), byref(out)))
         return out
 
+    def plan_event(self, phase: int, logical_len: int, cached_len: int, protected_len: int, block_size: int,
+                   prompt_len: int = 0) -> KeepPlan:
+        """The plan of an event of any phase (the one call the scheduler and the workers both
+        make, so they agree): chunk events also need the prompt's length."""
+        if phase == PHASE_PREFILL_CHUNK:
+            return self.plan_chunk(logical_len, cached_len, protected_len, block_size, prompt_len)
+        return self.plan(logical_len, cached_len, protected_len, block_size, phase)
+
     def max_cached_tokens(self, max_len: int, chunk: int, block_size: int) -> int:
         """`kvs_config_max_cached_tokens`: the most tokens one sequence holds (max_len unless
         every phase is bounded)."""

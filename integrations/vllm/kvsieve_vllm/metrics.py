@@ -32,7 +32,8 @@ _installed = False
 def snapshot() -> dict[str, float]:
     """The engine's cumulative kvsieve counters as a flat map (what rides on SchedulerStats)."""
     s = SCHEDULER_STATS
-    out = {"compressions": s.compressions, "tokens_before": s.tokens_before, "tokens_evicted": s.tokens_evicted,
+    out = {"compressions": s.compressions, "prefill_chunk_compressions": s.chunk_compressions,
+           "tokens_before": s.tokens_before, "tokens_evicted": s.tokens_evicted,
            "blocks_released": s.blocks_released, "seconds:scheduler": s.seconds, "seconds:worker": s.worker_seconds}
     for prefix, counter in (("failed:", s.failed), ("skipped:", s.skipped), ("requests:", s.requests)):
         for k, v in counter.items():

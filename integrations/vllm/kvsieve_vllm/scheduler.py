@@ -160,6 +160,8 @@ class SchedulerSide:
         if rec.state == State.PREEMPTED:
             rec.go(State.RESUMED)
             rec.restart()
+            # It recomputes every token so far (prompt and output), with chunk events if any.
+            _timeline(rec.req_id, ["recompute", req.num_tokens])
         target = 0  # set while prefilling
         computed = req.num_computed_tokens  # already advanced by this step's schedule
         if rec.prefilling:
@@ -178,8 +180,6 @@ class SchedulerSide:
                     return  # no [prefill] section, or this chunk computes the question's window
                 phase = PHASE_PREFILL_CHUNK
             else:
-                if rec.state == State.RESUMED:
-                    _timeline(rec.req_id, ["recompute", computed])
                 phase = PHASE_PREFILL
         elif rec.state in (State.DECODING, State.COMPRESSED):
             if rec.disabled or s.params[PHASE_DECODE].policy == 0 or computed <= rec.at_len:
@@ -208,7 +208,7 @@ class SchedulerSide:
         source = _physical(blocks, rec, bs)[protected // bs:math.ceil(cached / bs)]
         shared = pool.enable_caching and any(b.block_hash is not None or b.ref_cnt > 1 for b in source)
         prompt_len = target if phase == PHASE_PREFILL_CHUNK else 0
-        p = _plan(rec.config, phase, computed, cached, protected, bs, prompt_len)
+        p = rec.config.plan_event(phase, computed, cached, protected, bs, prompt_len)
         dest = None
         if shared and p.released_blocks:
             need = math.ceil(int(p.selected_tokens) / bs)
@@ -219,7 +219,7 @@ class SchedulerSide:
                 if not rec.frozen:
                     # Pool short: in place, behind the leading blocks other requests share.
                     protected = min(_shared_prefix_blocks(blocks) * bs, cached)
-                    p = _plan(rec.config, phase, computed, cached, protected, bs, prompt_len)
+                    p = rec.config.plan_event(phase, computed, cached, protected, bs, prompt_len)
         if p.released_blocks == 0:
             rec.go(resting)
             return
@@ -339,7 +339,10 @@ class SchedulerSide:
         rec.events += 1
         rec.settle()
         SCHEDULER_STATS.compressed(rec.req_id, cached, cached - ev.kept_tokens, ev.released_blocks)
-        _timeline(rec.req_id, ["event", ev.logical_len, ev.phase, ev.kept_tokens, ev.protected])
+        if ev.phase == PHASE_PREFILL_CHUNK:
+            SCHEDULER_STATS.chunk_compressions += 1
+        _timeline(rec.req_id, ["event", ev.logical_len, ev.phase, ev.kept_tokens, ev.protected,
+                               ev.window[0] if ev.window else None])
 
     # -- vLLM's own transitions ----------------------------------------------------------------
 
@@ -383,13 +386,6 @@ def _physical(blocks, rec: Record, bs: int) -> list:
     right after the protected prefix): the row the workers compact."""
     pb = rec.protected // bs
     return blocks[:pb] + blocks[pb + rec.offset // bs:]
-
-
-def _plan(config, phase: int, computed: int, cached: int, protected: int, bs: int, prompt_len: int):
-    """The library's plan for an event of `phase` (chunk events also need the prompt's length)."""
-    if phase == PHASE_PREFILL_CHUNK:
-        return config.plan_chunk(computed, cached, protected, bs, prompt_len)
-    return config.plan(computed, cached, protected, bs, phase)
 
 
 def _shared_prefix_blocks(blocks) -> int:

@@ -32,7 +32,9 @@ class KvsieveStatLogger(_base()):
         # plugins' loggers, unregisters every `vllm:` collector it finds when it starts.
         import prometheus_client as prom
 
-        names = {"compressions": "compression events done", "tokens_before": "cached tokens before those events",
+        names = {"compressions": "compression events done",
+                 "prefill_chunk_compressions": "of them, between prefill chunks ([prefill])",
+                 "tokens_before": "cached tokens before those events",
                  "tokens_evicted": "cached tokens evicted", "blocks_released": "KV blocks handed back to vLLM"}
         labels = ["model_name", "engine"]
         registry = prom.REGISTRY

@@ -18,6 +18,7 @@ class Stats:
     """Aggregate counters of one side (worker or scheduler) in this process."""
 
     compressions: int = 0
+    chunk_compressions: int = 0  # of them, between prefill chunks (`[prefill]`)
     tokens_before: int = 0
     tokens_evicted: int = 0
     blocks_released: int = 0
@@ -54,6 +55,7 @@ class Stats:
         ratio = (self.tokens_before - self.tokens_evicted) / self.tokens_before if self.tokens_before else 1.0
         return {
             "compressions": self.compressions,
+            "prefill_chunk_compressions": self.chunk_compressions,
             "tokens_before": self.tokens_before,
             "tokens_evicted": self.tokens_evicted,
             "blocks_released": self.blocks_released,

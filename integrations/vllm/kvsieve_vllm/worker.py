@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from . import capture, faults, protocol
 from .backends import cpu_attn
 from .checks import check_runner
-from .lib import LAYOUT, PHASE_PREFILL_CHUNK, CpuKernels, Sequence, TokenSelect
+from .lib import LAYOUT, CpuKernels, Sequence, TokenSelect
 from .protocol import Ack, Outcome, StepAcks, StepPlan
+from .request_options import DEFAULT
 from .settings import settings
 from .stats import WORKER_STATS
 
@@ -342,11 +343,8 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event, slot
         raise Refused(f"the worker's offset is {offset}, the scheduler's {ev.offset}")
     bs = st.block_size
     cached = ev.logical_len - offset
-    config = s.requests.get(ev.options) if ev.options is not None else s.config
-    if ev.phase == PHASE_PREFILL_CHUNK:
-        plan = config.plan_chunk(ev.logical_len, cached, ev.protected, bs, ev.prompt_len)
-    else:
-        plan = config.plan(ev.logical_len, cached, ev.protected, bs, ev.phase)
+    config = s.requests.get(ev.options or DEFAULT)
+    plan = config.plan_event(ev.phase, ev.logical_len, cached, ev.protected, bs, ev.prompt_len)
     if (int(plan.kept_tokens), int(plan.released_blocks)) != (ev.kept_tokens, ev.released_blocks):
         raise Refused(f"the worker plans {plan.kept_tokens} kept / {plan.released_blocks} released, the "
                       f"scheduler {ev.kept_tokens} / {ev.released_blocks}")

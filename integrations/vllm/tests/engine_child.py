@@ -92,7 +92,8 @@ def main() -> None:
               for n in max_tokens]
         try:
             if run.get("preempt_all_when_mixed"):
-                outs = _generate_preempting(llm, sched, run["name"], run["prompts"], sp)
+                outs = _generate_preempting(llm, sched, run["name"], run["prompts"], sp,
+                                            int(run["preempt_all_when_mixed"]))
             else:
                 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in run["prompts"]], sp, use_tqdm=False)
             res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
@@ -135,10 +136,11 @@ def _model_runner(llm):
     return getattr(worker, "worker", worker).model_runner
 
 
-def _generate_preempting(llm, sched, name, prompts, sps):
+def _generate_preempting(llm, sched, name, prompts, sps, computed: int = 1):
     """Step the engine by hand and, the first time some running request is still prefilling
-    while another decodes, preempt every running request through vLLM's own
-    `reset_prefix_cache(reset_running_requests=True)` (what an operator's cache reset does)."""
+    (with at least `computed` tokens computed; True counts as 1) while another decodes, preempt
+    every running request through vLLM's own `reset_prefix_cache(reset_running_requests=True)`
+    (what an operator's cache reset does)."""
     from vllm.inputs import TokensPrompt
 
     ids = [f"{name}-{i}" for i in range(len(prompts))]
@@ -147,7 +149,7 @@ def _generate_preempting(llm, sched, name, prompts, sps):
     done, fired = {}, False
     while llm.llm_engine.has_unfinished_requests():
         if not fired:
-            prefilling = [r for r in sched.running if r.num_computed_tokens < r.num_prompt_tokens]
+            prefilling = [r for r in sched.running if computed <= r.num_computed_tokens < r.num_prompt_tokens]
             if prefilling and len(prefilling) < len(sched.running):
                 llm.reset_prefix_cache(reset_running_requests=True)
                 fired = True

@@ -167,56 +167,73 @@ def snapkv_logprobs(model, prompt: list[int], continuation: list[int], selected:
 
 
 @torch.no_grad()
-def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline: list, phases: dict) -> list[float]:
+def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline: list, phases: dict,
+                    pool_kernel: int = 0) -> list[float]:
     """Log-probabilities of `continuation` under the exact history kvsieve reports for a request
-    (`timeline`, in order): `["event", logical_len, phase, kept_tokens, protected]` cuts every
-    layer's cache to `kept_tokens` per head once the sequence has `logical_len` tokens, with the
-    rule `phases[phase] = (policy, sink, tail)`; `["recompute", length]` is a preemption: at
-    that length the cache is rebuilt densely from all tokens so far (vLLM recomputes prompt and
-    output), and the next token's logits come from that forward. Events of phase 2 (between
-    prefill chunks) split the prompt: its tokens up to the event's length are computed over the
-    cache as cut so far, then cut, and the rest of the prompt attends to what was kept."""
+    (`timeline`, in order):
+    - `["event", logical_len, phase, kept_tokens, protected, window_start]`: once the sequence
+      has `logical_len` tokens computed, every layer's cache is cut to `kept_tokens` per head
+      with `phases[phase] = (policy, sink, tail)`; SnapKV scores with the rotated queries of
+      positions [window_start, logical_len) (`pool_kernel` wide). Events of phase 2 (between
+      prefill chunks) split the prompt: the tokens after one attend to what it kept.
+    - `["recompute", length]`: a preemption of a request with `length` tokens (prompt and output
+      so far; all but the last computed): the cache is dropped and the `length` tokens computed
+      again from scratch, with the events that follow it.
+    Prompt (and recompute) tokens are computed in one forward per piece, decoded tokens one at
+    a time at their logical positions. A token's log-probability comes from the first forward
+    that computed its predecessor (vLLM samples it then; a recompute only rebuilds the KV)."""
+    from transformers.models.llama import modeling_llama
+
     tokens = list(prompt) + list(continuation)
-    cache, pos = None, 0
+    first, last = len(prompt) - 1, len(tokens) - 2
+    got: dict[int, float] = {}
+    cache, pos, dense_until = None, 0, len(prompt)
+    queries: list = []  # the last forward's rotated queries per layer, [Hq, n, D], from `qpos`
+    qpos = 0
 
-    def forward(end: int):
-        # Logical positions for RoPE; the causal mask over the cache as held (cache_position:
-        # where each query sits among the cached keys), so a query sees no later chunk token.
-        held = cache.get_seq_length() if cache is not None else 0
-        return model(torch.tensor([prompt[pos:end]]), position_ids=torch.arange(pos, end)[None],
-                     cache_position=torch.arange(held, held + end - pos), past_key_values=cache, use_cache=True)
+    def forward(end: int) -> None:
+        nonlocal cache, pos, queries, qpos
+        while pos < end:
+            stop = end if pos < dense_until else pos + 1
+            stop = min(stop, max(dense_until, pos + 1))
+            held = cache.get_seq_length() if cache is not None else 0
+            recorded = []
+            real = modeling_llama.apply_rotary_pos_emb
 
-    while timeline and timeline[0][0] == "event" and timeline[0][2] == 2 and timeline[0][1] < len(prompt):
-        entry, timeline = timeline[0], timeline[1:]
-        cache, pos = forward(entry[1]).past_key_values, entry[1]
-        policy, sink, tail = phases[2]
-        _cut(cache, policy, entry[3], sink, tail, entry[4])
-    out = forward(len(prompt))
-    cache = out.past_key_values
-    logprobs = [torch.log_softmax(out.logits[0, -1].double(), -1)[continuation[0]].item()]
-    logical = len(prompt)
-    pending = list(timeline)
+            def recording(q, k, *args, **kwargs):
+                q2, k2 = real(q, k, *args, **kwargs)
+                recorded.append(q2[0].detach().clone())
+                return q2, k2
 
-    def due(length: int) -> None:
-        nonlocal cache, out
-        while pending and pending[0][1] == length:
-            entry = pending.pop(0)
-            if entry[0] == "event":
-                policy, sink, tail = phases[entry[2]]
-                _cut(cache, policy, entry[3], sink, tail, entry[4])
+            modeling_llama.apply_rotary_pos_emb = recording
+            try:
+                # Logical positions for RoPE; the causal mask over the cache as held.
+                out = model(torch.tensor([tokens[pos:stop]]), position_ids=torch.arange(pos, stop)[None],
+                            cache_position=torch.arange(held, held + stop - pos), past_key_values=cache,
+                            use_cache=True)
+            finally:
+                modeling_llama.apply_rotary_pos_emb = real
+            for i in range(pos, stop):
+                if first <= i <= last and i not in got:
+                    got[i] = torch.log_softmax(out.logits[0, i - pos].double(), -1)[tokens[i + 1]].item()
+            cache, queries, qpos, pos = out.past_key_values, recorded, pos, stop
 
-    due(logical)
-    for j in range(len(continuation) - 1):
-        nxt = logical + 1
-        if pending and pending[0][0] == "recompute" and pending[0][1] == nxt:
-            pending.pop(0)
-            step = model(torch.tensor([tokens[:nxt]]), use_cache=True)
+    for entry in timeline:
+        if entry[0] == "recompute":
+            # Preempted with `length` tokens, all but the last computed (the last was sampled).
+            forward(entry[1] - 1)
+            cache, pos, dense_until = None, 0, entry[1]
+            continue
+        _, length, phase, kept, protected = entry[:5]
+        forward(length)
+        policy, sink, tail = phases[phase]
+        if policy == "snapkv":
+            start = entry[5]
+            assert qpos <= start, f"window from {start} not in the last forward (from {qpos})"
+            for layer, q in zip(cache.layers, queries):
+                scores = snapkv_scores(layer.keys[0], q[:, start - qpos:length - qpos], pool_kernel)
+                _keep(layer, keep_by_scores(scores, kept, sink, tail))
         else:
-            step = model(torch.tensor([[continuation[j]]]), position_ids=torch.tensor([[logical]]),
-                         past_key_values=cache, use_cache=True)
-        cache = step.past_key_values
-        logical = nxt
-        logprobs.append(torch.log_softmax(step.logits[0, -1].double(), -1)[continuation[j + 1]].item())
-        due(logical)
-    assert not pending, f"timeline entries never reached: {pending}"
-    return logprobs
+            _cut(cache, policy, kept, sink, tail, protected)
+    forward(len(tokens) - 1)
+    return [got[i] for i in range(first, last + 1)]

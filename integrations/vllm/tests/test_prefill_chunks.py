@@ -1,8 +1,9 @@
 """Compression between prefill chunks (`[prefill]`): each request holds at most its budget plus
 one chunk plus one block while its prompt is prefilled, later chunks attend to the compressed
 earlier prompt, and the logprobs equal a transformers forward that computes the prompt in the
-same pieces and cuts the cache to the same keep sets (`reference.replay_logprobs`). Preemption
-while chunk-compressing recomputes and compresses again; the prefill-end event still runs."""
+same pieces and cuts the cache to the same keep sets (`reference.replay_logprobs`: streaming, and
+SnapKV scoring each chunk with its own queries); the prefill-end event still runs. Preemption and
+prefix caching with chunk events: test_reliability.py (replayed the same way)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,29 @@ def test_logprobs_equal_a_reference_that_cuts_the_same_chunks(runs):
     assert r["tokens"] != runs["plain"]["tokens"] or r["logprobs"] != runs["plain"]["logprobs"]
 
 
+def test_snapkv_chunk_events_equal_a_reference_scoring_with_each_chunks_queries(runs):
+    """SnapKV between chunks scores each chunk's keys with that chunk's own last `window` (32)
+    rotated queries (fewer where the step computed fewer of this request's tokens: the event
+    reports where its window starts), pooled 31 wide; the prefill-end event scores with the
+    question's window as before. The reference recomputes every score and cut in torch."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
+    r = runs["snapkv"]
+    phases = {0: ("snapkv", SINK, RECENT), 2: ("snapkv", SINK, RECENT)}
+    checked = 0
+    for p, toks, lps, req in zip(prompts(), r["tokens"], r["logprobs"], r["requests"]):
+        if not req.get("timeline"):
+            continue
+        assert _events(req, 2), req["timeline"]
+        ref = replay_logprobs(model, p, toks, req["timeline"], phases, pool_kernel=31)
+        diffs = [abs(a - b) for a, b in zip(lps, ref)]
+        assert max(diffs) < 2e-5, f"prompt of {len(p)}: {max(diffs)}, timeline {req['timeline']}"
+        checked += 1
+    assert checked == 2
+    assert r["tokens"] != runs["chunked"]["tokens"] or r["logprobs"] != runs["chunked"]["logprobs"]
+
+
 BOUNDED = f"""
 [sparsity]
 policy = "streaming"
@@ -146,3 +170,36 @@ def test_a_prompt_four_times_the_kv_space_is_served_when_every_request_is_bounde
     assert r["peak_blocks"][0] <= math.ceil(bound / BS) <= 16, (r["peak_blocks"], bound)
     assert len(_events(r["requests"][0], 2)) >= 10 and r["failed"] == {}
     assert r["free_after"] == r["free_before"]
+
+
+def test_the_openai_server_serves_prompts_longer_than_its_kv_space():
+    """The same through vLLM's OpenAI server (engine core and worker in processes of their own):
+    stock refuses to start with 16 blocks of 32 for max_model_len 2048; kvsieve's server starts,
+    serves two 2000-token prompts at once (each ~4x the KV space) to their full answers, and
+    refuses a request that would unbound it (opting out, or a larger budget) with a 400 naming
+    the bound, before it reaches the engine."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    sys.path.insert(0, str(HERE.parents[2] / "bench"))
+    from openai_server import Server
+
+    args = ["--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "2048", "--block-size", str(BS),
+            "--enforce-eager", "--seed", "0", "--max-num-batched-tokens", str(CHUNK), "--max-num-seqs", "4",
+            "--num-gpu-blocks-override", "16", "--no-enable-prefix-caching"]
+    with pytest.raises(RuntimeError, match="max seq len"):
+        Server(str(MODEL), args, config=None)
+    text = (MODEL / "val.txt").read_bytes()
+    long = [[256] + list(text[i * 9000: i * 9000 + 1999]) for i in range(2)]
+    with Server(str(MODEL), args, config=BOUNDED) as srv:
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda p: srv.complete(p, 40), long))
+        for status, body in got:
+            assert status == 200, body
+            assert len(body["choices"][0]["token_ids"]) == 40
+        for extra, key in (({"kvsieve": "off"}, "allow_opt_out"), ({"kvsieve_budget_tokens": 1024}, "max_budget_tokens")):
+            status, body = srv.complete(long[0], 8, vllm_xargs=extra)
+            assert status == 400 and key in str(body), (extra, status, body)
+        m = srv.metrics()
+        assert m.get("vllm:kvsieve_prefill_chunk_compressions_total", 0) >= 2 * 10, m
+        assert "kvsieve: every request holds at most" in srv.log()

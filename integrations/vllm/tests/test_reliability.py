@@ -44,8 +44,11 @@ min_length = 256
 DECODE = PREFILL + "[decode]\npolicy = \"streaming\"\nbudget_tokens = 192\ninterval = 32\n"
 # With prefix caching the shared prefix is held once, so a larger budget keeps the KV space tight.
 DECODE_WIDE = DECODE.replace("budget_tokens = 192", "budget_tokens = 288")
+# Compression between prefill chunks too: preempted mid-prompt after chunk events, recomputed with
+# chunk events again.
+CHUNKS = DECODE + "[prefill]\npolicy = \"streaming\"\n"
 NOTHING_EVICTED = PREFILL.replace("min_length = 256", "min_length = 4096")
-PHASES = {0: ("streaming", SINK, RECENT), 1: ("streaming", SINK, RECENT)}
+PHASES = {0: ("streaming", SINK, RECENT), 1: ("streaming", SINK, RECENT), 2: ("streaming", SINK, RECENT)}
 ENGINE = dict(model=str(MODEL), skip_tokenizer_init=True, dtype="float32", max_model_len=2048, enforce_eager=True,
               block_size=BLOCK, enable_prefix_caching=False, seed=0, max_num_batched_tokens=256, max_num_seqs=8)
 
@@ -90,13 +93,17 @@ def runs():
          "preempt_all_when_mixed": True},
         {"name": "prefill", "prompts": pressure_prompts(), "max_tokens": 160, "config": PREFILL},
         {"name": "nothing_evicted", "prompts": pressure_prompts(), "max_tokens": 160, "config": NOTHING_EVICTED},
+        # Preempted once a prefilling request is past its first chunk (and its first chunk event).
+        {"name": "chunks", "prompts": pressure_prompts(), "max_tokens": 160, "config": CHUNKS,
+         "preempt_all_when_mixed": 200},
     ]
     jobs = {
         "stock": (dict(ENGINE, num_gpu_blocks_override=200), faults[:1], None),
         "faults": (dict(ENGINE, num_gpu_blocks_override=200), faults, PREFILL),
-        "stock_tight": (tight, pressure[2:], None),
+        "stock_tight": (tight, pressure[2:3], None),
         "tight": (tight, pressure, PREFILL),
-        "tight_prefix": (dict(tight, enable_prefix_caching=True), [dict(pressure[0], config=DECODE_WIDE), pressure[1]],
+        "tight_prefix": (dict(tight, enable_prefix_caching=True), [dict(pressure[0], config=DECODE_WIDE), pressure[1],
+                                                             dict(pressure[3], config=CHUNKS.replace("192", "288"))],
                          PREFILL),
         # Prefix caching on: events compact out of place, so a failure while moving leaves the row intact.
         "faults_prefix": (dict(ENGINE, num_gpu_blocks_override=200, enable_prefix_caching=True),
@@ -185,25 +192,36 @@ def _paths(requests: list[dict]) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("engine,run", [("tight", "decode"), ("tight", "prefill"), ("tight_prefix", "decode"),
-                                        ("tight_prefix", "prefill")])
+@pytest.mark.parametrize("engine,run", [("tight", "decode"), ("tight", "prefill"), ("tight", "chunks"),
+                                        ("tight_prefix", "decode"), ("tight_prefix", "prefill"),
+                                        ("tight_prefix", "chunks")])
 def test_preemption_paths_match_the_replayed_reference(runs, engine, run):
-    """The decode runs also preempt every running request once, through vLLM's own
+    """The decode and chunks runs also preempt every running request once, through vLLM's own
     reset_prefix_cache(reset_running_requests=True), at the first step where one request is
-    prefilling while another decodes; the prefill runs preempt only under KV pressure."""
+    prefilling while another decodes; the prefill runs preempt only under KV pressure. The chunks
+    runs compress between prefill chunks as well: a request preempted after chunk events
+    recomputes with chunk events again."""
     r = runs[engine][run]
     assert "error" not in r, r["error"]
     assert r["free_after"] == r["free_before"], "blocks leaked"
     assert set(r["kvsieve_left"].values()) == {0}, r["kvsieve_left"]
     paths = _paths(r["requests"])
-    if run == "decode":
+    if run == "chunks":
+        lines = [q.get("timeline", []) for q in r["requests"]]
+        assert sum(e[0] == "event" and e[2] == 2 for line in lines for e in line) >= 5, lines
+        again = [line for line in lines if any(e[0] == "event" and e[2] == 2 for e in
+                                               line[next((i for i, e in enumerate(line) if e[0] == "recompute"),
+                                                         len(line)):])]
+        assert again, "some request should compress between chunks of its recompute"
+        assert {"preempted while prefilling", "preempted while decoding"} <= paths, paths
+    elif run == "decode":
         assert {"preempted while prefilling", "preempted while decoding", "resumed in one chunk",
                 "resumed in several chunks", "compressed again after recompute"} <= paths, paths
     else:
         assert sum(r["preemptions"]) >= 2, "24 blocks should force preemption"
         assert {"preempted while decoding", "compressed again after recompute"} <= paths, paths
     model = _model()
-    phases = PHASES if run == "decode" else {0: PHASES[0]}
+    phases = {"decode": {0: PHASES[0], 1: PHASES[1]}, "prefill": {0: PHASES[0]}, "chunks": PHASES}[run]
     for p, toks, lps, q in zip(pressure_prompts(), r["tokens"], r["logprobs"], r["requests"]):
         assert len(toks) == 160
         ref = replay_logprobs(model, p, toks, q.get("timeline", []), phases)

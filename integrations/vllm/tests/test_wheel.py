@@ -91,8 +91,9 @@ def test_kvsieve_check_runs_from_the_venv(venv, tmp_path):
                          env=_env(), timeout=120)
     assert got.returncode == 0, got.stderr
     assert "valid" in got.stdout and str(_site(venv)) in got.stdout
-    # 1024-token prompt: 256 kept; with 64 output tokens 10 blocks against stock's 34.
-    assert "| 1024 | 256 | 34 | 10 |" in got.stdout, got.stdout
+    # 1024-token prompt: held whole while prefilled, 256 kept; with 64 output tokens 10 blocks
+    # against stock's 34.
+    assert "| 1024 | 1024 | 256 | 34 | 10 |" in got.stdout, got.stdout
     cfg.write_text(CONFIG.replace("0.25", "1.5"))
     bad = subprocess.run([str(venv / "bin" / "kvsieve-check"), str(cfg)], capture_output=True, text=True,
                          env=_env(), timeout=120)

@@ -1,0 +1,48 @@
+"""`kvsieve-check` (kvsieve_vllm.cli) on the benchmark configs: what it prints is the library's own
+planning, so a request's figures follow from the config, and a bounding config says so."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from kvsieve_vllm.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[3] / "bench" / "configs"
+
+
+def _rows(text: str) -> dict[int, list[str]]:
+    return {int(cells[0]): cells[1:] for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+def test_a_bounding_config_prints_its_bound_and_chunk_wise_peaks(capsys):
+    """longer-than-kv.toml: 1024 tokens kept, compressed between 1024-token chunks; one request
+    holds at most budget + chunk + block + decode interval, and 6k-8k prompts fit 144 blocks."""
+    assert main([str(CONFIGS / "longer-than-kv.toml"), "--kv-blocks", "144", "--block-size", "32", "--chunk", "1024",
+                 "--lengths", "6000,8000", "--output-tokens", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "between prefill chunks: snapkv" in out
+    assert "bounded: one request holds at most 2144 tokens (67 blocks)" in out, out
+    for prompt, (prefill_peak, kept, stock, mine, _share, batch_stock, batch_mine) in _rows(out).items():
+        assert int(prefill_peak) <= 1024 + 1024, "budget + one chunk while prefilling"
+        assert int(kept) <= 1024 + 32 and int(stock) == math.ceil((prompt + 256) / 32) > 144
+        assert int(mine) <= math.ceil((1024 + 32 + 64) / 32)
+        assert (int(batch_stock), int(batch_mine)) == (0, 3), out
+
+
+def test_without_prefill_the_whole_prompt_is_held_and_nothing_is_bounded(capsys):
+    assert main([str(CONFIGS / "snapkv-25.toml"), "--kv-blocks", "500", "--block-size", "32",
+                 "--lengths", "4096", "--output-tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "between prefill chunks: nothing" in out and "unbounded:" in out
+    assert _rows(out)[4096][:2] == ["4096", "1024"], out
+
+
+@pytest.mark.parametrize("args,fix", [(["--chunk", "0"], "--chunk"), (["--lengths", "x"], "--lengths")])
+def test_bad_arguments_name_the_flag(args, fix, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(CONFIGS / "snapkv-25.toml"), *args])
+    assert e.value.code == 2 and fix in capsys.readouterr().err
