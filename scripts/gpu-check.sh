@@ -2,7 +2,8 @@
 # On a machine with an NVIDIA GPU: build with the cuda feature (or take build/gpu/ from
 # scripts/gpu-build.sh where no cargo exists), run the CUDA parity tests against the CPU
 # reference and the kernel benchmarks (compaction GB/s against the device copy bandwidth of the
-# same run, SnapKV scoring time against a PyTorch reference), and write a JSON report to
+# same run, SnapKV scoring time against a PyTorch reference), the vLLM GPU-layout adapter on
+# CUDA tensors (scripts/torch_adapter_check.py; PyTorch needed, vLLM not), and write a JSON report to
 # ${OUT:-build/gpu-report}/gpu-report.json. Takes a few minutes on an H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,10 +34,12 @@ parity_rc=$?
 build/gpu/cuda_bench > "$out/bench.json" 2> "$out/bench.err"
 bench_rc=$?
 python3 scripts/torch_snapkv_ref.py > "$out/torch.json" 2> "$out/torch.err"
+KVSIEVE_LIB="$PWD/build/gpu/libkvsieve.so" python3 scripts/torch_adapter_check.py > "$out/adapters.json" 2> "$out/adapters.err"
+adapters_rc=$?
 set -e
-python3 - "$out" "$parity_rc" "$bench_rc" <<'PY'
+python3 - "$out" "$parity_rc" "$bench_rc" "$adapters_rc" <<'PY'
 import json, sys, pathlib
-out, parity_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+out, parity_rc, bench_rc, adapters_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def load(name):
     try:
         return json.loads((out / name).read_text())
@@ -49,8 +52,9 @@ report = {
                "summary": [l for l in log.splitlines() if l.startswith("test result")]},
     "kernels": load("bench.json") if bench_rc == 0 else {"error": (out / "bench.err").read_text()[-2000:]},
     "torch_reference": load("torch.json"),
+    "vllm_gpu_layout_adapter": {"exit_code": adapters_rc, **load("adapters.json")},
 }
 (out / "gpu-report.json").write_text(json.dumps(report, indent=2))
 print(json.dumps(report, indent=2))
 PY
-[ "$parity_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$parity_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$adapters_rc" -eq 0 ]

@@ -73,8 +73,9 @@ class Windows:
             w = self.windows[rid]
             buf = w.layers.get(layer_name)
             if buf is None:
+                # On the query's device: a GPU forward records without a host copy.
                 buf = w.layers[layer_name] = torch.zeros(w.end - w.start, query.shape[1], query.shape[2],
-                                                         dtype=torch.float32)
+                                                         dtype=torch.float32, device=query.device)
             buf[slot:slot + count] = query[row:row + count].float()
 
     def fail_step(self, why: str) -> None:

@@ -95,3 +95,47 @@ def verify_layout(lib: Library, dtype, block_size: int, head_dim: int, num_kv_he
                 f"[slot {slot}][d {d}] is element {where} in vLLM but {ours} in kvsieve",
             )
     return layout
+
+
+
+def verify_flash_layout(lib: Library, kv_cache, head_size: int, write, num_kv_heads: int = 2) -> None:
+    """The start-up self-check of the GPU backends' layout (`backends.flash_layout`), run on a
+    probe tensor of two blocks with the same physical order, device and dtype as the engine's
+    `kv_cache` (which is never written): for each (K or V, head, slot) of block 1, `write` (the
+    backend's own cache-write op) stores codes 1..head_size into a zeroed probe, and exactly
+    those elements must be non-zero, each where kvsieve's descriptor of the probe addresses it.
+    Raises KvsieveError naming the first element that disagrees."""
+    import torch
+
+    from .backends import flash_layout
+
+    heads = min(num_kv_heads, kv_cache.shape[1])
+    probe = flash_layout.like(kv_cache, 2, heads)
+    desc = flash_layout.describe(probe, head_size)
+    k_view, v_view = flash_layout.views(probe, head_size)
+    bs, dev, dtype = probe.shape[2], probe.device, probe.dtype
+    esize, base = probe.element_size(), probe.untyped_storage().data_ptr()
+    flat = torch.as_strided(probe, (probe.untyped_storage().nbytes() // esize,), (1,), 0)
+    codes = torch.arange(1, head_size + 1, dtype=torch.float32, device=dev).to(dtype)
+    want = torch.arange(1, head_size + 1, dtype=torch.float32)
+    for kind, ptr in ((0, desc.k), (1, desc.v)):
+        start = (ptr - base) // esize
+        for head in range(heads):
+            for slot in range(bs):
+                probe.zero_()
+                key = torch.zeros(1, heads, head_size, dtype=dtype, device=dev)
+                value = torch.zeros_like(key)
+                (key if kind == 0 else value)[0, head] = codes
+                write(key, value, k_view, v_view, torch.tensor([bs + slot], dtype=torch.int64, device=dev))
+                where = [start + lib.kv_cache_offset(desc, kind, 1, head, slot, d) for d in range(head_size)]
+                got = flat[torch.tensor(where, device=dev)].float().cpu()
+                written = int((flat != 0).sum())
+                if not torch.equal(got, want) or written != head_size:
+                    d = int((got != want).nonzero().flatten()[0]) if not torch.equal(got, want) else 0
+                    raise KvsieveError(
+                        "KVS_STATUS_UNSUPPORTED",
+                        f"KV cache layout self-check: {'KV'[kind]}[block 1][head {head}][slot {slot}][d {d}] holds "
+                        f"{got[d].item():g} where kvsieve's descriptor (strides block {desc.block_stride}, token "
+                        f"{desc.token_stride}, head {desc.head_stride}) expects {d + 1}, and the write set {written} "
+                        f"elements for {head_size}; kvsieve refuses this layout (cache strides "
+                        f"{tuple(kv_cache.stride())})")

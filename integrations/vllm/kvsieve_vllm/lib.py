@@ -112,6 +112,8 @@ class Library:
             "kvs_kv_cache_offset": [POINTER(KvCache), c_uint32, c_uint32, c_uint32, c_uint32,
                                     c_uint32, POINTER(c_uint64)],
             "kvs_kernels_new_cpu": [POINTER(c_void_p)],
+            "kvs_kernels_new_cuda": [c_uint32, c_void_p, POINTER(c_void_p)],
+            "kvs_kernels_synchronize": [c_void_p],
             "kvs_score_knorm": [c_void_p, POINTER(KvCache), POINTER(Sequence), c_void_p, c_size_t],
             "kvs_score_snapkv": [c_void_p, POINTER(KvCache), POINTER(Sequence), POINTER(SnapKvArgs),
                                  c_void_p, c_size_t],
@@ -251,6 +253,30 @@ class CpuKernels:
         self.select(cache, seq, policy, params, sel, queries, scores, keep)
         return self.compact(cache, seq, keep.data_ptr(), keep.numel(), sel.selected, released.data_ptr(),
                             released.numel())
+
+
+class CudaKernels(CpuKernels):
+    """The CUDA backend: the same calls with device pointers (tensors on the device), enqueued on
+    `stream` (a CUstream handle, e.g. `torch.cuda.current_stream().cuda_stream`; 0 for the
+    default stream). Checks of device-resident data and host out-params arrive at
+    `synchronize`, which `compact` calls before it reads its count. KVS_STATUS_NOT_COMPILED
+    from a library built without the `cuda` feature."""
+
+    def __init__(self, lib: Library, ordinal: int = 0, stream: int = 0):
+        self._lib = lib
+        self._handle = c_void_p()
+        lib.check(lib._lib.kvs_kernels_new_cuda(ordinal, c_void_p(stream or None), byref(self._handle)))
+
+    def synchronize(self) -> None:
+        self._lib.check(self._lib._lib.kvs_kernels_synchronize(self._handle))
+
+    def compact(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
+                released_ptr: int, released_cap: int) -> int:
+        n = c_uint32()
+        self._call("kvs_compact", byref(cache), byref(seq), keep_ptr, keep_len, selected, released_ptr,
+                   released_cap, byref(n))
+        self.synchronize()
+        return n.value
 
 
 class Config:
