@@ -50,9 +50,11 @@ VARIANTS = {
     "knorm_bare": 'policy = "knorm"\nsink_tokens = 0\nrecent_tokens = 0\n',
     "knorm_r32": 'policy = "knorm"\nsink_tokens = 4\nrecent_tokens = 32\n',
 }
-# Compression between prefill chunks (`[prefill]`, issue 13): the policy's defaults, and the same
-# policy applied after every prefill chunk that takes the cache past the budget.
-CHUNKED = {"snapkv_chunks": "snapkv", "knorm_chunks": "knorm", "streaming_chunks": "streaming"}
+# Compression between prefill chunks (`[prefill]`, issue 13): name -> (the policy at prefill end,
+# with its defaults; the policy applied after every prefill chunk that takes the cache past the
+# budget).
+CHUNKED = {"snapkv_chunks": ("snapkv", "snapkv"), "snapkv_knorm_chunks": ("snapkv", "knorm"),
+           "knorm_chunks": ("knorm", "knorm"), "streaming_chunks": ("streaming", "streaming")}
 PRESSES = ("snapkv", "knorm", "streaming", "expected_attention", "keydiff", "tova", "adakv_snapkv")
 SUITES = {
     # The hour suite: every task at 1k and 2k, two needle tasks at 4k and 8k (a 8k prompt costs
@@ -88,7 +90,8 @@ def config_text(policy: str | None, budget: float) -> str:
     if policy is None:
         return '[sparsity]\npolicy = "streaming"\nbudget_ratio = 1.0\nmin_length = 1000000\n'
     if policy in CHUNKED:
-        return config_text(CHUNKED[policy], budget) + f'[prefill]\npolicy = "{CHUNKED[policy]}"\n'
+        end, chunks = CHUNKED[policy]
+        return config_text(end, budget) + f'[prefill]\npolicy = "{chunks}"\n'
     return f"[sparsity]\n{POLICIES.get(policy) or VARIANTS[policy]}budget_ratio = {budget}\nmin_length = 512\n"
 
 
