@@ -51,10 +51,11 @@ VARIANTS = {
     "knorm_r32": 'policy = "knorm"\nsink_tokens = 4\nrecent_tokens = 32\n',
 }
 # Compression between prefill chunks (`[prefill]`, issue 13): name -> (the policy at prefill end,
-# with its defaults; the policy applied after every prefill chunk that takes the cache past the
-# budget).
-CHUNKED = {"snapkv_chunks": ("snapkv", "snapkv"), "snapkv_knorm_chunks": ("snapkv", "knorm"),
-           "knorm_chunks": ("knorm", "knorm"), "streaming_chunks": ("streaming", "streaming")}
+# with its defaults; the policy applied after every prefill chunk that takes the cache past its
+# budget; that budget as a multiple of the run's, capped at the whole prompt).
+CHUNKED = {"snapkv_chunks": ("snapkv", "snapkv", 1), "snapkv_knorm_chunks": ("snapkv", "knorm", 1),
+           "knorm_chunks": ("knorm", "knorm", 1), "streaming_chunks": ("streaming", "streaming", 1),
+           "snapkv_chunks_2x": ("snapkv", "snapkv", 2)}
 PRESSES = ("snapkv", "knorm", "streaming", "expected_attention", "keydiff", "tova", "adakv_snapkv")
 SUITES = {
     # The hour suite: every task at 1k and 2k, two needle tasks at 4k and 8k (a 8k prompt costs
@@ -90,8 +91,9 @@ def config_text(policy: str | None, budget: float) -> str:
     if policy is None:
         return '[sparsity]\npolicy = "streaming"\nbudget_ratio = 1.0\nmin_length = 1000000\n'
     if policy in CHUNKED:
-        end, chunks = CHUNKED[policy]
-        return config_text(end, budget) + f'[prefill]\npolicy = "{chunks}"\n'
+        end, chunks, factor = CHUNKED[policy]
+        wider = f"budget_ratio = {min(1.0, factor * budget)}\n" if factor != 1 else ""
+        return config_text(end, budget) + f'[prefill]\npolicy = "{chunks}"\n{wider}'
     return f"[sparsity]\n{POLICIES.get(policy) or VARIANTS[policy]}budget_ratio = {budget}\nmin_length = 512\n"
 
 
