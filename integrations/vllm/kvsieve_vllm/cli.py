@@ -25,16 +25,18 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 def request_profile(config, prompt: int, output: int, block_size: int, chunk: int) -> dict:
     """Cached tokens of one request: at its largest while prefilling in `chunk`-token steps
-    (chunk events as they fall due; none in the step computing the last 32 tokens, where a SnapKV
-    window may sit), after the prefill event, and at its largest while decoding `output` tokens
-    (decode events as they fall due)."""
+    (chunk events as they fall due; as in the plugin's scheduler, none in a step that computes
+    part of the prefill-end SnapKV window or the prompt's last token), after the prefill event,
+    and at its largest while decoding `output` tokens (decode events as they fall due)."""
     logical = cached = peak_prefill = 0
     chunked = config.params(PHASE_PREFILL_CHUNK).policy != 0
+    end = config.params(PHASE_PREFILL)
+    window = end.window if POLICY_NAMES[end.policy] == "snapkv" else 0
     while logical < prompt:
         step = min(chunk, prompt - logical)
         logical, cached = logical + step, cached + step
         peak_prefill = max(peak_prefill, cached)
-        if chunked and logical < prompt - 32:
+        if chunked and logical < prompt and logical <= prompt - window:
             cached = int(config.plan_chunk(logical, cached, 0, block_size, prompt).kept_tokens)
     p = config.plan(prompt, cached, 0, block_size, PHASE_PREFILL)
     cached = int(p.kept_tokens)

@@ -10,7 +10,7 @@ probed is refused with an error naming the ISA.
 
 from __future__ import annotations
 
-from .lib import DTYPE, LAYOUT, KvCache, KvsieveError, Library
+from .lib import DEVICE, DTYPE, LAYOUT, KvCache, KvsieveError, Library
 
 # ISA -> (kvsieve layout, dtypes probed for it).
 SUPPORTED = {
@@ -84,7 +84,7 @@ def verify_layout(lib: Library, dtype, block_size: int, head_dim: int, num_kv_he
     positions = probe_positions(dtype, block_size, head_dim, num_kv_heads, isa, block)
     # kvsieve's descriptor of the same tensor (the address is never dereferenced here).
     desc = KvCache(k=1 << 20, v=None, dtype=DTYPE[_torch_name(dtype)], layout=LAYOUT[layout],
-                   device=0, num_blocks=block + 1, block_size=block_size, num_kv_heads=num_kv_heads,
+                   device=DEVICE["cpu"], num_blocks=block + 1, block_size=block_size, num_kv_heads=num_kv_heads,
                    head_dim=head_dim, block_stride=0, token_stride=0, head_stride=0)
     for (kind, head, slot, d), where in positions.items():
         ours = lib.kv_cache_offset(desc, kind, block, head, slot, d)

@@ -19,6 +19,7 @@ ABI_VERSION = 2  # KVS_ABI_VERSION of the header this binding mirrors
 PHASE_PREFILL, PHASE_DECODE, PHASE_PREFILL_CHUNK = 0, 1, 2
 DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
 LAYOUT = {"nhd": 0, "hnd": 1, "vllm_cpu_vec": 2, "vllm_cpu_amx": 3}
+DEVICE = {"cpu": 0, "cuda": 1}  # kvs_device, by torch device type
 POLICY_NAMES = {0: "none", 1: "streaming", 2: "snapkv", 3: "knorm", 4: "quest"}
 
 

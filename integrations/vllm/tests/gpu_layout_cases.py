@@ -15,7 +15,7 @@ import math
 
 from kvsieve_vllm.backends import flash_layout
 from kvsieve_vllm.layout import verify_flash_layout
-from kvsieve_vllm.lib import CpuKernels, CudaKernels, Sequence, TokenSelect, load
+from kvsieve_vllm.lib import DEVICE, CpuKernels, CudaKernels, Sequence, TokenSelect, load
 
 BS, HEADS, HEAD, BLOCKS, LAYERS = 16, 2, 64, 12, 2
 
@@ -87,7 +87,7 @@ def check_self_check(layout: str, dtype, device="cpu") -> str:
     verify_flash_layout(load(), cache, HEAD, write)
     d = flash_layout.describe(cache, HEAD)
     k, v = flash_layout.views(cache, HEAD)
-    assert (d.k, d.v) == (k.data_ptr(), v.data_ptr()) and d.device == flash_layout.DEVICE[cache.device.type]
+    assert (d.k, d.v) == (k.data_ptr(), v.data_ptr()) and d.device == DEVICE[cache.device.type]
     assert (d.block_stride, d.token_stride, d.head_stride) == k.stride()[:3], (d.block_stride, k.stride())
     return how
 

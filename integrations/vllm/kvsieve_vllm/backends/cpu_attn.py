@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from .. import capture
-from ..lib import DTYPE, LAYOUT, KvCache
+from ..lib import DEVICE, DTYPE, LAYOUT, KvCache
 
 logger = logging.getLogger("vllm.kvsieve")
 
@@ -23,7 +23,7 @@ def describe(tensor) -> KvCache:
     nb, heads, bs, two_d = tensor.shape
     layout = kvsieve_layout_for(vllm_isa(tensor.dtype, bs, two_d // 2), tensor.dtype)
     return KvCache(k=tensor.data_ptr(), v=None, dtype=DTYPE[str(tensor.dtype).removeprefix("torch.")],
-                   layout=LAYOUT[layout], device=0, num_blocks=nb, block_size=bs, num_kv_heads=heads,
+                   layout=LAYOUT[layout], device=DEVICE["cpu"], num_blocks=nb, block_size=bs, num_kv_heads=heads,
                    head_dim=two_d // 2, block_stride=0, token_stride=0, head_stride=0)
 
 

@@ -17,16 +17,10 @@ FLASH_ATTN shape; vLLM 0.32 no longer allocates it.)
 
 from __future__ import annotations
 
-from ..lib import DTYPE, LAYOUT, KvCache, KvsieveError
-
-# Backend name (vLLM's `AttentionBackend.get_name()`) -> (module, impl class) whose `forward`
-# gets the SnapKV window hook.
-BACKENDS = {
-    "FLASH_ATTN": ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl"),
-    "FLASHINFER": ("vllm.v1.attention.backends.flashinfer", "FlashInferImpl"),
-    "TRITON_ATTN": ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl"),
-}
-DEVICE = {"cpu": 0, "cuda": 1}
+from ..lib import DEVICE, DTYPE, LAYOUT, KvCache, KvsieveError
+# The SnapKV window hook is CPU_ATTN's: it only reads `query` from `forward(self, layer, query,
+# ...)`, the same on every backend, and the window store keeps its buffers on the query's device.
+from .cpu_attn import wrap_forward  # noqa: F401
 
 
 def _refuse(message: str) -> KvsieveError:
@@ -96,11 +90,3 @@ def vllm_writer(backend: str):
         op(key, value, k_view, v_view, slot_mapping, "auto", one, one)
 
     return write
-
-
-def wrap_forward(orig):
-    """The SnapKV window hook on a GPU backend's `forward(self, layer, query, ...)`: identical to
-    CPU_ATTN's (the window store keeps its buffers on the query's device)."""
-    from .cpu_attn import wrap_forward as hook
-
-    return hook(orig)
