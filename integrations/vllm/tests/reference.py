@@ -8,7 +8,30 @@ count, so the cut cache stays rectangular; attention over keys ignores their ord
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+
+
+@contextmanager
+def rotated_queries():
+    """Within it, every Llama layer's rotated queries ([Hq, tokens, D], batch 0) are appended, in
+    layer order, to the list it yields: recorded from the model's own RoPE call."""
+    from transformers.models.llama import modeling_llama
+
+    recorded: list = []
+    real = modeling_llama.apply_rotary_pos_emb
+
+    def recording(q, k, *args, **kwargs):
+        q2, k2 = real(q, k, *args, **kwargs)
+        recorded.append(q2[0].detach().clone())
+        return q2, k2
+
+    modeling_llama.apply_rotary_pos_emb = recording
+    try:
+        yield recorded
+    finally:
+        modeling_llama.apply_rotary_pos_emb = real
 
 
 def keep_indices(keys: torch.Tensor, policy: str, selected: int, sink: int, tail: int,
@@ -145,23 +168,11 @@ def snapkv_logprobs(model, prompt: list[int], continuation: list[int], selected:
                     window: int, pool_kernel: int) -> list[float]:
     """compressed_logprobs for SnapKV: the prompt's rotated queries are recorded from the
     model's own RoPE call, the last `window` of them score each layer's keys."""
-    from transformers.models.llama import modeling_llama
-
-    recorded = []
-    real = modeling_llama.apply_rotary_pos_emb
-
-    def recording(q, k, *args, **kwargs):
-        q2, k2 = real(q, k, *args, **kwargs)
-        recorded.append(q2[0, :, -window:, :].detach().clone())  # [Hq, W, D]
-        return q2, k2
-
-    modeling_llama.apply_rotary_pos_emb = recording
-    try:
+    with rotated_queries() as recorded:
         out = model(torch.tensor([prompt]), use_cache=True)
-    finally:
-        modeling_llama.apply_rotary_pos_emb = real
     assert len(recorded) == len(out.past_key_values.layers)
     for layer, q in zip(out.past_key_values.layers, recorded):
+        q = q[:, -window:]  # [Hq, W, D]
         _keep(layer, keep_by_scores(snapkv_scores(layer.keys[0], q, pool_kernel), selected, sink, tail))
     return _continue(model, out, len(prompt), continuation)
 
@@ -182,8 +193,6 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
     Prompt (and recompute) tokens are computed in one forward per piece, decoded tokens one at
     a time at their logical positions. A token's log-probability comes from the first forward
     that computed its predecessor (vLLM samples it then; a recompute only rebuilds the KV)."""
-    from transformers.models.llama import modeling_llama
-
     tokens = list(prompt) + list(continuation)
     first, last = len(prompt) - 1, len(tokens) - 2
     got: dict[int, float] = {}
@@ -197,22 +206,11 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
             stop = end if pos < dense_until else pos + 1
             stop = min(stop, max(dense_until, pos + 1))
             held = cache.get_seq_length() if cache is not None else 0
-            recorded = []
-            real = modeling_llama.apply_rotary_pos_emb
-
-            def recording(q, k, *args, **kwargs):
-                q2, k2 = real(q, k, *args, **kwargs)
-                recorded.append(q2[0].detach().clone())
-                return q2, k2
-
-            modeling_llama.apply_rotary_pos_emb = recording
-            try:
+            with rotated_queries() as recorded:
                 # Logical positions for RoPE; the causal mask over the cache as held.
                 out = model(torch.tensor([tokens[pos:stop]]), position_ids=torch.arange(pos, stop)[None],
                             cache_position=torch.arange(held, held + stop - pos), past_key_values=cache,
                             use_cache=True)
-            finally:
-                modeling_llama.apply_rotary_pos_emb = real
             for i in range(pos, stop):
                 if first <= i <= last and i not in got:
                     got[i] = torch.log_softmax(out.logits[0, i - pos].double(), -1)[tokens[i + 1]].item()
