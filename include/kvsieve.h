@@ -406,6 +406,23 @@ kvs_status kvs_kernels_new_cuda(uint32_t ordinal, void *stream, struct kvs_kerne
 // `kernels` must be a live handle.
 kvs_status kvs_kernels_synchronize(const struct kvs_kernels *kernels);
 
+// Reserve, up front, the device scratch the backend's calls would otherwise grow on demand:
+// enough for any score / select / compact call on one sequence of up to `max_cached_len`
+// cached tokens of `cache`'s geometry (SnapKV with `window` queries of `num_q_heads` heads;
+// pass 0 for both without SnapKV), and block marks for `cache.num_blocks` blocks. An engine
+// calls it while it measures its own memory, before it sizes the KV cache, so the scratch is
+// counted; later calls within these bounds allocate nothing. Only `cache`'s geometry is read,
+// never its memory (any aligned non-NULL `k` will do before the cache exists). A check of the
+// arguments only on the CPU backend, which keeps no scratch.
+//
+// # Safety
+// `kernels` a live handle; `cache` readable.
+kvs_status kvs_kernels_reserve(const struct kvs_kernels *kernels,
+                               const struct kvs_kv_cache *cache,
+                               uint32_t max_cached_len,
+                               uint32_t window,
+                               uint32_t num_q_heads);
+
 // Release a backend. NULL is a no-op.
 //
 // # Safety

@@ -715,3 +715,59 @@ fn overlapping_buffers_are_refused_before_any_read_or_write() {
     assert_eq!(indices, vec![3, 1, 2, 0, 6, 5, 4]);
     unsafe { kvs_kernels_free(k) };
 }
+
+/// `kvs_kernels_reserve` takes a cache geometry before the cache exists (only the descriptor is
+/// read) and refuses what a later call would refuse: a NULL handle or cache, a cache on another
+/// device, a window without query heads, query heads that do not group over the KV heads.
+#[test]
+fn reserving_scratch_checks_the_geometry_and_reads_no_cache_memory() {
+    let k = cpu();
+    let t = TestCache::new(Layout::Nhd, DType::Bf16, 4, 16, 2, 64);
+    let mut geometry = t.desc;
+    // Never dereferenced: the engine reserves before it allocates its KV cache.
+    geometry.k = (1usize << 20) as *mut std::ffi::c_void;
+    geometry.v = (2usize << 20) as *mut std::ffi::c_void;
+    assert_eq!(
+        unsafe { kvs_kernels_reserve(k, &geometry, 8192, 32, 6) },
+        Status::Ok,
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        unsafe { kvs_kernels_reserve(k, &geometry, 8192, 0, 0) },
+        Status::Ok
+    );
+    let refused = |got: Status, status: Status, needle: &str| {
+        assert_eq!(got, status, "{needle}");
+        assert!(last_error().contains(needle), "{needle}: {}", last_error());
+    };
+    let bad = Status::InvalidArgument;
+    refused(
+        unsafe { kvs_kernels_reserve(null(), &geometry, 64, 0, 0) },
+        bad,
+        "kernels",
+    );
+    refused(
+        unsafe { kvs_kernels_reserve(k, null(), 64, 0, 0) },
+        bad,
+        "cache",
+    );
+    refused(
+        unsafe { kvs_kernels_reserve(k, &geometry, 64, 32, 0) },
+        bad,
+        "num_q_heads = 0",
+    );
+    refused(
+        unsafe { kvs_kernels_reserve(k, &geometry, 64, 32, 3) },
+        bad,
+        "not a multiple of cache.num_kv_heads = 2",
+    );
+    let mut cuda = geometry;
+    cuda.device = DeviceId::Cuda as u32;
+    refused(
+        unsafe { kvs_kernels_reserve(k, &cuda, 64, 0, 0) },
+        Status::Unsupported,
+        "cache.device",
+    );
+    unsafe { kvs_kernels_free(k) };
+}

@@ -125,6 +125,13 @@ fn compaction_matches_cpu_bit_for_bit() {
         let k = (c - p) / 3;
         let keep = random_keep(&mut rng, heads, p, c, k);
         let dev = upload(&g, &t);
+        // Reserved scratch (as the vLLM plugin does before vLLM sizes its cache) is then used.
+        assert_eq!(
+            unsafe { kvs_kernels_reserve(g.kernels, &dev.desc, c as u32, 8, 2 * heads as u32) },
+            Status::Ok,
+            "{}",
+            last_error()
+        );
         let (drow, dkeep) = (g.up(&row), g.up(&keep));
         let dreleased: CudaSlice<i32> = g.stream.alloc_zeros(blocks).unwrap();
         let seq = SequenceDesc {

@@ -89,6 +89,9 @@ static int compact_one_sequence(void) {
                         .device = KVS_DEVICE_CPU, .num_blocks = NBLOCKS, .block_size = BS,
                         .num_kv_heads = HEADS, .head_dim = DIM};
   kvs_sequence seq = {.row = row, .row_len = 7, .cached_len = CACHED, .protected_len = 0};
+  // Scratch for the longest sequence, up front (on CUDA it is allocated here, before the engine
+  // sizes its KV cache; the CPU backend only checks the geometry).
+  CHECK(kvs_kernels_reserve(kernels, &cache, NBLOCKS * BS, 0, 0));
 
   kvs_config *small = NULL;
   const char *text = "[sparsity]\npolicy = \"knorm\"\nbudget_tokens = 40\nsink_tokens = 4\n"

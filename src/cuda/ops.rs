@@ -88,6 +88,21 @@ fn geom(cache: &KvCache) -> Result<Geom> {
     })
 }
 
+/// Workspace of an in-place compaction of `selected` tokens per head: the gathered K and V.
+fn compact_work_bytes(cache: &KvCache, selected: usize) -> usize {
+    2 * cache.num_kv_heads * selected * cache.head_dim * cache.dtype.size()
+}
+
+/// Workspace of SnapKV scoring: window logits, their softmax stats, the per-head sums.
+fn snapkv_work_bytes(num_q_heads: usize, window: usize, cached_len: usize, heads: usize) -> usize {
+    num_q_heads * window * cached_len * 4 + num_q_heads * window * 2 * 4 + heads * cached_len * 4
+}
+
+/// Workspace of block selection over one row of `row_len` blocks.
+fn row_select_work_bytes(row_len: usize) -> usize {
+    (6 + row_len.max(1)) * 4
+}
+
 fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
@@ -162,6 +177,31 @@ impl CudaBackend {
             .map_err(|e| cuda_err("cuStreamSynchronize", e))
     }
 
+    /// Grow the workspace to what any score / select / compact call on one sequence of up to
+    /// `max_cached_len` tokens of this cache's geometry needs, and the block marks to its
+    /// `num_blocks`: later calls within those bounds allocate nothing.
+    pub fn reserve(
+        &self,
+        cache: &KvCache,
+        max_cached_len: usize,
+        window: usize,
+        num_q_heads: usize,
+    ) -> Result<()> {
+        let c = max_cached_len;
+        let bytes = compact_work_bytes(cache, c)
+            .max(snapkv_work_bytes(
+                num_q_heads,
+                window,
+                c,
+                cache.num_kv_heads,
+            ))
+            .max(row_select_work_bytes(c.div_ceil(cache.block_size)));
+        let mut st = self.lock();
+        st.work(&self.stream, bytes)?;
+        st.marks(&self.stream, cache.num_blocks)?;
+        Ok(())
+    }
+
     /// Wait for the stream; report every call since the last synchronize whose device-side
     /// checks failed (each by its number and entry point). Calls are independent: a failed call
     /// wrote nothing, and the calls after it ran.
@@ -219,10 +259,7 @@ impl CudaBackend {
         let Some((released, _)) = out else {
             return Ok(());
         };
-        let work = st.work(
-            &self.stream,
-            2 * h * k * cache.head_dim * cache.dtype.size(),
-        )?;
+        let work = st.work(&self.stream, compact_work_bytes(cache, k))?;
         let (sel32, p32) = (k as u32, a.protected_len as u32);
         if k > 0 {
             launch!(
@@ -445,7 +482,7 @@ impl CudaBackend {
         let err = self.begin(&mut st, "kvs_score_snapkv")?;
         let logits_bytes = hq * w * c * 4;
         let stats_bytes = hq * w * 2 * 4;
-        let work = st.work(&self.stream, logits_bytes + stats_bytes + h * c * 4)?;
+        let work = st.work(&self.stream, snapkv_work_bytes(hq, w, c, h))?;
         let (logits, stats, acc) = (
             work,
             work + logits_bytes as u64,
@@ -744,7 +781,7 @@ impl CudaBackend {
         let err = self.begin(&mut st, "kvs_select_blocks_row")?;
         st.calls.last_mut().expect("just begun").out = Some((HostOut(num_kept), kept as u32));
         // Scratch: [indptr(2) | out_indptr(2) | last_page_len in/out (2) | positions(row_len)].
-        let work = st.work(&self.stream, (6 + row_len.max(1)) * 4)?;
+        let work = st.work(&self.stream, row_select_work_bytes(row_len))?;
         let row_len32 = row_len as u32;
         launch!(
             self,

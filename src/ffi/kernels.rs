@@ -207,6 +207,54 @@ pub unsafe extern "C" fn kvs_kernels_synchronize(kernels: *const KvsKernels) -> 
     })
 }
 
+/// Reserve, up front, the device scratch the backend's calls would otherwise grow on demand:
+/// enough for any score / select / compact call on one sequence of up to `max_cached_len`
+/// cached tokens of `cache`'s geometry (SnapKV with `window` queries of `num_q_heads` heads;
+/// pass 0 for both without SnapKV), and block marks for `cache.num_blocks` blocks. An engine
+/// calls it while it measures its own memory, before it sizes the KV cache, so the scratch is
+/// counted; later calls within these bounds allocate nothing. Only `cache`'s geometry is read,
+/// never its memory (any aligned non-NULL `k` will do before the cache exists). A check of the
+/// arguments only on the CPU backend, which keeps no scratch.
+///
+/// # Safety
+/// `kernels` a live handle; `cache` readable.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_kernels_reserve(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    max_cached_len: u32,
+    window: u32,
+    num_q_heads: u32,
+) -> Status {
+    ffi_boundary("kvs_kernels_reserve", || {
+        let k = arg_ref!(kernels, "kernels");
+        let c = KvCache::new(arg_ref!(cache, "cache"))?;
+        c.require_device(k.device)?;
+        if (window == 0) != (num_q_heads == 0) {
+            return Err(Error::invalid_arg(format!(
+                "window = {window}, num_q_heads = {num_q_heads}: pass both for SnapKV, or both 0"
+            )));
+        }
+        if num_q_heads != 0 && num_q_heads as usize % c.num_kv_heads != 0 {
+            return Err(Error::invalid_arg(format!(
+                "num_q_heads = {num_q_heads} is not a multiple of cache.num_kv_heads = {}",
+                c.num_kv_heads
+            )));
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &k.cuda {
+            return cu.reserve(
+                &c,
+                max_cached_len as usize,
+                window as usize,
+                num_q_heads as usize,
+            );
+        }
+        let _ = max_cached_len;
+        Ok(())
+    })
+}
+
 /// Release a backend. NULL is a no-op.
 ///
 /// # Safety
