@@ -2,8 +2,9 @@
 # On a machine with an NVIDIA GPU: build with the cuda feature (or take build/gpu/ from
 # scripts/gpu-build.sh where no cargo exists), run the CUDA parity tests against the CPU
 # reference and the kernel benchmarks (compaction GB/s against the device copy bandwidth of the
-# same run, SnapKV scoring time against a PyTorch reference), the vLLM GPU-layout adapter on
-# CUDA tensors (scripts/torch_adapter_check.py; PyTorch needed, vLLM not), and write a JSON report to
+# same run, SnapKV scoring time against a PyTorch reference), the vLLM GPU-layout adapter and the
+# plugin's worker event path on CUDA tensors (scripts/torch_adapter_check.py; PyTorch needed, vLLM
+# not), and write a JSON report to
 # ${OUT:-build/gpu-report}/gpu-report.json. Takes a few minutes on an H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,10 @@
 """The GPU backends' KV layout adapter (`kvsieve_vllm.backends.flash_layout`) on CUDA tensors,
 with the CUDA kernels (a library built with `--features cuda`, KVSIEVE_LIB or build/gpu/): the
 start-up self-check in every layout, knorm selection and compaction (in place and into fresh
-blocks) against a torch reference, bitwise, and the SnapKV window hook on device. The same checks
+blocks) against a torch reference, bitwise, the worker's own event path (`worker.run_events`: one
+synchronize per event and phase, a bad row failed on the device without touching anything; SnapKV
+from the windows the forward hook recorded, against a float64 torch reference) and
+the SnapKV window hook on device. The same checks
 as integrations/vllm/tests/test_gpu_layouts.py (gpu_layout_cases.py), without pytest or vLLM
 (then the layouts are FlashInfer's NHD and HND and the write is reshape_and_cache_flash's
 indexing in torch). Prints one JSON object; exit 1 if any check failed. Used by
@@ -50,6 +53,10 @@ def main() -> int:
         for into in (False, True):
             run(f"knorm compaction {layout} {'into fresh blocks' if into else 'in place'}",
                 cases.check_knorm_compaction, layout, into, a.device)
+        for into in (False, True):
+            run(f"worker events {layout} {'into fresh blocks' if into else 'in place'}",
+                cases.check_worker_events, layout, into, a.device)
+        run(f"worker snapkv {layout}", cases.check_worker_snapkv, layout, a.device)
     run("window hook", cases.check_window_hook, a.device)
     device = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
     print(json.dumps({"device": device, "checks": len(results), "failed": failed, "results": results}, indent=1))

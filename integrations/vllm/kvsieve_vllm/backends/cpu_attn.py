@@ -16,8 +16,9 @@ logger = logging.getLogger("vllm.kvsieve")
 PATCH = ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "forward")
 
 
-def describe(tensor) -> KvCache:
-    """kvsieve's descriptor of one layer's CPU_ATTN cache tensor."""
+def describe(tensor, head_size: int | None = None) -> KvCache:
+    """kvsieve's descriptor of one layer's CPU_ATTN cache tensor (`head_size` is its last axis
+    halved; taken for the adapters' common signature)."""
     from ..layout import kvsieve_layout_for, vllm_isa
 
     nb, heads, bs, two_d = tensor.shape

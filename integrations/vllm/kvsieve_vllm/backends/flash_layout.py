@@ -23,6 +23,14 @@ from ..lib import DEVICE, DTYPE, LAYOUT, KvCache, KvsieveError
 from .cpu_attn import wrap_forward  # noqa: F401
 
 
+# Each backend's attention forward, wrapped with the window hook on a CUDA platform.
+FORWARDS = {
+    "FLASH_ATTN": ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl", "forward"),
+    "FLASHINFER": ("vllm.v1.attention.backends.flashinfer", "FlashInferImpl", "forward"),
+    "TRITON_ATTN": ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl", "forward"),
+}
+
+
 def _refuse(message: str) -> KvsieveError:
     return KvsieveError("KVS_STATUS_UNSUPPORTED", message)
 
