@@ -7,7 +7,7 @@ the attention backend's hook calls `record` for each layer while `ACTIVE` is thi
 store. `ACTIVE` is set only around a real step's forward, so a dummy or profiling forward
 never writes a window.
 
-Buffers: each window is one float32 tensor `[layers, end - start, q_heads, head_dim]` on the
+Buffers: each window is one float32 tensor `[layers, >= end - start, q_heads, head_dim]` on the
 query's device, taken in `plan_step` (before the forward, never inside a CUDA-graph-captured
 region or per layer) from a pool that keeps released buffers for reuse. `record` only copies
 rows of `query` into it (no host copy). Every layer's recorded rows are counted, so a forward
@@ -25,9 +25,10 @@ ACTIVE: "Windows | None" = None
 
 @dataclass
 class Window:
-    """Queries of logical positions [start, end) of every layer: `buf` float32 [layers, end -
-    start, q_heads, head_dim]. `lo` is the first position recorded (the rest up to `hi` follow it
-    in order); `rows[i]` counts the rows layer i recorded."""
+    """Queries of logical positions [start, end) of every layer: `buf` float32 [layers, rows >=
+    end - start, q_heads, head_dim] (position p in row p - start). `lo` is the first position
+    recorded (the rest up to `hi` follow it in order); `rows[i]` counts the rows layer i
+    recorded."""
 
     start: int
     end: int
@@ -47,26 +48,33 @@ class Windows:
         self.index: dict[str, int] = {}
         self.windows: dict[str, Window] = {}
         self.rows: list[tuple[str, int, int, int]] = []  # (req id, batch row, count, slot)
-        self.pool: dict[int, list] = {}  # window length -> released buffers
+        self.pool: list = []  # released buffers, reused by any window they can hold
+        self.capacity = 0  # rows of the buffers allocated: the longest window reserved or seen
 
     def name_layers(self, layer_names: list[str]) -> None:
         """The layers in cache order; a count other than the model config's drops the pool."""
         if len(layer_names) != self.layers:
-            self.layers, self.pool = len(layer_names), {}
+            self.layers, self.pool = len(layer_names), []
         self.index = {name: i for i, name in enumerate(layer_names)}
 
-    def _take(self, length: int):
+    def _alloc(self, length: int):
         import torch
 
-        free = self.pool.get(length)
-        if free:
-            return free.pop()
-        return torch.empty(self.layers, length, self.q_heads, self.head_dim, dtype=torch.float32,
+        self.capacity = max(self.capacity, length)
+        return torch.empty(self.layers, self.capacity, self.q_heads, self.head_dim, dtype=torch.float32,
                            device=self.device)
 
+    def _take(self, length: int):
+        for i, buf in enumerate(self.pool):
+            if buf.shape[1] >= length:
+                return self.pool.pop(i)
+        return self._alloc(length)
+
     def reserve(self, length: int, count: int = 1) -> None:
-        """Pool `count` buffers for windows of `length` (up front, while vLLM measures memory)."""
-        self.pool.setdefault(length, []).extend(self._take(length) for _ in range(count))
+        """Hold at least `count` pooled buffers for windows of up to `length` positions (up front,
+        while vLLM measures memory; shorter, partial windows use them too)."""
+        while sum(buf.shape[1] >= length for buf in self.pool) < count:
+            self.pool.append(self._alloc(length))
 
     def _new(self, rid: str, start: int, end: int) -> Window:
         self._release(rid)
@@ -76,7 +84,7 @@ class Windows:
     def _release(self, rid: str) -> None:
         w = self.windows.pop(rid, None)
         if w is not None and w.buf is not None:
-            self.pool.setdefault(w.end - w.start, []).append(w.buf)
+            self.pool.append(w.buf)
 
     def plan_step(self, runner, captures: dict, num_scheduled_tokens) -> None:
         """Map this step's captures to batch rows (`_prepare_inputs` has laid out the batch)."""

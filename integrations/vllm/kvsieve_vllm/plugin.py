@@ -97,7 +97,8 @@ RELIED_UPON = [
 RELIED_UPON_BY_PLATFORM = {
     "cpu": [("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa"),
             ("vllm._custom_ops", "cpu_attn_reshape_and_cache")],
-    "cuda": [("vllm._custom_ops", "reshape_and_cache_flash"), ("vllm.v1.kv_cache_layout", "KVCacheLayout")],
+    "cuda": [("vllm._custom_ops", "reshape_and_cache_flash"), ("vllm.v1.kv_cache_layout", "KVCacheLayout"),
+             ("vllm.v1.attention.ops.triton_reshape_and_cache_flash", "triton_reshape_and_cache_flash")],
 }
 
 _registered = False

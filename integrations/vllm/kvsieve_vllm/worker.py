@@ -147,7 +147,7 @@ class Buffers:
         self.scratch.reserve("released", math.ceil(n / geo.block_size), torch.int32)
         window = max((p.window for ph, p in s.params.items() if s.policy[ph] == "snapkv"), default=0)
         self.kernels().reserve(cache, n, window, geo.q_heads if window else 0)
-        if window and not self.windows.pool.get(window):
+        if window:
             self.windows.reserve(window)
 
 

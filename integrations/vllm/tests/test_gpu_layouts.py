@@ -202,7 +202,8 @@ def test_a_flash_attn_runner_starts_with_its_layout_proven_and_scratch_reserved(
     assert backend == "FLASH_ATTN" and [t for _, t in layers] == caches
     worker.wrap_profile_run(lambda self: None)(runner)  # reserves before vLLM measures its peak
     reserved = {k: v.numel() for k, v in runner._kvsieve_buffers.scratch.bufs.items()}
-    assert reserved == {"scores": cases.HEADS * 256, "keep0": len(caches) * cases.HEADS * 256, "released": 256 // cases.BS}
+    assert reserved == {"scores": cases.HEADS * 256, "keep0": len(caches) * cases.HEADS * 256,
+                        "released": 256 // cases.BS}
     worker.wrap_initialize_kv_cache(lambda self, cfg: None)(runner, runner.kv_cache_config)
     st = runner._kvsieve
     assert st.adapter is flash_layout and st.buffers is runner._kvsieve_buffers
@@ -220,7 +221,7 @@ def test_a_gpu_runner_is_refused_by_name_when_its_cache_cannot_be_proven(knorm_s
     with pytest.raises(UnsupportedSetup, match="attention backend FLASHMLA: kvsieve maps"):
         check_runner(_runner(caches, "FLASHMLA"))
     mixed = [caches[0], cases.make_caches("NHD", torch.float16)[1]]  # HND-like first, then NHD
-    with pytest.raises(UnsupportedSetup, match="layer model.layers.1.self_attn.attn: KV cache .* differs from the first"):
+    with pytest.raises(UnsupportedSetup, match="layer model.layers.1.self_attn.attn: KV cache .* differs from the"):
         check_runner(_runner(mixed))
     monkeypatch.setattr(flash_layout, "vllm_writer", lambda backend: write_transposed)
     with pytest.raises(UnsupportedSetup, match="attention backend FLASH_ATTN: KV cache layout self-check"):

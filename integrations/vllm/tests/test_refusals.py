@@ -81,6 +81,31 @@ def test_async_scheduling_is_refused(llama):
     assert any("--no-async-scheduling" in p for p in engine_refusals(cfg))
 
 
+def test_platforms_are_refused_or_checked_by_what_kvsieve_maps_on_them(llama, monkeypatch, tmp_path):
+    """CPU and CUDA are mapped (CUDA adds the CUDA-graph check for SnapKV); any other platform
+    (ROCm, XPU, TPU) is refused by name. The platform is faked: this machine is a CPU."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    from kvsieve_vllm import checks
+    from kvsieve_vllm import settings as settings_mod
+
+    path = tmp_path / "snapkv.toml"
+    path.write_text('[sparsity]\npolicy = "snapkv"\nbudget_tokens = 128\n')
+    monkeypatch.setattr(settings_mod, "_settings", settings_mod.Settings(str(path)))
+    cfg = _vllm_config(llama)
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
+    monkeypatch.setattr(checks, "platform_kind", lambda: None)
+    assert any("kvsieve maps vLLM's CPU backend and NVIDIA CUDA" in p for p in checks.engine_refusals(cfg))
+    monkeypatch.setattr(checks, "platform_kind", lambda: "cuda")
+    problems = checks.engine_refusals(cfg)
+    assert len(problems) == 1 and "cudagraph_mode FULL" in problems[0], problems
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    assert checks.engine_refusals(cfg) == []
+    monkeypatch.setattr(checks, "platform_kind", lambda: "cpu")
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
+    assert checks.engine_refusals(cfg) == [], "CUDA graphs do not exist on the CPU platform"
+
+
 def test_models_with_sliding_windows_or_alibi_are_refused(tmp_path):
     from kvsieve_vllm.checks import engine_refusals
 
