@@ -118,6 +118,17 @@ def _read(cache, row, n: int):
     return k_view[idx, slot].transpose(0, 1), v_view[idx, slot].transpose(0, 1)
 
 
+def knorm_keep(key, k: int, sink: int, tail: int):
+    """The `k` positions knorm keeps of one head's keys [n, head_size], ascending: the sinks, the
+    tail, and the lowest key norms between them (ties to the earlier position)."""
+    import torch
+
+    n = key.shape[0]
+    norms = key[sink:n - tail].double().norm(dim=-1).cpu()
+    top = torch.sort(norms, stable=True).indices[:k - sink - tail] + sink
+    return torch.cat([torch.arange(sink), torch.sort(top).values, torch.arange(n - tail, n)])
+
+
 def check_knorm_compaction(layout: str, into: bool, device="cpu", dtype=None) -> None:
     """Two layers; one 70-token sequence in a scattered row keeps 24 per head by key norm (sink
     4, last 8): keep lists equal torch's ranking (lowest norms kept), and after compaction each
@@ -146,9 +157,7 @@ def check_knorm_compaction(layout: str, into: bool, device="cpu", dtype=None) ->
             kernels.synchronize()
         keep = keep.view(HEADS, k)
         for h in range(HEADS):
-            norms = key[h, sink:n - tail].double().norm(dim=-1).cpu()
-            top = torch.sort(norms, stable=True).indices[:k - sink - tail] + sink
-            want = torch.cat([torch.arange(sink), torch.sort(top).values, torch.arange(n - tail, n)])
+            want = knorm_keep(key[h], k, sink, tail)
             assert torch.equal(keep[h].long().cpu(), want), (layout, layer, h, keep[h].tolist(), want.tolist())
         if into:
             d = torch.tensor(dest, dtype=torch.int32, device=device)
@@ -317,10 +326,7 @@ def _run_worker_events(layout: str, into: bool, device, dtype) -> None:
             key, value = logical[(rid, layer)]
             got_k, got_v = _read(cache, new_row, k)
             for h in range(HEADS):
-                norms = key[h, sink:n - tail].double().norm(dim=-1).cpu()
-                top = torch.sort(norms, stable=True).indices[:k - sink - tail] + sink
-                idx = torch.cat([torch.arange(sink), torch.sort(top).values, torch.arange(n - tail, n)])
-                idx = idx.to(cache.device)
+                idx = knorm_keep(key[h], k, sink, tail).to(cache.device)
                 assert torch.equal(got_k[h], key[h, idx]) and torch.equal(got_v[h], value[h, idx]), (rid, layer, h)
     assert "bad" not in st.offsets and runner.requests["bad"].block_ids[0] == reqs["bad"][0]
     for layer, (cache, before) in enumerate(zip(caches, untouched)):
