@@ -15,7 +15,7 @@ import math
 
 from kvsieve_vllm.backends import flash_layout
 from kvsieve_vllm.layout import verify_flash_layout
-from kvsieve_vllm.lib import DEVICE, CpuKernels, CudaKernels, Sequence, TokenSelect, load
+from kvsieve_vllm.lib import DEVICE, CpuKernels, CudaKernels, KvsieveError, Sequence, TokenSelect, load
 
 BS, HEADS, HEAD, BLOCKS, LAYERS = 16, 2, 64, 12, 2
 
@@ -237,11 +237,39 @@ class CountingKernels:
         return getattr(self.inner, name)
 
 
+class DeferredErrors(CountingKernels):
+    """CPU kernels that report failures as the CUDA backend does: a failing call writes nothing
+    and returns, the calls after it run, and the next synchronize raises naming each one."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.failed: list[str] = []
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except KvsieveError as e:
+                self.failed.append(f"{name}: {e.message}")
+
+        return call
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+        failed, self.failed = self.failed, []
+        if failed:
+            raise KvsieveError("KVS_STATUS_INVALID_ARGUMENT", "; ".join(failed))
+
+
 KNORM = ('[sparsity]\npolicy = "knorm"\nbudget_tokens = 24\nsink_tokens = 4\nrecent_tokens = 8\n'
          'min_length = 0\n')
 
 
-def check_worker_events(layout: str, into: bool, device="cpu", dtype=None) -> None:
+def check_worker_events(layout: str, into: bool, device="cpu", dtype=None, deferred: bool = False) -> None:
     """The worker's own event path (`worker.run_events`: plan, score, select and validate every
     layer, move, install the shortened row and the offset) on a flash-layout cache on `device`,
     for three requests compressed in one step with knorm, the middle one's row naming a block the
@@ -249,7 +277,7 @@ def check_worker_events(layout: str, into: bool, device="cpu", dtype=None) -> No
     (in place, or in the fresh blocks the events bring), bitwise, every layer; the bad one is
     FAILED with its KV untouched, and its failure (found on the device on CUDA) is not reported
     against the next event. The worker synchronizes twice per event (prepare, move), never per
-    layer."""
+    layer. `deferred`: on CPU, with failures reported at synchronize as CUDA reports them."""
     import os
     import tempfile
 
@@ -262,13 +290,13 @@ def check_worker_events(layout: str, into: bool, device="cpu", dtype=None) -> No
     before = settings_mod._settings  # an engine of the same process keeps its own
     try:
         settings_mod.install(settings_mod.Settings(f.name))
-        _run_worker_events(layout, into, device, dtype or torch.bfloat16)
+        _run_worker_events(layout, into, device, dtype or torch.bfloat16, deferred)
     finally:
         os.unlink(f.name)
         settings_mod.install(before)
 
 
-def _run_worker_events(layout: str, into: bool, device, dtype) -> None:
+def _run_worker_events(layout: str, into: bool, device, dtype, deferred: bool) -> None:
     from types import SimpleNamespace
 
     import torch
@@ -306,7 +334,7 @@ def _run_worker_events(layout: str, into: bool, device, dtype) -> None:
                                     block_table=SimpleNamespace(add_row=lambda ids, idx: added.append((ids, idx)))))
     buffers = worker.Buffers(device, len(caches), 2 * HEADS, HEAD)
     st = worker.WorkerState(list(zip(names, caches)), flash_layout, HEAD, buffers)
-    counting = CountingKernels(st.kernels())
+    counting = (DeferredErrors if deferred else CountingKernels)(st.kernels())
     buffers.kernels_by_stream[worker._stream(st.device)] = counting
     acks = worker.run_events(runner, st, SimpleNamespace(num_scheduled_tokens={}), StepPlan(events=events))
     # CPU names the id; the device check names its row index (2).

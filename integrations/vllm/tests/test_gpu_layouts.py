@@ -99,6 +99,13 @@ def test_the_worker_runs_events_on_flash_layout_caches_with_one_sync_per_phase(l
     cases.check_worker_events(layout, into, device)
 
 
+@pytest.mark.parametrize("into", [False, True], ids=["in_place", "into_fresh_blocks"])
+def test_failures_reported_at_synchronize_fail_only_their_event(into):
+    """As on CUDA, where the device finds a bad row and says so at the next synchronize: the
+    CPU kernels wrapped to report that way (the failing calls write nothing, the rest run)."""
+    cases.check_worker_events(cases.layouts()[0], into, "cpu", deferred=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", cases.layouts())
 def test_snapkv_through_the_worker_scores_from_the_windows_the_hook_recorded(layout, device):
