@@ -12,6 +12,7 @@ available, else that op's indexing in torch (`write_like_vllm`).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 from kvsieve_vllm.backends import flash_layout
 from kvsieve_vllm.layout import verify_flash_layout
@@ -265,6 +266,26 @@ class DeferredErrors(CountingKernels):
             raise KvsieveError("KVS_STATUS_INVALID_ARGUMENT", "; ".join(failed))
 
 
+@contextmanager
+def kvsieve_settings(toml: str):
+    """kvsieve's process settings from config text for the block, then the ones before it (an
+    engine of the same test process keeps its own)."""
+    import os
+    import tempfile
+
+    from kvsieve_vllm import settings as settings_mod
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(toml)
+    before = settings_mod._settings
+    try:
+        settings_mod.install(settings_mod.Settings(f.name))
+        yield settings_mod.settings()
+    finally:
+        os.unlink(f.name)
+        settings_mod.install(before)
+
+
 KNORM = ('[sparsity]\npolicy = "knorm"\nbudget_tokens = 24\nsink_tokens = 4\nrecent_tokens = 8\n'
          'min_length = 0\n')
 
@@ -278,22 +299,10 @@ def check_worker_events(layout: str, into: bool, device="cpu", dtype=None, defer
     FAILED with its KV untouched, and its failure (found on the device on CUDA) is not reported
     against the next event. The worker synchronizes twice per event (prepare, move), never per
     layer. `deferred`: on CPU, with failures reported at synchronize as CUDA reports them."""
-    import os
-    import tempfile
-
     import torch
 
-    from kvsieve_vllm import settings as settings_mod
-
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(KNORM)
-    before = settings_mod._settings  # an engine of the same process keeps its own
-    try:
-        settings_mod.install(settings_mod.Settings(f.name))
+    with kvsieve_settings(KNORM):
         _run_worker_events(layout, into, device, dtype or torch.bfloat16, deferred)
-    finally:
-        os.unlink(f.name)
-        settings_mod.install(before)
 
 
 def _run_worker_events(layout: str, into: bool, device, dtype, deferred: bool) -> None:
@@ -374,22 +383,10 @@ def check_worker_snapkv(layout: str, device="cpu", dtype=None) -> None:
     rows shifted by another request's tokens), then the event scores from them. Per layer and
     head, the kept tokens are the sinks, the tail and the top SnapKV scores of a float64 torch
     reference (within 1e-4 at the cut), and their K and V land bitwise in the shortened row."""
-    import os
-    import tempfile
-
     import torch
 
-    from kvsieve_vllm import settings as settings_mod
-
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(SNAPKV)
-    before = settings_mod._settings
-    try:
-        settings_mod.install(settings_mod.Settings(f.name))
+    with kvsieve_settings(SNAPKV):
         _run_worker_snapkv(layout, device, dtype or torch.bfloat16)
-    finally:
-        os.unlink(f.name)
-        settings_mod.install(before)
 
 
 def _run_worker_snapkv(layout: str, device, dtype) -> None:
