@@ -160,6 +160,12 @@ pub fn plan_prefill_chunk(
 /// sequence instead of `max_len`. Bounded only when every phase is: chunk events (`[prefill]`),
 /// decode events (`[decode]`), and no request may opt out (`requests.allow_opt_out = false`);
 /// a request's own budget counts up to `[requests]`' largest. Otherwise `max_len`.
+///
+/// The engine plans by one rule (kvsieve's vLLM scheduler; `tests::simulate` replays it and a
+/// property test holds this bound to it): a chunk event may follow any chunk but one that
+/// computes part of the prefill-end SnapKV window (its queries are recorded instead), the
+/// prefill-end event follows the last chunk, and a decode event may follow every generated
+/// token. Each term below is the most the cache holds in one of those stretches.
 pub fn max_cached_tokens(config: &Config, max_len: u64, chunk: u64, block_size: u32) -> u64 {
     let (Some(pf), Some(d)) = (&config.prefill, &config.decode) else {
         return max_len;
@@ -172,15 +178,33 @@ pub fn max_cached_tokens(config: &Config, max_len: u64, chunk: u64, block_size: 
     let r = &config.requests;
     // The largest budget any request may hold: the config's, or its own within [requests].
     let own = (r.max_budget_tokens as u64).max((r.max_budget_ratio * max_len as f64).ceil() as u64);
-    let budget = |b: crate::config::Budget| b.tokens(max_len).max(own);
-    let always = sp.sink_tokens as u64 + sp.protected_tail().max(pf.protected_tail(sp)) as u64;
-    // Before an event the cache may hold its floor + interval - 1 + one more chunk (or token),
-    // and eviction leaves up to a block - 1 over the floor.
-    let prefill = budget(pf.budget).max(always) + pf.interval as u64 + chunk + bs;
-    let decode = budget(d.budget).max(always) + d.interval as u64 + bs;
+    let sinks = sp.sink_tokens as u64;
+    // What an event of each phase cuts down to at most: the budget, never below what it keeps.
+    let floor =
+        |b: crate::config::Budget, tail: u32| b.tokens(max_len).max(own).max(sinks + tail as u64);
+    let (pf_floor, end_floor) = (
+        floor(pf.budget, pf.protected_tail(sp)),
+        floor(sp.budget, sp.protected_tail()),
+    );
+    let d_floor = floor(d.budget, sp.recent_tokens);
+    // Between events the cache stays below floor + interval, and an event leaves it under
+    // floor + one block (whole blocks are evicted).
+    let before_chunk = pf_floor + (pf.interval as u64).max(bs) - 1;
+    // The chunks that compute the end window run no chunk event: the first of them starts
+    // fewer than `chunk + window` tokens before the prompt's end.
+    let window = if sp.policy == crate::config::Policy::SnapKv {
+        sp.window as u64
+    } else {
+        0
+    };
+    let prefill = before_chunk + chunk + window.saturating_sub(1);
+    // After the prefill-end event (which cuts only what prefilling left above its floor), one
+    // generated token before a decode event can run.
+    let end = (end_floor + bs - 1).min(prefill) + 1;
+    let decode = d_floor + (d.interval as u64).max(bs);
     // Below min_length nothing is compressed until the sequence reaches it.
-    let short = sp.min_length as u64 + chunk + d.interval as u64 + bs;
-    prefill.max(decode).max(short).min(max_len)
+    let short = sp.min_length as u64;
+    prefill.max(end).max(decode).max(short).min(max_len)
 }
 
 /// Evict whole blocks down to `target` (never below the prefix, the sinks and the `tail`),
@@ -331,16 +355,91 @@ mod tests {
         );
     }
 
+    /// The engine's planning rule (kvsieve's vLLM scheduler, `_plan_request`) replayed on
+    /// lengths: the prompt computed in chunks of `chunks(step)` tokens (at most the engine's
+    /// chunk), a chunk event after every chunk but those that compute part of the prefill-end
+    /// SnapKV window, the prefill-end event after the last, then `generate` decode steps with a
+    /// decode event planned after each. Returns the most tokens cached at once.
+    fn simulate(
+        config: &Config,
+        prompt: u64,
+        generate: u64,
+        bs: u32,
+        mut chunks: impl FnMut(usize) -> u64,
+    ) -> u64 {
+        let window = match config.sparsity.policy {
+            crate::config::Policy::SnapKv => config.sparsity.window as u64,
+            _ => 0,
+        };
+        let (mut computed, mut cached, mut peak) = (0u64, 0u64, 0u64);
+        let mut step = 0;
+        while computed < prompt {
+            let n = chunks(step).clamp(1, prompt - computed);
+            step += 1;
+            let lo = computed;
+            computed += n;
+            cached += n;
+            peak = peak.max(cached);
+            let captures = window > 0 && lo.max(prompt.saturating_sub(window)) < computed;
+            let l = lens(computed, cached, 0, bs);
+            let plan = if computed == prompt {
+                plan_keep_count(config, Phase::Prefill, &l).unwrap()
+            } else if captures {
+                continue;
+            } else {
+                plan_prefill_chunk(config, &l, prompt).unwrap()
+            };
+            cached = plan.kept_tokens;
+        }
+        for _ in 0..generate {
+            computed += 1;
+            cached += 1;
+            peak = peak.max(cached);
+            cached = plan_keep_count(config, Phase::Decode, &lens(computed, cached, 0, bs))
+                .unwrap()
+                .kept_tokens;
+        }
+        peak
+    }
+
+    /// The most any request served with `config` holds in `simulate`, searched over prompt
+    /// lengths in `prompts`: every size of its first chunk (vLLM gives a request less than a
+    /// whole chunk when others share the step) then whole chunks, with one generated token;
+    /// and whole chunks with a generation long enough for decode events to repeat.
+    fn worst_case(
+        config: &Config,
+        max_len: u64,
+        chunk: u64,
+        bs: u32,
+        prompts: std::ops::Range<u64>,
+    ) -> u64 {
+        let mut worst = 0;
+        for p in prompts {
+            for first in 1..=chunk.min(p) {
+                worst = worst.max(simulate(config, p, 1, bs, |step| {
+                    if step == 0 {
+                        first
+                    } else {
+                        chunk
+                    }
+                }));
+            }
+            let generate = (max_len - p).min(3 * (bs as u64 + 512));
+            worst = worst.max(simulate(config, p, generate, bs, |_| chunk));
+        }
+        worst
+    }
+
     #[test]
     fn the_bound_per_sequence_needs_every_phase_bounded() {
         let bounded = "[sparsity]\npolicy='streaming'\nbudget_tokens=256\nrecent_tokens=32\nmin_length=256\n\
                        [prefill]\npolicy='streaming'\n[decode]\npolicy='streaming'\ninterval=32\n\
                        [requests]\nallow_opt_out=false\nmax_budget_tokens=512\nmax_budget_ratio=0.1\n";
         // 8192 tokens at most, chunks of 128, blocks of 32: a request may ask for 820 tokens
-        // (10% of 8192, rounded up), and holds that + one chunk + one block + the interval at most.
+        // (10% of 8192, rounded up), and holds that + one block - 1 before a chunk, then the chunk.
         assert_eq!(
             max_cached_tokens(&cfg(bounded), 8192, 128, 32),
-            820 + 1 + 128 + 32
+            820 + 31 + 128
         );
         // Any phase left unbounded, or opting out allowed: the whole length.
         for unbounded in [
@@ -355,6 +454,88 @@ mod tests {
             600,
             "never above max_len"
         );
+    }
+
+    #[test]
+    fn the_bound_counts_the_chunk_that_computes_the_end_window() {
+        // The review's case: budget 1000, chunks of 256, blocks of 16, SnapKV window 32. A
+        // 1,809-token prompt's 8th chunk computes part of the window, so it runs no chunk event,
+        // and the last chunk adds the rest of the window before the prefill-end event.
+        let c = cfg("[sparsity]\npolicy='snapkv'\nbudget_tokens=1000\nwindow=32\n[prefill]\npolicy='snapkv'\n\
+                     [decode]\npolicy='streaming'\ninterval=64\n[requests]\nallow_opt_out=false\nmax_budget_tokens=1000\n\
+                     max_budget_ratio=0.1\n");
+        let peak = simulate(&c, 1809, 8, 16, |_| 256);
+        assert_eq!(peak, 1281);
+        let bound = max_cached_tokens(&c, 4096, 256, 16);
+        assert!(peak <= bound, "{peak} > {bound}");
+        let worst = worst_case(&c, 4096, 256, 16, 1200..1700);
+        assert_eq!(worst, bound, "the bound is reached by some prompt");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+        /// No request, whatever its own budget within `[requests]`, prompt, chunking and length
+        /// of generation, ever holds more than `max_cached_tokens`.
+        #[test]
+        fn no_request_holds_more_than_the_bound(
+            policies in (0usize..3, 0usize..3, 0usize..2),
+            budget in 240u32..2048, ratio in proptest::option::of(0.05f64..0.9),
+            chunk in 16u64..1024, bs in proptest::sample::select(vec![1u32, 8, 16, 32, 128]),
+            window in 1u32..96, recent in 0u32..128, sinks in 0u32..16,
+            intervals in (1u32..300, 1u32..300), min_length in 0u32..3000,
+            own in (0usize..3, 0.1f64..0.6),
+            prompt in 1u64..6000, generate in 0u64..700, schedule in proptest::collection::vec(1u64..1024, 1..6),
+        ) {
+            let names = ["streaming", "snapkv", "knorm"];
+            let budget_line = match ratio {
+                Some(r) => format!("budget_ratio = {r}"),
+                None => format!("budget_tokens = {budget}"),
+            };
+            let text = format!(
+                "[sparsity]\npolicy = '{}'\n{budget_line}\nwindow = {window}\nrecent_tokens = {recent}\n\
+                 sink_tokens = {sinks}\nmin_length = {min_length}\n[prefill]\npolicy = '{}'\ninterval = {}\n\
+                 [decode]\npolicy = '{}'\ninterval = {}\n[requests]\nallow_opt_out = false\n\
+                 max_budget_tokens = {}\nmin_budget_ratio = 0.01\nmax_budget_ratio = {}\n",
+                names[policies.0], names[policies.1], intervals.0, ["streaming", "knorm"][policies.2], intervals.1,
+                budget + 100, own.1,
+            );
+            let base = cfg(&text);
+            let max_len = 8192u64;
+            let bound = max_cached_tokens(&base, max_len, chunk, bs);
+            let request = match own.0 {
+                0 => base.clone(),
+                1 => base.for_request(&crate::config::RequestOptions {
+                    opt_out: false, budget: Some(crate::config::Budget::Tokens(budget + 100)) }).unwrap(),
+                _ => base.for_request(&crate::config::RequestOptions {
+                    opt_out: false, budget: Some(crate::config::Budget::Ratio(own.1)) }).unwrap(),
+            };
+            let generate = generate.min(max_len - prompt.min(max_len));
+            let peak = simulate(&request, prompt.min(max_len), generate, bs,
+                                |step| schedule[step % schedule.len()].min(chunk));
+            proptest::prop_assert!(peak <= bound, "peak {} > bound {} ({})", peak, bound, text);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+        /// With token budgets the bound is the true maximum: some prompt reaches it exactly.
+        #[test]
+        fn the_bound_is_reached(
+            snapkv in proptest::bool::ANY, budgets in (48u32..160, 48u32..160, 48u32..160), chunk in 4u64..40,
+            bs in proptest::sample::select(vec![1u32, 4, 8, 16]), window in 1u32..24,
+            recent in 0u32..24, sinks in 0u32..8, intervals in (1u32..40, 1u32..60), min_length in 0u32..300,
+        ) {
+            let text = format!(
+                "[sparsity]\npolicy = '{}'\nbudget_tokens = {}\nwindow = {window}\nrecent_tokens = {recent}\n\
+                 sink_tokens = {sinks}\nmin_length = {min_length}\n[prefill]\npolicy = 'knorm'\ninterval = {}\n\
+                 budget_tokens = {}\n[decode]\npolicy = 'streaming'\ninterval = {}\nbudget_tokens = {}\n\
+                 [requests]\nallow_opt_out = false\nmax_budget_tokens = 40\nmax_budget_ratio = 0.01\n",
+                if snapkv { "snapkv" } else { "streaming" }, budgets.0, intervals.0, budgets.1, intervals.1, budgets.2,
+            );
+            let c = cfg(&text);
+            let bound = max_cached_tokens(&c, 4096, chunk, bs);
+            proptest::prop_assert_eq!(worst_case(&c, 4096, chunk, bs, 1..(bound + 2 * chunk + 64)), bound, "{}", text);
+        }
     }
 
     #[test]
