@@ -381,8 +381,10 @@ fn an_opted_out_request_is_never_compressed_unless_forbidden() {
         })
         .unwrap_err();
     assert_mentions(&e, Status::InvalidArgument, &["opt_out and a budget"]);
-    let strict =
-        Config::from_toml_str(&format!("{SNAP_RATIO}[requests]\nallow_opt_out = false\n")).unwrap();
+    let strict = Config::from_toml_str(&format!(
+        "{SNAP_RATIO}[requests]\nallow_opt_out = false\nmax_budget_ratio = 0.5\nmax_budget_tokens = 4096\n"
+    ))
+    .unwrap();
     let e = strict
         .for_request(&RequestOptions {
             opt_out: true,
@@ -431,4 +433,34 @@ fn prefill_section_defaults_and_refusals() {
         ));
         assert_mentions(&e, Status::ConfigInvalid, parts);
     }
+}
+
+#[test]
+fn forbidding_opt_out_needs_explicit_caps() {
+    // With the default caps a request could ask to keep its whole cache (ratio 1.0, or 2^31 - 1
+    // tokens): opting out in effect. Each cap must be set, and the error names both and the fix.
+    for caps in ["", "max_budget_ratio = 0.5\n", "max_budget_tokens = 4096\n"] {
+        let e = err(&format!(
+            "{SNAP_RATIO}[requests]\nallow_opt_out = false\n{caps}"
+        ));
+        assert_mentions(
+            &e,
+            Status::ConfigInvalid,
+            &[
+                "is missing",
+                "opting out in effect",
+                "requests.max_budget_ratio and requests.max_budget_tokens",
+            ],
+        );
+    }
+    // Set knowingly to the whole sequence, it is accepted.
+    let c = Config::from_toml_str(&format!(
+        "{SNAP_RATIO}[requests]\nallow_opt_out = false\nmax_budget_ratio = 1.0\nmax_budget_tokens = 2147483647\n"
+    ))
+    .unwrap();
+    assert!(!c.requests.allow_opt_out && c.requests.max_budget_ratio == 1.0);
+    // Allowing opt-out keeps the defaults.
+    assert!(
+        Config::from_toml_str(&format!("{SNAP_RATIO}[requests]\nallow_opt_out = true\n")).is_ok()
+    );
 }

@@ -372,8 +372,28 @@ fn requests(
         min_ratio,
         1.0,
     )?;
+    let allow_opt_out = r.allow_opt_out.as_ref().is_none_or(|b| *b.get_ref());
+    // The default caps (the whole sequence) would let a request keep its whole cache, which is
+    // opting out by another name: a server that forbids opting out says what it allows.
+    if !allow_opt_out {
+        for (key, set) in [
+            ("requests.max_budget_ratio", r.max_budget_ratio.is_some()),
+            ("requests.max_budget_tokens", r.max_budget_tokens.is_some()),
+        ] {
+            if !set {
+                return Err(src.missing(
+                    key,
+                    src.line(section),
+                    "with requests.allow_opt_out = false its default (the whole sequence) lets a request keep its \
+                     whole cache, which is opting out in effect; set requests.max_budget_ratio and \
+                     requests.max_budget_tokens to the most one request may keep (e.g. 0.5 and 8192), or to 1.0 and \
+                     2147483647 to allow that knowingly",
+                ));
+            }
+        }
+    }
     Ok(Requests {
-        allow_opt_out: r.allow_opt_out.as_ref().is_none_or(|b| *b.get_ref()),
+        allow_opt_out,
         min_budget_tokens: min_tokens,
         max_budget_tokens: max_tokens,
         min_budget_ratio: min_ratio,

@@ -31,12 +31,104 @@ pub(super) struct HostOut(pub(super) *mut u32);
 // (documented on kvs_kernels_new_cuda); the backend writes it once, under its lock.
 unsafe impl Send for HostOut {}
 
-/// One call enqueued since the last drain: its entry point (for the report) and the host
-/// out-param it writes on success.
+/// One call enqueued since the last drain: its entry point (for the report), the host out-param
+/// it writes on success, and whether it failed on the host after it was begun (the caller got
+/// that error; kernels it launched may still write its slot, so the slot stays taken).
 pub(super) struct Call {
-    pub(super) name: &'static str,
-    pub(super) out: Option<(HostOut, u32)>,
+    name: &'static str,
+    out: Option<(HostOut, u32)>,
+    abandoned: bool,
 }
+
+/// The calls holding error slots `0..calls.len()` since the last drain, and what each owes its
+/// caller at the next synchronize. Kept apart from the device state so its rules are tested
+/// without a GPU: a call's out-param is written only if the call returned OK and its device
+/// checks passed; a call that returned an error is neither reported again nor numbered.
+#[derive(Default)]
+pub(super) struct Ledger {
+    calls: Vec<Call>,
+    /// Calls numbered by drains since the last synchronize (the report numbers calls from it).
+    numbered: usize,
+    /// Failures found by drains since the last synchronize.
+    failed: Vec<String>,
+}
+
+impl Ledger {
+    pub(super) fn full(&self) -> bool {
+        self.calls.len() == ERROR_SLOTS
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    /// Take the next error slot for call `name`; returns the slot.
+    pub(super) fn begin(&mut self, name: &'static str) -> usize {
+        assert!(!self.full(), "drain before beginning a call");
+        self.calls.push(Call {
+            name,
+            out: None,
+            abandoned: false,
+        });
+        self.calls.len() - 1
+    }
+
+    /// The call just begun enqueued everything: at the synchronize that finds its checks passed,
+    /// `*out.0 = out.1`.
+    pub(super) fn enqueued(&mut self, out: Option<(HostOut, u32)>) {
+        self.calls.last_mut().expect("a call was begun").out = out;
+    }
+
+    /// The call just begun failed on the host (its caller gets that error now).
+    pub(super) fn abandon(&mut self) {
+        let call = self.calls.last_mut().expect("a call was begun");
+        call.abandoned = true;
+        call.out = None;
+    }
+
+    /// Record the outcome of every call from its `[code, index]` words and free the slots.
+    pub(super) fn settle(&mut self, words: &[u32]) {
+        for (i, call) in self.calls.drain(..).enumerate() {
+            if call.abandoned {
+                continue;
+            }
+            self.numbered += 1;
+            let (code, index) = (words[2 * i], words[2 * i + 1]);
+            if code != 0 {
+                let what = ERR_NAMES
+                    .get(code as usize)
+                    .copied()
+                    .unwrap_or("unknown device error (index");
+                self.failed.push(format!(
+                    "call {} since the last synchronize ({}): {what} {index}); it wrote nothing",
+                    self.numbered, call.name
+                ));
+            } else if let Some((HostOut(p), value)) = call.out {
+                // SAFETY: the caller keeps the out-param alive until synchronize (documented).
+                unsafe { *p = value };
+            }
+        }
+    }
+
+    /// The failures since the last synchronize; numbering starts again.
+    pub(super) fn take_failed(&mut self) -> Vec<String> {
+        self.numbered = 0;
+        std::mem::take(&mut self.failed)
+    }
+}
+
+/// What each device error code means (`ERR_*` in kernels/kvsieve.cu), before its index.
+const ERR_NAMES: [&str; 9] = [
+    "",
+    "a block id of the row is out of range (row index",
+    "a block id appears twice in the row (row index",
+    "a keep position is outside [protected_len, cached_len) (keep index",
+    "a keep list is not strictly ascending (keep index",
+    "indptr must start at 0, not decrease and end at nnz (indptr index",
+    "a non-empty sequence's last_page_len is below 1 (sequence",
+    "a dest block id is out of range (dest index",
+    "a dest block id is in the row or twice in dest; pass fresh blocks (dest index",
+];
 
 /// Device memory the backend owns; guarded so calls from several threads serialise.
 pub(super) struct State {
@@ -45,12 +137,8 @@ pub(super) struct State {
     /// One `[code, index]` slot per call since the last drain: a call's kernels stop on their own
     /// call's failure only, so one bad call never silences the calls after it.
     pub(super) errs: CudaSlice<u32>,
-    /// The calls holding slots `0..calls.len()`, in order.
-    pub(super) calls: Vec<Call>,
-    /// Calls numbered before the last drain since the last synchronize (for the report).
-    pub(super) drained: usize,
-    /// Failures found by drains since the last synchronize, reported by it.
-    pub(super) failed: Vec<String>,
+    /// The calls holding those slots.
+    pub(super) ledger: Ledger,
     /// Per physical block: the epoch of the last compaction that saw it (duplicate check).
     marks: Option<CudaSlice<u32>>,
     pub(super) epoch: u32,
@@ -113,9 +201,7 @@ impl CudaBackend {
             state: Mutex::new(State {
                 work: None,
                 errs,
-                calls: Vec::with_capacity(ERROR_SLOTS),
-                drained: 0,
-                failed: Vec::new(),
+                ledger: Ledger::default(),
                 marks: None,
                 epoch: 0,
             }),
@@ -168,14 +254,90 @@ impl State {
         ))
     }
 
-    /// The error slot of the call being enqueued (the last one begun).
-    pub(super) fn err_ptr(&self, stream: &Arc<CudaStream>) -> u64 {
-        let slot = self.calls.len().saturating_sub(1) as u64;
-        ptr(&self.errs, stream) + slot * 8
+    /// The device address of error slot `slot`.
+    pub(super) fn err_ptr(&self, stream: &Arc<CudaStream>, slot: usize) -> u64 {
+        ptr(&self.errs, stream) + slot as u64 * 8
     }
 }
 
 fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
     let (p, _guard) = s.device_ptr(stream);
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Words of `n` slots, `failed` ones set to (code 3, index 7).
+    fn words(n: usize, failed: &[usize]) -> Vec<u32> {
+        let mut w = vec![0; 2 * n];
+        for &i in failed {
+            w[2 * i] = 3;
+            w[2 * i + 1] = 7;
+        }
+        w
+    }
+
+    #[test]
+    fn out_params_are_written_only_for_calls_that_returned_ok_and_passed() {
+        let (mut a, mut b, mut c) = (11u32, 22u32, 33u32);
+        let mut l = Ledger::default();
+        l.begin("kvs_compact");
+        l.enqueued(Some((HostOut(&mut a), 1)));
+        // Begun, then a host-side failure (workspace growth, a launch error): the caller got
+        // the error, so its out-param keeps what the caller put there, even though its slot
+        // reads "passed".
+        l.begin("kvs_compact");
+        l.abandon();
+        l.begin("kvs_select_blocks_row");
+        l.enqueued(Some((HostOut(&mut b), 2)));
+        l.begin("kvs_compact");
+        l.enqueued(Some((HostOut(&mut c), 3)));
+        l.settle(&words(4, &[3]));
+        assert_eq!((a, b, c), (1, 2, 33));
+        // The abandoned call is not numbered: the caller counts the calls that returned OK.
+        let failed = l.take_failed();
+        assert_eq!(failed.len(), 1);
+        assert!(
+            failed[0].starts_with("call 3 since the last synchronize (kvs_compact)"),
+            "{}",
+            failed[0]
+        );
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn numbering_runs_across_drains_until_a_synchronize() {
+        let mut l = Ledger::default();
+        for _ in 0..ERROR_SLOTS {
+            l.begin("kvs_score_knorm");
+            l.enqueued(None);
+        }
+        assert!(l.full());
+        l.settle(&words(ERROR_SLOTS, &[]));
+        l.begin("kvs_score_knorm");
+        l.abandon();
+        l.begin("kvs_score_snapkv");
+        l.enqueued(None);
+        l.settle(&words(2, &[0, 1]));
+        let failed = l.take_failed();
+        assert_eq!(
+            failed.len(),
+            1,
+            "an abandoned call is not reported twice: {failed:?}"
+        );
+        assert!(
+            failed[0].starts_with(&format!("call {} since", ERROR_SLOTS + 1)),
+            "{}",
+            failed[0]
+        );
+        l.begin("kvs_score_knorm");
+        l.enqueued(None);
+        l.settle(&words(1, &[0]));
+        assert!(
+            l.take_failed()[0].starts_with("call 1 since"),
+            "numbering restarts at synchronize"
+        );
+    }
 }

@@ -3,12 +3,14 @@
 //! keep lists) are checked by kernels that set the backend's error word, which stops the rest
 //! of the call's kernels and is reported by `synchronize`.
 
-use super::backend::{cuda_err, Call, CudaBackend, HostOut, State, ERROR_SLOTS};
+use super::backend::{cuda_err, CudaBackend, HostOut, State};
 use crate::config::Pooling;
 use crate::ensure_arg;
 use crate::error::{Error, Result};
-use crate::kernels::compact::check_shape;
-use crate::kernels::score::quest::check_block_fill;
+use crate::kernels::compact::{check_released, check_shape};
+use crate::kernels::page_table::check_row_len;
+use crate::kernels::score::knorm::check_knorm;
+use crate::kernels::score::quest::{check_block_fill, check_bound_shape, check_meta};
 use crate::kernels::score::snapkv::SnapKv;
 use crate::kernels::select::{BlockSelect, TokenSelect};
 use crate::kernels::{Device, KvCache, Layout};
@@ -33,27 +35,6 @@ struct Geom {
 
 // SAFETY: plain-old-data, laid out as the kernel's struct.
 unsafe impl DeviceRepr for Geom {}
-
-const ERR_NAMES: [&str; 9] = [
-    "",
-    "a block id of the row is out of range (row index",
-    "a block id appears twice in the row (row index",
-    "a keep position is outside [protected_len, cached_len) (keep index",
-    "a keep list is not strictly ascending (keep index",
-    "indptr must start at 0, not decrease and end at nnz (indptr index",
-    "a non-empty sequence's last_page_len is below 1 (sequence",
-    "a dest block id is out of range (dest index",
-    "a dest block id is in the row or twice in dest; pass fresh blocks (dest index",
-];
-
-/// NULL checks before a call begins (a begun call counts as enqueued).
-fn check_seq_ptrs(a: &SeqArgs) -> Result<()> {
-    ensure_arg!(
-        a.row != 0 && (a.keep != 0 || a.keep_len == 0),
-        "seq.row or keep is NULL"
-    );
-    Ok(())
-}
 
 /// One sequence's compaction arguments on the device (`kvs_sequence` plus its keep lists).
 pub struct SeqArgs {
@@ -128,47 +109,48 @@ macro_rules! launch {
 }
 
 impl CudaBackend {
-    /// Start enqueueing call `name`: give it a clean error slot (draining the calls in flight
-    /// first when every slot is taken).
-    fn begin(&self, st: &mut State, name: &'static str) -> Result<u64> {
-        if st.calls.len() == ERROR_SLOTS {
+    /// Enqueue call `name`: `body` launches its kernels with the call's own error slot. The
+    /// call owes its caller `out` at the synchronize only if `body` succeeds; if `body` fails
+    /// on the host (workspace growth, a launch error) the caller gets that error now and the
+    /// call is abandoned: no out-param, no report, no number (`backend::Ledger`).
+    fn enqueue(
+        &self,
+        st: &mut State,
+        name: &'static str,
+        out: Option<(HostOut, u32)>,
+        body: impl FnOnce(&mut State, u64) -> Result<()>,
+    ) -> Result<()> {
+        if st.ledger.full() {
             self.drain(st)?;
         }
-        st.calls.push(Call { name, out: None });
-        Ok(st.err_ptr(&self.stream))
+        let slot = st.ledger.begin(name);
+        let err = st.err_ptr(&self.stream, slot);
+        match body(st, err) {
+            Ok(()) => {
+                st.ledger.enqueued(out);
+                Ok(())
+            }
+            Err(e) => {
+                st.ledger.abandon();
+                Err(e)
+            }
+        }
     }
 
-    /// Wait for the calls in flight, record the failed ones, write the host out-params of the
-    /// others, and clear their slots.
+    /// Wait for the calls in flight, record their outcomes (failures reported by the next
+    /// synchronize, out-params of the others written), and clear their slots.
     fn drain(&self, st: &mut State) -> Result<()> {
         self.stream
             .synchronize()
             .map_err(|e| cuda_err("cuStreamSynchronize", e))?;
-        if st.calls.is_empty() {
+        if st.ledger.is_empty() {
             return Ok(());
         }
         let words = self
             .stream
             .clone_dtoh(&st.errs)
             .map_err(|e| cuda_err("reading the error slots", e))?;
-        for (i, call) in st.calls.drain(..).enumerate() {
-            let (code, index) = (words[2 * i], words[2 * i + 1]);
-            if code != 0 {
-                let what = ERR_NAMES
-                    .get(code as usize)
-                    .copied()
-                    .unwrap_or("unknown device error (index");
-                st.failed.push(format!(
-                    "call {} since the last synchronize ({}): {what} {index}); it wrote nothing",
-                    st.drained + i + 1,
-                    call.name
-                ));
-            } else if let Some((HostOut(p), value)) = call.out {
-                // SAFETY: the caller keeps the out-param alive until synchronize (documented).
-                unsafe { *p = value };
-            }
-        }
-        st.drained += words.len() / 2;
+        st.ledger.settle(&words);
         self.stream
             .memset_zeros(&mut st.errs)
             .map_err(|e| cuda_err("clearing the error slots", e))?;
@@ -208,8 +190,7 @@ impl CudaBackend {
     pub fn synchronize(&self) -> Result<()> {
         let mut st = self.lock();
         self.drain(&mut st)?;
-        st.drained = 0;
-        let failed = std::mem::take(&mut st.failed);
+        let failed = st.ledger.take_failed();
         if failed.is_empty() {
             Ok(())
         } else {
@@ -235,72 +216,61 @@ impl CudaBackend {
             k,
             None,
         )?;
+        check_released(released_cap, &release)?;
         let (first, count) = (release.start, release.len());
-        if released_cap < count {
-            return Err(Error::new(
-                Status::BufferTooSmall,
-                format!("released holds {released_cap} ids; this compaction releases {count}"),
-            ));
-        }
-        ensure_arg!(
-            out.is_none_or(|(released, _)| released != 0 || count == 0),
-            "released is NULL"
-        );
-        check_seq_ptrs(a)?;
         let mut st = self.lock();
-        let name = if out.is_some() {
-            "kvs_compact"
-        } else {
-            "kvs_compact_check"
+        let (name, owed) = match out {
+            Some((_, n)) => ("kvs_compact", Some((HostOut(n), count as u32))),
+            None => ("kvs_compact_check", None),
         };
-        let err = self.begin(&mut st, name)?;
-        st.calls.last_mut().expect("just begun").out = out.map(|(_, n)| (HostOut(n), count as u32));
-        self.compact_check(&mut st, &g, a, None, err)?;
-        let Some((released, _)) = out else {
-            return Ok(());
-        };
-        let work = st.work(&self.stream, compact_work_bytes(cache, k))?;
-        let (sel32, p32) = (k as u32, a.protected_len as u32);
-        if k > 0 {
-            launch!(
-                self,
-                "kvs_compact_gather",
-                cfg((sel32, h as u32, 1), 128),
-                &g,
-                &row,
-                &keep,
-                &sel32,
-                &p32,
-                &work,
-                &err
-            );
-            launch!(
-                self,
-                "kvs_compact_scatter",
-                cfg((sel32, h as u32, 1), 128),
-                &g,
-                &row,
-                &keep,
-                &sel32,
-                &p32,
-                &work,
-                &err
-            );
-        }
-        if count > 0 {
-            let (first32, count32) = (first as u32, count as u32);
-            launch!(
-                self,
-                "kvs_copy_released",
-                cfg((blocks_for(count, 256), 1, 1), 256),
-                &row,
-                &first32,
-                &count32,
-                &released,
-                &err
-            );
-        }
-        Ok(())
+        self.enqueue(&mut st, name, owed, |st, err| {
+            self.compact_check(st, &g, a, None, err)?;
+            let Some((released, _)) = out else {
+                return Ok(());
+            };
+            let work = st.work(&self.stream, compact_work_bytes(cache, k))?;
+            let (sel32, p32) = (k as u32, a.protected_len as u32);
+            if k > 0 {
+                launch!(
+                    self,
+                    "kvs_compact_gather",
+                    cfg((sel32, h as u32, 1), 128),
+                    &g,
+                    &row,
+                    &keep,
+                    &sel32,
+                    &p32,
+                    &work,
+                    &err
+                );
+                launch!(
+                    self,
+                    "kvs_compact_scatter",
+                    cfg((sel32, h as u32, 1), 128),
+                    &g,
+                    &row,
+                    &keep,
+                    &sel32,
+                    &p32,
+                    &work,
+                    &err
+                );
+            }
+            if count > 0 {
+                let (first32, count32) = (first as u32, count as u32);
+                launch!(
+                    self,
+                    "kvs_copy_released",
+                    cfg((blocks_for(count, 256), 1, 1), 256),
+                    &row,
+                    &first32,
+                    &count32,
+                    &released,
+                    &err
+                );
+            }
+            Ok(())
+        })
     }
 
     /// Out of place: the kept tokens to `dest` (`run` false: validate only).
@@ -323,31 +293,30 @@ impl CudaBackend {
             k,
             Some(dest_len),
         )?;
-        ensure_arg!(dest != 0 || dest_len == 0, "dest is NULL");
-        check_seq_ptrs(a)?;
         let mut st = self.lock();
         let name = if run {
             "kvs_compact_into"
         } else {
             "kvs_compact_into_check"
         };
-        let err = self.begin(&mut st, name)?;
-        self.compact_check(&mut st, &g, a, Some((dest, dest_len)), err)?;
-        if run && k > 0 {
-            let sel32 = k as u32;
-            launch!(
-                self,
-                "kvs_compact_into",
-                cfg((sel32, h as u32, 1), 128),
-                &g,
-                &row,
-                &keep,
-                &sel32,
-                &dest,
-                &err
-            );
-        }
-        Ok(())
+        self.enqueue(&mut st, name, None, |st, err| {
+            self.compact_check(st, &g, a, Some((dest, dest_len)), err)?;
+            if run && k > 0 {
+                let sel32 = k as u32;
+                launch!(
+                    self,
+                    "kvs_compact_into",
+                    cfg((sel32, h as u32, 1), 128),
+                    &g,
+                    &row,
+                    &keep,
+                    &sel32,
+                    &dest,
+                    &err
+                );
+            }
+            Ok(())
+        })
     }
 
     /// The device-side checks of a compaction: the row's ids, the keep lists and, out of
@@ -428,34 +397,26 @@ impl CudaBackend {
     ) -> Result<()> {
         let g = geom(cache)?;
         let h = cache.num_kv_heads;
-        ensure_arg!(
-            row_len >= cached_len.div_ceil(cache.block_size),
-            "row has {row_len} blocks but cached_len needs {}",
-            cached_len.div_ceil(cache.block_size)
-        );
-        ensure_arg!(
-            out_len == h * cached_len,
-            "scores has {out_len} entries; expected num_kv_heads * cached_len = {}",
-            h * cached_len
-        );
+        check_knorm(cache, row_len, cached_len, out_len)?;
         if cached_len == 0 {
             return Ok(());
         }
         let mut st = self.lock();
-        let err = self.begin(&mut st, "kvs_score_knorm")?;
-        self.row_check(&g, row, row_len, err)?;
-        let c32 = cached_len as u32;
-        launch!(
-            self,
-            "kvs_knorm",
-            cfg((blocks_for(cached_len, 128), h as u32, 1), 128),
-            &g,
-            &row,
-            &c32,
-            &out,
-            &err
-        );
-        Ok(())
+        self.enqueue(&mut st, "kvs_score_knorm", None, |_, err| {
+            self.row_check(&g, row, row_len, err)?;
+            let c32 = cached_len as u32;
+            launch!(
+                self,
+                "kvs_knorm",
+                cfg((blocks_for(cached_len, 128), h as u32, 1), 128),
+                &g,
+                &row,
+                &c32,
+                &out,
+                &err
+            );
+            Ok(())
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -473,75 +434,72 @@ impl CudaBackend {
         let g = geom(cache)?;
         let (c, w, hq, h) = (p.cached_len, p.window, p.num_q_heads, cache.num_kv_heads);
         p.check(cache, w * hq * cache.head_dim, out_len)?;
-        ensure_arg!(
-            row_len >= c.div_ceil(cache.block_size),
-            "row has {row_len} blocks but cached_len needs {}",
-            c.div_ceil(cache.block_size)
-        );
+        check_row_len(row_len, c.div_ceil(cache.block_size))?;
         let mut st = self.lock();
-        let err = self.begin(&mut st, "kvs_score_snapkv")?;
-        let logits_bytes = hq * w * c * 4;
-        let stats_bytes = hq * w * 2 * 4;
-        let work = st.work(&self.stream, snapkv_work_bytes(hq, w, c, h))?;
-        let (logits, stats, acc) = (
-            work,
-            work + logits_bytes as u64,
-            work + (logits_bytes + stats_bytes) as u64,
-        );
-        self.row_check(&g, row, row_len, err)?;
-        let (c32, w32, hq32, h32) = (c as u32, w as u32, hq as u32, h as u32);
-        let (pk, avg) = (p.pool_kernel as u32, (p.pool == Pooling::Avg) as u32);
-        let tb = blocks_for(c, 128);
-        launch!(
-            self,
-            "kvs_snapkv_logits",
-            cfg((tb, w32, hq32), 128),
-            &g,
-            &row,
-            &c32,
-            &queries,
-            &q_dtype,
-            &w32,
-            &hq32,
-            &logits,
-            &err
-        );
-        launch!(
-            self,
-            "kvs_snapkv_softmax_stats",
-            cfg((w32, hq32, 1), 256),
-            &c32,
-            &w32,
-            &logits,
-            &stats,
-            &err
-        );
-        launch!(
-            self,
-            "kvs_snapkv_accumulate",
-            cfg((tb, h32, 1), 128),
-            &c32,
-            &w32,
-            &hq32,
-            &h32,
-            &logits,
-            &stats,
-            &acc,
-            &err
-        );
-        launch!(
-            self,
-            "kvs_snapkv_pool",
-            cfg((tb, h32, 1), 128),
-            &c32,
-            &w32,
-            &pk,
-            &avg,
-            &acc,
-            &out,
-            &err
-        );
-        Ok(())
+        self.enqueue(&mut st, "kvs_score_snapkv", None, |st, err| {
+            let logits_bytes = hq * w * c * 4;
+            let stats_bytes = hq * w * 2 * 4;
+            let work = st.work(&self.stream, snapkv_work_bytes(hq, w, c, h))?;
+            let (logits, stats, acc) = (
+                work,
+                work + logits_bytes as u64,
+                work + (logits_bytes + stats_bytes) as u64,
+            );
+            self.row_check(&g, row, row_len, err)?;
+            let (c32, w32, hq32, h32) = (c as u32, w as u32, hq as u32, h as u32);
+            let (pk, avg) = (p.pool_kernel as u32, (p.pool == Pooling::Avg) as u32);
+            let tb = blocks_for(c, 128);
+            launch!(
+                self,
+                "kvs_snapkv_logits",
+                cfg((tb, w32, hq32), 128),
+                &g,
+                &row,
+                &c32,
+                &queries,
+                &q_dtype,
+                &w32,
+                &hq32,
+                &logits,
+                &err
+            );
+            launch!(
+                self,
+                "kvs_snapkv_softmax_stats",
+                cfg((w32, hq32, 1), 256),
+                &c32,
+                &w32,
+                &logits,
+                &stats,
+                &err
+            );
+            launch!(
+                self,
+                "kvs_snapkv_accumulate",
+                cfg((tb, h32, 1), 128),
+                &c32,
+                &w32,
+                &hq32,
+                &h32,
+                &logits,
+                &stats,
+                &acc,
+                &err
+            );
+            launch!(
+                self,
+                "kvs_snapkv_pool",
+                cfg((tb, h32, 1), 128),
+                &c32,
+                &w32,
+                &pk,
+                &avg,
+                &acc,
+                &out,
+                &err
+            );
+            Ok(())
+        })
     }
 
     pub fn quest_update(
@@ -554,26 +512,23 @@ impl CudaBackend {
         meta_len: usize,
     ) -> Result<()> {
         let g = geom(cache)?;
-        let n = cache.num_blocks * cache.num_kv_heads * cache.head_dim;
-        ensure_arg!(
-            meta_len == n,
-            "meta_len = {meta_len}; expected num_blocks * num_kv_heads * head_dim = {n}"
-        );
+        check_meta(cache, meta_len, meta_len)?;
         check_block_fill(cache, block, filled)?;
         let mut st = self.lock();
-        self.begin(&mut st, "kvs_quest_update_block")?;
-        let (b32, f32_) = (block as u32, filled as u32);
-        launch!(
-            self,
-            "kvs_quest_update",
-            cfg((cache.num_kv_heads as u32, 1, 1), 128),
-            &g,
-            &b32,
-            &f32_,
-            &min,
-            &max
-        );
-        Ok(())
+        self.enqueue(&mut st, "kvs_quest_update_block", None, |_, _| {
+            let (b32, f32_) = (block as u32, filled as u32);
+            launch!(
+                self,
+                "kvs_quest_update",
+                cfg((cache.num_kv_heads as u32, 1, 1), 128),
+                &g,
+                &b32,
+                &f32_,
+                &min,
+                &max
+            );
+            Ok(())
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -592,44 +547,31 @@ impl CudaBackend {
         out_len: usize,
     ) -> Result<()> {
         let g = geom(cache)?;
-        let (h, n) = (
-            cache.num_kv_heads,
-            cache.num_blocks * cache.num_kv_heads * cache.head_dim,
-        );
-        ensure_arg!(
-            meta_len == n,
-            "meta_len = {meta_len}; expected num_blocks * num_kv_heads * head_dim = {n}"
-        );
-        ensure_arg!(
-            q_heads >= h && q_heads % h == 0,
-            "num_q_heads = {q_heads} must be a multiple of num_kv_heads = {h}"
-        );
-        ensure_arg!(
-            out_len == row_len,
-            "block_scores has {out_len} entries; expected one per row block ({row_len})"
-        );
+        check_meta(cache, meta_len, meta_len)?;
+        check_bound_shape(cache, row_len, q_heads, q_heads * cache.head_dim, out_len)?;
         if row_len == 0 {
             return Ok(());
         }
         let mut st = self.lock();
-        let err = self.begin(&mut st, "kvs_quest_bound")?;
-        self.row_check(&g, row, row_len, err)?;
-        let q32 = q_heads as u32;
-        launch!(
-            self,
-            "kvs_quest_bound",
-            cfg((row_len as u32, 1, 1), 128),
-            &g,
-            &row,
-            &query,
-            &q_dtype,
-            &q32,
-            &min,
-            &max,
-            &out,
-            &err
-        );
-        Ok(())
+        self.enqueue(&mut st, "kvs_quest_bound", None, |_, err| {
+            self.row_check(&g, row, row_len, err)?;
+            let q32 = q_heads as u32;
+            launch!(
+                self,
+                "kvs_quest_bound",
+                cfg((row_len as u32, 1, 1), 128),
+                &g,
+                &row,
+                &query,
+                &q_dtype,
+                &q32,
+                &min,
+                &max,
+                &out,
+                &err
+            );
+            Ok(())
+        })
     }
 
     pub fn select_tokens(
@@ -641,46 +583,36 @@ impl CudaBackend {
         keep: u64,
         keep_len: usize,
     ) -> Result<()> {
-        ensure_arg!(num_heads > 0, "num_heads is 0");
-        p.check()?;
+        p.check_buffers(num_heads, (scores != 0).then_some(scores_len), keep_len)?;
         let c = p.cached_len;
-        ensure_arg!(
-            scores == 0 || scores_len == num_heads * c,
-            "scores has {scores_len} entries; expected num_heads * cached_len = {}",
-            num_heads * c
-        );
-        ensure_arg!(
-            keep_len == num_heads * p.selected,
-            "keep has {keep_len} entries; expected num_heads * selected = {}",
-            num_heads * p.selected
-        );
         if p.selected == 0 {
             return Ok(());
         }
         let (sink_end, tail_start) = p.regions();
         let mut st = self.lock();
-        let err = self.begin(&mut st, "kvs_select_tokens")?;
-        let args = (
-            c as u32,
-            p.protected_len as u32,
-            sink_end as u32,
-            tail_start as u32,
-            p.selected as u32,
-        );
-        launch!(
-            self,
-            "kvs_select_tokens",
-            cfg((num_heads as u32, 1, 1), 1024),
-            &scores,
-            &args.0,
-            &args.1,
-            &args.2,
-            &args.3,
-            &args.4,
-            &keep,
-            &err
-        );
-        Ok(())
+        self.enqueue(&mut st, "kvs_select_tokens", None, |_, err| {
+            let args = (
+                c as u32,
+                p.protected_len as u32,
+                sink_end as u32,
+                tail_start as u32,
+                p.selected as u32,
+            );
+            launch!(
+                self,
+                "kvs_select_tokens",
+                cfg((num_heads as u32, 1, 1), 1024),
+                &scores,
+                &args.0,
+                &args.1,
+                &args.2,
+                &args.3,
+                &args.4,
+                &keep,
+                &err
+            );
+            Ok(())
+        })
     }
 
     /// CSR block selection. `indptr` must also be given on the host (`host_indptr`) for the
@@ -706,54 +638,55 @@ impl CudaBackend {
             return Ok(());
         }
         let mut st = self.lock();
-        let err = self.begin(&mut st, "kvs_select_blocks_csr")?;
-        let positions = st.work(&self.stream, nnz.max(1) * 4)?;
-        let (n32, nnz32, keep, sink, recent) = (
-            num_seqs as u32,
-            nnz as u32,
-            p.keep_blocks as u32,
-            p.sink_blocks as u32,
-            p.recent_blocks as u32,
-        );
-        // The page table lives on the device: check_csr's rules, checked there.
-        launch!(
-            self,
-            "kvs_csr_check",
-            cfg((blocks_for(num_seqs, 256), 1, 1), 256),
-            &indptr,
-            &n32,
-            &nnz32,
-            &last_page_len,
-            &err
-        );
-        launch!(
-            self,
-            "kvs_csr_out_indptr",
-            cfg((1, 1, 1), 32),
-            &indptr,
-            &n32,
-            &keep,
-            &out_indptr,
-            &err
-        );
-        launch!(
-            self,
-            "kvs_select_blocks_csr",
-            cfg((n32, 1, 1), 1024),
-            &indptr,
-            &indices,
-            &last_page_len,
-            &block_scores,
-            &keep,
-            &sink,
-            &recent,
-            &out_indptr,
-            &out_indices,
-            &out_last_page_len,
-            &positions,
-            &err
-        );
-        Ok(())
+        self.enqueue(&mut st, "kvs_select_blocks_csr", None, |st, err| {
+            let positions = st.work(&self.stream, nnz.max(1) * 4)?;
+            let (n32, nnz32, keep, sink, recent) = (
+                num_seqs as u32,
+                nnz as u32,
+                p.keep_blocks as u32,
+                p.sink_blocks as u32,
+                p.recent_blocks as u32,
+            );
+            // The page table lives on the device: check_csr's rules, checked there.
+            launch!(
+                self,
+                "kvs_csr_check",
+                cfg((blocks_for(num_seqs, 256), 1, 1), 256),
+                &indptr,
+                &n32,
+                &nnz32,
+                &last_page_len,
+                &err
+            );
+            launch!(
+                self,
+                "kvs_csr_out_indptr",
+                cfg((1, 1, 1), 32),
+                &indptr,
+                &n32,
+                &keep,
+                &out_indptr,
+                &err
+            );
+            launch!(
+                self,
+                "kvs_select_blocks_csr",
+                cfg((n32, 1, 1), 1024),
+                &indptr,
+                &indices,
+                &last_page_len,
+                &block_scores,
+                &keep,
+                &sink,
+                &recent,
+                &out_indptr,
+                &out_indices,
+                &out_last_page_len,
+                &positions,
+                &err
+            );
+            Ok(())
+        })
     }
 
     /// Dense-row block selection through the CSR kernel: one sequence, then padding.
@@ -778,67 +711,72 @@ impl CudaBackend {
             ));
         }
         let mut st = self.lock();
-        let err = self.begin(&mut st, "kvs_select_blocks_row")?;
-        st.calls.last_mut().expect("just begun").out = Some((HostOut(num_kept), kept as u32));
-        // Scratch: [indptr(2) | out_indptr(2) | last_page_len in/out (2) | positions(row_len)].
-        let work = st.work(&self.stream, row_select_work_bytes(row_len))?;
-        let row_len32 = row_len as u32;
-        launch!(
-            self,
-            "kvs_row_header",
-            cfg((1, 1, 1), 32),
-            &row_len32,
-            &work,
-            &err
-        );
-        let (indptr, out_indptr, lpl_in, lpl_out, positions) =
-            (work, work + 8, work + 16, work + 20, work + 24);
-        let (one_seq, keep, sink, recent) = (
-            1u32,
-            p.keep_blocks as u32,
-            p.sink_blocks as u32,
-            p.recent_blocks as u32,
-        );
-        launch!(
-            self,
-            "kvs_csr_out_indptr",
-            cfg((1, 1, 1), 32),
-            &indptr,
-            &one_seq,
-            &keep,
-            &out_indptr,
-            &err
-        );
-        launch!(
-            self,
-            "kvs_select_blocks_csr",
-            cfg((1, 1, 1), 1024),
-            &indptr,
-            &row,
-            &lpl_in,
-            &block_scores,
-            &keep,
-            &sink,
-            &recent,
-            &out_indptr,
-            &out_row,
-            &lpl_out,
-            &positions,
-            &err
-        );
-        let (from, len) = (kept as u32, out_row_len as u32);
-        if out_row_len > kept {
-            launch!(
-                self,
-                "kvs_fill_i32",
-                cfg((blocks_for(out_row_len - kept, 256), 1, 1), 256),
-                &out_row,
-                &from,
-                &len,
-                &pad,
-                &err
-            );
-        }
-        Ok(())
+        self.enqueue(
+            &mut st,
+            "kvs_select_blocks_row",
+            Some((HostOut(num_kept), kept as u32)),
+            |st, err| {
+                // Scratch: [indptr(2) | out_indptr(2) | last_page_len in/out (2) | positions(row_len)].
+                let work = st.work(&self.stream, row_select_work_bytes(row_len))?;
+                let row_len32 = row_len as u32;
+                launch!(
+                    self,
+                    "kvs_row_header",
+                    cfg((1, 1, 1), 32),
+                    &row_len32,
+                    &work,
+                    &err
+                );
+                let (indptr, out_indptr, lpl_in, lpl_out, positions) =
+                    (work, work + 8, work + 16, work + 20, work + 24);
+                let (one_seq, keep, sink, recent) = (
+                    1u32,
+                    p.keep_blocks as u32,
+                    p.sink_blocks as u32,
+                    p.recent_blocks as u32,
+                );
+                launch!(
+                    self,
+                    "kvs_csr_out_indptr",
+                    cfg((1, 1, 1), 32),
+                    &indptr,
+                    &one_seq,
+                    &keep,
+                    &out_indptr,
+                    &err
+                );
+                launch!(
+                    self,
+                    "kvs_select_blocks_csr",
+                    cfg((1, 1, 1), 1024),
+                    &indptr,
+                    &row,
+                    &lpl_in,
+                    &block_scores,
+                    &keep,
+                    &sink,
+                    &recent,
+                    &out_indptr,
+                    &out_row,
+                    &lpl_out,
+                    &positions,
+                    &err
+                );
+                let (from, len) = (kept as u32, out_row_len as u32);
+                if out_row_len > kept {
+                    launch!(
+                        self,
+                        "kvs_fill_i32",
+                        cfg((blocks_for(out_row_len - kept, 256), 1, 1), 256),
+                        &out_row,
+                        &from,
+                        &len,
+                        &pad,
+                        &err
+                    );
+                }
+                Ok(())
+            },
+        )
     }
 }

@@ -5,12 +5,15 @@
 //! pointer is host memory; on the CUDA backend tensor and buffer pointers are device memory and
 //! the small parameter structs stay on the host.
 
-use super::boundary::{check_typed_ptr, ffi_boundary, ffi_void_boundary};
+use super::boundary::{check_ptr, check_typed_ptr, ffi_boundary, ffi_void_boundary};
 use super::regions::{check_disjoint, Region};
 use crate::config::Pooling;
 use crate::error::{Error, Result};
-use crate::kernels::compact::{compact, Compaction};
+use crate::kernels::compact::{check_released, check_shape, compact, Compaction};
+use crate::kernels::page_table::check_row_len;
+use crate::kernels::score::knorm::check_knorm;
 use crate::kernels::score::knorm::score_knorm;
+use crate::kernels::score::quest::{check_block_fill, check_bound_shape, check_meta};
 use crate::kernels::score::quest::{quest_bound, quest_update_block};
 use crate::kernels::score::snapkv::{score_snapkv, SnapKv};
 use crate::kernels::score::to_f32_vec;
@@ -397,10 +400,16 @@ pub unsafe extern "C" fn kvs_score_snapkv(
             )),
             Some(Region::write("scores", scores, scores_len)),
         ])?;
+        // Pointer checks for both backends: a NULL on the device is a fault that poisons the
+        // engine's whole CUDA context.
+        check_ptr(seq.row, "seq.row")?;
+        check_ptr(scores, "scores")?;
+        check_typed_ptr(args.queries, qdtype, "args.queries")?;
+        p.check(&kv, nq, scores_len)?;
+        check_row_len(seq.row_len as usize, p.cached_len.div_ceil(kv.block_size))?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &kernels.cuda {
             let cache = kv;
-            check_typed_ptr(args.queries, qdtype, "args.queries")?;
             return cu.snapkv(
                 &cache,
                 addr(seq.row),
@@ -413,8 +422,6 @@ pub unsafe extern "C" fn kvs_score_snapkv(
             );
         }
         let (cache, row) = host_inputs(kernels, cache, seq)?;
-        p.check(&cache, nq, scores_len)?;
-        check_typed_ptr(args.queries, qdtype, "args.queries")?;
         // SAFETY: the caller promises window * num_q_heads * head_dim elements.
         let q = unsafe { to_f32_vec(args.queries as *const u8, qdtype, nq) };
         let out = arg_slice_mut!(scores, scores_len, "scores");
@@ -441,13 +448,22 @@ pub unsafe extern "C" fn kvs_score_knorm(
             arg_ref!(cache, "cache"),
             arg_ref!(seq, "seq"),
         );
-        let [k, v] = Region::kv(&KvCache::new(cache)?, false);
+        let kv = KvCache::new(cache)?;
+        let [k, v] = Region::kv(&kv, false);
         check_disjoint(&[
             k,
             v,
             Some(Region::read("seq.row", seq.row, seq.row_len as usize)),
             Some(Region::write("scores", scores, scores_len)),
         ])?;
+        check_ptr(seq.row, "seq.row")?;
+        check_ptr(scores, "scores")?;
+        check_knorm(
+            &kv,
+            seq.row_len as usize,
+            seq.cached_len as usize,
+            scores_len,
+        )?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &kernels.cuda {
             let cache = KvCache::new(cache)?;
@@ -498,6 +514,15 @@ pub unsafe extern "C" fn kvs_select_tokens(
             Some(Region::read("scores", scores, scores_len)),
             Some(Region::write("keep", keep, keep_len)),
         ])?;
+        if !scores.is_null() {
+            check_ptr(scores, "scores")?; // NULL: streaming, by recency
+        }
+        check_ptr(keep, "keep")?;
+        p.check_buffers(
+            num_kv_heads as usize,
+            (!scores.is_null()).then_some(scores_len),
+            keep_len,
+        )?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &_kernels.cuda {
             return cu.select_tokens(
@@ -677,7 +702,8 @@ unsafe fn compaction(
         Target::Into { dest, dest_len, .. } => Some((dest, dest_len)),
         Target::InPlace { .. } => None,
     };
-    let [k, v] = Region::kv(&KvCache::new(cache)?, true);
+    let kv = KvCache::new(cache)?;
+    let [k, v] = Region::kv(&kv, true);
     check_disjoint(&[
         k,
         v,
@@ -687,6 +713,26 @@ unsafe fn compaction(
         out.map(|(_, n)| Region::write("num_released", n, 1)),
         dest.map(|(d, n)| Region::read("dest", d, n)),
     ])?;
+    check_ptr(seq.row, "seq.row")?;
+    check_ptr(keep, "keep")?;
+    if let Some((released, _)) = out {
+        check_ptr(released, "released")?;
+    }
+    if let Some((d, _)) = dest {
+        check_ptr(d, "dest")?;
+    }
+    let release = check_shape(
+        &kv,
+        seq.row_len as usize,
+        seq.cached_len as usize,
+        seq.protected_len as usize,
+        keep_len,
+        selected as usize,
+        dest.map(|(_, n)| n),
+    )?;
+    if out.is_some() {
+        check_released(released_cap, &release)?;
+    }
     #[cfg(feature = "cuda")]
     if let Some(cu) = &kernels.cuda {
         let cache = KvCache::new(cache)?;
@@ -737,15 +783,7 @@ unsafe fn compaction(
             Ok(())
         }
         Target::InPlace { released_cap, out } => {
-            if released_cap < range.len() {
-                return Err(Error::new(
-                    Status::BufferTooSmall,
-                    format!(
-                        "released holds {released_cap} ids; this compaction releases {}",
-                        range.len()
-                    ),
-                ));
-            }
+            check_released(released_cap, &range)?;
             let Some((released, num_released)) = out else {
                 return Ok(());
             };
@@ -784,6 +822,11 @@ pub unsafe extern "C" fn kvs_quest_update_block(
             Some(Region::write("block_min", block_min, meta_len)),
             Some(Region::write("block_max", block_max, meta_len)),
         ])?;
+        check_ptr(block_min, "block_min")?;
+        check_ptr(block_max, "block_max")?;
+        let kv = KvCache::new(cache)?;
+        check_meta(&kv, meta_len, meta_len)?;
+        check_block_fill(&kv, block as usize, filled as usize)?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &kernels.cuda {
             let cache = KvCache::new(cache)?;
@@ -851,10 +894,23 @@ pub unsafe extern "C" fn kvs_quest_bound(
                 block_scores_len,
             )),
         ])?;
+        check_ptr(seq.row, "seq.row")?;
+        check_typed_ptr(query, qd, "query")?;
+        check_ptr(block_min, "block_min")?;
+        check_ptr(block_max, "block_max")?;
+        check_ptr(block_scores, "block_scores")?;
+        let kv = KvCache::new(cache)?;
+        check_meta(&kv, meta_len, meta_len)?;
+        check_bound_shape(
+            &kv,
+            seq.row_len as usize,
+            num_q_heads as usize,
+            nq,
+            block_scores_len,
+        )?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &kernels.cuda {
             let cache = KvCache::new(cache)?;
-            check_typed_ptr(query, qd, "query")?;
             return cu.quest_bound(
                 &cache,
                 addr(seq.row),
@@ -870,7 +926,6 @@ pub unsafe extern "C" fn kvs_quest_bound(
             );
         }
         let (cache, row) = host_inputs(kernels, cache, seq)?;
-        check_typed_ptr(query, qd, "query")?;
         // SAFETY: the caller promises num_q_heads * head_dim elements.
         let q = unsafe { to_f32_vec(query as *const u8, qd, nq) };
         let (lo, hi) = (
@@ -923,6 +978,13 @@ pub unsafe extern "C" fn kvs_select_blocks_csr(
             Some(Region::write("out_indices", out_indices, out_indices_cap)),
             Some(Region::write("out_last_page_len", out_last_page_len, n)),
         ])?;
+        check_ptr(indptr, "indptr")?;
+        check_ptr(indices, "indices")?;
+        check_ptr(last_page_len, "last_page_len")?;
+        check_ptr(block_scores, "block_scores")?;
+        check_ptr(out_indptr, "out_indptr")?;
+        check_ptr(out_indices, "out_indices")?;
+        check_ptr(out_last_page_len, "out_last_page_len")?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &_kernels.cuda {
             return cu.select_blocks_csr(
@@ -986,6 +1048,9 @@ pub unsafe extern "C" fn kvs_select_blocks_row(
             Some(Region::write("out_row", out_row, out_row_len as usize)),
             Some(Region::write("num_kept", num_kept, 1)),
         ])?;
+        check_ptr(row, "row")?;
+        check_ptr(block_scores, "block_scores")?;
+        check_ptr(out_row, "out_row")?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &_kernels.cuda {
             // `*num_kept` is written at kvs_kernels_synchronize, like every output of this
@@ -1012,4 +1077,172 @@ pub unsafe extern "C" fn kvs_select_blocks_row(
         unsafe { *num_kept = kept as u32 };
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pointer and shape checks run before a call reaches either backend (one home): a
+    //! handle on the CUDA device with no backend behind it reports every NULL argument by name
+    //! rather than reaching the backend dispatch (which would say "no CUDA kernel").
+    use super::*;
+    use std::ptr::{null, null_mut};
+
+    fn on_cuda() -> KvsKernels {
+        KvsKernels {
+            device: Device::Cuda,
+            #[cfg(feature = "cuda")]
+            cuda: None,
+        }
+    }
+
+    /// A CUDA-device cache at made-up, aligned addresses (never dereferenced here).
+    fn cuda_cache() -> KvCacheDesc {
+        KvCacheDesc {
+            k: 0x10_0000 as *mut c_void,
+            v: 0x20_0000 as *mut c_void,
+            dtype: DTypeId::F32 as u32,
+            layout: LayoutId::Nhd as u32,
+            device: DeviceId::Cuda as u32,
+            num_blocks: 8,
+            block_size: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            block_stride: 0,
+            token_stride: 0,
+            head_stride: 0,
+        }
+    }
+
+    const ROW: [i32; 2] = [0, 1];
+
+    fn seq(row: *const i32) -> SequenceDesc {
+        SequenceDesc {
+            row,
+            row_len: 2,
+            cached_len: 8,
+            protected_len: 0,
+        }
+    }
+
+    fn refused(status: Status, name: &str) {
+        let msg = crate::ffi::boundary::last_error_message();
+        assert_eq!(status, Status::InvalidArgument, "{msg}");
+        assert!(msg.contains(&format!("{name} is NULL")), "{name}: {msg}");
+    }
+
+    #[test]
+    fn null_buffers_are_refused_by_name_before_any_backend() {
+        let (k, c) = (on_cuda(), cuda_cache());
+        let mut scores = [0f32; 16];
+        let keep = [0u32; 8];
+        let q = [0f32; 8 * 2 * 2];
+        let good = seq(ROW.as_ptr());
+        let no_row = seq(null());
+        unsafe {
+            refused(
+                kvs_score_knorm(&k, &c, &no_row, scores.as_mut_ptr(), 16),
+                "seq.row",
+            );
+            refused(kvs_score_knorm(&k, &c, &good, null_mut(), 16), "scores");
+            let args = SnapKvArgs {
+                queries: q.as_ptr().cast(),
+                queries_dtype: DTypeId::F32 as u32,
+                window: 2,
+                num_q_heads: 2,
+                pool_kernel: 1,
+                pool: 0,
+            };
+            refused(
+                kvs_score_snapkv(&k, &c, &no_row, &args, scores.as_mut_ptr(), 16),
+                "seq.row",
+            );
+            refused(
+                kvs_score_snapkv(&k, &c, &good, &args, null_mut(), 16),
+                "scores",
+            );
+            let no_q = SnapKvArgs {
+                queries: null(),
+                ..args
+            };
+            refused(
+                kvs_score_snapkv(&k, &c, &good, &no_q, scores.as_mut_ptr(), 16),
+                "args.queries",
+            );
+            let sel = TokenSelectArgs {
+                cached_len: 8,
+                protected_len: 0,
+                sink_tokens: 0,
+                protected_tail: 0,
+                selected: 4,
+            };
+            refused(
+                kvs_select_tokens(&k, scores.as_ptr(), 16, 2, &sel, null_mut(), 8),
+                "keep",
+            );
+            let mut n = 0u32;
+            let mut released = [0i32; 2];
+            refused(
+                kvs_compact(
+                    &k,
+                    &c,
+                    &no_row,
+                    keep.as_ptr(),
+                    8,
+                    4,
+                    released.as_mut_ptr(),
+                    2,
+                    &mut n,
+                ),
+                "seq.row",
+            );
+            refused(
+                kvs_compact(
+                    &k,
+                    &c,
+                    &good,
+                    null(),
+                    8,
+                    4,
+                    released.as_mut_ptr(),
+                    2,
+                    &mut n,
+                ),
+                "keep",
+            );
+            refused(
+                kvs_compact(&k, &c, &good, keep.as_ptr(), 8, 4, null_mut(), 2, &mut n),
+                "released",
+            );
+            refused(
+                kvs_compact_check(&k, &c, &no_row, keep.as_ptr(), 8, 4, 2),
+                "seq.row",
+            );
+            refused(
+                kvs_compact_into(&k, &c, &good, keep.as_ptr(), 8, 4, null(), 1),
+                "dest",
+            );
+            refused(
+                kvs_compact_into_check(&k, &c, &good, null(), 8, 4, [5].as_ptr(), 1),
+                "keep",
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_lengths_are_refused_alike_on_both_devices() {
+        // The shape checks live with the kernels (`check_knorm`, `TokenSelect::check_buffers`,
+        // `check_shape`), which both backends call: the message is the CPU's.
+        let (k, c) = (on_cuda(), cuda_cache());
+        let mut scores = [0f32; 16];
+        let good = seq(ROW.as_ptr());
+        unsafe {
+            let s = kvs_score_knorm(&k, &c, &good, scores.as_mut_ptr(), 15);
+            assert_eq!(s, Status::InvalidArgument);
+            let msg = crate::ffi::boundary::last_error_message();
+            assert!(
+                msg.contains("expected num_kv_heads * cached_len = 16"),
+                "{msg}"
+            );
+        }
+    }
 }

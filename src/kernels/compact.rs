@@ -18,7 +18,8 @@
 use super::layout::KvCache;
 use super::page_table::BlockIds;
 use crate::ensure_arg;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::status::Status;
 use std::ops::Range;
 
 /// One sequence's compaction request.
@@ -89,6 +90,20 @@ pub fn check_shape(
             Ok(p / bs..old_blocks)
         }
     }
+}
+
+/// An in-place compaction's `released` buffer holds the ids of the blocks it releases.
+pub fn check_released(released_cap: usize, release: &Range<usize>) -> Result<()> {
+    if released_cap < release.len() {
+        return Err(Error::new(
+            Status::BufferTooSmall,
+            format!(
+                "released holds {released_cap} ids; this compaction releases {}",
+                release.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Compaction<'_> {

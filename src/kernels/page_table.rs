@@ -10,6 +10,16 @@ pub fn check_row(row: &[i32], num_blocks: usize, needed: usize) -> Result<()> {
     BlockIds::checked_row(row, num_blocks, needed).map(|_| ())
 }
 
+/// The part of `check_row` that needs no access to the ids (shared with the CUDA path, whose
+/// rows live on the device and are checked there): the row holds `needed` blocks.
+pub fn check_row_len(row_len: usize, needed: usize) -> Result<()> {
+    ensure_arg!(
+        row_len >= needed,
+        "row has {row_len} blocks but cached_len needs {needed}"
+    );
+    Ok(())
+}
+
 /// The block ids seen so far by a check, so one id may not appear in two places (twice in a
 /// row, or in a row and in the blocks a compaction writes).
 pub struct BlockIds {
@@ -20,11 +30,7 @@ pub struct BlockIds {
 impl BlockIds {
     /// `check_row`, keeping the row's ids for checks of other lists against it.
     pub fn checked_row(row: &[i32], num_blocks: usize, needed: usize) -> Result<BlockIds> {
-        ensure_arg!(
-            row.len() >= needed,
-            "row has {} blocks but cached_len needs {needed}",
-            row.len()
-        );
+        check_row_len(row.len(), needed)?;
         let mut ids = BlockIds {
             seen: vec![0u64; num_blocks.div_ceil(64)],
             num_blocks,

@@ -233,6 +233,32 @@ impl TokenSelect {
         );
         Ok(())
     }
+
+    /// `check`, and the buffers of `num_heads` heads: `scores_len` scores (None: streaming,
+    /// no scores) and `keep_len` kept positions. Shared by the CPU and CUDA paths.
+    pub fn check_buffers(
+        &self,
+        num_heads: usize,
+        scores_len: Option<usize>,
+        keep_len: usize,
+    ) -> Result<()> {
+        ensure_arg!(num_heads > 0, "num_heads is 0");
+        self.check()?;
+        let c = self.cached_len;
+        if let Some(n) = scores_len {
+            ensure_arg!(
+                n == num_heads * c,
+                "scores has {n} entries; expected num_heads * cached_len = {}",
+                num_heads * c
+            );
+        }
+        ensure_arg!(
+            keep_len == num_heads * self.selected,
+            "keep has {keep_len} entries; expected num_heads * selected = {}",
+            num_heads * self.selected
+        );
+        Ok(())
+    }
 }
 
 /// Select, for each of `num_heads` KV heads, the `p.selected` cached positions to keep.
@@ -244,23 +270,8 @@ pub fn select_tokens(
     p: &TokenSelect,
     out: &mut [u32],
 ) -> Result<()> {
-    ensure_arg!(num_heads > 0, "num_heads is 0");
-    p.check()?;
+    p.check_buffers(num_heads, scores.map(<[f32]>::len), out.len())?;
     let c = p.cached_len;
-    if let Some(s) = scores {
-        ensure_arg!(
-            s.len() == num_heads * c,
-            "scores has {} entries; expected num_heads * cached_len = {}",
-            s.len(),
-            num_heads * c
-        );
-    }
-    ensure_arg!(
-        out.len() == num_heads * p.selected,
-        "keep has {} entries; expected num_heads * selected = {}",
-        out.len(),
-        num_heads * p.selected
-    );
     let (sink_end, tail_start) = p.regions();
     let mut buf = Vec::with_capacity(p.selected);
     for h in 0..num_heads {

@@ -11,13 +11,38 @@ use crate::kernels::page_table::check_row;
 use crate::kernels::KvCache;
 use crate::with_dtype;
 
-fn check_meta(cache: &KvCache, min: &[f32], max: &[f32]) -> Result<()> {
+/// The metadata holds `[num_blocks][num_kv_heads][head_dim]` floats each (shared with the CUDA
+/// path, like every shape check here).
+pub(crate) fn check_meta(cache: &KvCache, min_len: usize, max_len: usize) -> Result<()> {
     let n = cache.num_blocks * cache.num_kv_heads * cache.head_dim;
     ensure_arg!(
-        min.len() == n && max.len() == n,
-        "block_min/block_max have {}/{} entries; expected num_blocks * num_kv_heads * head_dim = {n}",
-        min.len(),
-        max.len()
+        min_len == n && max_len == n,
+        "block_min/block_max have {min_len}/{max_len} entries; expected num_blocks * num_kv_heads * head_dim = {n}"
+    );
+    Ok(())
+}
+
+/// The shapes of a bound call: whole query-head groups, one query, one score per row block.
+pub(crate) fn check_bound_shape(
+    cache: &KvCache,
+    row_len: usize,
+    num_q_heads: usize,
+    query_len: usize,
+    out_len: usize,
+) -> Result<()> {
+    let (h, d) = (cache.num_kv_heads, cache.head_dim);
+    ensure_arg!(
+        num_q_heads >= h && num_q_heads % h == 0,
+        "num_q_heads = {num_q_heads} must be a multiple of num_kv_heads = {h}"
+    );
+    ensure_arg!(
+        query_len == num_q_heads * d,
+        "query has {query_len} entries; expected num_q_heads * head_dim = {}",
+        num_q_heads * d
+    );
+    ensure_arg!(
+        out_len == row_len,
+        "block_scores has {out_len} entries; expected one per row block ({row_len})"
     );
     Ok(())
 }
@@ -48,7 +73,7 @@ pub unsafe fn quest_update_block(
     min: &mut [f32],
     max: &mut [f32],
 ) -> Result<()> {
-    check_meta(cache, min, max)?;
+    check_meta(cache, min.len(), max.len())?;
     check_block_fill(cache, block, filled)?;
     let d = cache.head_dim;
     let mut k = vec![0f32; d];
@@ -81,24 +106,9 @@ pub fn quest_bound(
     max: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
-    check_meta(cache, min, max)?;
+    check_meta(cache, min.len(), max.len())?;
+    check_bound_shape(cache, row.len(), num_q_heads, query.len(), out.len())?;
     let (h, d) = (cache.num_kv_heads, cache.head_dim);
-    ensure_arg!(
-        num_q_heads >= h && num_q_heads % h == 0,
-        "num_q_heads = {num_q_heads} must be a multiple of num_kv_heads = {h}"
-    );
-    ensure_arg!(
-        query.len() == num_q_heads * d,
-        "query has {} entries; expected num_q_heads * head_dim = {}",
-        query.len(),
-        num_q_heads * d
-    );
-    ensure_arg!(
-        out.len() == row.len(),
-        "block_scores has {} entries; expected one per row block ({})",
-        out.len(),
-        row.len()
-    );
     check_row(row, cache.num_blocks, 0)?;
     let group = num_q_heads / h;
     for (o, &b) in out.iter_mut().zip(row) {
