@@ -1,10 +1,14 @@
 //! The CUDA backend handle: context, the engine's stream, the loaded kernels, and a pooled
 //! workspace that grows to the largest call and is then reused (no allocation in steady state).
 
+use super::nvrtc::Nvrtc;
 use super::source;
 use crate::error::{Error, Result};
 use crate::status::Status;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
+};
+use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
@@ -176,10 +180,7 @@ impl CudaBackend {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| cuda_err("reading the compute capability", e))?;
-        let ptx = source::compile(source::arch_for(major, minor)?)?;
-        let module = ctx
-            .load_module(ptx)
-            .map_err(|e| cuda_err("loading the compiled kernels", e))?;
+        let module = load_kernels(&ctx, ordinal, major, minor)?;
         let mut funcs = HashMap::new();
         for &name in source::KERNEL_NAMES {
             let f = module.load_function(name).map_err(|e| cuda_err(name, e))?;
@@ -217,6 +218,51 @@ impl CudaBackend {
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The driver's CUDA version as (major, minor), e.g. (12, 9).
+pub fn driver_version() -> Result<(i32, i32)> {
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: a writable int; the driver library was found by the caller.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .map_err(|e| cuda_err("cuDriverGetVersion", e))?;
+    Ok((v / 1000, (v % 1000) / 10))
+}
+
+/// Compile the kernels for the device with the NVRTC that matches the driver and load them;
+/// every failure names the device, the driver, the NVRTC and what was loaded.
+fn load_kernels(
+    ctx: &Arc<CudaContext>,
+    ordinal: u32,
+    major: i32,
+    minor: i32,
+) -> Result<Arc<CudaModule>> {
+    let (dmaj, dmin) = driver_version()?;
+    let nvrtc = Nvrtc::open(Some(dmaj))?;
+    let target = source::target_for(major, minor, &nvrtc.supported_archs()?)?;
+    let image = source::compile(&nvrtc, target)?;
+    let what = format!(
+        "device {ordinal} (compute capability {major}.{minor}), driver CUDA {dmaj}.{dmin}, NVRTC {}.{} ({}), {}",
+        nvrtc.version.0,
+        nvrtc.version.1,
+        nvrtc.path,
+        target.arch()
+    );
+    let loaded = match target {
+        source::Target::Sass(_) => Ptx::from_binary(image),
+        source::Target::Ptx(_) => Ptx::from_src(
+            String::from_utf8_lossy(&image)
+                .trim_end_matches('\0')
+                .to_string(),
+        ),
+    };
+    ctx.load_module(loaded).map_err(|e| {
+        Error::new(
+            Status::CudaError,
+            format!("loading kvsieve's kernels failed on {what}: {e:?}"),
+        )
+    })
 }
 
 impl State {

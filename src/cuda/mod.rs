@@ -4,6 +4,7 @@
 //! every entry first checks that the libraries are present and turns absence into a status.
 
 mod backend;
+pub mod nvrtc;
 mod ops;
 pub mod source;
 

@@ -1,7 +1,7 @@
-//! The kernel source and its NVRTC compilation.
+//! The kernel source and its NVRTC compilation (`nvrtc` opens the NVRTC that matches the driver).
 
+use super::nvrtc::Nvrtc;
 use crate::error::{Error, Result};
-use crate::status::Status;
 
 /// `kernels/kvsieve.cu`, embedded so the library needs no files at run time.
 pub const KERNEL_SOURCE: &str = include_str!("../../kernels/kvsieve.cu");
@@ -30,49 +30,63 @@ pub const KERNEL_NAMES: &[&str] = &[
     "kvs_fill_i32",
 ];
 
-/// Whether NVRTC can be loaded (cudarc panics on first use otherwise).
-pub fn nvrtc_present() -> bool {
-    // SAFETY: only probes for the shared library.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+/// What the kernels are compiled to for one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The device's own SASS (`sm_XY`, XY = compute capability x 10): loads on any driver that
+    /// runs the device, no JIT.
+    Sass(i32),
+    /// PTX of an older architecture the NVRTC knows, JIT-compiled by the driver (a device newer
+    /// than the NVRTC).
+    Ptx(i32),
 }
 
-/// The NVRTC architecture name for a compute capability this build knows.
-pub fn arch_for(major: i32, minor: i32) -> Result<&'static str> {
-    Ok(match (major, minor) {
-        (8, 0) => "compute_80",
-        (8, 6) => "compute_86",
-        (8, 7) => "compute_87",
-        (8, 9) => "compute_89",
-        (9, 0) => "compute_90",
-        (10, 0) => "compute_100",
-        (12, 0) => "compute_120",
-        (m, _) if m >= 8 => "compute_80", // PTX for sm_80 JIT-compiles on newer devices
-        _ => {
-            return Err(Error::unsupported(format!(
-                "compute capability {major}.{minor} is below 8.0; kvsieve's CUDA kernels need Ampere or newer"
-            )))
+impl Target {
+    /// NVRTC's `--gpu-architecture` value.
+    pub fn arch(self) -> String {
+        match self {
+            Target::Sass(cc) => format!("sm_{cc}"),
+            Target::Ptx(cc) => format!("compute_{cc}"),
         }
-    })
+    }
 }
 
-/// Compile the kernels to PTX for `arch` (e.g. "compute_90").
-pub fn compile(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
-    if !nvrtc_present() {
-        return Err(Error::new(
-            Status::NoCudaDriver,
-            "libnvrtc could not be loaded; install the CUDA toolkit or `pip install nvidia-cuda-nvrtc-cu12` \
-             and put its lib directory on LD_LIBRARY_PATH",
-        ));
+/// The target for a device of compute capability `major.minor` given the architectures the
+/// NVRTC supports (`cc x 10`): its own SASS when supported, else the newest older PTX.
+pub fn target_for(major: i32, minor: i32, supported: &[i32]) -> Result<Target> {
+    let cc = major * 10 + minor;
+    if major < 8 {
+        return Err(Error::unsupported(format!(
+            "compute capability {major}.{minor} is below 8.0; kvsieve's CUDA kernels need Ampere or newer"
+        )));
     }
-    let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| {
-        Error::new(
-            Status::CudaError,
-            format!("NVRTC failed to compile kernels/kvsieve.cu for {arch}: {e:?}"),
-        )
-    })
+    if supported.contains(&cc) {
+        return Ok(Target::Sass(cc));
+    }
+    supported
+        .iter()
+        .copied()
+        .filter(|&s| (80..cc).contains(&s))
+        .max()
+        .map(Target::Ptx)
+        .ok_or_else(|| {
+            Error::unsupported(format!(
+                "this NVRTC compiles for {supported:?} only, none of them for compute capability {major}.{minor}; \
+                 install a newer NVRTC"
+            ))
+        })
+}
+
+/// Compile the kernels for `target` with `nvrtc`: the cubin (SASS) or the PTX text.
+pub fn compile(nvrtc: &Nvrtc, target: Target) -> Result<Vec<u8>> {
+    let options = vec![
+        format!("--gpu-architecture={}", target.arch()),
+        "--std=c++17".into(),
+    ];
+    nvrtc.compile(
+        KERNEL_SOURCE,
+        "kvsieve.cu",
+        &options,
+        matches!(target, Target::Sass(_)),
+    )
 }

@@ -280,6 +280,23 @@ class CpuKernels:
                             released.numel())
 
 
+def nvrtc_search_path() -> str:
+    """What libkvsieve's CUDA backend tries for NVRTC (`KVSIEVE_NVRTC`, `:`-separated) when the
+    user set nothing: the NVRTC libraries of this Python environment (torch's
+    `nvidia-cuda-nvrtc-cu12` wheel, `nvidia/cuda_nvrtc/lib`; the CUDA 13 wheels' `nvidia/cu13/lib`),
+    newest first, then the plain names for the dynamic loader. The library passes over any NVRTC
+    newer than the driver."""
+    import glob
+    import sys
+
+    found = []
+    for base in sys.path:
+        for pattern in ("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cuda_nvrtc/lib/libnvrtc.so.1[0-9]"):
+            found += glob.glob(os.path.join(base or ".", pattern))
+    found = sorted(dict.fromkeys(found), key=lambda p: p.rsplit(".so.", 1)[-1], reverse=True)
+    return ":".join(found + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"])
+
+
 class CudaKernels(CpuKernels):
     """The CUDA backend: the same calls with device pointers (tensors on the device), enqueued on
     `stream` (a CUstream handle, e.g. `torch.cuda.current_stream().cuda_stream`; 0 for the
@@ -289,6 +306,7 @@ class CudaKernels(CpuKernels):
     def __init__(self, lib: Library, ordinal: int = 0, stream: int = 0):
         self._lib = lib
         self._handle = c_void_p()
+        os.environ.setdefault("KVSIEVE_NVRTC", nvrtc_search_path())
         lib.check(lib._lib.kvs_kernels_new_cuda(ordinal, c_void_p(stream or None), byref(self._handle)))
 
 
