@@ -60,6 +60,12 @@ def engine_refusals(vllm_config) -> list[str]:
                    "flight break the event acknowledgement (use tensor parallelism)")
     elif vllm_config.max_concurrent_batches > 1:
         out.append(f"{vllm_config.max_concurrent_batches} concurrent batches; kvsieve needs one batch in flight")
+    for attr, flag in (("decode_context_parallel_size", "--decode-context-parallel-size"),
+                       ("prefill_context_parallel_size", "--prefill-context-parallel-size")):
+        if getattr(pc, attr, 1) > 1:
+            out.append(f"context parallelism ({flag} {getattr(pc, attr)}): each worker holds a slice of every "
+                       "block, so its blocks differ from the scheduler's and no event could run (use tensor "
+                       "parallelism)")
     if vllm_config.kv_transfer_config is not None:
         out.append("a KV connector is configured (--kv-transfer-config): it would move KV kvsieve rewrites "
                    "(remove it)")
@@ -72,6 +78,9 @@ def engine_refusals(vllm_config) -> list[str]:
     if getattr(hf, "alibi", False) or "alibi" in str(getattr(hf, "position_embedding_type", "")):
         out.append("the model applies ALiBi position biases at attention time; moved keys would get wrong "
                    "biases (use a RoPE model)")
+    if getattr(mc, "is_mm_prefix_lm", False):
+        out.append(f"{mc.hf_config.model_type}: a prefix-LM multimodal model attends bidirectionally over ranges of "
+                   "logical positions, which compacted rows no longer hold (use a causal text model)")
     if mc.is_encoder_decoder:
         out.append("encoder-decoder models (cross-attention caches) are not mapped")
     if getattr(mc, "runner_type", "generate") != "generate":
@@ -95,8 +104,9 @@ def platform_kind() -> str | None:
 
 def cuda_graph_refusals(vllm_config) -> list[str]:
     """SnapKV reads the window queries from the attention forward, which a full CUDA graph
-    replays without running Python. Decode batches (FULL_AND_PIECEWISE, FULL_DECODE_ONLY) never
-    hold a window; a mode that replays mixed prefill batches as full graphs would lose them all."""
+    replays without running Python. A step that records a window is dispatched as a mixed batch
+    (`worker.wrap_determine_batch`), so FULL_AND_PIECEWISE and FULL_DECODE_ONLY run it piecewise
+    or eagerly; a mode that replays mixed batches as full graphs (FULL) would lose them all."""
     from .settings import settings
 
     mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
@@ -152,6 +162,7 @@ def _missing(obj, paths: list[str]) -> list[str]:
 
 SCHEDULER_ATTRS = [
     "vllm_config", "requests", "running", "_preempt_request", "_free_request", "prev_step_scheduled_req_ids",
+    "max_model_len", "finish_requests", "kv_cache_manager.block_pool.num_gpu_blocks",
     "kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks",
     "kv_cache_manager.coordinator.single_type_managers[0].num_cached_block",
     "kv_cache_manager.coordinator.single_type_managers[0].block_size",

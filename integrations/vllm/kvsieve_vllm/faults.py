@@ -8,6 +8,7 @@ this process) or `point=N+` (the N-th time and every time after). Points:
 - `prepare_layer`: an exception in the worker's per-layer scoring/selection loop;
 - `move_layer`: an exception in the per-layer compaction loop (after earlier layers moved);
 - `drop_event`: the worker never sees an event the scheduler announced (lost in transit);
+- `drop_ack`: the worker runs and installs an event, then its acknowledgement is lost;
 - `schedule`: an exception in the scheduler's planning of a step.
 
 Unarmed points cost one dict lookup. Never set KVSIEVE_FAULTS in production.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-POINTS = ("lib", "prepare_layer", "move_layer", "drop_event", "schedule")
+POINTS = ("lib", "prepare_layer", "move_layer", "drop_event", "drop_ack", "schedule")
 
 
 class InjectedFault(RuntimeError):

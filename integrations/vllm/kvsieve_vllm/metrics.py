@@ -1,12 +1,16 @@
 """kvsieve on vLLM's `/metrics`, through vLLM's own stats path.
 
 The engine core (where the scheduler runs, in a process of its own under the OpenAI server)
-puts a snapshot of kvsieve's scheduler-side counters on every `SchedulerStats` it reports
-(`SchedulerStats.kvsieve`, a field kvsieve adds in every process when it is enabled). The
-workers' time arrives with their acknowledgements, so with tensor parallelism nothing is read
-from a worker process. In the API server, `stat_logger.KvsieveStatLogger` (entry point group
-`vllm.stat_logger_plugins`) turns the snapshots into Prometheus series beside vLLM's, with
-vLLM's names and labels (`vllm:` prefix, `model_name`, `engine`):
+puts what kvsieve's scheduler-side counters gained since its last report on every
+`SchedulerStats` it makes (`SchedulerStats.kvsieve`, a field kvsieve adds in every process
+when it is enabled), with the cumulative kept ratio. Increments, not totals: vLLM hands each
+step's stats to one API server, and with `--api-server-count N` each of the N processes
+exports what it was handed, which Prometheus' multiprocess mode sums; totals would be counted
+up to N times. The workers' time arrives with their acknowledgements, so with tensor
+parallelism nothing is read from a worker process. In the API server,
+`stat_logger.KvsieveStatLogger` (entry point group `vllm.stat_logger_plugins`) adds the
+increments to Prometheus series beside vLLM's, with vLLM's names and labels (`vllm:` prefix,
+`model_name`, `engine`):
 
     vllm:kvsieve_compressions_total           compression events done
     vllm:kvsieve_tokens_before_total          cached tokens those events started from
@@ -26,11 +30,13 @@ import dataclasses
 from .stats import SCHEDULER_STATS
 
 FIELD = "kvsieve"
+KEPT_RATIO = "kept_ratio"  # the one entry that is not an increment
 _installed = False
+_reported: dict[str, float] = {}  # the totals as of the last report (this engine core's)
 
 
-def snapshot() -> dict[str, float]:
-    """The engine's cumulative kvsieve counters as a flat map (what rides on SchedulerStats)."""
+def totals() -> dict[str, float]:
+    """The engine's cumulative kvsieve counters as a flat map."""
     s = SCHEDULER_STATS
     out = {"compressions": s.compressions, "prefill_chunk_compressions": s.chunk_compressions,
            "tokens_before": s.tokens_before, "tokens_evicted": s.tokens_evicted,
@@ -38,6 +44,19 @@ def snapshot() -> dict[str, float]:
     for prefix, counter in (("failed:", s.failed), ("skipped:", s.skipped), ("requests:", s.requests)):
         for k, v in counter.items():
             out[prefix + k] = v
+    return out
+
+
+def snapshot() -> dict[str, float]:
+    """What rides on one SchedulerStats: each counter's increment since the previous snapshot
+    (those that moved), and the cumulative kept ratio. Each snapshot is handed to exactly one
+    API server, so the increments add up to the totals however many there are."""
+    now = totals()
+    out = {k: v - _reported.get(k, 0.0) for k, v in now.items() if v != _reported.get(k, 0.0)}
+    _reported.clear()
+    _reported.update(now)
+    s = SCHEDULER_STATS
+    out[KEPT_RATIO] = (s.tokens_before - s.tokens_evicted) / s.tokens_before if s.tokens_before else 1.0
     return out
 
 

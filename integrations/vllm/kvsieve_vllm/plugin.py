@@ -46,6 +46,7 @@ PATCHES = {
     (*_RUNNER, "initialize_kv_cache"): worker.wrap_initialize_kv_cache,
     (*_RUNNER, "_update_states"): worker.wrap_update_states,
     (*_RUNNER, "_prepare_inputs"): worker.wrap_prepare_inputs,
+    (*_RUNNER, "_determine_batch_execution_and_padding"): worker.wrap_determine_batch,
     (*_RUNNER, "execute_model"): worker.wrap_execute_model,
     (*_RUNNER, "sample_tokens"): worker.wrap_sample_tokens,
 }

@@ -11,7 +11,10 @@ Patched on vLLM's `Scheduler`:
   rewrites the block list (the evicted positions hold the null block right after the protected
   prefix, so the non-null blocks in order are the worker's row; the list keeps its logical
   length, so vLLM's allocation accounting needs no change) and frees the released blocks;
-  FAILED or no ack leaves the request uncompressed; TORN marks it for recompute.
+  FAILED leaves the request uncompressed (its fresh blocks, never installed, go back); TORN or
+  no ack at all marks it for recompute, and its fresh blocks stay held until its preemption
+  (a worker may have installed them). After vLLM read the output, finishes with an error the
+  requests that can neither be compressed nor fit the KV space (see "Failures" below).
 - `_preempt_request` / `_free_request`: the PREEMPTED / FINISHED / ABORTED transitions.
 
 Prefix caching: no block that is or may become shared is ever rewritten. When the blocks an
@@ -29,8 +32,16 @@ request to make room. Either way the first event stops caching the request's lat
 
 Containment: every kvsieve step here runs inside a try; a failure disables kvsieve for the
 request involved (it runs on uncompressed, logged once per kind, counted in stats) and vLLM's
-own code runs as it would without kvsieve. A request whose event failed or tore is not
-compressed again.
+own code runs as it would without kvsieve.
+
+Failures (`settle_failure`): a request kvsieve stopped compressing runs on uncompressed when
+it fits the KV space that way (its prompt plus `max_tokens`, at most `max_model_len`) and is
+compressed again if vLLM preempts and recomputes it, once. One that does not fit (admitted by
+the bound of a bounding config, `admission`) would fill the pool, preempt everything and be
+re-admitted forever: it is recomputed from scratch (compressed again) while it has a retry,
+and otherwise finished with vLLM's error status (`FINISHED_ERROR`: the client sees an error
+finish, the OpenAI server a 500), counted as `requests{kind="ended_with_error"}`. A request
+never costs more than `RETRIES` + 1 failed events.
 """
 
 from __future__ import annotations
@@ -52,6 +63,11 @@ logger = logging.getLogger("vllm.kvsieve")
 
 LOG_EVERY_STEPS = 100
 TIMELINE_LIMIT = 256
+# A request whose events failed this many times may be compressed again after a recompute;
+# after one more failure it runs on uncompressed (or ends with an error if it cannot).
+RETRIES = 1
+# Failure kinds a recompute may not meet again (the others are the request's own choice).
+TRANSIENT = {"worker", "lost", "torn", "scheduler"}
 
 # Never cache a compressed request's later blocks: its later KV was computed attending over a
 # compressed cache, so it is not what the prefix-cache hash of those tokens promises.
@@ -63,7 +79,8 @@ class SchedulerSide:
 
     def __init__(self) -> None:
         self.reqs: dict[str, Record] = {}
-        self.to_preempt: set[str] = set()
+        self.to_preempt: set[str] = set()  # recompute from scratch at the next schedule
+        self.to_fail: dict[str, str] = {}  # finish with an error after this step's output
         self.steps = 0
         self.logged: set[str] = set()
 
@@ -77,9 +94,65 @@ class SchedulerSide:
     def disable(self, rec: Record, kind: str, reason: str) -> None:
         """No more events for this request; it runs on uncompressed (or as compressed so far)."""
         rec.disabled, rec.skip_kind = reason, kind
+        rec.failures += 1
         SCHEDULER_STATS.failed[kind] += 1
         SCHEDULER_STATS.request(rec.req_id)["disabled"] = reason
         self.log_once(kind, "request %s is no longer compressed: %s", rec.req_id, reason)
+
+    def may_retry(self, rec: Record) -> bool:
+        return rec.skip_kind in TRANSIENT and rec.failures <= RETRIES
+
+    @staticmethod
+    def fits_uncompressed(sched, req) -> bool:
+        """Whether the request can finish holding every token: its prompt and all it may
+        generate fit the whole KV space (vLLM checked that for max_model_len unless kvsieve's
+        bound let it start with less)."""
+        bs = sched.kv_cache_manager.coordinator.single_type_managers[0].block_size
+        longest = min(sched.max_model_len, req.num_prompt_tokens + req.max_tokens)
+        return math.ceil(longest / bs) <= sched.kv_cache_manager.block_pool.num_gpu_blocks - 1
+
+    def settle_failure(self, sched, rec: Record, recompute: bool = False) -> None:
+        """After kvsieve stopped compressing a request (`disable`): a request that must
+        recompute anyway (`recompute`: its KV is torn) does; one that fits the KV space
+        uncompressed runs on; one that does not is recomputed, compressed again, while it has a
+        retry, and finished with an error otherwise (it could never finish: a livelock)."""
+        req = sched.requests.get(rec.req_id)
+        if req is None:
+            return
+        fits = self.fits_uncompressed(sched, req)
+        if fits and not recompute:
+            return
+        if fits or self.may_retry(rec):
+            self.to_preempt.add(rec.req_id)
+            return
+        self.to_preempt.discard(rec.req_id)
+        self.to_fail[rec.req_id] = (
+            f"kvsieve could not compress it ({rec.disabled}) and its {req.num_prompt_tokens}-token prompt with up to "
+            f"{req.max_tokens} tokens to generate does not fit the KV space uncompressed "
+            f"({sched.kv_cache_manager.block_pool.num_gpu_blocks - 1} blocks)")
+
+    def finish_failed(self, sched, outputs) -> None:
+        """Finish the requests in `to_fail` with vLLM's error status and tell their clients (as
+        vLLM's own error sweep in update_from_output does)."""
+        if not self.to_fail:
+            return
+        from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+        from vllm.v1.request import RequestStatus
+
+        why, self.to_fail = self.to_fail, {}
+        for req in sched.finish_requests(list(why), RequestStatus.FINISHED_ERROR):
+            logger.error("kvsieve: request %s finished with an error: %s", req.request_id, why[req.request_id])
+            SCHEDULER_STATS.requests["ended_with_error"] += 1
+            SCHEDULER_STATS.request(req.request_id)["error"] = why[req.request_id]
+            eco = outputs.get(req.client_index)
+            if eco is None:
+                eco = outputs[req.client_index] = EngineCoreOutputs()
+            eco.outputs.append(EngineCoreOutput(request_id=req.request_id, new_token_ids=[],
+                                                finish_reason=req.get_finished_reason(), events=req.take_events(),
+                                                trace_headers=req.trace_headers))
+            done = getattr(sched, "finished_req_ids_dict", None)
+            if done is not None:  # data parallel: the coordinator hears of it with this output
+                eco.finished_requests = (eco.finished_requests or set()) | done.pop(req.client_index, set())
 
     def record(self, rid: str) -> Record:
         rec = self.reqs.get(rid)
@@ -89,8 +162,9 @@ class SchedulerSide:
 
     # -- before vLLM schedules -----------------------------------------------------------------
 
-    def preempt_torn(self, sched) -> None:
-        """Requests whose KV an event left half compacted recompute from scratch."""
+    def preempt_for_recompute(self, sched) -> None:
+        """Requests whose KV an event left half compacted (or whose event was never
+        acknowledged), and requests retried after a failure, recompute from scratch."""
         from vllm.v1.request import RequestStatus
 
         for rid in sorted(self.to_preempt):
@@ -103,7 +177,7 @@ class SchedulerSide:
             # As vLLM's own reset_prefix_cache does: preempted and resumed in one step, the
             # request must look unscheduled in the prior step (the worker gets its full state).
             sched.prev_step_scheduled_req_ids.discard(rid)
-            SCHEDULER_STATS.counts["recomputed_after_torn_event"] += 1
+            SCHEDULER_STATS.counts["recomputed_after_failed_event"] += 1
 
     # -- after vLLM schedules ------------------------------------------------------------------
 
@@ -125,6 +199,7 @@ class SchedulerSide:
                     rec.go(rec.chunk_from or State.DECODING)
                     rec.chunk_from = None
                 self.disable(rec, "scheduler", f"planning its event failed: {type(e).__name__}: {e}")
+                self.settle_failure(sched, rec)
         return plan
 
     def resolve_options(self, req, rec: Record) -> None:
@@ -148,18 +223,27 @@ class SchedulerSide:
 
     def _plan_request(self, sched, req, rec: Record, n: int, plan: StepPlan) -> None:
         s = settings()
+        if rec.req_id in self.to_fail:
+            return
         if rec.config is None:
             self.resolve_options(req, rec)
-        if getattr(req, "resumable", False) and not rec.disabled:
-            # A streaming-input session appends prompt turns to a request after its prefill;
-            # kvsieve has not mapped that, so it leaves such requests whole.
-            rec.skip_kind = "resumable"
-            rec.disabled = "a resumable (streaming-input) request; kvsieve leaves it uncompressed"
-            SCHEDULER_STATS.counts["requests_left_whole"] += 1
-            self.log_once("resumable", "request %s: %s", rec.req_id, rec.disabled)
+            if getattr(req, "resumable", False) and not rec.disabled:
+                # A streaming-input session appends prompt turns to a request after its prefill;
+                # kvsieve has not mapped that, so it leaves such requests whole.
+                rec.skip_kind = "resumable"
+                rec.disabled = "a resumable (streaming-input) request; kvsieve leaves it uncompressed"
+                SCHEDULER_STATS.counts["requests_left_whole"] += 1
+                self.log_once("resumable", "request %s: %s", rec.req_id, rec.disabled)
+            if rec.disabled:
+                self.settle_failure(sched, rec)
+                if rec.req_id in self.to_fail:
+                    return
         if rec.state == State.PREEMPTED:
             rec.go(State.RESUMED)
             rec.restart()
+            if rec.disabled and self.may_retry(rec):
+                rec.disabled, rec.skip_kind = "", ""  # compressed again, once
+                SCHEDULER_STATS.counts["compressed_again_after_failure"] += 1
             # It recomputes every token so far (prompt and output), with chunk events if any.
             _timeline(rec.req_id, ["recompute", req.num_tokens])
         target = 0  # set while prefilling
@@ -274,22 +358,22 @@ class SchedulerSide:
                 continue  # finished or aborted while its event ran
             ack = acks.get(rid)
             try:
-                if ack is None or ack.outcome != Outcome.DONE:
-                    self.give_back_dest(sched, rec)  # nothing reads them: the request keeps its row
                 if ack is None:
-                    rec.settle()
-                    self.disable(rec, "lost", "the workers never acknowledged its event (lost between scheduler "
-                                 "and worker); nothing was freed")
+                    # Unknown: a worker may have moved and installed it. Nothing is handed back
+                    # (its fresh blocks included) until it is preempted and recomputes.
+                    self._tear(sched, rec, "lost", "the workers never acknowledged its event; it recomputes, and no "
+                               "block it may read is handed back before")
                 elif ack.outcome == Outcome.DONE:
                     self._apply_done(sched, rec, ev)
                 elif ack.outcome == Outcome.FAILED:
+                    self.give_back_dest(sched, rec)  # never installed: the request keeps its row
                     rec.settle()
                     self.disable(rec, "worker", f"a worker refused its event, KV intact: {ack.reason}")
+                    self.settle_failure(sched, rec)
                 else:
-                    self._tear(rec, f"a worker moved only some layers: {ack.reason}")
+                    self._tear(sched, rec, "torn", f"a worker moved only some layers: {ack.reason}")
             except Exception as e:
-                self.give_back_dest(sched, rec)
-                self._tear(rec, f"applying its event failed: {type(e).__name__}: {e}")
+                self._tear(sched, rec, "torn", f"applying its event failed: {type(e).__name__}: {e}")
 
     def give_back_dest(self, sched, rec: Record) -> None:
         """Return the fresh blocks of an out-of-place event that will not be installed."""
@@ -297,11 +381,14 @@ class SchedulerSide:
             dest, rec.dest = rec.dest, []
             sched.kv_cache_manager.block_pool.free_blocks(dest)
 
-    def _tear(self, rec: Record, reason: str) -> None:
+    def _tear(self, sched, rec: Record, kind: str, reason: str) -> None:
+        """The request's KV (or the workers' view of its row) cannot be trusted: it recomputes
+        from scratch at the next schedule (or ends with an error, `settle_failure`). Its fresh
+        blocks stay held until then."""
         if rec.state != State.TORN:
             rec.go(State.TORN)
-        self.to_preempt.add(rec.req_id)
-        self.disable(rec, "torn", reason + "; it will recompute its KV uncompressed")
+        self.disable(rec, kind, reason)
+        self.settle_failure(sched, rec, recompute=True)
 
     def _apply_done(self, sched, rec: Record, ev: Event) -> None:
         """The workers compacted: rewrite the block list and free the released blocks. Every
@@ -361,6 +448,7 @@ class SchedulerSide:
         self.to_preempt.discard(request.request_id)
         if rec is None:
             return
+        self.to_fail.pop(request.request_id, None)
         self.give_back_dest(sched, rec)
         rec.go(State.ABORTED if request.status == RequestStatus.FINISHED_ABORTED else State.FINISHED)
         SCHEDULER_STATS.request(rec.req_id)["states"] = [s.value for s in rec.history]
@@ -425,7 +513,7 @@ def wrap_schedule(orig):
         if side is None:
             return orig(self, *args, **kwargs)
         t0 = time.perf_counter()
-        _contained(side, "preempting requests with torn events", side.preempt_torn, self)
+        _contained(side, "preempting requests to recompute", side.preempt_for_recompute, self)
         SCHEDULER_STATS.seconds += time.perf_counter() - t0
         out = orig(self, *args, **kwargs)
         t0 = time.perf_counter()
@@ -455,7 +543,10 @@ def wrap_update_from_output(orig):
             _contained(side, "applying acknowledged events", side.apply_acks, self, scheduler_output,
                        model_runner_output)
             SCHEDULER_STATS.seconds += time.perf_counter() - t0
-        return orig(self, scheduler_output, model_runner_output, *args, **kwargs)
+        out = orig(self, scheduler_output, model_runner_output, *args, **kwargs)
+        if side is not None and side.to_fail:
+            _contained(side, "finishing requests that cannot be served", side.finish_failed, self, out)
+        return out
 
     return update_from_output
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .metrics import FIELD
+from .metrics import FIELD, KEPT_RATIO
 
 
 def _base():
@@ -18,13 +18,14 @@ def _base():
 
 class KvsieveStatLogger(_base()):
     """Prometheus series from the kvsieve snapshots of every engine (one logger for all engines,
-    as vLLM's PrometheusStatLogger). Inert unless KVSIEVE_CONFIG is set in the API server."""
+    as vLLM's PrometheusStatLogger): counters advance by each snapshot's increments (see
+    `metrics`), so several API servers, each handed some of the steps, add up to the truth.
+    Inert unless KVSIEVE_CONFIG is set in the API server."""
 
     def __init__(self, vllm_config, engine_indexes: list[int] | None = None):
         self.engine_indexes = list(engine_indexes or [0])
         self.model_name = vllm_config.model_config.served_model_name if vllm_config.model_config else ""
         self.enabled = bool(os.environ.get("KVSIEVE_CONFIG"))
-        self.last: dict[int, dict[str, float]] = {}
         self.series = None
 
     def _make_series(self) -> None:
@@ -58,7 +59,7 @@ class KvsieveStatLogger(_base()):
             s["kept_ratio"].labels(*lv).set(1.0)
             for side in ("scheduler", "worker"):
                 s["seconds"].labels(*lv, side)
-            for kind in ("opted_out", "own_budget"):
+            for kind in ("opted_out", "own_budget", "ended_with_error"):
                 s["requests"].labels(*lv, kind)
         self.series = s
 
@@ -71,24 +72,16 @@ class KvsieveStatLogger(_base()):
         if self.series is None:
             self._make_series()
         s, lv = self.series, [self.model_name, str(engine_idx)]
-        prev = self.last.get(engine_idx, {})
-        for key, value in snap.items():
-            # Counters advance by the difference; a restarted engine starts from 0 again.
-            delta = value - prev.get(key, 0.0)
-            if delta < 0:
-                delta = value
-            if delta <= 0:
-                continue
+        for key, delta in snap.items():
             kind, _, label = key.partition(":")
-            if label:
-                if kind in s:
-                    s[kind].labels(*lv, label).inc(delta)
-            elif kind in s:
+            if key == KEPT_RATIO:
+                s["kept_ratio"].labels(*lv).set(delta)
+            elif delta <= 0 or kind not in s:
+                continue
+            elif label:
+                s[kind].labels(*lv, label).inc(delta)
+            else:
                 s[kind].labels(*lv).inc(delta)
-        before = snap.get("tokens_before", 0.0)
-        if before:
-            s["kept_ratio"].labels(*lv).set((before - snap.get("tokens_evicted", 0.0)) / before)
-        self.last[engine_idx] = dict(snap)
 
     def log_engine_initialized(self):
         if self.enabled and self.series is None:

@@ -80,6 +80,7 @@ class Record:
     options: object = None  # request_options.Options, resolved at its first step
     config: object = None  # the lib.Config its events are planned with (the request's own budget)
     events: int = 0
+    failures: int = 0  # events that did not complete (see scheduler.RETRIES)
     dest: list = field(default_factory=list)  # fresh blocks held for the PENDING out-of-place event
     chunk_from: State | None = None  # PREFILLING / RESUMED while a chunk event is PENDING
     history: list = field(default_factory=lambda: [State.ADMITTED])  # states visited, for tests and logs
@@ -104,7 +105,9 @@ class Record:
             self.go(S.COMPRESSED if self.events else S.DECODING)
 
     def restart(self) -> None:
-        """Recompute from scratch (after a preemption): nothing evicted, nothing protected."""
+        """Recompute from scratch (after a preemption): nothing evicted, nothing protected.
+        Whether a request kvsieve stopped compressing is compressed again is the scheduler's
+        call (`SchedulerSide.may_retry`)."""
         self.offset = self.protected = self.at_len = 0
         self.frozen = False
         self.first_computed = None

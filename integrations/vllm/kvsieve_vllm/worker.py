@@ -143,7 +143,7 @@ class Buffers:
         s = settings()
         n = geo.max_len
         self.scratch.reserve("scores", geo.kv_heads * n, torch.float32)
-        self.scratch.reserve("keep0", geo.layers * geo.kv_heads * n, torch.int32)
+        self.scratch.reserve("keep", geo.layers * geo.kv_heads * n, torch.int32)
         self.scratch.reserve("released", math.ceil(n / geo.block_size), torch.int32)
         window = max((p.window for ph, p in s.params.items() if s.policy[ph] == "snapkv"), default=0)
         self.kernels().reserve(cache, n, window, geo.q_heads if window else 0)
@@ -303,6 +303,24 @@ def _apply_offsets(runner, st: WorkerState, scheduler_output) -> None:
     runner.input_batch.block_table.compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
 
 
+def wrap_determine_batch(orig):
+    """`_determine_batch_execution_and_padding`: a step that records SnapKV window queries is
+    dispatched as a batch that is not uniform decode, so under FULL_AND_PIECEWISE (the CUDA
+    default) it runs as a piecewise graph, whose attention (and the window hook in its forward)
+    runs outside the graph, instead of replaying a full graph that would skip the hook. vLLM
+    counts any batch of one-token requests as uniform decode, a prefill whose last step is one
+    token too (a prefix-cache hit on all but one token, a length of 1 mod the chunk). Only steps
+    with captures are changed; decode steps keep their full graphs."""
+
+    def _determine_batch_execution_and_padding(self, *args, **kwargs):
+        st = _state(self)
+        if st is not None and st.windows.rows and kwargs.get("force_uniform_decode") is None:
+            kwargs["force_uniform_decode"] = False
+        return orig(self, *args, **kwargs)
+
+    return _determine_batch_execution_and_padding
+
+
 def wrap_execute_model(orig):
     def execute_model(self, scheduler_output, *args, **kwargs):
         st = _state(self)
@@ -378,65 +396,72 @@ def _reason(e: Exception) -> str:
 
 
 def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dict[str, Ack]:
-    """Run this step's events; returns an Ack per event received. Never raises."""
+    """Run this step's events one after the other; returns an Ack per event received. Never
+    raises. One at a time, so every event's keep lists use the one buffer reserved for the
+    longest sequence (`Buffers.reserve`): however many events a step holds and whatever budgets
+    their requests asked for, the worker allocates no scratch beyond the reserve."""
     acks: dict[str, Ack] = {}
-    events = []
     for ev in plan.events.values():
-        if faults.hit("drop_event"):
-            continue  # lost in transit: the scheduler hears nothing about it
-        events.append(ev)
-    jobs: dict[str, _Job] = {}
-    for slot, ev in enumerate(events):
-        try:
-            jobs[ev.req_id] = _prepare(runner, st, scheduler_output, ev, slot)
-        except Exception as e:
-            acks[ev.req_id] = Ack(ev.req_id, Outcome.FAILED, _reason(e))
-    for ev in events:
-        acks.setdefault(ev.req_id, Ack(ev.req_id, Outcome.DONE))  # prepared, so far
-    _worst_over_workers(events, acks, "could not prepare it")
-    jobs = {rid: job for rid, job in jobs.items() if acks[rid].outcome == Outcome.DONE}
-    for rid, job in jobs.items():
-        try:
-            _move(st, job)
-            acks[rid] = Ack(rid, Outcome.DONE)
-        except Exception as e:
-            # Out of place only the fresh blocks were written: the row is as it was.
-            acks[rid] = Ack(rid, Outcome.FAILED if job.dest is not None else Outcome.TORN, _reason(e))
-    _worst_over_workers(events, acks, "could not move it", torn="moved only some layers")
-    for rid, job in jobs.items():
-        if acks[rid].outcome == Outcome.DONE:
-            try:
-                _install(runner, st, job)
-            except Exception as e:
-                acks[rid] = Ack(rid, Outcome.TORN, _reason(e))
-    # An install failing on one worker while another installed: the request recomputes.
-    _worst_over_workers(events, acks, "could not install the shortened row")
-    for ev in events:
-        st.windows.forget([ev.req_id])
-        ack = acks[ev.req_id]
-        if ack.outcome == Outcome.DONE:
-            job = jobs[ev.req_id]
-            if not WORKER_STATS.compressions:
-                logger.info("kvsieve: first compression (request %s: %d -> %d cached tokens) (rank %d)", ev.req_id,
-                            job.cached, job.kept, st.rank)
-            entry = WORKER_STATS.compressed(ev.req_id, job.cached, job.evicted, job.released)
-            entry["kept_tokens"] = job.kept
-        else:
-            WORKER_STATS.failed[ack.outcome.name.lower()] += 1
-            _log_once(st, ack.outcome.name + ack.reason.split(":")[0],
-                      "kvsieve: event for request %s %s: %s (logged once per kind; counted in stats)", ev.req_id,
-                      "failed, its KV is intact" if ack.outcome == Outcome.FAILED else
-                      "moved only some layers, it will be recomputed", ack.reason)
+        # Every worker runs every event of the plan in the same order, so the agreements of
+        # tensor parallelism pair up; an event lost on this worker only takes part as FAILED.
+        lost = faults.hit("drop_event")
+        ack = _run_event(runner, st, scheduler_output, ev, lost)
+        if lost or (ack.outcome == Outcome.DONE and faults.hit("drop_ack")):
+            continue  # the scheduler hears nothing of it
+        acks[ev.req_id] = ack
     return acks
 
 
-def _worst_over_workers(events: list, acks: dict[str, Ack], what: str, torn: str | None = None) -> None:
-    """Each event's ack becomes the worst outcome any tensor-parallel worker has for it, with a
+def _run_event(runner, st: WorkerState, scheduler_output, ev: protocol.Event, lost: bool) -> Ack:
+    """Prepare, agree, move, agree, install, agree (see the module docstring)."""
+    job = None
+    if lost:
+        ack = Ack(ev.req_id, Outcome.FAILED, "the event never reached this worker")
+    else:
+        try:
+            job = _prepare(runner, st, scheduler_output, ev)
+            ack = Ack(ev.req_id, Outcome.DONE)
+        except Exception as e:
+            ack = Ack(ev.req_id, Outcome.FAILED, _reason(e))
+    ack = _worst_over_workers(ack, "could not prepare it")
+    if ack.outcome == Outcome.DONE:
+        try:
+            _move(st, job)
+        except Exception as e:
+            # Out of place only the fresh blocks were written: the row is as it was.
+            ack = Ack(ev.req_id, Outcome.FAILED if job.dest is not None else Outcome.TORN, _reason(e))
+        ack = _worst_over_workers(ack, "could not move it", torn="moved only some layers")
+        if ack.outcome == Outcome.DONE:
+            try:
+                _install(runner, st, job)
+            except Exception as e:
+                ack = Ack(ev.req_id, Outcome.TORN, _reason(e))
+            # An install failing on one worker while another installed: the request recomputes.
+            ack = _worst_over_workers(ack, "could not install the shortened row")
+    st.windows.forget([ev.req_id])
+    if ack.outcome == Outcome.DONE:
+        if not WORKER_STATS.compressions:
+            logger.info("kvsieve: first compression (request %s: %d -> %d cached tokens) (rank %d)", ev.req_id,
+                        job.cached, job.kept, st.rank)
+        entry = WORKER_STATS.compressed(ev.req_id, job.cached, job.evicted, job.released)
+        entry["kept_tokens"] = job.kept
+    else:
+        WORKER_STATS.failed[ack.outcome.name.lower()] += 1
+        _log_once(st, ack.outcome.name + ack.reason.split(":")[0],
+                  "kvsieve: event for request %s %s: %s (logged once per kind; counted in stats)", ev.req_id,
+                  "failed, its KV is intact" if ack.outcome == Outcome.FAILED else
+                  "moved only some layers, it will be recomputed", ack.reason)
+    return ack
+
+
+def _worst_over_workers(ack: Ack, what: str, torn: str | None = None) -> Ack:
+    """The event's ack becomes the worst outcome any tensor-parallel worker has for it, with a
     reason naming what another worker failed to do (`torn` when that left it TORN)."""
-    for ev, worst in zip(events, _agree([int(acks[ev.req_id].outcome) for ev in events])):
-        if worst > acks[ev.req_id].outcome:
-            why = torn if torn and worst == Outcome.TORN else what
-            acks[ev.req_id] = Ack(ev.req_id, Outcome(worst), "another tensor-parallel worker " + why)
+    worst = _agree([int(ack.outcome)])[0]
+    if worst > ack.outcome:
+        why = torn if torn and worst == Outcome.TORN else what
+        return Ack(ack.req_id, Outcome(worst), "another tensor-parallel worker " + why)
+    return ack
 
 
 def _agree(flags: list[int]) -> list[int]:
@@ -479,9 +504,9 @@ def _synchronized(kernels):
     kernels.synchronize()
 
 
-def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event, slot: int) -> _Job:
+def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event) -> _Job:
     """Phase 1: plan, score, select and validate every layer. Writes nothing to the cache.
-    The keep lists go to scratch `keep{slot}` (one per event of the step), until phase 2."""
+    The keep lists go to scratch `keep` (events run one at a time), until phase 2."""
     import torch
 
     s = settings()
@@ -524,7 +549,7 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event, slot
                       protected_tail=params.protected_tail, selected=k)
     scores = st.scratch.get("scores", st.heads * cached, torch.float32)
     per_layer = st.heads * k
-    keep_all = st.scratch.get(f"keep{slot}", len(st.desc) * per_layer, torch.int32)
+    keep_all = st.scratch.get("keep", len(st.desc) * per_layer, torch.int32)
     keeps = []
     kernels = st.kernels()
     # Every layer is enqueued, then one synchronize reports what the device found (on CUDA).

@@ -468,3 +468,67 @@ def _run_worker_snapkv(layout: str, device, dtype) -> None:
             assert float(sc[chosen].min()) >= float(sc[dropped].max()) - cut, (i, h, "kept a lower SnapKV score")
             assert torch.equal(got_v[h], value[h, idx.to(value.device)]), (i, h, "V does not follow K")
     assert "r" not in st.windows.windows, "the window's buffer went back to the pool after its event"
+
+
+def check_event_scratch_is_flat(device="cpu", steps: int = 6, events_per_step: int = 6) -> None:
+    """Many events in one step, each at the largest budget a request may ask for (ratio 1.0 of
+    `[requests]`' default bounds: everything but the last block kept, the longest keep lists
+    possible), step after step: the worker's scratch after the first step is exactly what
+    `Buffers.reserve` set aside for one event of the longest sequence, and it never grows (the
+    events run one at a time through the one reserved keep buffer). Checked by tensor bytes."""
+    with kvsieve_settings(KNORM):
+        _run_flat_scratch(device, steps, events_per_step)
+
+
+def _run_flat_scratch(device, steps: int, events_per_step: int) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from kvsieve_vllm import settings as settings_mod
+    from kvsieve_vllm import worker
+    from kvsieve_vllm.lib import PHASE_PREFILL
+    from kvsieve_vllm.protocol import Event, Outcome, StepPlan
+    from kvsieve_vllm.request_options import Options
+
+    s = settings_mod.settings()
+    blocks_per_req, layers = 6, 3
+    max_len = blocks_per_req * BS
+    caches = make_caches(layouts()[0], torch.float16, device, blocks=blocks_per_req * events_per_step + 1,
+                         layers=layers)
+    names = [f"model.layers.{i}.attn" for i in range(layers)]
+    buffers = worker.Buffers(device, layers, 2 * HEADS, HEAD)
+    geo = worker.Geometry(layers=layers, kv_heads=HEADS, q_heads=2 * HEADS, head_size=HEAD, block_size=BS,
+                          dtype=torch.float16, max_len=max_len)
+    st = worker.WorkerState(list(zip(names, caches)), flash_layout, HEAD, buffers)
+    buffers.reserve(geo, st.desc[0])
+
+    def nbytes() -> dict:
+        return {k: v.numel() * v.element_size() for k, v in st.scratch.bufs.items()}
+
+    reserved = nbytes()
+    widest = Options(budget_ratio=1.0)  # the largest budget [requests] allows by default
+    config = s.requests.get(widest)
+    seen = []
+    for step in range(steps):
+        reqs, events = {}, {}
+        for i in range(events_per_step):
+            rid = f"s{step}r{i}"
+            row = list(range(i * blocks_per_req, (i + 1) * blocks_per_req))
+            n = max_len - (step % 3)  # lengths vary a little between steps
+            p = config.plan_event(PHASE_PREFILL, n, n, 0, BS, n)
+            assert int(p.released_blocks) >= 0
+            reqs[rid] = (row, n)
+            events[rid] = Event(rid, PHASE_PREFILL, n, 0, 0, int(p.kept_tokens), int(p.released_blocks),
+                                options=widest)
+        runner = SimpleNamespace(
+            requests={rid: SimpleNamespace(num_computed_tokens=n, block_ids=(list(row),))
+                      for rid, (row, n) in reqs.items()},
+            input_batch=SimpleNamespace(req_id_to_index={}, block_table=SimpleNamespace(add_row=None)))
+        acks = worker.run_events(runner, st, SimpleNamespace(num_scheduled_tokens={}), StepPlan(events=events))
+        assert all(a.outcome == Outcome.DONE for a in acks.values()), acks
+        for rid in events:
+            st.offsets.pop(rid, None)
+        seen.append(nbytes())
+    assert seen[0] == reserved, f"the first step grew the scratch: {reserved} -> {seen[0]}"
+    assert all(x == reserved for x in seen), f"scratch after each step: {seen}"

@@ -14,6 +14,8 @@ on the query's device; any other backend is refused by name.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -104,6 +106,11 @@ def test_failures_reported_at_synchronize_fail_only_their_event(into):
     """As on CUDA, where the device finds a bad row and says so at the next synchronize: the
     CPU kernels wrapped to report that way (the failing calls write nothing, the rest run)."""
     cases.check_worker_events(cases.layouts()[0], into, "cpu", deferred=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_same_step_events_at_the_largest_budgets_use_only_the_reserved_scratch(device):
+    cases.check_event_scratch_is_flat(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -209,7 +216,7 @@ def test_a_flash_attn_runner_starts_with_its_layout_proven_and_scratch_reserved(
     assert backend == "FLASH_ATTN" and [t for _, t in layers] == caches
     worker.wrap_profile_run(lambda self: None)(runner)  # reserves before vLLM measures its peak
     reserved = {k: v.numel() for k, v in runner._kvsieve_buffers.scratch.bufs.items()}
-    assert reserved == {"scores": cases.HEADS * 256, "keep0": len(caches) * cases.HEADS * 256,
+    assert reserved == {"scores": cases.HEADS * 256, "keep": len(caches) * cases.HEADS * 256,
                         "released": 256 // cases.BS}
     worker.wrap_initialize_kv_cache(lambda self, cfg: None)(runner, runner.kv_cache_config)
     st = runner._kvsieve
@@ -253,3 +260,70 @@ def test_cuda_graphs_that_would_hide_snapkv_queries_are_refused(mode, policy, re
     assert bool(got) == refused, got
     if refused:
         assert "FULL_AND_PIECEWISE" in got[0] and "knorm or streaming" in got[0]
+
+
+class _StandInDispatcher:
+    """FULL_AND_PIECEWISE as vLLM's CudagraphDispatcher applies it: a uniform decode batch
+    replays a full graph, any other batch a piecewise one (attention outside the graph)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def dispatch(self, num_tokens, uniform_decode=False, **kwargs):
+        from vllm.config import CUDAGraphMode
+
+        self.seen.append(uniform_decode)
+        mode = CUDAGraphMode.FULL if uniform_decode else CUDAGraphMode.PIECEWISE
+        return mode, SimpleNamespace(num_tokens=num_tokens)
+
+
+def _graph_runner(windows):
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return SimpleNamespace(
+        _is_uniform_decode=GPUModelRunner._is_uniform_decode, uniform_decode_query_len=1,
+        model_config=SimpleNamespace(is_encoder_decoder=False),
+        input_batch=SimpleNamespace(lora_id_to_lora_request={}), cudagraph_dispatcher=_StandInDispatcher(),
+        vllm_config=SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_size=1),
+                                    observability_config=SimpleNamespace(cudagraph_metrics=False)),
+        _kvsieve=SimpleNamespace(windows=windows))
+
+
+def test_a_step_that_records_a_snapkv_window_is_never_replayed_as_a_full_cuda_graph():
+    """Three requests of one token each (two decoding, one prefill whose last step is one token,
+    its window's last query): vLLM's own `_determine_batch_execution_and_padding` counts that as
+    uniform decode, and FULL_AND_PIECEWISE would replay a full graph that never runs the window
+    hook. Wrapped, the step dispatches as a mixed batch (piecewise: attention and the hook run);
+    a step without captures keeps its full graph. And the guard behind it: a window whose last
+    row a step skipped is refused by name (the event fails, KV intact) rather than scored."""
+    import numpy as np
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from kvsieve_vllm import capture, worker
+    from kvsieve_vllm.protocol import Capture
+
+    determine = worker.wrap_determine_batch(GPUModelRunner._determine_batch_execution_and_padding)
+    step = dict(num_tokens=3, num_reqs=3, num_scheduled_tokens_np=np.array([1, 1, 1]), max_num_scheduled_tokens=1)
+    windows = capture.Windows(layers=2, q_heads=2, head_dim=4)
+    windows.name_layers(["l0", "l1"])
+
+    def batch(computed, starts):
+        return SimpleNamespace(input_batch=SimpleNamespace(num_reqs=len(computed), req_ids=["d0", "p", "d1"],
+                                                           num_computed_tokens_cpu=np.array(computed)),
+                               query_start_loc=SimpleNamespace(np=np.array(starts)))
+
+    # The prefill's window is [0, 32): an earlier chunk computed (and recorded) 0..30 ...
+    windows.plan_step(batch([40, 0, 50], [0, 1, 32, 33]), {"p": Capture("p", 0, 32, 0, 31)}, [1, 31, 1])
+    for layer in ("l0", "l1"):
+        windows.record(layer, torch.ones(33, 2, 4))
+    # ... and this step computes its last position, 31, one token like the decoding requests.
+    windows.plan_step(batch([41, 31, 51], [0, 1, 2, 3]), {"p": Capture("p", 0, 32, 31, 32)}, [1, 1, 1])
+    runner = _graph_runner(windows)
+    mode = determine(runner, **step)[0]
+    assert mode == CUDAGraphMode.PIECEWISE and runner.cudagraph_dispatcher.seen == [False]
+    idle = _graph_runner(capture.Windows(layers=2, q_heads=2, head_dim=4))
+    assert determine(idle, **step)[0] == CUDAGraphMode.FULL, "decode steps keep their full graphs"
+    # Had the step replayed a full graph, the hook would not have recorded the last row.
+    with pytest.raises(ValueError, match="recorded 31 of 32 window rows"):
+        windows.queries("p", 0, 32, ["l0", "l1"])

