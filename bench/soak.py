@@ -1,13 +1,18 @@
 """Soak: vLLM's OpenAI server with kvsieve under bounded concurrent load for a fixed time, with
 mixed prompt and output lengths, streamed and whole responses, clients that hang up
 mid-stream, a KV space small enough to force preemption, and `[decode]` re-compression on.
+With `--mix` (the documented run) a third of the requests ask for their own budget or opt out
+(`vllm_xargs`), and faults are injected throughout (`--faults`, KVSIEVE_FAULTS in the server:
+by default every 40th event's scoring fails, every 55th compaction tears in the middle of its
+layers and every 45th acknowledgement is lost after the worker installed its event).
 
 Checks (exit 1 if any fails): no server error, every completed response valid (status 200, as
-many token ids as asked, all in the vocabulary), the server and its engine processes keep their
-resident memory bounded, and once the load stops every request is gone and every KV block is
-back (vllm:kv_cache_usage_perc 0). Writes the figures to a JSON file and prints a summary.
+many token ids as asked, all in the vocabulary), no request takes longer than the longest a
+request can take here (none spins), the server and its engine processes keep their resident
+memory bounded, and once the load stops every request is gone and every KV block is back
+(vllm:kv_cache_usage_perc 0). Writes the figures to a JSON file and prints a summary.
 
-    .venv/bin/python bench/soak.py --minutes 10          # the documented soak (bench/README.md)
+    .venv/bin/python bench/soak.py --minutes 10 --mix    # the documented soak (bench/README.md)
     .venv/bin/python bench/soak.py --minutes 10 --stock --out bench/results/soak-stock.json
     # bench/tests/test_soak.py runs a 40-second slice in CI
 """
@@ -45,6 +50,14 @@ interval = 64
 """
 MAX_MODEL_LEN = 2048
 VOCAB = 264  # byte-llama-5m: 256 bytes + specials
+# Periodic faults for --mix (faults.py's `point=*N`: every N-th pass in the process).
+MIX_FAULTS = "prepare_layer=*40,move_layer=*55,drop_ack=*45"
+# What a request of the mix asks for itself, within the [requests] defaults.
+OWN = [None, None, None, None, {"kvsieve_budget_ratio": 0.1}, {"kvsieve_budget_ratio": 0.5},
+       {"kvsieve_budget_ratio": 1.0}, {"kvsieve_budget_tokens": 200}, {"kvsieve": "off"}]
+# Longer than any request takes here (the longest answer at the slowest step seen): a request
+# over it is stuck, not slow.
+STUCK_S = 240
 
 
 def server_args(kv_blocks: int) -> list[str]:
@@ -56,12 +69,13 @@ def server_args(kv_blocks: int) -> list[str]:
 class Load:
     """The client side: `concurrency` threads sending requests until the deadline."""
 
-    def __init__(self, srv: Server, text: bytes, deadline: float, seed: int):
-        self.srv, self.text, self.deadline, self.seed = srv, text, deadline, seed
+    def __init__(self, srv: Server, text: bytes, deadline: float, seed: int, own: bool = False):
+        self.srv, self.text, self.deadline, self.seed, self.own = srv, text, deadline, seed, own
         self.lock = threading.Lock()
         self.counts = {"requests": 0, "complete_ok": 0, "stream_ok": 0, "disconnected": 0, "invalid": 0,
-                       "http_errors": 0, "exceptions": 0, "tokens": 0}
+                       "http_errors": 0, "exceptions": 0, "tokens": 0, "own_budget_or_off": 0}
         self.problems: list[str] = []
+        self.slowest_s = 0.0
 
     def _note(self, key: str, n: int = 1, problem: str | None = None) -> None:
         with self.lock:
@@ -86,22 +100,29 @@ class Load:
                 mode = rng.choices(["complete", "stream", "disconnect"], [0.6, 0.25, 0.15])[0]
             start = rng.randrange(0, len(self.text) - n)
             prompt = [256] + list(self.text[start:start + n - 1])
+            xargs = rng.choice(OWN) if self.own else None
+            extra = {"vllm_xargs": xargs} if xargs else {}
             self._note("requests")
+            self._note("own_budget_or_off", int(bool(xargs)))
+            began = time.time()
             try:
                 if mode == "complete":
-                    status, body = self.srv.complete(prompt, out)
+                    status, body = self.srv.complete(prompt, out, **extra)
                     if status != 200:
                         self._note("http_errors", problem=f"status {status}: {str(body)[:300]}")
                         continue
                     ids = body["choices"][0]["token_ids"]
                     self._check(ids, out, "complete")
                 elif mode == "stream":
-                    self._check(self.srv.stream(prompt, out), out, "stream")
+                    self._check(self.srv.stream(prompt, out, **extra), out, "stream")
                 else:
-                    self.srv.stream(prompt, out, stop_after=rng.randint(1, 8))
+                    self.srv.stream(prompt, out, stop_after=rng.randint(1, 8), **extra)
                     self._note("disconnected")
             except Exception as e:  # the server closing on us counts as an exception
                 self._note("exceptions", problem=f"{mode}: {type(e).__name__}: {e}")
+            finally:
+                with self.lock:
+                    self.slowest_s = max(self.slowest_s, time.time() - began)
 
     def _check(self, ids: list[int], want: int, mode: str) -> None:
         if len(ids) == want and all(0 <= t < VOCAB for t in ids):
@@ -122,15 +143,17 @@ def kvsieve_summary(log: str) -> dict:
             "events_not_done": failed.strip()}
 
 
-def run(model: str, minutes: float, concurrency: int, kv_blocks: int, config: str | None, seed: int = 0) -> dict:
+def run(model: str, minutes: float, concurrency: int, kv_blocks: int, config: str | None, seed: int = 0,
+        own: bool = False, faults: str | None = None) -> dict:
     text = (Path(model) / "val.txt").read_bytes()
     t0 = time.time()
-    with Server(model, server_args(kv_blocks), config=config) as srv:
+    env = {"KVSIEVE_FAULTS": faults} if faults else None
+    with Server(model, server_args(kv_blocks), config=config, env=env) as srv:
         started = time.time() - t0
         rss = [(0.0, srv.rss_bytes())]
         by_process = [(0.0, srv.rss_by_process())]
         m0 = srv.metrics()
-        load = Load(srv, text, time.time() + minutes * 60, seed)
+        load = Load(srv, text, time.time() + minutes * 60, seed, own)
         threads = [threading.Thread(target=load.worker, args=(i,), daemon=True) for i in range(concurrency)]
         begin = time.time()
         for t in threads:
@@ -159,8 +182,10 @@ def run(model: str, minutes: float, concurrency: int, kv_blocks: int, config: st
     warm = next((r for t, r in rss if t >= min(60.0, minutes * 30)), rss[-1][1])
     res = {
         "model": str(model), "minutes": minutes, "concurrency": concurrency, "kv_blocks": kv_blocks,
-        "config": config, "server_start_s": round(started, 1), "load_s": round(time.time() - begin, 1),
-        "client": load.counts, "problems": load.problems,
+        "config": config, "own_budgets": own, "faults": faults, "server_start_s": round(started, 1),
+        "load_s": round(time.time() - begin, 1), "client": load.counts, "problems": load.problems,
+        "slowest_request_s": round(load.slowest_s, 1),
+        "kvsieve_series": {k: v for k, v in m.items() if k.startswith("vllm:kvsieve_")},
         "preemptions": m.get("vllm:num_preemptions_total", 0) - m0.get("vllm:num_preemptions_total", 0),
         "requests_finished_by_server": m.get("vllm:request_success_total", 0),
         "idle_at_end": idle is not None,
@@ -184,12 +209,16 @@ def checks(r: dict) -> dict:
         "no server error": not r["server_errors"],
         "no failed request": c["invalid"] == 0 and c["http_errors"] == 0 and c["exceptions"] == 0,
         "every block back": r["idle_at_end"] and r["kv_cache_usage_at_end"] == 0,
+        f"no request stuck (slowest <= {STUCK_S} s)": r["slowest_request_s"] <= STUCK_S,
         "preemption happened": r["preemptions"] > 0,
         "resident memory bounded (end <= 1.15 x warm)": r["rss_mib"]["end"] <= 1.15 * r["rss_mib"]["warm"],
     }
     if r["config"] is not None:
         out["kvsieve compressed"] = r["kvsieve"].get("compressions", 0) > 0
-        out["no kvsieve event failed"] = r["kvsieve"].get("events_not_done") in ("none", None)
+        if r.get("faults"):
+            out["injected faults seen and contained"] = r["kvsieve"].get("events_not_done") not in ("none", None)
+        else:
+            out["no kvsieve event failed"] = r["kvsieve"].get("events_not_done") in ("none", None)
     return out
 
 
@@ -202,6 +231,9 @@ def main() -> int:
     ap.add_argument("--kv-blocks", type=int, default=160, help="KV blocks of 32 tokens (small forces preemption)")
     ap.add_argument("--config", type=Path, help="kvsieve TOML (default: SnapKV 25%% + [decode] streaming)")
     ap.add_argument("--stock", action="store_true", help="stock vLLM, no kvsieve (the same load, for comparison)")
+    ap.add_argument("--mix", action="store_true", help="requests asking for their own budgets or opting out, and "
+                    f"faults injected throughout (--faults, default {MIX_FAULTS})")
+    ap.add_argument("--faults", help="KVSIEVE_FAULTS for the server (faults.py's syntax)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "soak.json")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -210,7 +242,9 @@ def main() -> int:
               "text (../shared/models/byte-llama-5m)", file=sys.stderr)
         return 2
     config = None if a.stock else a.config.read_text() if a.config else CONFIG
-    res = run(a.model, a.minutes, a.concurrency, a.kv_blocks, config, a.seed)
+    faults = None if a.stock else a.faults or (MIX_FAULTS if a.mix else None)
+    res = run(a.model, a.minutes, a.concurrency, a.kv_blocks, config, a.seed, own=a.mix and not a.stock,
+              faults=faults)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
     c = res["client"]

