@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
               "the KV space are served")
     else:
         print(f"  unbounded: a request may hold up to max_model_len ({max_len}) tokens; vLLM's KV space must hold "
-              "one such request (bounding needs [prefill], [decode] and [requests] allow_opt_out = false, own "
-              "budgets capped by [requests])")
+              "one such request (bounding needs [prefill], [decode] and [requests] allow_opt_out = false with "
+              "max_budget_ratio and max_budget_tokens below the whole sequence)")
     head = ["prompt", "largest while prefilling", "kept after prefill", "blocks stock", "blocks kvsieve",
             "kept share"]
     if a.kv_blocks:
