@@ -24,6 +24,18 @@ ACTIVE: "Windows | None" = None
 
 
 @dataclass
+class Batch:
+    """A step's batch as the runner laid it out: per row, the request, how many tokens it had
+    computed before the step and how many the step computes; `starts[i]` is row i's first token
+    in the flattened batch (`starts[-1]`: all of them)."""
+
+    req_ids: list
+    starts: object
+    computed: object
+    scheduled: object
+
+
+@dataclass
 class Window:
     """Queries of logical positions [start, end) of every layer: `buf` float32 [layers, rows >=
     end - start, q_heads, head_dim] (position p in row p - start). `lo` is the first position
@@ -86,18 +98,18 @@ class Windows:
         if w is not None and w.buf is not None:
             self.pool.append(w.buf)
 
-    def plan_step(self, runner, captures: dict, num_scheduled_tokens) -> None:
-        """Map this step's captures to batch rows (`_prepare_inputs` has laid out the batch)."""
+    def plan_step(self, batch: "Batch", captures: dict) -> None:
+        """Map this step's captures to rows of the step's flattened batch (laid out by the
+        runner's input preparation; `runners.*.batch` reads it)."""
         self.rows = []
         if not captures:
             return
-        num_reqs = runner.input_batch.num_reqs
-        starts = runner.query_start_loc.np[: num_reqs + 1]
-        for i, rid in enumerate(runner.input_batch.req_ids[:num_reqs]):
+        starts, num_scheduled_tokens = batch.starts, batch.scheduled
+        for i, rid in enumerate(batch.req_ids):
             cap = captures.get(rid)
             if cap is None:
                 continue
-            first = int(runner.input_batch.num_computed_tokens_cpu[i])
+            first = int(batch.computed[i])
             w = self.windows.get(rid)
             if w is None or (w.start, w.end) != (cap.start, cap.end):
                 w = self._new(rid, cap.start, cap.end)

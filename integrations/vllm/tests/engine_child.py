@@ -21,20 +21,43 @@ import traceback
 from pathlib import Path
 
 
-def run_engine(engine: dict, runs: list[dict], config: str | None) -> dict[str, dict]:
+RUNNERS = ("v1", "v2")
+MRV2_FIXTURE = Path(__file__).resolve().parent / "mrv2_cpu"
+
+
+def runner_env(runner: str, env: dict) -> dict:
+    """The environment in which vLLM picks `runner` by itself: "v1" (VLLM_USE_V2_MODEL_RUNNER=0)
+    or "v2" (Model Runner V2, vLLM's own choice once Triton is usable: `mrv2_cpu/sitecustomize.py`
+    gives every process Triton's interpreter and a "cpu" entry)."""
+    env = dict(env)
+    if runner == "v2":
+        env.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+        env["KVSIEVE_TEST_MRV2"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MRV2_FIXTURE), env.get("PYTHONPATH")]))
+    else:
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        env.pop("KVSIEVE_TEST_MRV2", None)
+    return env
+
+
+def run_engine(engine: dict, runs: list[dict], config: str | None, runner: str = "v1") -> dict[str, dict]:
     """Start this script as a fresh process (kvsieve enabled with `config`, stock vLLM with
-    None) and return its results by run name. Fails the calling test with the engine's output
-    when the process produced none."""
+    None) on model runner `runner` and return its results by run name. Fails the calling test
+    with the engine's output when the process produced none."""
     env = {k: v for k, v in os.environ.items() if k not in ("KVSIEVE_CONFIG", "KVSIEVE_FAULTS")}
+    env = runner_env(runner, env)
     if config is not None:
         path = Path(tempfile.mkdtemp(prefix="kvsieve-child-")) / "kvsieve.toml"
         path.write_text(config)
         env["KVSIEVE_CONFIG"] = str(path)
     res = subprocess.run([sys.executable, __file__], input=json.dumps({"engine": engine, "runs": runs}),
-                         capture_output=True, text=True, env=env, timeout=900)
+                         capture_output=True, text=True, env=env, timeout=1800)
     line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT")), None)
     assert line, f"engine process failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
-    return {r["name"]: r for r in json.loads(line[len("RESULT"):])}
+    out = {r["name"]: r for r in json.loads(line[len("RESULT"):])}
+    ran = {r.get("runner") for r in out.values()}
+    assert ran == {runner}, f"asked for the {runner} runner, vLLM ran {ran}"
+    return out
 
 
 def main() -> None:
@@ -109,6 +132,7 @@ def main() -> None:
             ids = []
         res["free_before"], res["free_after"] = free_before, pool.get_num_free_blocks()
         res["row_violations"] = violations[:20]
+        res["runner"] = _runner_kind(llm)
         # Engine request ids are the caller's id plus a suffix.
         by_prefix = {}
         for k, v in preemptions.items():
@@ -128,7 +152,7 @@ def main() -> None:
             # hears of the last step's finished requests with the next step, as vLLM's own
             # runner state does, so it may only hold requests the runner still holds.
             side, runner = sched._kvsieve, _model_runner(llm)
-            held = set(runner.requests)
+            held = runner._kvsieve.runner_adapter.held(runner)
             res["kvsieve_left"] = {"records": len(side.reqs), "to_preempt": len(side.to_preempt),
                                    "to_fail": len(getattr(side, "to_fail", {})),
                                    "offsets": len(set(runner._kvsieve.offsets) - held),
@@ -145,24 +169,30 @@ def _model_runner(llm):
     return getattr(worker, "worker", worker).model_runner
 
 
+def _runner_kind(llm) -> str:
+    """"v2" for Model Runner V2, "v1" for the V1 runner (what vLLM chose for this engine)."""
+    modules = {c.__module__ for c in type(_model_runner(llm)).__mro__}
+    return "v2" if "vllm.v1.worker.gpu.model_runner" in modules else "v1"
+
+
 def _row_violations(llm, sched) -> list[str]:
     """Blocks a worker reads that the scheduler does not hold for that request: for every running
     request, each block of the worker's row must be one of the scheduler's blocks of that request
     or of the fresh blocks an event holds for it (kvsieve's `Record.dest`). A block the scheduler
     handed back while a worker still reads it would be reused by another request."""
     runner = _model_runner(llm)
+    adapter = runner._kvsieve.runner_adapter
     mgr = sched.kv_cache_manager.coordinator.single_type_managers[0]
     side = sched.__dict__.get("_kvsieve")
     out = []
     for req in sched.running:
         rid = req.request_id
-        state = runner.requests.get(rid)
-        if state is None:
+        if rid not in adapter.held(runner):
             continue
         held = {b.block_id for b in mgr.req_to_blocks.get(rid, []) if not b.is_null}
         rec = side.reqs.get(rid) if side is not None else None
         held |= {b.block_id for b in (rec.dest if rec is not None else [])}
-        stray = [b for b in state.block_ids[0] if b not in held]
+        stray = [b for b in adapter.row(runner, rid) if b not in held]
         if stray:
             out.append(f"{rid}: the worker reads blocks {stray} the scheduler does not hold for it")
     return out

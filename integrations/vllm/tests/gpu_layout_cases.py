@@ -420,10 +420,8 @@ def _run_worker_snapkv(layout: str, device, dtype) -> None:
     steps = [(["o", "r"], [100, 80], [5, 16], 92, 96), (["r"], [96], [4], 96, 100)]
     for req_ids, computed, scheduled, lo, hi in steps:
         starts = np.concatenate([[0], np.cumsum(scheduled)])
-        runner = NS(input_batch=NS(num_reqs=len(req_ids), req_ids=req_ids, num_computed_tokens_cpu=np.array(computed)),
-                    query_start_loc=NS(np=starts))
         caps = {"r": Capture("r", w_start, n, lo, hi)}
-        st.windows.plan_step(runner, caps, np.array(scheduled))
+        st.windows.plan_step(capture.Batch(req_ids, starts, np.array(computed), np.array(scheduled)), caps)
         r = req_ids.index("r")
         for i, name in enumerate(names):
             query = torch.randn(int(starts[-1]), q_heads, HEAD, generator=g).to(dtype)

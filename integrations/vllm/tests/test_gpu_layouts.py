@@ -121,13 +121,13 @@ def test_snapkv_through_the_worker_scores_from_the_windows_the_hook_recorded(lay
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_offsets_are_applied_in_place_on_the_runners_own_device(device):
-    """`_apply_offsets` writes slots and sequence lengths into the runner's persistent buffers
+    """V1's `_apply_offsets` writes slots and sequence lengths into the runner's persistent buffers
     (those CUDA graphs replay) on their own device; only the offsets cross from the host. On
     `meta` tensors (a stand-in for CUDA: mixing a host tensor into their arithmetic raises)
     nothing but the devices is checked; on CPU the values too."""
     from types import SimpleNamespace
 
-    from kvsieve_vllm import worker
+    from kvsieve_vllm.runners import v1
 
     dev = torch.device(device)
     positions = torch.tensor([5, 6, 7, 40, 41, 0], dtype=torch.int64).to(dev)  # a: 3 tokens, b: 2, c: 1
@@ -142,7 +142,7 @@ def test_offsets_are_applied_in_place_on_the_runners_own_device(device):
         query_start_loc=SimpleNamespace(gpu=torch.tensor([0, 3, 5, 6], dtype=torch.int32).to(dev)))
     st = SimpleNamespace(offsets={"b": 32})
     before = positions.clone() if device == "cpu" else None
-    worker._apply_offsets(runner, st, SimpleNamespace(total_num_scheduled_tokens=6))
+    v1._apply_offsets(runner, st, SimpleNamespace(total_num_scheduled_tokens=6))
     assert seen["pos"].device == dev and runner.seq_lens is seq_lens and seq_lens.device == dev
     assert runner.optimistic_seq_lens_cpu.tolist() == [8, 10, 1, 0]
     if device == "cpu":
@@ -169,10 +169,13 @@ def _backend(name: str, hooked: bool = True):
 
 
 def _runner(caches, backend="FLASH_ATTN", hooked=True):
-    """A model runner as vLLM's GPUModelRunner looks to kvsieve once it allocated `caches`."""
+    """A model runner as vLLM's (V1) GPUModelRunner looks to kvsieve once it allocated `caches`:
+    an instance of that class (so kvsieve maps it to its runner adapter) holding only what
+    kvsieve reads."""
     from types import SimpleNamespace as NS
 
     from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     names = [f"model.layers.{i}.self_attn.attn" for i in range(len(caches))]
     spec = FullAttentionSpec(block_size=cases.BS, num_kv_heads=cases.HEADS, head_size=cases.HEAD,
@@ -180,7 +183,8 @@ def _runner(caches, backend="FLASH_ATTN", hooked=True):
     dev = caches[0].device
     model_config = NS(get_num_layers=lambda pc: len(caches), get_num_kv_heads=lambda pc: cases.HEADS,
                       get_num_attention_heads=lambda pc: 2 * cases.HEADS, get_head_size=lambda: cases.HEAD)
-    return NS(
+    runner = GPUModelRunner.__new__(GPUModelRunner)
+    runner.__dict__.update(
         requests={}, kv_caches=list(caches), attn_groups=[[NS(backend=_backend(backend, hooked))]],
         kv_cache_config=NS(kv_cache_groups=[NS(kv_cache_spec=spec, layer_names=names)]),
         seq_lens=None, optimistic_seq_lens_cpu=None, positions=None, req_indices=NS(gpu=None),
@@ -190,6 +194,7 @@ def _runner(caches, backend="FLASH_ATTN", hooked=True):
                        block_table=NS(add_row=None, compute_slot_mapping=None)),
         model_config=model_config, parallel_config=None, cache_config=NS(block_size=cases.BS), max_model_len=256,
         kv_cache_dtype=caches[0].dtype, device=dev)
+    return runner
 
 
 @pytest.fixture
@@ -300,25 +305,24 @@ def test_a_step_that_records_a_snapkv_window_is_never_replayed_as_a_full_cuda_gr
     from vllm.config import CUDAGraphMode
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from kvsieve_vllm import capture, worker
+    from kvsieve_vllm import capture
     from kvsieve_vllm.protocol import Capture
+    from kvsieve_vllm.runners import v1
 
-    determine = worker.wrap_determine_batch(GPUModelRunner._determine_batch_execution_and_padding)
+    determine = v1.wrap_determine_batch(GPUModelRunner._determine_batch_execution_and_padding)
     step = dict(num_tokens=3, num_reqs=3, num_scheduled_tokens_np=np.array([1, 1, 1]), max_num_scheduled_tokens=1)
     windows = capture.Windows(layers=2, q_heads=2, head_dim=4)
     windows.name_layers(["l0", "l1"])
 
-    def batch(computed, starts):
-        return SimpleNamespace(input_batch=SimpleNamespace(num_reqs=len(computed), req_ids=["d0", "p", "d1"],
-                                                           num_computed_tokens_cpu=np.array(computed)),
-                               query_start_loc=SimpleNamespace(np=np.array(starts)))
+    def batch(computed, starts, scheduled):
+        return capture.Batch(["d0", "p", "d1"], np.array(starts), np.array(computed), np.array(scheduled))
 
     # The prefill's window is [0, 32): an earlier chunk computed (and recorded) 0..30 ...
-    windows.plan_step(batch([40, 0, 50], [0, 1, 32, 33]), {"p": Capture("p", 0, 32, 0, 31)}, [1, 31, 1])
+    windows.plan_step(batch([40, 0, 50], [0, 1, 32, 33], [1, 31, 1]), {"p": Capture("p", 0, 32, 0, 31)})
     for layer in ("l0", "l1"):
         windows.record(layer, torch.ones(33, 2, 4))
     # ... and this step computes its last position, 31, one token like the decoding requests.
-    windows.plan_step(batch([41, 31, 51], [0, 1, 2, 3]), {"p": Capture("p", 0, 32, 31, 32)}, [1, 1, 1])
+    windows.plan_step(batch([41, 31, 51], [0, 1, 2, 3], [1, 1, 1]), {"p": Capture("p", 0, 32, 31, 32)})
     runner = _graph_runner(windows)
     mode = determine(runner, **step)[0]
     assert mode == CUDAGraphMode.PIECEWISE and runner.cudagraph_dispatcher.seen == [False]

@@ -16,12 +16,15 @@ def test_every_patched_name_exists():
     from kvsieve_vllm.plugin import PATCHED, RELIED_UPON, check_names
 
     check_names()
-    # Scheduler 6 (its make_stats carries the metrics), model runner 6, CPU attention 1, and
-    # SamplingParams' extra-args check (per-request options refused as vLLM's own), vLLM's
-    # start-up check of the KV space and its admission gate (sized by what a request holds when
-    # kvsieve bounds it).
-    assert len(PATCHED) == 16 and len(RELIED_UPON) >= 10
+    # Scheduler 6 (its make_stats carries the metrics), the V1 model runner 7 and Model Runner V2
+    # 6 (vLLM picks one per engine), CPU attention 1, and SamplingParams' extra-args check
+    # (per-request options refused as vLLM's own), vLLM's start-up check of the KV space and its
+    # admission gate (sized by what a request holds when kvsieve bounds it).
+    assert len(PATCHED) == 23 and len(RELIED_UPON) >= 10
     assert ("vllm.sampling_params", "SamplingParams", "_verify_extra_args") in PATCHED
+    runners = {entry[:2] for entry in PATCHED if entry[2] in ("execute_model", "sample_tokens")}
+    assert runners == {("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+                       ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner")}, runners
 
 
 def test_a_cuda_platform_hooks_the_gpu_backends_forwards_instead_of_cpu_attn():

@@ -80,7 +80,7 @@ def test_peak_kv_per_request_is_budget_plus_one_chunk(runs, run):
         assert len(_events(req, 0)) <= 1
     assert r["free_after"] == r["free_before"], "every block back"
     assert r["failed"] == {}, r["failed"]
-    assert r["kvsieve_left"] == {"records": 0, "to_preempt": 0, "offsets": 0, "windows": 0}
+    assert set(r["kvsieve_left"].values()) == {0}, r["kvsieve_left"]
 
 
 def test_logprobs_equal_a_reference_that_cuts_the_same_chunks(runs):
