@@ -1,7 +1,8 @@
 """Sizing vLLM's KV space by what a request will hold, not by `max_model_len`.
 
 vLLM refuses to start when the KV space cannot hold one request of `max_model_len` tokens
-(`kv_cache_utils._check_enough_kv_cache_memory`). When kvsieve's config bounds every request
+(`_check_enough_kv_cache_memory`, in `kv_cache_utils` up to vLLM 0.32, `kv_cache_planning` from
+0.33). When kvsieve's config bounds every request
 (a `[prefill]` and a `[decode]` section, no opt-out, own budgets capped by `[requests]`), the
 library gives the most tokens one request can hold at once (`kvs_config_max_cached_tokens`:
 budget + one prefill chunk + one block + interval), and the check runs for that many tokens
@@ -14,12 +15,22 @@ both checks are vLLM's own.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 
 from .settings import settings
 
 logger = logging.getLogger("vllm.kvsieve")
+
+def kv_check_module(has_module) -> str:
+    """Where vLLM keeps (and its callers read) the start-up check of the KV space, given
+    `has_module(name)`: `kv_cache_planning` from 0.33, `kv_cache_utils` before."""
+    return "vllm.v1.core.kv_cache_planning" if has_module("vllm.v1.core.kv_cache_planning") else \
+        "vllm.v1.core.kv_cache_utils"
+
+
+KV_CHECK_MODULE = kv_check_module(lambda name: importlib.util.find_spec(name) is not None)
 
 
 def _vllm_config(get_needed_memory):

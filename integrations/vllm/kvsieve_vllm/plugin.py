@@ -1,4 +1,4 @@
-"""The vLLM plugin entry point: `register()` patches a stock vLLM 0.32 (v1 engine; the V1 model
+"""The vLLM plugin entry point: `register()` patches a stock vLLM 0.32 or 0.33 (v1 engine; the V1 model
 runner and Model Runner V2, whichever vLLM picks) so that each request's KV cache is compressed,
 without a fork.
 
@@ -21,7 +21,7 @@ import os
 from . import admission, faults, metrics, request_options, runners, scheduler
 from . import settings as _settings_mod
 from .backends import cpu_attn, flash_layout
-from .checks import UnsupportedSetup, check_version, platform_kind
+from .checks import MAPPED_VERSIONS, UnsupportedSetup, check_version, platform_kind
 from .lib import PHASE_DECODE, PHASE_PREFILL
 from .settings import Settings
 from .stats import stats
@@ -38,9 +38,9 @@ PATCHES = {
     (*_SCHED, "_free_request"): scheduler.wrap_free_request,
     (*_SCHED, "make_stats"): metrics.wrap_make_stats,
     ("vllm.sampling_params", "SamplingParams", "_verify_extra_args"): request_options.wrap_verify_extra_args,
-    # A module-level function: the owner is the module itself (empty class path).
-    ("vllm.v1.core.kv_cache_utils", "", "_check_enough_kv_cache_memory"):
-        admission.wrap_check_enough_kv_cache_memory,
+    # A module-level function: the owner is the module itself (empty class path). vLLM 0.33
+    # moved it from kv_cache_utils to kv_cache_planning, where its callers read it.
+    (admission.KV_CHECK_MODULE, "", "_check_enough_kv_cache_memory"): admission.wrap_check_enough_kv_cache_memory,
     ("vllm.v1.core.kv_cache_manager", "KVCacheManager", "allocate_slots"): admission.wrap_allocate_slots,
     # Both model runners (`runners`): vLLM picks one per engine.
     **runners.patches(),
@@ -112,7 +112,8 @@ def _resolve(module: str, path: str):
         for part in filter(None, path.split(".")):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
-        raise UnsupportedSetup(f"{module}.{path} is missing ({e}); kvsieve is mapped on vLLM 0.32") from e
+        raise UnsupportedSetup(f"{module}.{path} is missing ({e}); kvsieve is mapped on vLLM "
+                               f"{', '.join(MAPPED_VERSIONS)}") from e
     return obj
 
 
