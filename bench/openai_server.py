@@ -29,7 +29,8 @@ def free_port() -> int:
 
 class Server:
     """One OpenAI server. `args` are the server's command-line options after the model;
-    `config` is kvsieve's TOML text (None: stock vLLM); `env` adds environment variables."""
+    `config` is kvsieve's TOML text (None: stock vLLM); `env` adds environment variables (a
+    value of None removes one)."""
 
     def __init__(self, model: str, args: list[str], config: str | None = None, env: dict | None = None,
                  log: Path | None = None, startup_s: float = 600):
@@ -44,7 +45,11 @@ class Server:
             path = Path(tempfile.mkdtemp(prefix="kvsieve-server-")) / "kvsieve.toml"
             path.write_text(config)
             e["KVSIEVE_CONFIG"] = str(path)
-        e.update(env or {})
+        for k, v in (env or {}).items():
+            if v is None:
+                e.pop(k, None)
+            else:
+                e[k] = v
         self.log_path = log or Path(tempfile.mkdtemp(prefix="kvsieve-server-log-")) / "server.log"
         self._log = open(self.log_path, "w")
         if "--api-server-count" in args:  # several API server processes: only `vllm serve` runs them

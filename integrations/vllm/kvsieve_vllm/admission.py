@@ -30,7 +30,14 @@ def kv_check_module(has_module) -> str:
         "vllm.v1.core.kv_cache_utils"
 
 
-KV_CHECK_MODULE = kv_check_module(lambda name: importlib.util.find_spec(name) is not None)
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # no vLLM at all (kvsieve-check, the library alone)
+        return False
+
+
+KV_CHECK_MODULE = kv_check_module(_importable)
 
 
 def _vllm_config(get_needed_memory):

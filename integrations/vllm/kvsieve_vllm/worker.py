@@ -178,8 +178,9 @@ class WorkerState:
         self.logged: set[str] = set()
         self.rank = _tp_rank()
         layout = next(k for k, v in LAYOUT.items() if v == self.desc[0].layout)
-        logger.info("kvsieve worker rank %d: %d layers, %d KV heads per layer, block size %d, layout %s (%s, %s)",
-                    self.rank, len(layers), self.heads, self.block_size, layout, layers[0][1].dtype, self.device)
+        logger.info("kvsieve worker rank %d: %d layers, %d KV heads per layer, block size %d, layout %s (%s, %s), "
+                    "model runner %s", self.rank, len(layers), self.heads, self.block_size, layout, layers[0][1].dtype,
+                    self.device, self.runner_adapter.__name__.rsplit(".", 1)[-1])
 
     def kernels(self) -> CpuKernels:
         return self.buffers.kernels()

@@ -25,18 +25,26 @@ RUNNERS = ("v1", "v2")
 MRV2_FIXTURE = Path(__file__).resolve().parent / "mrv2_cpu"
 
 
-def runner_env(runner: str, env: dict) -> dict:
-    """The environment in which vLLM picks `runner` by itself: "v1" (VLLM_USE_V2_MODEL_RUNNER=0)
-    or "v2" (Model Runner V2, vLLM's own choice once Triton is usable: `mrv2_cpu/sitecustomize.py`
-    gives every process Triton's interpreter and a "cpu" entry)."""
-    env = dict(env)
+def runner_overrides(runner: str) -> dict:
+    """Environment changes (None: remove) under which vLLM picks `runner` by itself: "v1"
+    (VLLM_USE_V2_MODEL_RUNNER=0) or "v2" (Model Runner V2, vLLM's own choice once Triton is
+    usable: `mrv2_cpu/sitecustomize.py` gives every process Triton's interpreter and a "cpu"
+    entry)."""
     if runner == "v2":
-        env.pop("VLLM_USE_V2_MODEL_RUNNER", None)
-        env["KVSIEVE_TEST_MRV2"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MRV2_FIXTURE), env.get("PYTHONPATH")]))
-    else:
-        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        env.pop("KVSIEVE_TEST_MRV2", None)
+        return {"VLLM_USE_V2_MODEL_RUNNER": None, "KVSIEVE_TEST_MRV2": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(MRV2_FIXTURE), os.environ.get("PYTHONPATH")]))}
+    assert runner == "v1", runner
+    return {"VLLM_USE_V2_MODEL_RUNNER": "0", "KVSIEVE_TEST_MRV2": None}
+
+
+def runner_env(runner: str, env: dict) -> dict:
+    """`env` with `runner_overrides(runner)` applied."""
+    env = dict(env)
+    for k, v in runner_overrides(runner).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     return env
 
 

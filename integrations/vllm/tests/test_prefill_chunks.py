@@ -49,9 +49,10 @@ def prompts() -> list[list[int]]:
 @pytest.fixture(scope="module")
 def runs():
     batch = prompts()
+    # Chunk events on Model Runner V2; the engine without [prefill] on the V1 runner.
     chunked = run_engine(ENGINE, [{"name": "together", "prompts": batch, "max_tokens": MAX_TOKENS},
                                   {"name": "snapkv", "prompts": batch, "max_tokens": MAX_TOKENS,
-                                   "config": CONFIG.replace('"streaming"', '"snapkv"')}], CONFIG)
+                                   "config": CONFIG.replace('"streaming"', '"snapkv"')}], CONFIG, "v2")
     plain = run_engine(ENGINE, [{"name": "together", "prompts": batch, "max_tokens": MAX_TOKENS}],
                        CONFIG.split("[prefill]")[0])
     return {"chunked": chunked["together"], "plain": plain["together"], "snapkv": chunked["snapkv"]}

@@ -6,7 +6,9 @@ parallelism 2 each of two worker processes compacts its own half of the KV heads
   re-compression while decoding (so the window capture and the acks work across processes).
 - TP 2 server == TP 1 server: greedy tokens equal; both workers report compressing with 2 of
   the 4 KV heads each; the compressed outputs differ from stock vLLM's where kvsieve evicted;
-  /metrics shows the same kvsieve counts at TP 2 as at TP 1, and none on stock vLLM.
+  /metrics shows the same kvsieve counts at TP 2 as at TP 1, and none on stock vLLM. The TP 2
+  server runs Model Runner V2 (the TP 1 server and the in-process engine the V1 runner), so the
+  same outputs also show the two runners agree across processes and ranks.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ if not (MODEL / "model.safetensors").exists():
     pytest.skip(f"byte-llama-5m not found at {MODEL} (../shared); skipping the server tests", allow_module_level=True)
 sys.path.insert(0, str(ROOT / "bench"))
 
-from engine_child import run_engine  # noqa: E402
+from engine_child import run_engine, runner_overrides  # noqa: E402
 from openai_server import Server  # noqa: E402
 
 CONFIG = """
@@ -97,7 +99,7 @@ def served():
     stock, _, stock_metrics = _serve(None)
     tp1, log1, m1 = _serve(CONFIG)
     tp2, log2, m2 = _serve(CONFIG, ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
-                           env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+                           env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", **runner_overrides("v2")})
     return {"stock": stock, "tp1": tp1, "log1": log1, "tp2": tp2, "log2": log2, "inproc": _in_process(CONFIG),
             "metrics": {"stock": stock_metrics, "tp1": m1, "tp2": m2}}
 
@@ -109,6 +111,8 @@ def test_server_with_its_own_worker_process_decodes_as_in_process(served):
 
 
 def test_tensor_parallel_2_decodes_as_tensor_parallel_1(served):
+    assert set(re.findall(r"kvsieve worker rank \d+: .*model runner (v\d)", served["log2"])) == {"v2"}
+    assert set(re.findall(r"kvsieve worker rank \d+: .*model runner (v\d)", served["log1"])) == {"v1"}
     assert _compressions_by_rank(served["log2"]) == {0: 2, 1: 2}, "each worker compacts its own 2 KV heads"
     assert len(re.findall(r"kvsieve: first compression .* \(rank [01]\)", served["log2"])) == 2
     assert served["tp2"] == served["tp1"]

@@ -1,5 +1,6 @@
 """Serving as an operator meets it, through vLLM's OpenAI server with two API server processes
-(`--api-server-count 2`; the engine core and the worker in processes of their own):
+(`--api-server-count 2`; the engine core and the worker in processes of their own), on Model
+Runner V2 (vLLM's CUDA default; the other server tests run the V1 runner):
 per-request control in `vllm_xargs`, refusals as 400s that never reach the engine, and
 kvsieve's series on `/metrics` (counted by the scheduler in the engine core, carried on
 vLLM's SchedulerStats to whichever API server vLLM hands each step, summed over both by
@@ -27,6 +28,7 @@ if not (MODEL / "model.safetensors").exists():
     pytest.skip(f"byte-llama-5m not found at {MODEL} (../shared); skipping the serving tests", allow_module_level=True)
 sys.path.insert(0, str(ROOT / "bench"))
 
+from engine_child import runner_overrides  # noqa: E402
 from openai_server import Server  # noqa: E402
 
 BS = 32
@@ -86,7 +88,7 @@ def prom_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(prom_dir):
-    env = {"VLLM_SERVER_DEV_MODE": "1", "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
+    env = {"VLLM_SERVER_DEV_MODE": "1", "PROMETHEUS_MULTIPROC_DIR": str(prom_dir), **runner_overrides("v2")}
     with Server(str(MODEL), ARGS, config=CONFIG, env=env) as srv:
         yield srv
 
@@ -169,6 +171,7 @@ def test_bad_values_are_400s_naming_the_field_and_never_reach_the_engine(served)
 
 
 def test_each_request_is_compressed_as_it_asked(served, server, lib):
+    assert "model runner v2" in server.log(), "vLLM picked Model Runner V2"
     worker = _worker_stats(server)
     config = lib.config_from_str(CONFIG)
     want = {name: _planned(config.for_request(**kw))
