@@ -118,9 +118,11 @@ def test_two_api_servers_handed_alternate_steps_add_up_to_the_engines_totals(mon
         monkeypatch.setattr(SCHEDULER_STATS, "blocks_released", SCHEDULER_STATS.blocks_released + 5 * (step % 2))
         handed[step % 2].append(metrics.snapshot())
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path), KVSIEVE_CONFIG="/dev/null")
-    for snaps in handed.values():
-        subprocess.run([sys.executable, "-c", _API_SERVER], input=json.dumps(snaps), text=True, env=env, check=True,
-                       timeout=120)
+    procs = [subprocess.Popen([sys.executable, "-c", _API_SERVER], stdin=subprocess.PIPE, text=True, env=env)
+             for _ in handed]
+    for proc, snaps in zip(procs, handed.values()):
+        proc.communicate(json.dumps(snaps), timeout=180)
+        assert proc.returncode == 0
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
     lab = {"model_name": "m", "engine": "0"}
