@@ -4,13 +4,19 @@
 # compilation of every kernel and the GPU parity tests (which skip, saying why, without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-source scripts/env.sh
-
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-run() { echo "== $*"; "$@" 2>&1 | tee -a "$log"; }
+start=$SECONDS
+# Each step prints its command, then its wall time and the total so far (CI has 45 minutes).
+run() {
+  local t=$SECONDS
+  echo "== $*"
+  "$@" 2>&1 | tee -a "$log"
+  echo "== $(( SECONDS - t )) s ($(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s in all)"
+}
 
+run bash scripts/setup.sh
+source scripts/env.sh
 run cargo fmt --all --check
 run cargo clippy --all-targets -- -D warnings
 run cargo clippy --all-targets --features cuda -- -D warnings
@@ -29,10 +35,12 @@ run cargo build
 
 # The Python side against the library just built (debug profile, from `cargo test`).
 export KVSIEVE_LIB="$PWD/target/debug/libkvsieve.so"
-run .venv/bin/python -m pytest integrations/vllm/tests -q -p no:cacheprovider
+# One module at a time: the engine tests keep both cores busy already (engines two at a time),
+# and several share in-process state (the plugin registers once per process).
+run .venv/bin/python -m pytest integrations/vllm/tests -q -p no:cacheprovider --durations 15
 # The benchmark and demo code (bench/): figures, config errors, quality harness vs kvpress, a
 # small stock-vs-kvsieve serving run.
-run .venv/bin/python -m pytest bench/tests -q -p no:cacheprovider
+run .venv/bin/python -m pytest bench/tests -q -p no:cacheprovider --durations 10
 
 # One closing line over every cargo and pytest run above (cargo's ignored tests are skipped).
 awk '/^test result:/ || / (passed|skipped).* in [0-9.]+s/ {

@@ -50,17 +50,17 @@ def engine_refusals(vllm_config) -> list[str]:
         out += cuda_graph_refusals(vllm_config)
     if vllm_config.speculative_config is not None:
         out.append("speculative decoding is enabled (remove --speculative-config)")
-    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
-        out.append("asynchronous scheduling is enabled; blocks are released for synchronous scheduling only "
-                   "(pass --no-async-scheduling)")
+    is_async = bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
+    out += async_scheduling_refusals(is_async)
     if getattr(pc, "use_ubatching", False):
         out.append("microbatching (--enable-dbo / ubatching) splits a step's batch; kvsieve maps one batch per step "
                    "(remove it)")
     if pc.pipeline_parallel_size > 1:
         out.append(f"pipeline parallelism (--pipeline-parallel-size {pc.pipeline_parallel_size}): several batches in "
                    "flight break the event acknowledgement (use tensor parallelism)")
-    elif vllm_config.max_concurrent_batches > 1:
-        out.append(f"{vllm_config.max_concurrent_batches} concurrent batches; kvsieve needs one batch in flight")
+    elif vllm_config.max_concurrent_batches > (2 if is_async else 1):
+        out.append(f"{vllm_config.max_concurrent_batches} concurrent batches; kvsieve maps one batch in flight, or two "
+                   "with asynchronous scheduling")
     for attr, flag in (("decode_context_parallel_size", "--decode-context-parallel-size"),
                        ("prefill_context_parallel_size", "--prefill-context-parallel-size")):
         if getattr(pc, attr, 1) > 1:
@@ -101,6 +101,25 @@ def platform_kind() -> str | None:
     if current_platform.is_cuda():
         return "cuda"
     return None
+
+
+def async_scheduling_refusals(is_async: bool) -> list[str]:
+    """Asynchronous scheduling schedules step n+1 before the acknowledgements of step n arrive,
+    so a request whose event is still pending is scheduled once more. Mapped for prefill-end and
+    decode events: the block list keeps its logical length until the acknowledgement (vLLM's
+    allocation is unchanged), the workers run steps in order (a step already scheduled reads the
+    row its predecessor installed, and blocks freed on the acknowledgement are only reused by
+    later steps), and a request that must recompute drops the output of its step in flight.
+    Chunk events (`[prefill]`) are not: the chunk after a pending chunk event is scheduled without
+    its window capture or its own event, and the per-request bound does not count a chunk in
+    flight."""
+    from .lib import PHASE_PREFILL_CHUNK
+    from .settings import settings
+
+    if is_async and settings().policy[PHASE_PREFILL_CHUNK] != "none":
+        return ["asynchronous scheduling with compression between prefill chunks ([prefill] in the kvsieve config) "
+                "is not supported yet (pass --no-async-scheduling, or remove [prefill])"]
+    return []
 
 
 def cuda_graph_refusals(vllm_config) -> list[str]:

@@ -81,6 +81,7 @@ RELIED_UPON = [
     ("vllm.v1.worker.gpu.block_table", "BlockTables.compute_slot_mappings"),
     ("vllm.v1.outputs", "ModelRunnerOutput"),
     ("vllm.v1.outputs", "EMPTY_MODEL_RUNNER_OUTPUT"),
+    ("vllm.v1.outputs", "AsyncModelRunnerOutput.get_output"),
     ("vllm.v1.request", "RequestStatus.RUNNING"),
     ("vllm.v1.request", "RequestStatus.FINISHED_ABORTED"),
     ("vllm.v1.kv_cache_interface", "FullAttentionSpec"),

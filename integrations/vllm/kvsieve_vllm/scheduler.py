@@ -17,6 +17,17 @@ Patched on vLLM's `Scheduler`:
   requests that can neither be compressed nor fit the KV space (see "Failures" below).
 - `_preempt_request` / `_free_request`: the PREEMPTED / FINISHED / ABORTED transitions.
 
+Asynchronous scheduling (`AsyncScheduler`: step n+1 is scheduled before step n's output, and so
+its acks, arrive): a request whose event is PENDING is scheduled once more, and nothing is
+planned for it until the acks came. That is safe because the block list keeps its logical
+length until DONE (vLLM allocates step n+1 as if nothing moved; blocks it appends are after the
+compacted ones, `physical[old:]`), the workers run steps in order (step n+1 reads the row step
+n's event installed; blocks freed on the acks are only written by steps scheduled later), and
+a request that must recompute is preempted dropping its step in flight (`drop_stale_output`,
+as vLLM's reset_prefix_cache), whose output was computed over KV being thrown away. A decode
+event due right after another is planned one step later than synchronously. Chunk events are
+refused with it (`checks.async_scheduling_refusals`).
+
 Prefix caching: no block that is or may become shared is ever rewritten. When the blocks an
 event reads include one in the prefix cache (hashed) or held by another request, the event is
 out of place: the scheduler takes fresh blocks from the pool for the kept tokens, the workers
@@ -173,7 +184,10 @@ class SchedulerSide:
             if req is None or req.status != RequestStatus.RUNNING or req not in sched.running:
                 continue
             sched.running.remove(req)
-            sched._preempt_request(req, time.monotonic())
+            # With asynchronous scheduling the request's next step is already scheduled and
+            # ran over the KV being thrown away: its output is dropped, and resampled after the
+            # recompute (vLLM's own reset_prefix_cache does the same).
+            sched._preempt_request(req, time.monotonic(), drop_stale_output=True)
             # As vLLM's own reset_prefix_cache does: preempted and resumed in one step, the
             # request must look unscheduled in the prior step (the worker gets its full state).
             sched.prev_step_scheduled_req_ids.discard(rid)

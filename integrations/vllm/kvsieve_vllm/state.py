@@ -42,8 +42,8 @@ ALLOWED: dict[State, set[State]] = {
     S.ADMITTED: {S.PREFILLING, S.PENDING, S.DECODING, S.PREEMPTED} | _END,
     S.PREFILLING: {S.PREFILLING, S.PENDING, S.DECODING, S.COMPRESSED, S.PREEMPTED} | _END,
     S.RESUMED: {S.RESUMED, S.PENDING, S.DECODING, S.COMPRESSED, S.PREEMPTED} | _END,
-    # PREEMPTED from PENDING cannot happen with synchronous scheduling (nothing schedules
-    # between an event's announcement and its acks); allowed so such an engine stays consistent.
+    # PREEMPTED from PENDING: with asynchronous scheduling the next step is scheduled (and may
+    # preempt the request) before the event's acks arrive; its acks are then ignored.
     S.PENDING: {S.COMPRESSED, S.DECODING, S.PREFILLING, S.RESUMED, S.TORN, S.PREEMPTED} | _END,
     S.DECODING: {S.DECODING, S.PENDING, S.PREEMPTED} | _END,
     S.COMPRESSED: {S.COMPRESSED, S.PENDING, S.PREEMPTED} | _END,

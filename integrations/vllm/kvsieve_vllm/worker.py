@@ -319,16 +319,32 @@ def after_forward(runner, st: WorkerState, scheduler_output) -> None:
 
 
 def take_acks(st: WorkerState | None, out):
-    """Put the step's acknowledgements on `out`, the ModelRunnerOutput that goes to the
-    scheduler (returned, a copy when it is vLLM's shared empty output)."""
-    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+    """Put the step's acknowledgements on the ModelRunnerOutput that goes to the scheduler and
+    return what the runner returns. An asynchronous output (asynchronous scheduling; MRV2 always)
+    makes its ModelRunnerOutput when `get_output` is called (in the executor's thread or the
+    worker process): they are attached there. Nothing to attach to yet (the V1 runner's
+    `execute_model` when it samples in `sample_tokens`): they wait for the next call."""
+    from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
-    if st is None or st.acks is None or not isinstance(out, ModelRunnerOutput):
+    if st is None or st.acks is None:
         return out
+    if isinstance(out, AsyncModelRunnerOutput):
+        acks, st.acks, get_output = st.acks, None, out.get_output
+        out.get_output = lambda: _attach(get_output(), acks)
+        return out
+    if not isinstance(out, ModelRunnerOutput):
+        return out
+    acks, st.acks = st.acks, None
+    return _attach(out, acks)
+
+
+def _attach(out, acks):
+    """`out` with `acks` on it (a copy when it is vLLM's shared empty output)."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
     if out is EMPTY_MODEL_RUNNER_OUTPUT:
         out = copy(out)  # never write to vLLM's shared empty output
-    setattr(out, protocol.ATTR, st.acks)
-    st.acks = None
+    setattr(out, protocol.ATTR, acks)
     return out
 
 

