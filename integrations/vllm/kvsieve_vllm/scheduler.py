@@ -517,6 +517,9 @@ def wrap_init(orig):
         check_scheduler(self)  # refusals raise here, while the engine starts
         admission.install_admission_bound(self)
         self._kvsieve = SchedulerSide()
+        is_async = bool(getattr(self.vllm_config.scheduler_config, "async_scheduling", False))
+        logger.info("kvsieve scheduler: %s scheduling (%s)", "asynchronous" if is_async else "synchronous",
+                    type(self).__name__)
 
     return __init__
 
