@@ -50,7 +50,7 @@ def engine_refusals(vllm_config) -> list[str]:
         out += cuda_graph_refusals(vllm_config)
     if vllm_config.speculative_config is not None:
         out.append("speculative decoding is enabled (remove --speculative-config)")
-    is_async = bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
+    is_async = async_scheduling(vllm_config)
     out += async_scheduling_refusals(is_async)
     if getattr(pc, "use_ubatching", False):
         out.append("microbatching (--enable-dbo / ubatching) splits a step's batch; kvsieve maps one batch per step "
@@ -101,6 +101,11 @@ def platform_kind() -> str | None:
     if current_platform.is_cuda():
         return "cuda"
     return None
+
+
+def async_scheduling(vllm_config) -> bool:
+    """Whether the engine schedules asynchronously (vLLM's `AsyncScheduler`, two batches in flight)."""
+    return bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
 
 
 def async_scheduling_refusals(is_async: bool) -> list[str]:

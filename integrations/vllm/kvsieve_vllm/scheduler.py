@@ -62,7 +62,7 @@ import math
 import time
 
 from . import admission, faults, protocol
-from .checks import check_scheduler
+from .checks import async_scheduling, check_scheduler
 from .lib import PHASE_DECODE, PHASE_PREFILL, PHASE_PREFILL_CHUNK
 from .protocol import Capture, Event, Outcome, StepAcks, StepPlan
 from .request_options import OptionError, parse
@@ -517,9 +517,8 @@ def wrap_init(orig):
         check_scheduler(self)  # refusals raise here, while the engine starts
         admission.install_admission_bound(self)
         self._kvsieve = SchedulerSide()
-        is_async = bool(getattr(self.vllm_config.scheduler_config, "async_scheduling", False))
-        logger.info("kvsieve scheduler: %s scheduling (%s)", "asynchronous" if is_async else "synchronous",
-                    type(self).__name__)
+        logger.info("kvsieve scheduler: %s scheduling (%s)",
+                    "asynchronous" if async_scheduling(self.vllm_config) else "synchronous", type(self).__name__)
 
     return __init__
 
