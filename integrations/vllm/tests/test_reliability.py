@@ -14,8 +14,9 @@ through engine_child.py).
   faults in place on V1 with asynchronous scheduling (a torn or lost event's request has its
   next step in flight already: that step's output is dropped and resampled after the
   recompute); out-of-place faults with prefix caching and a lost acknowledgement on MRV2 with
-  asynchronous scheduling; preemption with and without prefix caching on V1 and the bounded
-  config (chunk events, recompute after a failure, the error finish) on MRV2, synchronously.
+  asynchronous scheduling; the bounded config (chunk events, recompute after a failure, the
+  error finish) on MRV2 with asynchronous scheduling; preemption with and without prefix
+  caching on V1, synchronously.
 - A request longer than the whole KV space under a bounding config (admitted by the bound)
   whose event fails: recomputed and compressed again once; failing again, it is finished with
   vLLM's error status while the other requests complete and the engine keeps serving (before,
@@ -51,11 +52,11 @@ from reference import replay_logprobs  # noqa: E402
 SINK, RECENT, BLOCK = 4, 32, 32
 # Which model runner and scheduling each engine below runs (vLLM's choice, steered by
 # engine_child). MRV2 runs vLLM's Triton kernels in Triton's interpreter here, slower per step:
-# the engines with the most steps stay on V1. The fault engines schedule asynchronously (vLLM's
-# GPU default: every event is acknowledged one step late, after the request's next step was
-# scheduled); the engines whose runs compress between prefill chunks cannot (refused).
+# the engines with the most steps stay on V1. The fault engines and the bounded one schedule
+# asynchronously (vLLM's GPU default: every event is acknowledged one step late, after the
+# request's next step was scheduled; a request whose chunk event is pending sits that step out).
 MODE = {"stock": ("v1", "sync"), "faults": ("v1", "async"), "stock_tight": ("v1", "sync"), "tight": ("v1", "sync"),
-        "tight_prefix": ("v1", "sync"), "bounded": ("v2", "sync"), "faults_prefix": ("v2", "async")}
+        "tight_prefix": ("v1", "sync"), "bounded": ("v2", "async"), "faults_prefix": ("v2", "async")}
 PREFILL = f"""
 [sparsity]
 policy = "streaming"

