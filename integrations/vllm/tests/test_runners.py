@@ -105,3 +105,17 @@ def test_every_mode_keeps_the_same_tokens_and_decodes_as_the_reference(runs):
         for p, toks, lps, q in zip(prompts(), r["tokens"], r["logprobs"], r["requests"]):
             ref = replay_logprobs(model, p, toks, q.get("timeline", []), PHASES, pool_kernel=31)
             assert max(abs(a - b) for a, b in zip(lps, ref)) < 2e-4, (mode, q.get("timeline"))
+
+
+def test_what_kvsieve_does_not_serve_stops_at_start_on_mrv2_with_asynchronous_scheduling():
+    """On vLLM's GPU defaults too, a setup kvsieve refuses stops the engine while it starts,
+    naming the fix (here the `quest` policy, which plans no eviction in vLLM yet); it is never
+    served uncompressed."""
+    from engine_child import run_engine as run
+
+    with pytest.raises(AssertionError) as refused:
+        run(ENGINE, [{"name": "one", "prompts": prompts()[3:], "max_tokens": 2}],
+            SNAPKV.replace('policy = "snapkv"', 'policy = "quest"', 1).split("[decode]")[0], "v2", "async")
+    msg = str(refused.value)
+    assert "engine process failed" in msg and "kvsieve cannot run on this vLLM setup" in msg, msg[-3000:]
+    assert "sparsity.policy = 'quest'" in msg, msg[-3000:]
