@@ -389,7 +389,9 @@ kvs_status kvs_kernels_new_cpu(struct kvs_kernels **out);
 // out-params (`*num_released`, `*num_kept`) are written by `kvs_kernels_synchronize` for the
 // calls that passed, so keep them alive until it returns. Statuses: `KVS_STATUS_NOT_COMPILED`
 // (built without the `cuda` feature), `KVS_STATUS_NO_CUDA_DRIVER` (no libcuda / libnvrtc),
-// `KVS_STATUS_NO_DEVICE`.
+// `KVS_STATUS_NO_DEVICE`, and `KVS_STATUS_CUDA_ERROR` when the start-up self-check finds the
+// kernels wrong on this device (a small probe scored, selected and compacted on the device and
+// by the CPU reference; the message names the call, dtype, layout, device and driver).
 //
 // # Safety
 // `out` must be writable; `stream` must be NULL or a live stream of that device that outlives

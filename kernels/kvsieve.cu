@@ -24,7 +24,8 @@ struct Geom {
   u64 block_stride, token_stride, head_stride;  // in elements; head_dim is contiguous
 };
 
-// Error codes in err[0] (err[1] holds the offending index); mirrored in src/cuda/ops.rs.
+// Error codes in err[0] (err[1] holds the offending index, or the repeated block id for the two
+// repeat codes); mirrored in src/cuda/ops.rs.
 #define KVS_ERR_ROW_RANGE 1u
 #define KVS_ERR_ROW_DUPLICATE 2u
 #define KVS_ERR_KEEP_RANGE 3u
@@ -41,9 +42,13 @@ __device__ __forceinline__ u64 elem(const Geom& g, u64 block, u64 head, u64 slot
 __device__ __forceinline__ u64 esize(u64 dtype) { return dtype == 0 ? 4 : 2; }
 
 __device__ __forceinline__ float half_bits_to_float(unsigned short h) {
+#ifdef __CUDA_ARCH__
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
+#else  // compiled for the host by the emulation (tests/cuda_emu); NVRTC never takes this branch
+  return kvs_emu_half_bits_to_float(h);
+#endif
 }
 
 // Element i of a tensor of `dtype` at `base`, as f32.
@@ -83,7 +88,9 @@ extern "C" __global__ void kvs_compact_check(Geom g, const i32* row, u32 row_len
     if (b < 0 || (u64)b >= g.num_blocks) {
       fail(err, KVS_ERR_ROW_RANGE, (u32)i);
     } else if (atomicExch(&marks[b], epoch) == epoch) {
-      fail(err, KVS_ERR_ROW_DUPLICATE, (u32)i);
+      // The block id, not the index: which of its two positions sees the mark first depends
+      // on thread timing, the id does not.
+      fail(err, KVS_ERR_ROW_DUPLICATE, (u32)b);
     }
   }
   u64 total = (u64)selected * g.heads;
@@ -140,7 +147,7 @@ extern "C" __global__ void kvs_compact_dest_check(Geom g, const i32* dest, u32 d
     if (b < 0 || (u64)b >= g.num_blocks) {
       fail(err, KVS_ERR_DEST_RANGE, (u32)i);
     } else if (atomicExch(&marks[b], epoch) == epoch) {
-      fail(err, KVS_ERR_DEST_REPEAT, (u32)i);
+      fail(err, KVS_ERR_DEST_REPEAT, (u32)b);  // the id, as for a row duplicate
     }
   }
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up and run every test: formatting, lints (with and without the cuda feature), unit,
 # property, ABI, header-drift and C-integration tests, and with --features cuda the NVRTC
-# compilation of every kernel and the GPU parity tests (which skip, saying why, without a GPU).
+# compilation of every kernel and the GPU parity tests (which skip, saying why, without a GPU;
+# scripts/cuda-emulated.sh then runs them on the emulation, labelled emulated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
@@ -30,6 +31,9 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q 
   gpu_tests=(--include-ignored)
 fi
 run cargo test --features cuda --test cuda_parity -- --nocapture "${gpu_tests[@]}"
+# The same parity tests with no GPU: EMULATED (a fake libcuda running the kernels compiled for
+# the host, in three thread orders and under AddressSanitizer; counted on their own line).
+run bash scripts/cuda-emulated.sh
 # Rebuild the default-feature library for the Python tests (the cuda runs above replaced it).
 run cargo build
 
@@ -43,7 +47,8 @@ run .venv/bin/python -m pytest integrations/vllm/tests -q -p no:cacheprovider --
 run .venv/bin/python -m pytest bench/tests -q -p no:cacheprovider --durations 10
 
 # One closing line over every cargo and pytest run above (cargo's ignored tests are skipped).
-awk '/^test result:/ || / (passed|skipped).* in [0-9.]+s/ {
+awk '!/^\[emulated\]/ && (/^test result:/ || / (passed|skipped).* in [0-9.]+s/) {
        for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^(skipped|ignored)/) s += $i }
      }
      END { printf "kvsieve: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+grep '^cuda-emulated:' "$log" || true

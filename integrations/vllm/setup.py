@@ -4,7 +4,8 @@ environment variable KVSIEVE_LIB still overrides). The wheel is platform-specifi
 runs auditwheel to give it its manylinux tag. Editable installs (development) build nothing and
 keep reading KVSIEVE_LIB or target/release.
 
-    KVSIEVE_CARGO_FEATURES=cuda   also build the CUDA kernels (NVRTC at run time)
+The library carries the CUDA kernels (feature `cuda`, NVRTC and the driver loaded at run time);
+    KVSIEVE_CARGO_FEATURES=""     builds it without them (CPU kernels only)
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ class BuildWithLibrary(build_py):
             raise SystemExit(f"kvsieve-vllm: no Cargo.toml at {ROOT}; build the wheel from a kvsieve checkout "
                              "(scripts/wheel.sh), not from an sdist")
         cmd = ["cargo", "build", "--release", "--lib", "--manifest-path", str(ROOT / "Cargo.toml")]
-        if os.environ.get("KVSIEVE_CARGO_FEATURES"):
-            cmd += ["--features", os.environ["KVSIEVE_CARGO_FEATURES"]]
+        # With the CUDA kernels by default: cudarc loads the driver and NVRTC at run time, so the
+        # same library runs on machines without CUDA (one wheel for CPU and GPU machines).
+        # KVSIEVE_CARGO_FEATURES="" builds the CPU-only library.
+        features = os.environ.get("KVSIEVE_CARGO_FEATURES", "cuda")
+        if features:
+            cmd += ["--features", features]
         subprocess.run(cmd, check=True)
         target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
         dest = Path(self.build_lib) / "kvsieve_vllm" / LIB

@@ -19,6 +19,8 @@ pub(crate) fn cuda_err(what: &str, e: DriverError) -> Error {
 
 pub struct CudaBackend {
     pub(super) stream: Arc<CudaStream>,
+    /// "CUDA device N (name, compute capability X.Y), driver CUDA A.B", for messages.
+    description: String,
     funcs: HashMap<&'static str, CudaFunction>,
     pub(super) state: Mutex<State>,
 }
@@ -121,17 +123,18 @@ impl Ledger {
     }
 }
 
-/// What each device error code means (`ERR_*` in kernels/kvsieve.cu), before its index.
+/// What each device error code means (`ERR_*` in kernels/kvsieve.cu), before its index (the
+/// block id itself for a repeat: the same whatever order the threads ran in).
 const ERR_NAMES: [&str; 9] = [
     "",
     "a block id of the row is out of range (row index",
-    "a block id appears twice in the row (row index",
+    "a block id appears twice in the row (block id",
     "a keep position is outside [protected_len, cached_len) (keep index",
     "a keep list is not strictly ascending (keep index",
     "indptr must start at 0, not decrease and end at nnz (indptr index",
     "a non-empty sequence's last_page_len is below 1 (sequence",
     "a dest block id is out of range (dest index",
-    "a dest block id is in the row or twice in dest; pass fresh blocks (dest index",
+    "a dest block id is in the row or twice in dest; pass fresh blocks (block id",
 ];
 
 /// Device memory the backend owns; guarded so calls from several threads serialise.
@@ -181,6 +184,11 @@ impl CudaBackend {
             .compute_capability()
             .map_err(|e| cuda_err("reading the compute capability", e))?;
         let module = load_kernels(&ctx, ordinal, major, minor)?;
+        let (dmaj, dmin) = driver_version()?;
+        let description = format!(
+            "CUDA device {ordinal} ({}, compute capability {major}.{minor}), driver CUDA {dmaj}.{dmin}",
+            ctx.name().unwrap_or_else(|_| "name unknown".to_string())
+        );
         let mut funcs = HashMap::new();
         for &name in source::KERNEL_NAMES {
             let f = module.load_function(name).map_err(|e| cuda_err(name, e))?;
@@ -198,6 +206,7 @@ impl CudaBackend {
             .map_err(|e| cuda_err("allocating the error slots", e))?;
         Ok(CudaBackend {
             stream,
+            description,
             funcs,
             state: Mutex::new(State {
                 work: None,
@@ -207,6 +216,16 @@ impl CudaBackend {
                 epoch: 0,
             }),
         })
+    }
+
+    /// The stream the backend enqueues on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device and driver, as messages name them.
+    pub fn description(&self) -> &str {
+        &self.description
     }
 
     pub(super) fn func(&self, name: &str) -> &CudaFunction {

@@ -33,7 +33,7 @@ pub struct KvsKernels {
 }
 
 impl KvsKernels {
-    fn cpu() -> KvsKernels {
+    pub(super) fn cpu() -> KvsKernels {
         KvsKernels {
             device: Device::Cpu,
             #[cfg(feature = "cuda")]
@@ -154,7 +154,9 @@ pub unsafe extern "C" fn kvs_kernels_new_cpu(out: *mut *mut KvsKernels) -> Statu
 /// out-params (`*num_released`, `*num_kept`) are written by `kvs_kernels_synchronize` for the
 /// calls that passed, so keep them alive until it returns. Statuses: `KVS_STATUS_NOT_COMPILED`
 /// (built without the `cuda` feature), `KVS_STATUS_NO_CUDA_DRIVER` (no libcuda / libnvrtc),
-/// `KVS_STATUS_NO_DEVICE`.
+/// `KVS_STATUS_NO_DEVICE`, and `KVS_STATUS_CUDA_ERROR` when the start-up self-check finds the
+/// kernels wrong on this device (a small probe scored, selected and compacted on the device and
+/// by the CPU reference; the message names the call, dtype, layout, device and driver).
 ///
 /// # Safety
 /// `out` must be writable; `stream` must be NULL or a live stream of that device that outlives
@@ -170,13 +172,14 @@ pub unsafe extern "C" fn kvs_kernels_new_cuda(
         #[cfg(feature = "cuda")]
         {
             let backend = crate::cuda::CudaBackend::new(ordinal, stream)?;
-            publish(
-                KvsKernels {
-                    device: Device::Cuda,
-                    cuda: Some(backend),
-                },
-                out,
-            );
+            let (stream, device) = (backend.stream().clone(), backend.description().to_string());
+            let handle = KvsKernels {
+                device: Device::Cuda,
+                cuda: Some(backend),
+            };
+            // No handle before the kernels proved themselves on this device.
+            super::self_check::self_check(&handle, &stream, &device)?;
+            publish(handle, out);
             Ok(())
         }
         #[cfg(not(feature = "cuda"))]

@@ -15,6 +15,8 @@ mod info;
 mod kernels;
 mod plan;
 mod regions;
+#[cfg(feature = "cuda")]
+mod self_check;
 
 pub use boundary::last_error_message;
 pub use config::*;

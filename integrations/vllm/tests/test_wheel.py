@@ -1,7 +1,8 @@
 """The wheel as a user installs it: `scripts/wheel.sh` builds kvsieve-vllm with libkvsieve inside
 and a manylinux tag; in a fresh venv, `pip install` of that file alone gives the plugin, its
 library (no KVSIEVE_LIB, no Rust), `kvsieve-check`, and a vLLM that compresses with only
-KVSIEVE_CONFIG set. KVSIEVE_LIB still overrides the bundled library."""
+KVSIEVE_CONFIG set. KVSIEVE_LIB still overrides the bundled library. The library is built with
+the `cuda` feature: one wheel for CPU and GPU machines."""
 
 from __future__ import annotations
 
@@ -81,6 +82,42 @@ def test_a_fresh_venv_loads_the_bundled_library(venv):
         got = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=120,
                              env=_env(KVSIEVE_LIB=str(mine)))
         assert Path(got.stdout.strip()) == mine, got.stderr
+
+
+_CUDA_KERNELS = """
+from kvsieve_vllm.lib import CudaKernels, KvsieveError, load
+try:
+    CudaKernels(load(), 0, 0)
+    print("KVS_STATUS_OK |")
+except KvsieveError as e:
+    print(e.status, "|", e.message)
+"""
+
+
+def test_the_bundled_library_carries_the_cuda_kernels(venv):
+    """One wheel for CPU and GPU machines: the bundled library is built with the `cuda` feature
+    (it loads the driver and NVRTC at run time), so on this machine, which has no NVIDIA driver,
+    asking for the CUDA kernels says exactly that, not KVS_STATUS_NOT_COMPILED."""
+    got = subprocess.run([str(venv / "bin" / "python"), "-c", _CUDA_KERNELS], capture_output=True, text=True,
+                         env=_env(), timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.startswith("KVS_STATUS_NO_CUDA_DRIVER |"), got.stdout
+
+
+def test_the_bundled_library_compiles_and_loads_its_kernels_on_the_emulated_device(venv):
+    """EMULATED: with the fake libcuda of tests/cuda_emu (scripts/cuda-emulated.sh builds it)
+    and the project's NVRTC, the wheel's library compiles its kernels with NVRTC for the device
+    and loads them through the driver API, as on a GPU machine."""
+    emu = ROOT / "target" / "cuda-emu" / "plain"
+    nvrtc = sorted((ROOT / ".venv").glob("lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"))
+    if not (emu / "libcuda.so").is_file() or not nvrtc:
+        pytest.skip("the emulated driver (bash scripts/cuda-emulated.sh) or the project's NVRTC is not built here")
+    env = _env(KVSIEVE_NVRTC=str(nvrtc[0]),
+               LD_LIBRARY_PATH=f"{emu}:{nvrtc[0].parent}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    got = subprocess.run([str(venv / "bin" / "python"), "-c", _CUDA_KERNELS], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.startswith("KVS_STATUS_OK |"), got.stdout
 
 
 def test_kvsieve_check_runs_from_the_venv(venv, tmp_path):

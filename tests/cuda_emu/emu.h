@@ -1,0 +1,121 @@
+// CUDA C on the host, for running kernels/kvsieve.cu without a GPU (emulated; see README.md
+// here). Included before the kernel source (`-include emu.h`), compiled with a host C++ compiler
+// into the fake driver (driver.cpp).
+//
+// The model it enforces is CUDA's, not a looser one:
+// - A block's threads are fibers (ucontext) on one host thread, switched only at __syncthreads
+//   and at warp collectives, run in the order the launch chooses (forward, reverse or shuffled,
+//   `KVSIEVE_EMU_ORDER`); blocks run one after another in that order too. Code that relies on an
+//   order CUDA does not promise gives different results between orders.
+// - __syncthreads must be reached by every live thread of the block; __shfl_up_sync by every
+//   lane its mask names (a full mask: the whole warp). Anything else stops the launch with an
+//   error (CUDA leaves it undefined).
+// - __shared__ variables are static storage in one section, poisoned (0xFF bytes: NaN floats,
+//   huge integers) before every block, so a read before the block's own write shows.
+// - Atomics need no locking: fibers never switch inside them.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+// One section for every __shared__ variable, so the launcher can poison them all per block.
+#define __shared__ static __attribute__((section("kvs_emu_shared")))
+
+struct kvs_emu_dim3 {
+  unsigned x, y, z;
+};
+
+namespace kvs_emu {
+struct Fiber;
+extern Fiber* current;                   // the running thread of the block
+extern kvs_emu_dim3 block_idx, block_dim, grid_dim;
+const kvs_emu_dim3& thread_idx();        // of `current`
+void sync_block();                       // __syncthreads
+uint64_t shfl_up(unsigned mask, uint64_t bits, unsigned delta);  // a warp's exchange
+}  // namespace kvs_emu
+
+#define threadIdx (kvs_emu::thread_idx())
+#define blockIdx (kvs_emu::block_idx)
+#define blockDim (kvs_emu::block_dim)
+#define gridDim (kvs_emu::grid_dim)
+
+inline void __syncthreads() { kvs_emu::sync_block(); }
+
+template <class T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+  static_assert(sizeof(T) <= 8, "a shuffle moves at most 64 bits");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = kvs_emu::shfl_up(mask, bits, delta);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+inline float __int_as_float(int x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline float __uint_as_float(unsigned x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned x;
+  std::memcpy(&x, &f, 4);
+  return x;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+inline unsigned atomicCAS(unsigned* p, unsigned expected, unsigned desired) {
+  unsigned old = *p;
+  if (old == expected) *p = desired;
+  return old;
+}
+inline unsigned atomicExch(unsigned* p, unsigned v) {
+  unsigned old = *p;
+  *p = v;
+  return old;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline int atomicAdd(int* p, int v) {
+  int old = *p;
+  *p = old + v;
+  return old;
+}
+inline float atomicAdd(float* p, float v) {
+  float old = *p;
+  *p = old + v;
+  return old;
+}
+
+// IEEE half bits to float, exactly (what `cvt.f32.f16` does on the device).
+inline float kvs_emu_half_bits_to_float(unsigned short h) {
+  unsigned sign = (unsigned)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalise
+    int e = -1;
+    do {
+      man <<= 1;
+      e++;
+    } while (!(man & 0x400));
+    bits = sign | ((unsigned)(112 - e) << 23) | ((man & 0x3ff) << 13);
+  }
+  return __uint_as_float(bits);
+}
