@@ -32,7 +32,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q 
 fi
 run cargo test --features cuda --test cuda_parity -- --nocapture "${gpu_tests[@]}"
 # The same parity tests with no GPU: EMULATED (a fake libcuda running the kernels compiled for
-# the host, in three thread orders and under AddressSanitizer; counted on their own line).
+# the host, in two thread orders and under AddressSanitizer; counted on their own line).
 run bash scripts/cuda-emulated.sh
 # Rebuild the default-feature library for the Python tests (the cuda runs above replaced it).
 run cargo build

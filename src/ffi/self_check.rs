@@ -38,7 +38,7 @@ impl Lcg {
             .0
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        (self.0 >> 33) as u32
+        (self.0 >> 32) as u32 // the high 32 bits: every sign and exponent pattern
     }
     fn words(&mut self, dtype: DType, n: usize) -> Vec<u32> {
         (0..n)

@@ -42,7 +42,8 @@ struct Fiber {
   ucontext_t ctx;
   kvs_emu_dim3 tid;
   Wait wait = Wait::None;
-  uint64_t exchange = 0;  // this lane's value at a shuffle
+  int site = 0;                // the kernel source line of the barrier or shuffle it waits at
+  uint64_t exchange = 0;       // this lane's value at a shuffle
 };
 
 Fiber* current = nullptr;
@@ -50,6 +51,7 @@ kvs_emu_dim3 block_idx, block_dim, grid_dim;
 
 namespace {
 constexpr size_t STACK = 256 * 1024;
+constexpr size_t MAX_THREADS = 1024;
 ucontext_t scheduler_ctx;
 std::vector<Fiber> fibers;
 std::vector<char> stacks;
@@ -129,7 +131,8 @@ bool run_block(unsigned threads, Order o, std::mt19937& rng) {
     std::memset(__start_kvs_emu_shared, 0xff, (size_t)(__stop_kvs_emu_shared - __start_kvs_emu_shared));
   }
   fibers.assign(threads, Fiber{});
-  if (stacks.size() < (size_t)threads * STACK) stacks.resize((size_t)threads * STACK);
+  // Allocated once: a resize would copy stacks an abandoned launch left poisoned (ASan).
+  if (stacks.empty()) stacks.resize(MAX_THREADS * STACK);
   for (unsigned t = 0; t < threads; t++) {
     Fiber& f = fibers[t];
     f.tid = {t, 0, 0};
@@ -162,6 +165,12 @@ bool run_block(unsigned threads, Order o, std::mt19937& rng) {
              std::to_string(w) + " (the others ended or wait at __syncthreads)");
         return false;
       }
+      for (unsigned l = w * 32 + 1; l < w * 32 + 32; l++) {
+        if (fibers[l].site != fibers[w * 32].site) {
+          fail("the lanes of warp " + std::to_string(w) + " wait at different shuffles (kernel source lines " + std::to_string(fibers[w * 32].site) + " and " + std::to_string(fibers[l].site) + ")");
+          return false;
+        }
+      }
       for (unsigned l = w * 32; l < w * 32 + 32; l++) fibers[l].wait = Wait::None;
       released = true;
     }
@@ -172,6 +181,12 @@ bool run_block(unsigned threads, Order o, std::mt19937& rng) {
       return false;
     }
     if (at_block == threads) {
+      for (auto& f : fibers) {
+        if (f.site != fibers[0].site) {
+          fail("the block's threads wait at different __syncthreads (kernel source lines " + std::to_string(fibers[0].site) + " and " + std::to_string(f.site) + "; a divergent barrier)");
+          return false;
+        }
+      }
       for (auto& f : fibers) f.wait = Wait::None;
       continue;
     }
@@ -183,12 +198,14 @@ bool run_block(unsigned threads, Order o, std::mt19937& rng) {
 
 const kvs_emu_dim3& thread_idx() { return current->tid; }
 
-void sync_block() {
+void sync_block(int line) {
+  current->site = line;
   current->wait = Wait::Block;
   to_scheduler();
 }
 
-uint64_t shfl_up(unsigned mask, uint64_t bits, unsigned delta) {
+uint64_t shfl_up(unsigned mask, uint64_t bits, unsigned delta, int line) {
+  current->site = line;
   unsigned lane = current->tid.x & 31, warp = current->tid.x >> 5;
   if (mask != 0xffffffffu) fail("a shuffle mask other than the full warp (not emulated)");
   if ((warp + 1) * 32 > blockDim.x) fail("a full-mask shuffle in a warp with fewer than 32 threads");

@@ -7,8 +7,9 @@
 //   and at warp collectives, run in the order the launch chooses (forward, reverse or shuffled,
 //   `KVSIEVE_EMU_ORDER`); blocks run one after another in that order too. Code that relies on an
 //   order CUDA does not promise gives different results between orders.
-// - __syncthreads must be reached by every live thread of the block; __shfl_up_sync by every
-//   lane its mask names (a full mask: the whole warp). Anything else stops the launch with an
+// - __syncthreads must be reached by every thread of the block (one that returned before a
+//   barrier the others wait at is an error), all at the same call; __shfl_up_sync by every lane
+//   of the warp (a full mask), all at the same call. Anything else stops the launch with an
 //   error (CUDA leaves it undefined).
 // - __shared__ variables are static storage in one section, poisoned (0xFF bytes: NaN floats,
 //   huge integers) before every block, so a read before the block's own write shows.
@@ -35,8 +36,8 @@ struct Fiber;
 extern Fiber* current;                   // the running thread of the block
 extern kvs_emu_dim3 block_idx, block_dim, grid_dim;
 const kvs_emu_dim3& thread_idx();        // of `current`
-void sync_block();                       // __syncthreads
-uint64_t shfl_up(unsigned mask, uint64_t bits, unsigned delta);  // a warp's exchange
+void sync_block(int line);               // __syncthreads at that source line
+uint64_t shfl_up(unsigned mask, uint64_t bits, unsigned delta, int line);  // a warp's exchange
 }  // namespace kvs_emu
 
 #define threadIdx (kvs_emu::thread_idx())
@@ -44,14 +45,18 @@ uint64_t shfl_up(unsigned mask, uint64_t bits, unsigned delta);  // a warp's exc
 #define blockDim (kvs_emu::block_dim)
 #define gridDim (kvs_emu::grid_dim)
 
-inline void __syncthreads() { kvs_emu::sync_block(); }
+// Macros, so each barrier and shuffle knows its line in the kernel source: kvs_emu checks that
+// all threads wait at the same one (machine addresses would not do: the compiler may duplicate
+// a barrier's code along different paths).
+#define __syncthreads() kvs_emu::sync_block(__LINE__)
+#define __shfl_up_sync(mask, v, delta) kvs_emu_shfl_up((mask), (v), (delta), __LINE__)
 
 template <class T>
-inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+inline T kvs_emu_shfl_up(unsigned mask, T v, unsigned delta, int line) {
   static_assert(sizeof(T) <= 8, "a shuffle moves at most 64 bits");
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  bits = kvs_emu::shfl_up(mask, bits, delta);
+  bits = kvs_emu::shfl_up(mask, bits, delta, line);
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;

@@ -51,6 +51,11 @@ def engine_refusals(vllm_config) -> list[str]:
     if vllm_config.speculative_config is not None:
         out.append("speculative decoding is enabled (remove --speculative-config)")
     is_async = async_scheduling(vllm_config)
+    if is_async and getattr(vllm_config, "lora_config", None) is not None and _chunk_events():
+        # A request sitting out a step for its chunk event (scheduler.sitting_out) is not in
+        # `running`, where vLLM 0.33 counts the LoRAs in use when it admits requests.
+        out.append("LoRA with asynchronous scheduling and compression between prefill chunks ([prefill]) is not "
+                   "mapped (pass --no-async-scheduling, or remove [prefill])")
     if getattr(pc, "use_ubatching", False):
         out.append("microbatching (--enable-dbo / ubatching) splits a step's batch; kvsieve maps one batch per step "
                    "(remove it)")
@@ -105,6 +110,13 @@ def platform_kind() -> str | None:
 def async_scheduling(vllm_config) -> bool:
     """Whether the engine schedules asynchronously (vLLM's `AsyncScheduler`, two batches in flight)."""
     return bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
+
+
+def _chunk_events() -> bool:
+    from .lib import PHASE_PREFILL_CHUNK
+    from .settings import settings
+
+    return settings().policy[PHASE_PREFILL_CHUNK] != "none"
 
 
 def cuda_graph_refusals(vllm_config) -> list[str]:

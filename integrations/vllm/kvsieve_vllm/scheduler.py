@@ -203,24 +203,31 @@ class SchedulerSide:
         """While vLLM schedules: the requests whose chunk event is PENDING (only ever with
         asynchronous scheduling: synchronously the acks came before) are out of `running`, and
         the running limits are lowered by as many, so vLLM neither schedules nor preempts them
-        and admits no request into their slots. Put back where they were afterwards."""
-        held = [(i, r) for i, r in enumerate(sched.running)
+        (it preempts another request instead, for that step) and admits no request into their
+        slots. Afterwards `running` keeps its order: vLLM only removes requests from it
+        (preemptions, at any index under the priority policy) and appends admitted ones.
+        (vLLM 0.33 counts the LoRAs of all of `running` when it admits; a held request's would
+        be missed, so LoRA with chunk events and asynchronous scheduling is refused, `checks`.)"""
+        held = [r for r in sched.running
                 if (rec := self.reqs.get(r.request_id)) is not None and rec.state == State.PENDING
                 and rec.chunk_from is not None]
         if not held:
             yield
             return
-        for _, r in held:
-            sched.running.remove(r)
-        sched.max_num_running_reqs -= len(held)
-        sched.max_num_active_reqs -= len(held)
+        before, held_ids, lowered = list(sched.running), {id(r) for r in held}, False
         try:
+            sched.running[:] = [r for r in before if id(r) not in held_ids]
+            sched.max_num_running_reqs -= len(held)
+            sched.max_num_active_reqs -= len(held)
+            lowered = True
             yield
         finally:
-            sched.max_num_running_reqs += len(held)
-            sched.max_num_active_reqs += len(held)
-            for i, r in held:
-                sched.running.insert(i, r)
+            if lowered:
+                sched.max_num_running_reqs += len(held)
+                sched.max_num_active_reqs += len(held)
+            after, was = {id(r) for r in sched.running}, {id(r) for r in before}
+            sched.running[:] = ([r for r in before if id(r) in held_ids or id(r) in after]
+                                + [r for r in sched.running if id(r) not in was])
             SCHEDULER_STATS.counts["steps_sat_out_for_chunk_events"] += len(held)
 
     # -- after vLLM schedules ------------------------------------------------------------------

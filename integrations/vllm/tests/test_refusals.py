@@ -113,6 +113,15 @@ def test_async_scheduling_is_served_with_every_event_kind(llama, monkeypatch, tm
     cfg.scheduler_config.async_scheduling = True
     assert cfg.max_concurrent_batches == 2
     assert engine_refusals(cfg) == []
+    # LoRA: vLLM 0.33 counts the LoRAs of every running request at admission, and a request
+    # sitting out a step for its chunk event is not among them.
+    object.__setattr__(cfg, "lora_config", object())
+    lora = engine_refusals(cfg)
+    if chunk_events:
+        assert len(lora) == 1 and "LoRA" in lora[0] and "--no-async-scheduling" in lora[0], lora
+    else:
+        assert lora == [], lora
+    object.__setattr__(cfg, "lora_config", None)
     cfg.parallel_config.pipeline_parallel_size = 2
     assert any("pipeline parallelism" in p for p in engine_refusals(cfg)), "more batches in flight: refused"
 
