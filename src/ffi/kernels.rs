@@ -33,6 +33,12 @@ pub struct KvsKernels {
 }
 
 impl KvsKernels {
+    /// The CUDA backend, if this is a CUDA handle.
+    #[cfg(feature = "cuda")]
+    pub(super) fn cuda(&self) -> Option<&crate::cuda::CudaBackend> {
+        self.cuda.as_ref()
+    }
+
     pub(super) fn cpu() -> KvsKernels {
         KvsKernels {
             device: Device::Cpu,
@@ -172,13 +178,12 @@ pub unsafe extern "C" fn kvs_kernels_new_cuda(
         #[cfg(feature = "cuda")]
         {
             let backend = crate::cuda::CudaBackend::new(ordinal, stream)?;
-            let (stream, device) = (backend.stream().clone(), backend.description().to_string());
             let handle = KvsKernels {
                 device: Device::Cuda,
                 cuda: Some(backend),
             };
             // No handle before the kernels proved themselves on this device.
-            super::self_check::self_check(&handle, &stream, &device)?;
+            super::self_check::self_check(&handle)?;
             publish(handle, out);
             Ok(())
         }

@@ -312,14 +312,15 @@ fn compare_scores(got: &[f32], want: &[f32]) -> std::result::Result<(), String> 
     }
 }
 
-/// Run the probe on `gpu` (a fresh CUDA handle); `device` names the device and driver.
-pub(super) fn self_check(gpu: &KvsKernels, stream: &Arc<CudaStream>, device: &str) -> Result<()> {
+/// Run the probe on `gpu`, a fresh CUDA handle.
+pub(super) fn self_check(gpu: &KvsKernels) -> Result<()> {
+    let backend = gpu.cuda().expect("self_check is given CUDA handles only");
     let cpu = KvsKernels::cpu();
     let probe = Probe {
         gpu,
         cpu: &cpu,
-        stream,
-        device,
+        stream: backend.stream(),
+        device: backend.description(),
     };
     let mut rng = Lcg(0x006b_7673_6965_7665);
     for layout in [Layout::Nhd, Layout::Hnd] {

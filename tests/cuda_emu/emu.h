@@ -16,6 +16,7 @@
 // - Atomics need no locking: fibers never switch inside them.
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -62,21 +63,9 @@ inline T kvs_emu_shfl_up(unsigned mask, T v, unsigned delta, int line) {
   return out;
 }
 
-inline float __int_as_float(int x) {
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
-inline float __uint_as_float(unsigned x) {
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned x;
-  std::memcpy(&x, &f, 4);
-  return x;
-}
+inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
+inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
+inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 inline unsigned atomicCAS(unsigned* p, unsigned expected, unsigned desired) {
@@ -89,18 +78,10 @@ inline unsigned atomicExch(unsigned* p, unsigned v) {
   *p = v;
   return old;
 }
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-  unsigned old = *p;
-  *p = old + v;
-  return old;
-}
-inline int atomicAdd(int* p, int v) {
-  int old = *p;
-  *p = old + v;
-  return old;
-}
-inline float atomicAdd(float* p, float v) {
-  float old = *p;
+// CUDA's overloads (unsigned, int, float, ...) in one.
+template <class T>
+inline T atomicAdd(T* p, T v) {
+  T old = *p;
   *p = old + v;
   return old;
 }
