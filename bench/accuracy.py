@@ -31,7 +31,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import child  # noqa: E402
 import ruler  # noqa: E402
-PROSE = ROOT.parent / "shared" / "models" / "byte-llama-5m" / "val.txt"
+PROSE = ROOT / "models" / "byte-llama-5m" / "val.txt"
 BLOCK = 32
 if (ROOT / "target" / "release" / "libkvsieve.so").is_file():
     os.environ.setdefault("KVSIEVE_LIB", str(ROOT / "target" / "release" / "libkvsieve.so"))

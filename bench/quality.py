@@ -33,7 +33,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import child  # noqa: E402
 
-DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "byte-llama-5m"
+DEFAULT_MODEL = ROOT / "models" / "byte-llama-5m"
 BOS = 256
 # val.txt concatenates 9 held-out tails; a sample must not straddle two (model README).
 DOC_ENDS = [55712, 89561, 149869, 310688, 400255, 449789, 476701, 527709, 548538]
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if not (a.model / "config.json").is_file():
         raise SystemExit(f"--model {a.model}: no config.json there; the trained fixture lives at "
-                         f"../shared/models/byte-llama-5m (pass --model to point at it)")
+                         f"models/byte-llama-5m (pass --model to point at it)")
     if a.prompt_len + a.continuation > 1024:
         raise SystemExit(f"--prompt-len + --continuation = {a.prompt_len + a.continuation}: byte-llama-5m "
                          "is trained on 1024-token windows; keep the sum at most 1024")

@@ -89,7 +89,58 @@ def summarize(run: dict, requests: list) -> dict:
         "time_attribution": attribute_time(prof.get("step_records", [])),
         "engine_init_s": run["init_s"],
         "ttft_s": ttft, "tpot_s": tpot,
+        # Per request, in request order (None where one token gives no time per output token).
+        "tpot_by_request_s": [(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None for t in times],
+        "output_tokens_by_request": [len(t) for t in run["tokens"]],
     }
+
+
+def goodput(s: dict, slo: dict) -> dict | None:
+    """Requests (and their output tokens) per second of wall time that met both latency limits:
+    TTFT <= slo["ttft_s"] and time per output token <= slo["tpot_ms"]."""
+    if slo.get("ttft_s") is None or slo.get("tpot_ms") is None or "tpot_by_request_s" not in s:
+        return None
+    met = [i for i, (ttft, tpot) in enumerate(zip(s["ttft_s"], s["tpot_by_request_s"]))
+           if ttft <= slo["ttft_s"] and (tpot is None or 1e3 * tpot <= slo["tpot_ms"])]
+    return {"requests_met": len(met), "requests": len(s["ttft_s"]),
+            "requests_per_s": len(met) / s["wall_s"],
+            "output_tokens_per_s": sum(s["output_tokens_by_request"][i] for i in met) / s["wall_s"]}
+
+
+COMPACT = ("wall_s", "output_tokens_per_s", "requests_per_s", "ttft_mean_s", "ttft_p99_s", "tpot_mean_ms",
+           "tpot_p99_ms", "peak_kv_blocks", "kv_blocks_per_request", "max_running", "preemptions", "goodput")
+
+
+def compact(s: dict) -> dict:
+    """The figures of one repeat that a ratio or a range is computed from."""
+    return {k: s.get(k) for k in COMPACT}
+
+
+def median_index(xs: list[float]) -> int:
+    """Index of the median value (the lower middle one for an even count)."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    return order[(len(xs) - 1) // 2]
+
+
+def spread(xs: list[float]) -> dict:
+    ys = sorted(xs)
+    n = len(ys)
+    med = ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
+    return {"median": med, "min": ys[0], "max": ys[-1], "values": xs, "n": n}
+
+
+RATIO_KEYS = {"output_tokens_per_s": "higher", "ttft_mean_s": "lower", "ttft_p99_s": "lower",
+              "tpot_mean_ms": "lower", "tpot_p99_ms": "lower"}
+
+
+def paired_ratios(stock: list[dict], runs: list[dict]) -> dict:
+    """Per figure, the ratios run_i / stock_i of the runs made in the same round: median, range."""
+    out = {}
+    for key in RATIO_KEYS:
+        pairs = [(r.get(key), s.get(key)) for r, s in zip(runs, stock)]
+        if all(x is not None and y for x, y in pairs):
+            out[key] = spread([x / y for x, y in pairs])
+    return out
 
 
 def _fmt(v, spec: str) -> str:
@@ -134,7 +185,19 @@ def serving_table(result: dict) -> str:
         for term in TIME_TERMS:
             lines.append(f"| est. step time: {term} (s) | " + " | ".join(
                 f"{runs[l]['time_attribution']['seconds'][term]:.1f}" for l in labels) + " |")
-    if stock:
+    slo = result.get("slo") or {}
+    if all(runs[l].get("goodput") for l in labels):
+        lines.append(f"| goodput: requests/s with TTFT <= {slo['ttft_s']:.1f} s and TPOT <= {slo['tpot_ms']:.0f} ms "
+                     "| " + " | ".join(f"{runs[l]['goodput']['requests_per_s']:.3f} "
+                                        f"({runs[l]['goodput']['requests_met']}/{runs[l]['goodput']['requests']})"
+                                        for l in labels) + " |")
+    ratios = result.get("ratios") or {}
+    if stock and ratios:
+        n = len(result["repeats"]["stock"])
+        lines.append(f"| output throughput vs stock (median of {n} paired runs, range) | 1.00x | " + " | ".join(
+            f"{ratios[l]['output_tokens_per_s']['median']:.2f}x ({ratios[l]['output_tokens_per_s']['min']:.2f}-"
+            f"{ratios[l]['output_tokens_per_s']['max']:.2f})" if l in ratios else "-" for l in labels[1:]) + " |")
+    elif stock:
         lines.append("| output throughput vs stock | " + " | ".join(
             f"{runs[l]['output_tokens_per_s'] / stock['output_tokens_per_s']:.2f}x" for l in labels) + " |")
         lines.append("| KV blocks per request vs stock | " + " | ".join(

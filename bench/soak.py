@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 from openai_server import Server  # noqa: E402
 
-DEFAULT_MODEL = HERE.parents[1] / "shared" / "models" / "byte-llama-5m"
+DEFAULT_MODEL = HERE.parents[1] / "models" / "byte-llama-5m"
 CONFIG = """
 [sparsity]
 policy = "snapkv"
@@ -244,7 +244,7 @@ def checks(r: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="a byte-level model dir with val.txt "
-                    "(default: ../shared/models/byte-llama-5m)")
+                    "(default: models/byte-llama-5m)")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=12)
     ap.add_argument("--kv-blocks", type=int, default=160, help="KV blocks of 32 tokens (small forces preemption)")
@@ -258,7 +258,7 @@ def main() -> int:
     a = ap.parse_args()
     if not (Path(a.model) / "val.txt").exists():
         print(f"error: {a.model}/val.txt not found; --model must be a byte-level model directory with held-out "
-              "text (../shared/models/byte-llama-5m)", file=sys.stderr)
+              "text (models/byte-llama-5m)", file=sys.stderr)
         return 2
     config = None if a.stock else a.config.read_text() if a.config else CONFIG
     faults = None if a.stock else a.faults or (MIX_FAULTS if a.mix else None)

@@ -6,13 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+steps=$(mktemp)
+trap 'rm -f "$log" "$steps"' EXIT
 start=$SECONDS
 # Each step prints its command, then its wall time and the total so far (CI has 45 minutes).
 run() {
   local t=$SECONDS
   echo "== $*"
   "$@" 2>&1 | tee -a "$log"
+  printf '%s\t%s\n' "$(( SECONDS - t ))" "$*" >> "$steps"
   echo "== $(( SECONDS - t )) s ($(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s in all)"
 }
 
@@ -52,3 +54,8 @@ awk '!/^\[emulated\]/ && (/^test result:/ || / (passed|skipped).* in [0-9.]+s/) 
      }
      END { printf "kvsieve: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 grep '^cuda-emulated:' "$log" || true
+# The counts and times, with provenance: CI's run writes bench/results/ci-run.json (what the README
+# quotes, committed from a clean clone's CI=true run); other runs build/test-run.json.
+record="${KVSIEVE_TEST_RECORD:-$([ "${CI:-}" = true ] && echo bench/results/ci-run.json || echo build/test-run.json)}"
+mkdir -p "$(dirname "$record")"
+.venv/bin/python bench/test_record.py "$log" "$steps" "$(( SECONDS - start ))" "$record"

