@@ -32,6 +32,9 @@ PRESSES = {
     "keydiff": lambda r: kvpress.KeyDiffPress(compression_ratio=r),
     "tova": lambda r: kvpress.TOVAPress(compression_ratio=r),
     "adakv_snapkv": lambda r: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=r)),
+    # SnapKV with kvsieve's window and pool width (kvpress pools by average and has no sink or
+    # recent window to keep): the like-for-like comparison of the held-out split.
+    "snapkv_w32_k31": lambda r: kvpress.SnapKVPress(compression_ratio=r, window_size=32, kernel_size=31),
 }
 
 

@@ -161,5 +161,125 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+
+# --- Provenance recovered for files measured before this module (bench/provenance.py --recover) ---
+
+# The command bench/README.md gives for each file (run from the repository root, release library).
+RECOVERED_COMMANDS = {
+    "accuracy.json": "bench/accuracy.py; then --policies snapkv --budgets 0.1,0.25,0.5,0.75 --presses '' "
+                     "--prefix-caching off,on --cached-budgets 0.1,0.25,0.5,0.75 --name accuracy-snapkv-p31 and "
+                     "--report bench/results/accuracy.json --merge bench/results/accuracy-snapkv-p31.json",
+    "accuracy-snapkv-p31.json": "bench/accuracy.py --policies snapkv --budgets 0.1,0.25,0.5,0.75 --presses '' "
+                                "--prefix-caching off,on --cached-budgets 0.1,0.25,0.5,0.75 --name accuracy-snapkv-p31",
+    "accuracy-slice.json": "bench/accuracy.py --suite slice --name accuracy-slice",
+    "accuracy-prefix-on.json": "bench/accuracy.py --prefix-caching on --cached-budgets 0.1,0.25,0.5,0.75 --presses '' "
+                               "--name accuracy-prefix-on",
+    "accuracy-pool-sweep-25.json": "bench/accuracy.py --tasks niah_number,niah_uuid --lengths 2048 --samples 2 "
+                                   "--budgets 0.25 (policies: the variants in the file; before haystacks alternated)",
+    "accuracy-pool-sweep-10.json": "bench/accuracy.py --tasks niah_number,niah_word,niah_multikey,vt --lengths 2048 "
+                                   "--samples 2 --budgets 0.1 (policies: the variants in the file)",
+    "accuracy-chunks-512.json": "bench/accuracy.py --policies snapkv,snapkv_chunks,snapkv_knorm_chunks --budgets "
+                                "0.25,0.5 --presses '' --prefix-caching off --chunk 512 --name accuracy-chunks-512",
+    "accuracy-chunks-512-2x.json": "bench/accuracy.py --policies snapkv_chunks_2x --budgets 0.25 --presses '' "
+                                   "--prefix-caching off --chunk 512 --name accuracy-chunks-512-2x",
+    "long-answer.json": "bench/serve.py --workload long-answer --budgets 0.25,0.5 --no-agreement",
+    "long-prompt-qa-chunks.json": "bench/serve.py --workload long-prompt-qa --config bench/configs/prefill-chunks-25.toml"
+                                  " --no-agreement --name long-prompt-qa-chunks",
+    "long-prompt-qa-end.json": "bench/serve.py --workload long-prompt-qa --config bench/configs/snapkv-25.toml "
+                               "--no-agreement --name long-prompt-qa-end",
+    "longer-than-kv.json": "bench/serve.py --workload qa --config bench/configs/longer-than-kv.toml --prompt-len "
+                           "6000:8000 --requests 8 --kv-blocks 144 --max-batched-tokens 1024 --name longer-than-kv",
+    "multi-turn.json": "bench/serve.py --workload multi-turn --budgets 0.25 --no-agreement",
+    "multi-turn-cached.json": "bench/serve.py --workload multi-turn --budgets 0.25 --no-agreement --kv-requests 6 "
+                              "--name multi-turn-cached",
+    "shared-doc.json": "bench/serve.py --workload shared-doc --budgets 0.25 --no-agreement",
+    "qa.json": "bench/serve.py --workload qa --budgets 0.25,0.5 --no-agreement",
+    "qa-8.json": "bench/serve.py --workload qa --requests 8 --budgets 0.5 --no-agreement --name qa-8",
+    "qa-chunks.json": "bench/serve.py --workload qa --config bench/configs/prefill-chunks-25.toml --no-agreement "
+                      "--name qa-chunks",
+    "qa-end.json": "bench/serve.py --workload qa --config bench/configs/snapkv-25.toml --no-agreement --name qa-end",
+    "quality.json": "bench/quality.py",
+    "soak.json": "bench/soak.py --minutes 10",
+    "soak-stock.json": "bench/soak.py --minutes 10 --stock --out bench/results/soak-stock.json",
+    "soak-mix.json": "bench/soak.py --minutes 10 --mix --out bench/results/soak-mix.json",
+}
+# The machine every run before 2026-12-02 17:00 UTC used (bench/README.md's header then).
+EARLIER_MACHINE = {"cores": 2, "cpu": "AMD EPYC (the project's earlier 2-core VM)", "isa": ["avx2"],
+                   "memory_gib": 24, "gpu": None}
+# SnapKV's default pool width was 7, then 15 from 9b341f6, then 31 from e244629.
+POOL_DEFAULTS = [("e244629", 31), ("9b341f6", 15)]
+
+
+def _pool_default_at(rev: str) -> int:
+    for since, pool in POOL_DEFAULTS:
+        if subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", since, rev]).returncode == 0:
+            return pool
+    return 7
+
+
+def _resolved_then(text: str | None, pool: int) -> dict | None:
+    cfg = effective_config(text)
+    if cfg is None:
+        return None
+    for phase in cfg["resolved"].values():
+        if phase["policy"] == "snapkv" and "pool_kernel" not in text:
+            phase["pool_kernel"] = pool
+    cfg["defaults_then"] = {"pool_kernel": pool}
+    return cfg
+
+
+def _model_then(result: dict) -> dict | None:
+    m = result.get("model")
+    d = m.get("dir") if isinstance(m, dict) else m
+    if not d:
+        return None
+    name = Path(str(d)).name
+    for cand in (ROOT / "models" / name, ROOT / "build" / "models" / name, Path.home() / ".cache/kvsieve/models" / name):
+        if cand.is_dir():
+            return model_identity(cand, name) | {"checksum_taken": "now, of the same model (seeded or fetched "
+                                                                   "by checksum; not recorded at the time)"}
+    return {"name": name, "dir": str(d), "weights_sha256": None}
+
+
+def recover(path: Path) -> dict:
+    """A provenance for a file measured before this module, from the git history."""
+    rel = str(path.resolve().relative_to(ROOT))
+    rev, when = _git("log", "-1", "--format=%H %cI", "--", rel).split()
+    pool = _pool_default_at(rev)
+    result = json.loads(path.read_text())
+    old = result.get("provenance") or {}
+    if "kvsieve_config" in result:
+        config = _resolved_then(result["kvsieve_config"], pool)
+    elif "suite" in result:  # the accuracy suite: one config per run, written by accuracy.py
+        config = {"runs": "bench/accuracy.py config_text() per run name", "defaults_then": {"pool_kernel": pool}}
+    else:
+        config = _resolved_then(result.get("config") if isinstance(result.get("config"), str) else None, pool) \
+            or {"text": None, "defaults_then": {"pool_kernel": pool}}
+    return {
+        "recovered": True,
+        "how": "recovered by bench/provenance.py --recover: commit = the commit that last wrote this file (the run "
+               "used its working tree just before it was committed); command = the one bench/README.md gives; config "
+               "= the file's own config resolved with the defaults of that commit",
+        "commit": old.get("commit") or rev, "command": old.get("command") or RECOVERED_COMMANDS.get(path.name, "?"),
+        "config": config, "model": _model_then(result) if not old.get("model") or isinstance(old["model"], str)
+        else old["model"],
+        "machine": EARLIER_MACHINE, "date": old.get("date") or when, "repeats": 1,
+        **({"note": old["note"]} if old.get("note") else {}),
+    }
+
+
+def main_recover(files: list[str]) -> int:
+    for f in map(Path, files):
+        data = json.loads(f.read_text())
+        if "provenance" in data and not check(data):
+            continue
+        data = {"provenance": recover(f), **{k: v for k, v in data.items() if k != "provenance"}}
+        f.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"recovered: {f.name}")
+    return 0
+
+
 if __name__ == "__main__":
+    if "--recover" in sys.argv:
+        sys.exit(main_recover([x for x in sys.argv[1:] if x != "--recover"]))
     sys.exit(main())

@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import child  # noqa: E402
+import provenance  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "byte-llama-5m"
 BOS = 256
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
               "configs": {"kvsieve": OURS, "kvsieve_matched": MATCHED}}
     result.update(run_ours(a.model, data, policies, budgets))
     result["kvpress"] = {} if a.no_kvpress else run_kvpress(a.model, data, result["kvsieve"])["nll"]
+    result = {"provenance": provenance.record(model=a.model, config_note="the library's calls with the configs "
+                                              "in `configs` (OURS: kvsieve's defaults; MATCHED: kvpress's settings)"),
+              **result}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quality.json").write_text(json.dumps(result, indent=1))
     plot(result, a.out / "quality.png")

@@ -4,8 +4,10 @@ Two kinds of places in the Markdown are owned by this script:
 - blocks between `<!-- render:NAME -->` and `<!-- /render:NAME -->`: a table rendered whole
   (NAME: `summary`, `demo`, `ci`, or `serving:FILE` for one result's full serving table);
 - inline quotes: a number followed by `<!-- q FILE:PATH|FORMAT -->`, e.g.
-  `1.43x<!-- q demo.json:ratios.kvsieve.output_tokens_per_s.median|{:.2f}x -->`: PATH is
-  dotted keys (or list indices) into bench/results/FILE, FORMAT a Python format string.
+  `1.43x<!-- q demo.json:ratios/kvsieve/output_tokens_per_s/median|{:.2f}x -->`: PATH is
+  keys (or list indices) into bench/results/FILE separated by `/`, FORMAT a Python format
+  string; a last key `@found` sums an accuracy cell tree ({task: {length: [found, of]}}) to
+  its found count, `@of` to its prompt count.
 
     python bench/render.py            # rewrite both files from bench/results/
     python bench/render.py --check    # exit 1 naming every figure that differs from its file
@@ -23,11 +25,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-DOCS = [ROOT / "README.md", HERE / "README.md"]
+DOCS = [ROOT / "README.md", HERE / "README.md", ROOT / "benches" / "README.md"]
 sys.path.insert(0, str(HERE))
 
 BLOCK = re.compile(r"(<!-- render:(\S+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
-QUOTE = re.compile(r"([-+]?[0-9][0-9.,]*[a-zA-Z%]*)<!-- q ([\w.\-]+):(\S+?)\|(.+?) -->")
+QUOTE = re.compile(r"([0-9][0-9.,]*[a-zA-Z%]*)<!-- q ([\w.\-]+):(\S+?)\|(.+?) -->")
+BLOCK_NAMES = "summary, demo, ci, kernels, serving:FILE, accuracy:FILE"
 
 # The headline rows: result file, run label, what the workload is, the kvsieve setting.
 SUMMARY = [
@@ -47,8 +50,16 @@ def load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
 
+def cells_total(tree: dict) -> tuple[int, int]:
+    """Found and prompt counts over an accuracy cell tree {task: {length: [found, of]}}."""
+    pairs = [kn for lengths in tree.values() for kn in lengths.values()]
+    return sum(k for k, _ in pairs), sum(n for _, n in pairs)
+
+
 def lookup(data, path: str):
-    for key in path.split("."):
+    for key in path.split("/"):
+        if key in ("@found", "@of"):
+            return cells_total(data)[0 if key == "@found" else 1]
         data = data[int(key)] if isinstance(data, list) else data[key]
     return data
 
@@ -87,7 +98,8 @@ def _pair(result: dict, label: str, key: str, spec: str) -> str:
 def measured(result: dict) -> str:
     p = result.get("provenance") or {}
     when = str(p.get("date", "?"))[:10]
-    commit = str(p.get("commit", "?"))[:7]
+    commit = str(p.get("commit", "?"))
+    commit = commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
     return f"{when}, {commit}" + (" (recovered)" if p.get("recovered") else "")
 
 
@@ -162,16 +174,76 @@ def render_ci() -> str:
     return "\n".join(out) + "\n"
 
 
+def render_kernels() -> str:
+    r = load("kernels-cpu.json")
+    p = r["provenance"]
+
+    def t(ns: float) -> str:
+        return f"{ns / 1e6:.2f} ms" if ns >= 1e6 else f"{ns / 1e3:.0f} us"
+
+    lines = ["| kernel | bound | shape | kernel | bound | ratio |", "|---|---|---|---|---|---|"]
+    lines += [f"| {x['what']} | {x['against']} | {x['shape']} | {t(x['kernel_ns'])} | {t(x['bound_ns'])} | "
+              f"{x['ratio']:.2f} |" for x in r["rows"]]
+    m = p["machine"]
+    lines.append(f"\n`{p['command']}` then `python bench/kernels.py --no-run`; {m['cpu']}, {m['cores']} cores "
+                 f"({', '.join(m['isa'])}), {measured(r)}; `bench/results/kernels-cpu.json`")
+    return "\n".join(lines) + "\n"
+
+
 def render_serving(name: str) -> str:
     from report import serving_table
 
     return serving_table(load(name)) + "\n"
 
 
+ACCURACY_ROWS = [("dense vLLM", "prefix_caching_off", "dense"),
+                 ("vLLM + kvsieve SnapKV", "prefix_caching_off", "kvsieve:snapkv:{b}"),
+                 ("vLLM + kvsieve knorm", "prefix_caching_off", "kvsieve:knorm:{b}"),
+                 ("vLLM + kvsieve StreamingLLM", "prefix_caching_off", "kvsieve:streaming:{b}"),
+                 ("kvpress KeyDiff", "kvpress", "kvpress:keydiff:{b}"), ("kvpress TOVA", "kvpress", "kvpress:tova:{b}"),
+                 ("kvpress Knorm", "kvpress", "kvpress:knorm:{b}"),
+                 ("kvpress StreamingLLM", "kvpress", "kvpress:streaming:{b}"),
+                 ("kvpress SnapKV", "kvpress", "kvpress:snapkv:{b}"),
+                 ("kvpress AdaKV(SnapKV)", "kvpress", "kvpress:adakv_snapkv:{b}"),
+                 ("kvpress ExpectedAttention", "kvpress", "kvpress:expected_attention:{b}"),
+                 ("prefix caching on: dense", "prefix_caching_on", "dense"),
+                 ("prefix caching on: kvsieve SnapKV", "prefix_caching_on", "kvsieve:snapkv:{b}"),
+                 ("prefix caching on: kvsieve knorm", "prefix_caching_on", "kvsieve:knorm:{b}"),
+                 ("prefix caching on: kvsieve StreamingLLM", "prefix_caching_on", "kvsieve:streaming:{b}")]
+
+
+def render_accuracy(name: str) -> str:
+    """Found (exact match) per run and budget, with the 95% Wilson interval of the share."""
+    from accuracy import wilson
+
+    r = load(name)
+    budgets = sorted({float(k.rsplit(":", 1)[1]) for src in r["scores"].values() for k in src if k.count(":") == 2})
+    lines = ["| run: found of prompts (95% interval of the share) | " + " | ".join(f"{b:.0%}" for b in budgets) + " |",
+             "|" + " --- |" * (len(budgets) + 1)]
+    for title, src, key in ACCURACY_ROWS:
+        cells = []
+        for b in budgets:
+            tree = r["scores"].get(src, {}).get(key.format(b=b))
+            if tree is None:
+                cells.append("-")
+                continue
+            k, n = cells_total(tree)
+            lo, hi = wilson(k, n)
+            cells.append(f"{k}/{n} ({lo:.2f}-{hi:.2f})")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    p = r.get("provenance") or {}
+    lines.append(f"\n`bench/results/{name}`, {measured(r)}, {len(r['samples'])} prompts; SnapKV pool width "
+                 f"{(p.get('config') or {}).get('defaults_then', {}).get('pool_kernel', 31)} where not set")
+    return "\n".join(lines) + "\n"
+
+
 def render_block(name: str) -> str:
     if name.startswith("serving:"):
         return render_serving(name.split(":", 1)[1])
-    return {"summary": render_summary, "demo": render_demo, "ci": render_ci}[name]()
+    if name.startswith("accuracy:"):
+        return render_accuracy(name.split(":", 1)[1])
+    return {"summary": render_summary, "demo": render_demo, "ci": render_ci, "kernels": render_kernels}[name]()
 
 
 def render_text(text: str, where: str, problems: list[str]) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import provenance  # noqa: E402
 from openai_server import Server  # noqa: E402
 
 DEFAULT_MODEL = HERE.parents[1] / "models" / "byte-llama-5m"
@@ -181,7 +182,7 @@ def run(model: str, minutes: float, concurrency: int, kv_blocks: int, config: st
         log = srv.log()
     warm = next((r for t, r in rss if t >= min(60.0, minutes * 30)), rss[-1][1])
     res = {
-        "provenance": provenance(),
+        "provenance": provenance.record(config_text=config, model=model),
         "model": str(model), "minutes": minutes, "concurrency": concurrency, "kv_blocks": kv_blocks,
         "config": config, "own_budgets": own, "faults": faults, "server_start_s": round(started, 1),
         "load_s": round(time.time() - begin, 1), "client": load.counts, "problems": load.problems,
@@ -202,24 +203,6 @@ def run(model: str, minutes: float, concurrency: int, kv_blocks: int, config: st
     }
     res["checks"] = checks(res)
     return res
-
-
-def provenance() -> dict:
-    """How this result was produced: commit, command line, machine, date."""
-    import os
-    import platform
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(HERE), "status", "--porcelain"], capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", False
-    return {"commit": commit + ("+dirty" if dirty else ""), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine()},
-            "date": time.strftime("%Y-%m-%d")}
 
 
 def checks(r: dict) -> dict:

@@ -196,7 +196,7 @@ fn bench_snapkv(c: &mut Criterion) {
             cached_len: len,
             window,
             num_q_heads: Q_HEADS,
-            pool_kernel: 7,
+            pool_kernel: 31, // the default
             pool: Pooling::Max,
         };
         let mut out = vec![0f32; HEADS * len];

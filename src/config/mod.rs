@@ -1,4 +1,4 @@
-//! The validated kvsieve configuration (TOML, DESIGN.md §2).
+//! The validated kvsieve configuration (TOML; docs/design.md, "Layers").
 //!
 //! `raw` is what serde reads (every value with its source span); `validate` turns it into the
 //! types below or an error naming the key, the bad value, what is allowed and the line. Code past

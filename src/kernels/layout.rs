@@ -1,7 +1,7 @@
 //! Where a KV element lives: the cache descriptor of the C ABI and its validated form.
 //!
 //! Element `(block, head, slot, d)` of K (or V) is found through `KvCache::k_offset` /
-//! `v_offset`, in elements from the K (or V) base pointer. Layouts (DESIGN.md §3):
+//! `v_offset`, in elements from the K (or V) base pointer. Layouts (docs/design.md, "Layers"):
 //! - `Nhd` `[num_blocks, block_size, kv_heads, head_dim]` (vLLM FlashAttention, FlashInfer NHD),
 //! - `Hnd` `[num_blocks, kv_heads, block_size, head_dim]`,
 //!   both with explicit element strides for block, token and head (head_dim contiguous), so a
@@ -13,7 +13,7 @@
 //!
 //! The vLLM CPU packings are only accepted with the dtypes they were probed with: the vector
 //! path with f32 and bf16 (probed against vLLM 0.32's `cpu_attn_reshape_and_cache`,
-//! `integrations/vllm/tests/test_layout_probe.py`), AMX with bf16 (DESIGN.md §3; this
+//! `integrations/vllm/tests/test_layout_probe.py`), AMX with bf16 (docs/design.md, "Layers"; this
 //! workplace's CPUs have no AMX to probe it on). Anything else is refused rather than guessed.
 
 use super::dtype::DType;

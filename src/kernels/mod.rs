@@ -1,4 +1,4 @@
-//! The CPU reference kernels (DESIGN.md §3): score cached tokens, select what to keep, compact
+//! The CPU reference kernels (docs/design.md, "Layers"): score cached tokens, select what to keep, compact
 //! the kept K/V in place. Each kernel has a naive twin in `reference`, written for clarity, that
 //! the tests hold it against (and that the CUDA parity tests reuse).
 

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
           "largest while prefilling, blocks at the largest while decoding):")
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
+    batches = []
     for n in lengths:
         prof = request_profile(config, n, out, bs, a.chunk)
         stock = math.ceil((n + out) / bs)
@@ -143,12 +144,23 @@ def main(argv: list[str] | None = None) -> int:
         row = [str(n), str(prof["peak_prefill"]), str(prof["kept_after_prefill"]), str(stock), str(mine),
                f"{mine / stock:.0%}"]
         if a.kv_blocks:
-            row += [str(largest_batch(a.kv_blocks, stock, stock)),
-                    str(largest_batch(a.kv_blocks, math.ceil(prof["peak_prefill"] / bs),
-                                      math.ceil(prof["peak_decoding"] / bs)))]
+            batches.append((largest_batch(a.kv_blocks, stock, stock),
+                            largest_batch(a.kv_blocks, math.ceil(prof["peak_prefill"] / bs),
+                                          math.ceil(prof["peak_decoding"] / bs))))
+            row += [str(b) for b in batches[-1]]
         print("| " + " | ".join(row) + " |")
     if bytes_per_block and a.kv_blocks:
         print(f"\nKV space: {a.kv_blocks} blocks = {a.kv_blocks * bytes_per_block / 2**30:.2f} GiB")
+    if batches and any(mine > stock > 0 for stock, mine in batches):
+        # The batch the longest prompt here allows stock vLLM: the cap that keeps its latency.
+        least, most = min(s for s, _ in batches), max(s for s, _ in batches)
+        stock = str(most) if least == most else f"{least}-{most}"
+        print(f"\nLatency: with kvsieve up to {max(m for _, m in batches)} requests run at once where stock vLLM runs "
+              f"{stock}. Throughput rises, and so does the time per output token: each running request gets one token "
+              "per step, and more of the steps also carry other requests' prefill chunks. To keep time per output "
+              "token near stock's, cap the batch at stock's for your usual prompt length (--max-num-seqs, the "
+              f"'batch ... stock' column: {stock} here); kvsieve then saves KV space and KV reads rather than adding "
+              "batch slots (bench/README.md, \"Latency at stock's: capping the batch\").")
     print("\nPer request (vllm_xargs): {\"kvsieve\": \"off\"}, {\"kvsieve_budget_ratio\": R} or "
           "{\"kvsieve_budget_tokens\": N}, within the config's [requests] bounds.")
     return 0

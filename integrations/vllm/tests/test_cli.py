@@ -35,6 +35,7 @@ def test_a_bounding_config_prints_its_bound_and_chunk_wise_peaks(capsys):
         assert int(kept) <= 1024 + 32 and int(stock) == math.ceil((prompt + 256) / 32) > 144
         assert int(mine) <= math.ceil((1024 + 32 + 64) / 32)
         assert (int(batch_stock), int(batch_mine)) == (0, 3), out
+    assert "Latency:" not in out, "stock vLLM cannot run these prompts at all: no batch to keep"
 
 
 def test_without_prefill_the_whole_prompt_is_held_and_nothing_is_bounded(capsys):
@@ -43,6 +44,11 @@ def test_without_prefill_the_whole_prompt_is_held_and_nothing_is_bounded(capsys)
     out = capsys.readouterr().out
     assert "between prefill chunks: nothing" in out and "unbounded:" in out
     assert _rows(out)[4096][:2] == ["4096", "1024"], out
+    # More requests fit: the latency trade is named, with the cap that keeps stock's batch.
+    stock, mine = (int(x) for x in _rows(out)[4096][5:7])
+    assert (stock, mine) == (500 // math.ceil((4096 + 64) / 32), 1 + (500 - 128) // math.ceil((1024 + 64) / 32))
+    assert f"up to {mine} requests run at once where stock vLLM runs {stock}." in out, out
+    assert f"--max-num-seqs, the 'batch ... stock' column: {stock} here" in out, out
 
 
 @pytest.mark.parametrize("args,fix", [(["--chunk", "0"], "--chunk"), (["--lengths", "x"], "--lengths")])
