@@ -238,12 +238,14 @@ def evaluate(model: Path, cfg: dict, seed: int = 0, kv_gib: int = 8, log=print, 
     runs = [{"name": "dense", "config": config_text(None, 1.0)}]
     runs += [{"name": f"kvsieve:{p}:{b}", "config": config_text(p, b)} for p in c["policies"] for b in c["budgets"]]
     result = {"model": str(model), "suite": cfg, "seed": seed, "runner": runner, "samples": samples, "vllm": {},
-              "kvpress": {}, "run_configs": {r["name"]: r["config"] for r in runs}}
+              "kvpress": {}, "run_configs": {r["name"]: r["config"] for r in runs}, "phase_seconds": {}}
     for pc in c["prefix_caching"]:
         todo = [r for r in runs if not pc or r["name"] == "dense" or float(r["name"].rsplit(":", 1)[1]) in
                 c["cached_budgets"]]
         res = run_vllm(model, samples, todo, pc, kv_gib, int(cfg.get("chunk", 2048)), runner)
         result["vllm"]["prefix_caching_" + ("on" if pc else "off")] = res
+        result["phase_seconds"]["vllm_prefix_caching_" + ("on" if pc else "off")] = round(
+            time.time() - t0 - sum(result["phase_seconds"].values()))
         log(f"[accuracy] vLLM with prefix caching {'on' if pc else 'off'}: {time.time() - t0:.0f} s")
     base = result["vllm"]["prefix_caching_off" if False in c["prefix_caching"] else "prefix_caching_on"]
     jobs = []
@@ -259,6 +261,7 @@ def evaluate(model: Path, cfg: dict, seed: int = 0, kv_gib: int = 8, log=print, 
         for run, res in kp.items():
             order = {r["id"]: r for r in res}
             result["kvpress"][run] = [order[s["id"]] for s in samples]
+        result["phase_seconds"]["kvpress"] = round(time.time() - t0 - sum(result["phase_seconds"].values()))
         log(f"[accuracy] kvpress: {time.time() - t0:.0f} s")
     result["scores"] = {k: aggregate(samples, v, tok) for k, v in result["vllm"].items()}
     result["scores"]["kvpress"] = aggregate(samples, result["kvpress"], tok)

@@ -40,6 +40,14 @@ def rows() -> list[dict]:
         out.append(dict(group=f"snapkv_{n}", kernel="kernel/flops", bound="bound/flops", what="snapkv score",
                         against="the same FLOPs as bare f32 dot products, same threads",
                         shape=f"{n // 1024}k tokens, window 32, pool 31"))
+    # After the others, so the row numbers the docs quote stay put.
+    for n in LENGTHS:
+        out.append(dict(group=f"quest_{n}", kernel="kernel", bound="bound", what="quest select",
+                        against="one SIMD read of the min/max metadata it reads",
+                        shape=f"8 decode rows of {n // 1024}k tokens, blocks of 32, 1,024 tokens kept"))
+        out.append(dict(group=f"quest_{n}", kernel="kernel", bound="scalar", what="quest select",
+                        against="row by row: quest_bound + select_blocks_row",
+                        shape=f"8 decode rows of {n // 1024}k tokens, blocks of 32, 1,024 tokens kept"))
     return out
 
 

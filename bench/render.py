@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 
 BLOCK = re.compile(r"(<!-- render:(\S+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
 QUOTE = re.compile(r"([0-9][0-9.,]*[a-zA-Z%]*)<!-- q ([\w.\-]+):(\S+?)\|(.+?) -->")
-BLOCK_NAMES = "summary, demo, ci, kernels, serving:FILE, accuracy:FILE"
+BLOCK_NAMES = "summary, demo, ci, kernels, serving:FILE, accuracy:FILE, accuracy-lengths:FILE, accuracy-paired:FILE"
 
 # The headline rows: result file, run label, what the workload is, the kvsieve setting.
 SUMMARY = [
@@ -204,6 +204,7 @@ ACCURACY_ROWS = [("dense vLLM", "prefix_caching_off", "dense"),
                  ("kvpress Knorm", "kvpress", "kvpress:knorm:{b}"),
                  ("kvpress StreamingLLM", "kvpress", "kvpress:streaming:{b}"),
                  ("kvpress SnapKV", "kvpress", "kvpress:snapkv:{b}"),
+                 ("kvpress SnapKV, kvsieve's window 32 and pool 31", "kvpress", "kvpress:snapkv_w32_k31:{b}"),
                  ("kvpress AdaKV(SnapKV)", "kvpress", "kvpress:adakv_snapkv:{b}"),
                  ("kvpress ExpectedAttention", "kvpress", "kvpress:expected_attention:{b}"),
                  ("prefix caching on: dense", "prefix_caching_on", "dense"),
@@ -238,11 +239,66 @@ def render_accuracy(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_accuracy_lengths(name: str) -> str:
+    """Found per prompt length (all tasks), per run and budget, with the 95% interval."""
+    from accuracy import wilson
+
+    r = load(name)
+    budgets = sorted({float(k.rsplit(":", 1)[1]) for src in r["scores"].values() for k in src if k.count(":") == 2})
+    lengths = sorted({int(L) for src in r["scores"].values() for tree in src.values() for t in tree.values()
+                      for L in t})
+    lines = ["| run | budget | " + " | ".join(f"{L // 1024}k tokens" for L in lengths) + " |",
+             "|" + " --- |" * (len(lengths) + 2)]
+    for title, src, key in ACCURACY_ROWS:
+        for b in budgets if "{b}" in key else [None]:
+            tree = r["scores"].get(src, {}).get(key.format(b=b))
+            if tree is None:
+                continue
+            cells = []
+            for L in lengths:
+                k = sum(t.get(str(L), [0, 0])[0] for t in tree.values())
+                n = sum(t.get(str(L), [0, 0])[1] for t in tree.values())
+                lo, hi = wilson(k, n)
+                cells.append(f"{k}/{n} ({lo:.2f}-{hi:.2f})")
+            lines.append(f"| {title} | {'-' if b is None else f'{b:.0%}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_accuracy_paired(name: str) -> str:
+    """Prompt by prompt against dense vLLM: of the prompts dense answered, how many each run
+    answered too (and lost); of those dense missed, how many it answered."""
+    from ruler import score
+
+    r = load(name)
+    samples = r["samples"]
+
+    def found(src: str, run: str) -> list[int]:
+        return [score(t, s["answers"]) for t, s in zip(r["texts"][src][run], samples)]
+
+    dense = found("prefix_caching_off", "dense")
+    budgets = sorted({float(k.rsplit(":", 1)[1]) for src in r["scores"].values() for k in src if k.count(":") == 2})
+    lines = [f"| run | budget | of the {sum(dense)} dense answered: answered too | lost | of the {len(dense) - sum(dense)} "
+             "dense missed: answered |", "| --- | --- | --- | --- | --- |"]
+    for title, src, key in ACCURACY_ROWS:
+        for b in budgets if "{b}" in key else []:
+            if key.format(b=b) not in r["texts"].get(src, {}):
+                continue
+            got = found(src, key.format(b=b))
+            both = sum(d and g for d, g in zip(dense, got))
+            gained = sum(g and not d for d, g in zip(dense, got))
+            lines.append(f"| {title} | {b:.0%} | {both} | {sum(dense) - both} | {gained} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_block(name: str) -> str:
     if name.startswith("serving:"):
         return render_serving(name.split(":", 1)[1])
     if name.startswith("accuracy:"):
         return render_accuracy(name.split(":", 1)[1])
+    if name.startswith("accuracy-paired:"):
+        return render_accuracy_paired(name.split(":", 1)[1])
+    if name.startswith("accuracy-lengths:"):
+        return render_accuracy_lengths(name.split(":", 1)[1])
     return {"summary": render_summary, "demo": render_demo, "ci": render_ci, "kernels": render_kernels}[name]()
 
 

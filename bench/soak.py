@@ -1,7 +1,7 @@
 """Soak: vLLM's OpenAI server with kvsieve under bounded concurrent load for a fixed time, with
 mixed prompt and output lengths, streamed and whole responses, clients that hang up
 mid-stream, a KV space small enough to force preemption, and `[decode]` re-compression on.
-With `--mix` (the documented run) a third of the requests ask for their own budget or opt out
+With `--mix` (the documented run) 5 in 9 of the requests ask for their own budget or opt out
 (`vllm_xargs`), and faults are injected throughout (`--faults`, KVSIEVE_FAULTS in the server:
 by default every 40th event's scoring fails, every 55th compaction tears in the middle of its
 layers and every 45th acknowledgement is lost after the worker installed its event).

@@ -1,7 +1,9 @@
 //! Kernel benchmarks, each against the physical bound it is held to, measured in the same run:
 //! - compaction bytes/s against `memcpy` of the same bytes;
 //! - token selection against one plain read (sum) of the same scores;
-//! - SnapKV scoring against the same number of FLOPs as bare contiguous dot products.
+//! - SnapKV scoring against the same number of FLOPs as bare contiguous dot products;
+//! - Quest selection of a decode batch (8 rows) against one SIMD read of the metadata it reads,
+//!   and against scoring and selecting row by row (`quest_bound` + `select_blocks_row`).
 //!
 //! Shapes follow a Llama-3-8B layer (8 KV heads, head_dim 128, 32 query heads); a sequence
 //! costs 32 such layers. After criterion's own report, a table prints kernel/bound ratios.
@@ -10,8 +12,9 @@
 use criterion::{black_box, criterion_group, BenchmarkId, Criterion, Throughput};
 use kvsieve::config::Pooling;
 use kvsieve::kernels::compact::{compact, Compaction};
+use kvsieve::kernels::score::quest::{quest_bound, quest_select, QuestRows};
 use kvsieve::kernels::score::snapkv::{score_snapkv, SnapKv};
-use kvsieve::kernels::select::{select_tokens, TokenSelect};
+use kvsieve::kernels::select::{select_blocks_row, select_tokens, BlockSelect, TokenSelect};
 use kvsieve::kernels::{DType, KvCache, KvCacheDesc, Layout};
 use std::ffi::c_void;
 use std::path::PathBuf;
@@ -182,6 +185,135 @@ fn bench_select(c: &mut Criterion) {
     }
 }
 
+/// One layer's Quest selection for 8 decode rows of `len` tokens (blocks of 32, 1,024 tokens
+/// kept: 32 blocks), each row's blocks distinct and shuffled over the pool.
+fn bench_quest(c: &mut Criterion) {
+    quick(c);
+    const ROWS: usize = 8;
+    const BS: usize = 32;
+    const KEEP_BLOCKS: usize = 1024 / BS;
+    let mut rng = Rng(0x9e57);
+    for &len in &lengths() {
+        let nb = len / BS;
+        let num_blocks = ROWS * nb;
+        // Only the metadata is read; K and V are zeroed (calloc: their pages are never touched).
+        let mut k = vec![0f32; num_blocks * BS * HEADS * HEAD_DIM];
+        let mut v = vec![0f32; num_blocks * BS * HEADS * HEAD_DIM];
+        let cache = KvCache::new(&KvCacheDesc {
+            k: k.as_mut_ptr() as *mut c_void,
+            v: v.as_mut_ptr() as *mut c_void,
+            dtype: DType::F32 as u32,
+            layout: Layout::Nhd as u32,
+            device: 0,
+            num_blocks: num_blocks as u32,
+            block_size: BS as u32,
+            num_kv_heads: HEADS as u32,
+            head_dim: HEAD_DIM as u32,
+            block_stride: 0,
+            token_stride: 0,
+            head_stride: 0,
+        })
+        .unwrap();
+        quest_group(c, &cache, len, nb, KEEP_BLOCKS, ROWS, &mut rng);
+    }
+}
+
+fn quest_group(
+    c: &mut Criterion,
+    cache: &KvCache,
+    len: usize,
+    nb: usize,
+    keep_blocks: usize,
+    rows: usize,
+    rng: &mut Rng,
+) {
+    let meta = cache.num_blocks * HEADS * HEAD_DIM;
+    let (lo, hi): (Vec<f32>, Vec<f32>) = (0..meta)
+        .map(|_| {
+            let (a, b) = (rng.unit(), rng.unit());
+            (a.min(b), a.max(b))
+        })
+        .unzip();
+    let mut table: Vec<i32> = (0..(rows * nb) as i32).collect();
+    for i in (1..table.len()).rev() {
+        table.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    }
+    let (blocks, keep) = (vec![nb as i32; rows], vec![keep_blocks as i32; rows]);
+    let query: Vec<f32> = (0..rows * Q_HEADS * HEAD_DIM).map(|_| rng.unit()).collect();
+    let sel = QuestRows {
+        table: &table,
+        stride: nb,
+        blocks: &blocks,
+        keep: &keep,
+        sink_blocks: 1,
+    };
+    let mut ws = vec![0f32; rows * nb];
+    let mut out = vec![0i32; rows * keep_blocks];
+    let mut g = c.benchmark_group(format!("quest_{len}"));
+    g.throughput(Throughput::Bytes(
+        (2 * rows * nb * HEADS * HEAD_DIM * 4) as u64,
+    ));
+    g.bench_function("kernel", |b| {
+        b.iter(|| {
+            quest_select(
+                cache,
+                &sel,
+                black_box(&query),
+                Q_HEADS,
+                &lo,
+                &hi,
+                &mut ws,
+                &mut out,
+                keep_blocks,
+                0,
+            )
+            .unwrap()
+        })
+    });
+    let per_row = BlockSelect {
+        keep_blocks,
+        sink_blocks: 1,
+        recent_blocks: 1,
+    };
+    g.bench_function("scalar", |b| {
+        b.iter(|| {
+            for r in 0..rows {
+                let row = &table[r * nb..(r + 1) * nb];
+                let q = &query[r * Q_HEADS * HEAD_DIM..(r + 1) * Q_HEADS * HEAD_DIM];
+                let mut scores = vec![0f32; nb];
+                quest_bound(cache, row, black_box(q), Q_HEADS, &lo, &hi, &mut scores).unwrap();
+                select_blocks_row(
+                    row,
+                    &scores,
+                    &per_row,
+                    0,
+                    &mut out[r * keep_blocks..(r + 1) * keep_blocks],
+                )
+                .unwrap();
+            }
+        })
+    });
+    // The bound: one SIMD read (8 accumulators) of the min and max rows the kernel reads.
+    let span = HEADS * HEAD_DIM;
+    g.bench_function("bound", |b| {
+        b.iter(|| {
+            let mut a = [0f32; 8];
+            for &blk in black_box(&table) {
+                let at = blk as usize * span;
+                for m in [&lo[at..at + span], &hi[at..at + span]] {
+                    for c in m.chunks_exact(8) {
+                        for i in 0..8 {
+                            a[i] += c[i];
+                        }
+                    }
+                }
+            }
+            a
+        })
+    });
+    g.finish();
+}
+
 fn bench_snapkv(c: &mut Criterion) {
     quick(c);
     let mut rng = Rng(0xabc);
@@ -289,6 +421,10 @@ fn summary() {
         groups.push((format!("select_{len}"), "kernel".into(), "bound".into()));
         groups.push((format!("select_{len}"), "kernel".into(), "read_simd".into()));
     }
+    for &len in &lengths() {
+        groups.push((format!("quest_{len}"), "kernel".into(), "bound".into()));
+        groups.push((format!("quest_{len}"), "kernel".into(), "scalar".into()));
+    }
     for len in [2048, 4096] {
         groups.push((
             format!("snapkv_{len}"),
@@ -300,6 +436,8 @@ fn summary() {
         if let (Some(tk), Some(tb)) = (mean_ns(&g, &k), mean_ns(&g, &b)) {
             let name = if b == "read_simd" {
                 format!("{g} (vs SIMD read)")
+            } else if b == "scalar" {
+                format!("{g} (vs row by row)")
             } else {
                 g
             };
@@ -313,7 +451,13 @@ fn summary() {
     }
 }
 
-criterion_group!(benches, bench_compact, bench_select, bench_snapkv);
+criterion_group!(
+    benches,
+    bench_compact,
+    bench_select,
+    bench_quest,
+    bench_snapkv
+);
 
 fn main() {
     benches();

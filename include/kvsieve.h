@@ -277,6 +277,21 @@ typedef struct kvs_token_select {
   uint32_t selected;
 } kvs_token_select;
 
+// The decode rows of one `kvs_quest_select` call (`kvs_quest_rows`), in vLLM's dense block
+// table form.
+typedef struct kvs_quest_rows {
+  // `[num_rows][stride]` block ids: row r's first `blocks[r]` are its blocks in order.
+  const int32_t *table;
+  uint32_t num_rows;
+  uint32_t stride;
+  // `[num_rows]`: blocks in each row (1..=stride).
+  const int32_t *blocks;
+  // `[num_rows]`: blocks each row keeps when it has more; the same for every layer of a step.
+  const int32_t *keep;
+  // Leading blocks always kept (1: the attention sinks' block).
+  uint32_t sink_blocks;
+} kvs_quest_rows;
+
 // Block-selection counts (`kvs_block_select`).
 typedef struct kvs_block_select {
   uint32_t keep_blocks;
@@ -565,6 +580,21 @@ kvs_status kvs_quest_update_block(const struct kvs_kernels *kernels,
                                   float *block_max,
                                   size_t meta_len);
 
+// `kvs_quest_update_block` for `count` blocks of one layer in one call: `blocks[i]` holding
+// `filled[i]` slots (the blocks a step filled, or those a compaction rewrote). Every entry is
+// checked before any metadata is written.
+//
+// # Safety
+// Pointers as documented; `blocks` and `filled` hold `count` entries (host memory).
+kvs_status kvs_quest_update_blocks(const struct kvs_kernels *kernels,
+                                   const struct kvs_kv_cache *cache,
+                                   const int32_t *blocks,
+                                   const int32_t *filled,
+                                   uint32_t count,
+                                   float *block_min,
+                                   float *block_max,
+                                   size_t meta_len);
+
 // Quest bounds of the blocks of `seq.row` for one decode query (`[num_q_heads][head_dim]`,
 // dtype `query_dtype`), maxed over query heads, into `block_scores[row_len]`.
 //
@@ -581,6 +611,34 @@ kvs_status kvs_quest_bound(const struct kvs_kernels *kernels,
                            size_t meta_len,
                            float *block_scores,
                            size_t block_scores_len);
+
+// One layer's Quest selection for a batch of decode rows: each row's blocks bounded by its
+// query (`[num_rows][num_q_heads][head_dim]`, dtype `query_dtype`) against `block_min` /
+// `block_max` (`meta_len` floats each, see `kvs_quest_update_block`), and the `keep[r]` best,
+// the first `sink_blocks` and the last block always among them, written in sequence order to
+// `out[r * out_stride..]`, the rest of each row set to `pad`. `workspace` (`workspace_len`
+// floats, at least `num_rows * stride`) is the caller's and holds the bounds afterwards.
+// On a CUDA handle every array is device memory and the rows are checked on the device (a bad
+// row fails the call at `kvs_kernels_synchronize`, nothing written); the bounds and rows equal
+// the CPU's bit for bit.
+//
+// # Safety
+// Pointers as documented.
+kvs_status kvs_quest_select(const struct kvs_kernels *kernels,
+                            const struct kvs_kv_cache *cache,
+                            const struct kvs_quest_rows *rows,
+                            const void *query,
+                            uint32_t query_dtype,
+                            uint32_t num_q_heads,
+                            const float *block_min,
+                            const float *block_max,
+                            size_t meta_len,
+                            float *workspace,
+                            size_t workspace_len,
+                            int32_t *out,
+                            size_t out_len,
+                            uint32_t out_stride,
+                            int32_t pad);
 
 // Block-level top-k for a batch in FlashInfer CSR form. Inputs: `indptr[num_seqs + 1]`,
 // `indices[nnz]`, `last_page_len[num_seqs]`, `block_scores[nnz]` (aligned with `indices`).

@@ -34,6 +34,8 @@ struct Geom {
 #define KVS_ERR_LAST_PAGE_LEN 6u
 #define KVS_ERR_DEST_RANGE 7u
 #define KVS_ERR_DEST_REPEAT 8u
+#define KVS_ERR_QUEST_ROW 9u
+#define KVS_ERR_QUEST_ID 10u
 
 __device__ __forceinline__ u64 elem(const Geom& g, u64 block, u64 head, u64 slot, u64 d) {
   return block * g.block_stride + head * g.head_stride + slot * g.token_stride + d;
@@ -548,4 +550,92 @@ extern "C" __global__ void kvs_fill_i32(i32* out, u32 from, u32 len, i32 pad, co
   if (*(volatile const u32*)err) return;
   for (u32 i = from + blockIdx.x * blockDim.x + threadIdx.x; i < len; i += gridDim.x * blockDim.x)
     out[i] = pad;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quest selection of a decode batch, one layer (src/kernels/score/quest.rs, `quest_select`).
+
+// grid (rows), 256 threads: QuestRows::check's per-row rules on the device (blocks[r] in
+// 1..=stride; keep[r] >= 1 and above sink_blocks unless the row is kept whole; the kept blocks
+// fit out_stride), then every block id of the row in range. With several bad rows, which one is
+// named depends on the order blocks ran in; the call fails either way.
+extern "C" __global__ void kvs_quest_rows_check(Geom g, const i32* table, u32 stride, const i32* blocks,
+                                                const i32* keep, u32 sink_blocks, u32 out_stride, u32* err) {
+  u32 r = blockIdx.x;
+  i32 nb = blocks[r], k = keep[r];
+  if (nb < 1 || (u32)nb > stride || k < 1 || (k < nb && (u32)k <= sink_blocks) ||
+      (u32)(k < nb ? k : nb) > out_stride) {
+    if (threadIdx.x == 0) fail(err, KVS_ERR_QUEST_ROW, r);
+    return;
+  }
+  for (u32 j = threadIdx.x; j < (u32)nb; j += blockDim.x) {
+    i32 b = table[(u64)r * stride + j];
+    if (b < 0 || (u64)b >= g.num_blocks) fail(err, KVS_ERR_QUEST_ID, r);
+  }
+}
+
+// The CPU's bound_one: q . (q >= 0 ? hi : lo) in 8 lanes, the lanes in order, then the rest,
+// each product and sum rounded on its own (no fused multiply-add), so the bits are the CPU's.
+__device__ float quest_bound_one(u64 query, u64 q_dtype, u64 qbase, const float* lo, const float* hi,
+                                 u64 dim) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  u64 n8 = dim / 8 * 8;
+  for (u64 c = 0; c < n8; c += 8) {
+    for (int i = 0; i < 8; i++) {
+      float x = load_f32(query, q_dtype, qbase + c + i);
+      acc[i] = __fadd_rn(acc[i], __fmul_rn(x, x >= 0.f ? hi[c + i] : lo[c + i]));
+    }
+  }
+  float s = acc[0];
+  for (int i = 1; i < 8; i++) s = __fadd_rn(s, acc[i]);
+  for (u64 d = n8; d < dim; d++) {
+    float x = load_f32(query, q_dtype, qbase + d);
+    s = __fadd_rn(s, __fmul_rn(x, x >= 0.f ? hi[d] : lo[d]));
+  }
+  return s;
+}
+
+// grid (rows), 256 threads (a row has a few hundred blocks; and 1024 would need the bound's
+// registers to fit 64): row r's block bounds (max over query heads) into ws[r * stride..],
+// then its first sinks, best middle blocks and last block, in sequence order, into
+// out[r * out_stride..], the rest set to pad. No scratch: the middle's positions are selected
+// into the output row itself and mapped to block ids in place.
+extern "C" __global__ void kvs_quest_select(Geom g, const i32* table, u32 stride, const i32* blocks,
+                                            const i32* keep, u32 sink_blocks, u64 query, u64 q_dtype,
+                                            u32 q_heads, const float* block_min, const float* block_max,
+                                            float* ws, i32* out, u32 out_stride, i32 pad, const u32* err) {
+  if (*(volatile const u32*)err) return;
+  __shared__ u32 hist[2048];
+  __shared__ u32 sh[32];
+  u64 r = blockIdx.x;
+  u32 n = (u32)blocks[r], k = (u32)keep[r];
+  const i32* row = table + r * stride;
+  float* s = ws + r * stride;
+  u64 group = q_heads / g.heads, qrow = r * q_heads * g.dim;
+  for (u32 j = threadIdx.x; j < n; j += blockDim.x) {
+    u64 at = (u64)row[j] * g.heads * g.dim;
+    float best = -KVS_INF;
+    for (u64 qh = 0; qh < q_heads; qh++) {
+      u64 m = at + (qh / group) * g.dim;
+      best = fmaxf(best, quest_bound_one(query, q_dtype, qrow + qh * g.dim, block_min + m, block_max + m, g.dim));
+    }
+    s[j] = best;
+  }
+  __syncthreads();
+  i32* o = out + r * out_stride;
+  u32 kept = n < k ? n : k;
+  if (n <= k) {
+    for (u32 i = threadIdx.x; i < n; i += blockDim.x) o[i] = row[i];
+  } else {
+    // n > kept here, so the middle (n - 1 - sinks blocks) always has more than `need`.
+    u32 sinks = sink_blocks < kept - 1 ? sink_blocks : kept - 1;
+    u32 need = kept - sinks - 1, mid = n - 1 - sinks;
+    for (u32 i = threadIdx.x; i < sinks; i += blockDim.x) o[i] = row[i];
+    if (threadIdx.x == 0) o[kept - 1] = row[n - 1];
+    if (need > 0) {
+      select_top(s + sinks, mid, need, (u32*)(o + sinks), hist, sh);  // ends with a barrier
+      for (u32 i = threadIdx.x; i < need; i += blockDim.x) o[sinks + i] = row[sinks + (u32)o[sinks + i]];
+    }
+  }
+  for (u32 i = kept + threadIdx.x; i < out_stride; i += blockDim.x) o[i] = pad;
 }

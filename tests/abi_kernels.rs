@@ -771,3 +771,137 @@ fn reserving_scratch_checks_the_geometry_and_reads_no_cache_memory() {
     );
     unsafe { kvs_kernels_free(k) };
 }
+
+/// Quest selection of a decode batch through the ABI equals the Rust kernel's, and a workspace
+/// too small for the table is refused by name with the cache untouched.
+#[test]
+fn quest_selection_of_a_batch_through_the_abi() {
+    use kvsieve::kernels::score::quest::{quest_select, QuestRows};
+    let mut rng = Rng(11);
+    let t = TestCache::new(Layout::Nhd, DType::F32, 40, 16, 2, 8);
+    let meta = 40 * 2 * 8;
+    let (lo, hi): (Vec<f32>, Vec<f32>) = (0..meta)
+        .map(|_| {
+            let (a, b) = (rng.unit(), rng.unit());
+            (a.min(b), a.max(b))
+        })
+        .unzip();
+    let stride = 12usize;
+    let mut table = random_row(&mut rng, 40, 2 * stride);
+    table[stride + 9..].fill(-1); // row 1 has 9 blocks
+    let (blocks, keep) = ([12i32, 9], [5i32, 5]);
+    let q: Vec<f32> = (0..2 * 4 * 8).map(|_| rng.unit()).collect();
+    let desc = QuestRowsDesc {
+        table: table.as_ptr(),
+        num_rows: 2,
+        stride: stride as u32,
+        blocks: blocks.as_ptr(),
+        keep: keep.as_ptr(),
+        sink_blocks: 1,
+    };
+    let k = cpu();
+    let (mut ws, mut out) = (vec![0f32; 2 * stride], vec![0i32; 2 * 6]);
+    let s = unsafe {
+        kvs_quest_select(
+            k,
+            &t.desc,
+            &desc,
+            q.as_ptr().cast(),
+            DType::F32 as u32,
+            4,
+            lo.as_ptr(),
+            hi.as_ptr(),
+            meta,
+            ws.as_mut_ptr(),
+            ws.len(),
+            out.as_mut_ptr(),
+            out.len(),
+            6,
+            -1,
+        )
+    };
+    assert_eq!(s, Status::Ok, "{}", last_error());
+    let rows = QuestRows {
+        table: &table,
+        stride,
+        blocks: &blocks,
+        keep: &keep,
+        sink_blocks: 1,
+    };
+    let (mut ws2, mut want) = (vec![0f32; 2 * stride], vec![0i32; 2 * 6]);
+    quest_select(
+        &t.cache(),
+        &rows,
+        &q,
+        4,
+        &lo,
+        &hi,
+        &mut ws2,
+        &mut want,
+        6,
+        -1,
+    )
+    .unwrap();
+    assert_eq!(out, want);
+    assert_eq!((out[0], out[4], out[5]), (table[0], table[11], -1));
+    out.fill(7);
+    let s = unsafe {
+        kvs_quest_select(
+            k,
+            &t.desc,
+            &desc,
+            q.as_ptr().cast(),
+            DType::F32 as u32,
+            4,
+            lo.as_ptr(),
+            hi.as_ptr(),
+            meta,
+            ws.as_mut_ptr(),
+            2 * stride - 1,
+            out.as_mut_ptr(),
+            out.len(),
+            6,
+            -1,
+        )
+    };
+    assert_eq!(s, Status::BufferTooSmall);
+    assert!(
+        last_error().contains("workspace holds 23 scores"),
+        "{}",
+        last_error()
+    );
+    assert!(out.iter().all(|&x| x == 7), "out written by a refused call");
+    // The metadata itself, for the blocks a step filled, in one call.
+    let (mut lo2, mut hi2) = (vec![0f32; meta], vec![0f32; meta]);
+    let (ids, fills) = ([4i32, 9], [16i32, 3]);
+    let s = unsafe {
+        kvs_quest_update_blocks(
+            k,
+            &t.desc,
+            ids.as_ptr(),
+            fills.as_ptr(),
+            2,
+            lo2.as_mut_ptr(),
+            hi2.as_mut_ptr(),
+            meta,
+        )
+    };
+    assert_eq!(s, Status::Ok, "{}", last_error());
+    let (mut lo3, mut hi3) = (vec![0f32; meta], vec![0f32; meta]);
+    for (&b, &f) in ids.iter().zip(&fills) {
+        let s = unsafe {
+            kvs_quest_update_block(
+                k,
+                &t.desc,
+                b as u32,
+                f as u32,
+                lo3.as_mut_ptr(),
+                hi3.as_mut_ptr(),
+                meta,
+            )
+        };
+        assert_eq!(s, Status::Ok, "{}", last_error());
+    }
+    assert_eq!((lo2, hi2), (lo3, hi3));
+    unsafe { kvs_kernels_free(k) };
+}

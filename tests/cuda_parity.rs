@@ -842,3 +842,182 @@ fn bad_csr_page_tables_are_refused_on_the_device() {
         );
     }
 }
+
+/// One layer's Quest selection of a decode batch: the device's bounds are the CPU's bits (same
+/// lane order, no fused multiply-add) and its kept rows the CPU's, for every query dtype, 0-2
+/// sink blocks and tied bounds (ties go to the earlier block on both); a row the device check
+/// refuses, by its counts or by a block id, fails the call at synchronize with nothing written.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --include-ignored there)"]
+fn quest_selection_of_a_batch_matches_cpu_bit_for_bit() {
+    let g = gpu("quest_selection_of_a_batch_matches_cpu_bit_for_bit");
+    let mut rng = Rng(77);
+    let (num_blocks, stride, out_stride) = (300usize, 200usize, 120usize);
+    let blocks = [200i32, 3, 57, 120, 1];
+    let keep = [32i32, 8, 10, 119, 1];
+    let n = blocks.len();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (heads, gqa, dim, qdtype, sinks) in [
+        (2usize, 4usize, 64usize, DType::F32, 1u32),
+        (3, 3, 75, DType::Bf16, 0),
+        (1, 2, 12, DType::F16, 2),
+    ] {
+        let t = TestCache::new(Layout::Nhd, DType::F32, num_blocks, 16, heads, dim);
+        let dev = upload(&g, &t);
+        let meta = num_blocks * heads * dim;
+        let (mut lo, mut hi): (Vec<f32>, Vec<f32>) = (0..meta)
+            .map(|_| {
+                let (a, b) = (rng.unit(), rng.unit());
+                (a.min(b), a.max(b))
+            })
+            .unzip();
+        // Blocks 1..100 copy block 0's metadata: their bounds tie exactly in every row.
+        let span = heads * dim;
+        for b in 1..100 {
+            lo.copy_within(0..span, b * span);
+            hi.copy_within(0..span, b * span);
+        }
+        let mut table = vec![-1i32; n * stride];
+        for (r, &nb) in blocks.iter().enumerate() {
+            table[r * stride..r * stride + nb as usize].copy_from_slice(&random_row(
+                &mut rng,
+                num_blocks,
+                nb as usize,
+            ));
+        }
+        let nq = n * heads * gqa * dim;
+        // The query in its dtype's bits (u16 words for f16/bf16).
+        let qf: Vec<f32> = (0..nq).map(|_| rng.unit()).collect();
+        let q16: Vec<u16> = qf
+            .iter()
+            .map(|&x| match qdtype {
+                DType::F16 => half::f16::from_f32(x).to_bits(),
+                _ => half::bf16::from_f32(x).to_bits(),
+            })
+            .collect();
+        let hq: *const std::ffi::c_void = if qdtype == DType::F32 {
+            qf.as_ptr().cast()
+        } else {
+            q16.as_ptr().cast()
+        };
+        let qh = (heads * gqa) as u32;
+        let rows = QuestRowsDesc {
+            table: table.as_ptr(),
+            num_rows: n as u32,
+            stride: stride as u32,
+            blocks: blocks.as_ptr(),
+            keep: keep.as_ptr(),
+            sink_blocks: sinks,
+        };
+        let (mut ws, mut out) = (vec![0f32; n * stride], vec![0i32; n * out_stride]);
+        let s = unsafe {
+            kvs_quest_select(
+                g.cpu,
+                &t.desc,
+                &rows,
+                hq,
+                qdtype as u32,
+                qh,
+                lo.as_ptr(),
+                hi.as_ptr(),
+                meta,
+                ws.as_mut_ptr(),
+                ws.len(),
+                out.as_mut_ptr(),
+                out.len(),
+                out_stride as u32,
+                -1,
+            )
+        };
+        assert_eq!(s, Status::Ok, "{}", last_error());
+        let (dtable, dblocks, dkeep) = (g.up(&table), g.up(&blocks), g.up(&keep));
+        let (dqf, dq16, dlo, dhi) = (g.up(&qf), g.up(&q16), g.up(&lo), g.up(&hi));
+        let dq = if qdtype == DType::F32 {
+            dptr(&dqf, &g.stream)
+        } else {
+            dptr(&dq16, &g.stream)
+        };
+        let dws: CudaSlice<f32> = g.stream.alloc_zeros(n * stride).unwrap();
+        let call = |rows: &QuestRowsDesc, out: &CudaSlice<i32>| unsafe {
+            kvs_quest_select(
+                g.kernels,
+                &dev.desc,
+                rows,
+                dq as *const _,
+                qdtype as u32,
+                qh,
+                dptr(&dlo, &g.stream) as *const f32,
+                dptr(&dhi, &g.stream) as *const f32,
+                meta,
+                dptr(&dws, &g.stream) as *mut f32,
+                n * stride,
+                dptr(out, &g.stream) as *mut i32,
+                n * out_stride,
+                out_stride as u32,
+                -1,
+            )
+        };
+        let drows = QuestRowsDesc {
+            table: dptr(&dtable, &g.stream) as *const i32,
+            blocks: dptr(&dblocks, &g.stream) as *const i32,
+            keep: dptr(&dkeep, &g.stream) as *const i32,
+            ..rows
+        };
+        let dout: CudaSlice<i32> = g.stream.alloc_zeros(n * out_stride).unwrap();
+        assert_eq!(call(&drows, &dout), Status::Ok, "{}", last_error());
+        assert_eq!(bits(&g.down(&dws)), bits(&ws), "bounds, {qdtype:?}");
+        assert_eq!(g.down(&dout), out, "kept rows, {qdtype:?}, {sinks} sinks");
+
+        // Row 1 claims more blocks than the stride, then row 2 holds an id past the cache:
+        // each refused on the device, the workspace and the output untouched.
+        let bad_blocks = g.up(&[200i32, stride as i32 + 1, 57, 120, 1]);
+        let mut bad = table.clone();
+        bad[2 * stride + 5] = num_blocks as i32;
+        let bad_table = g.up(&bad);
+        let cases = [
+            (
+                QuestRowsDesc {
+                    blocks: dptr(&bad_blocks, &g.stream) as *const i32,
+                    ..drows
+                },
+                "are not in 1..=stride",
+                1,
+            ),
+            (
+                QuestRowsDesc {
+                    table: dptr(&bad_table, &g.stream) as *const i32,
+                    ..drows
+                },
+                "a block id of a Quest row is out of range",
+                2,
+            ),
+        ];
+        for (rows, what, row) in cases {
+            let fresh: CudaSlice<i32> = g.stream.alloc_zeros(n * out_stride).unwrap();
+            let ws_before = g.down(&dws);
+            assert_eq!(
+                call(&rows, &fresh),
+                Status::Ok,
+                "enqueued; the device finds the bad row"
+            );
+            assert_eq!(
+                unsafe { kvs_kernels_synchronize(g.kernels) },
+                Status::InvalidArgument
+            );
+            let e = last_error();
+            assert!(
+                e.contains(what) && e.contains(&format!("(row {row})")),
+                "{e}"
+            );
+            assert!(
+                g.down(&fresh).iter().all(|&x| x == 0),
+                "out written although the row was refused"
+            );
+            assert_eq!(
+                bits(&g.down(&dws)),
+                bits(&ws_before),
+                "workspace written by a refused call"
+            );
+        }
+    }
+}

@@ -9,7 +9,9 @@ use kvsieve::config::Pooling;
 use kvsieve::kernels::compact::{compact, Compaction};
 use kvsieve::kernels::reference;
 use kvsieve::kernels::score::knorm::score_knorm;
-use kvsieve::kernels::score::quest::{quest_bound, quest_update_block};
+use kvsieve::kernels::score::quest::{
+    quest_bound, quest_select, quest_update_block, quest_update_blocks, reduced_len, QuestRows,
+};
 use kvsieve::kernels::score::snapkv::{score_snapkv, SnapKv};
 use kvsieve::kernels::select::{
     keep_positions, select_blocks_csr, select_tokens, BlockSelect, TokenSelect,
@@ -461,4 +463,163 @@ fn threaded_compaction_matches_reference() {
         };
         assert!(t.k == expect.k && t.v == expect.v, "{layout:?}");
     }
+}
+
+/// Random Quest metadata (`lo <= hi`) for `num_blocks` blocks.
+fn random_meta(rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<f32>) {
+    (0..n)
+        .map(|_| {
+            let (a, b) = (rng.unit(), rng.unit());
+            (a.min(b), a.max(b))
+        })
+        .unzip()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The batched selection keeps what the naive reference keeps: per row the sinks, the last
+    /// block and the best bounds (up to float ties), ascending, padded; whole rows under budget.
+    #[test]
+    fn quest_select_matches_reference(
+        seed in any::<u64>(),
+        heads in 1..=3usize,
+        gqa in 1..=4usize,
+        head_dim in prop::sample::select(vec![8usize, 12, 64, 72]),
+        nrows in 1..=8usize,
+        sink_blocks in 0..=2usize,
+    ) {
+        let mut rng = Rng(seed);
+        let (num_blocks, stride, out_stride) = (300usize, 48usize, 50usize);
+        let t = TestCache::new(Layout::Nhd, DType::F32, num_blocks, 16, heads, head_dim);
+        let cache = t.cache();
+        let (lo, hi) = random_meta(&mut rng, num_blocks * heads * head_dim);
+        let mut table = vec![-7i32; nrows * stride];
+        let (mut blocks, mut keep) = (vec![0i32; nrows], vec![0i32; nrows]);
+        for r in 0..nrows {
+            let nb = 1 + rng.below(stride);
+            table[r * stride..r * stride + nb].copy_from_slice(&random_row(&mut rng, num_blocks, nb));
+            blocks[r] = nb as i32;
+            keep[r] = (sink_blocks + 1 + rng.below(stride)) as i32;
+        }
+        let hq = heads * gqa;
+        let query: Vec<f32> = (0..nrows * hq * head_dim).map(|_| rng.unit()).collect();
+        let rows = QuestRows { table: &table, stride, blocks: &blocks, keep: &keep, sink_blocks };
+        let mut ws = vec![0f32; nrows * stride];
+        let mut out = vec![0i32; nrows * out_stride];
+        quest_select(&cache, &rows, &query, hq, &lo, &hi, &mut ws, &mut out, out_stride, -1).unwrap();
+        for r in 0..nrows {
+            let row = &table[r * stride..r * stride + blocks[r] as usize];
+            let q = &query[r * hq * head_dim..(r + 1) * hq * head_dim];
+            let (bounds, want) = reference::quest_select_row(row, keep[r] as usize, sink_blocks, q, hq,
+                                                             heads, head_dim, &lo, &hi);
+            let kept = rows.kept(r);
+            prop_assert_eq!(kept, want.len());
+            let got: Vec<usize> = out[r * out_stride..r * out_stride + kept].iter()
+                .map(|id| row.iter().position(|b| b == id).expect("a kept id is in its row")).collect();
+            prop_assert!(got.windows(2).all(|w| w[0] < w[1]), "row {} not ascending: {:?}", r, got);
+            prop_assert!(out[r * out_stride + kept..(r + 1) * out_stride].iter().all(|&x| x == -1));
+            for (j, &b) in bounds.iter().enumerate() {
+                let s = ws[r * stride + j] as f64;
+                prop_assert!((s - b).abs() <= 1e-4 * (1.0 + b.abs()), "bound {} vs {}", s, b);
+            }
+            // The same set, or one that differs only between blocks whose bounds tie in f32.
+            let dropped_best = (0..row.len()).filter(|j| !got.contains(j)).map(|j| bounds[j])
+                .fold(f64::NEG_INFINITY, f64::max);
+            let sinks = sink_blocks.min(kept - 1);
+            for &j in got.iter().filter(|&&j| j >= sinks && j + 1 < row.len()) {
+                prop_assert!(bounds[j] >= dropped_best - 1e-4 * (1.0 + dropped_best.abs()),
+                             "row {}: kept block {} ({}) below a dropped one ({})", r, j, bounds[j], dropped_best);
+            }
+            prop_assert!(got.iter().take(sinks).copied().eq(0..sinks));
+            prop_assert_eq!(*got.last().unwrap(), row.len() - 1);
+        }
+    }
+}
+
+/// Bad calls name what is wrong: a short workspace, an id outside the cache, a budget that
+/// cannot hold the sinks and the last block, a query of the wrong size.
+#[test]
+fn quest_select_refuses_bad_arguments() {
+    let t = TestCache::new(Layout::Nhd, DType::F32, 8, 16, 1, 8);
+    let cache = t.cache();
+    let (lo, hi) = (vec![0f32; 64], vec![1f32; 64]);
+    let table = [0i32, 1, 2, 3];
+    let (blocks, keep) = ([4i32], [2i32]);
+    let rows = QuestRows {
+        table: &table,
+        stride: 4,
+        blocks: &blocks,
+        keep: &keep,
+        sink_blocks: 1,
+    };
+    let q = [0.5f32; 8];
+    let mut out = [0i32; 4];
+    let err = |rows: &QuestRows, q: &[f32], ws: usize| {
+        let mut w = vec![0f32; ws];
+        let mut o = out;
+        quest_select(&cache, rows, q, 1, &lo, &hi, &mut w, &mut o, 4, 0)
+            .unwrap_err()
+            .message
+    };
+    assert!(err(&rows, &q, 3).contains("workspace holds 3 scores"));
+    assert!(err(&rows, &q[..7], 4).contains("query has 7 entries"));
+    let bad = [0i32, 1, 9, 3];
+    let e = err(
+        &QuestRows {
+            table: &bad,
+            ..rows
+        },
+        &q,
+        4,
+    );
+    assert!(e.contains("table row 0, block 2: id 9"), "{e}");
+    let e = err(&QuestRows { keep: &[1], ..rows }, &q, 4);
+    assert!(e.contains("keep[0] = 1 must exceed sink_blocks = 1"), "{e}");
+    let mut w = [0f32; 4];
+    quest_select(&cache, &rows, &q, 1, &lo, &hi, &mut w, &mut out, 4, -1).unwrap();
+    assert_eq!(out[2..], [-1, -1]);
+}
+
+/// Attention over the kept blocks reads whole blocks and the partial last one.
+#[test]
+fn reduced_len_counts_whole_kept_blocks_and_the_last_fill() {
+    assert_eq!(reduced_len(100, 16, 8), 100); // 7 blocks, all kept
+    assert_eq!(reduced_len(100, 16, 3), 2 * 16 + 4);
+    assert_eq!(reduced_len(96, 16, 3), 3 * 16);
+    assert_eq!(reduced_len(97, 16, 1), 1);
+    assert_eq!(reduced_len(97, 16, 0), 1); // the last block always stays
+    assert_eq!(reduced_len(97, 0, 3), 97);
+}
+
+/// A step's filled blocks updated in one call equal one call per block; a bad entry anywhere
+/// leaves every block's metadata as it was.
+#[test]
+fn quest_update_of_several_blocks_equals_one_by_one_and_is_all_or_nothing() {
+    let mut rng = Rng(5);
+    let mut t = TestCache::new(Layout::VllmCpuVec, DType::F32, 12, 16, 2, 8);
+    t.fill_values(&mut rng);
+    let cache = t.cache();
+    let meta = 12 * 2 * 8;
+    let (blocks, filled) = ([3i32, 7, 0], [16i32, 5, 1]);
+    let (mut lo, mut hi) = (vec![0f32; meta], vec![0f32; meta]);
+    unsafe { quest_update_blocks(&cache, &blocks, &filled, &mut lo, &mut hi) }.unwrap();
+    let (mut lo1, mut hi1) = (vec![0f32; meta], vec![0f32; meta]);
+    for (&b, &f) in blocks.iter().zip(&filled) {
+        unsafe { quest_update_block(&cache, b as usize, f as usize, &mut lo1, &mut hi1) }.unwrap();
+    }
+    assert_eq!((&lo, &hi), (&lo1, &hi1));
+    let before = (lo.clone(), hi.clone());
+    let e = unsafe { quest_update_blocks(&cache, &[1, 2, 12], &[16, 16, 16], &mut lo, &mut hi) }
+        .unwrap_err();
+    assert!(
+        e.message
+            .contains("entry 2: block = 12 is not below num_blocks = 12"),
+        "{}",
+        e.message
+    );
+    let e =
+        unsafe { quest_update_blocks(&cache, &[1, 2], &[16, 0], &mut lo, &mut hi) }.unwrap_err();
+    assert!(e.message.contains("entry 1: filled = 0"), "{}", e.message);
+    assert_eq!((lo, hi), before);
 }

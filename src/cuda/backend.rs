@@ -125,7 +125,7 @@ impl Ledger {
 
 /// What each device error code means (`ERR_*` in kernels/kvsieve.cu), before its index (the
 /// block id itself for a repeat: the same whatever order the threads ran in).
-const ERR_NAMES: [&str; 9] = [
+const ERR_NAMES: [&str; 11] = [
     "",
     "a block id of the row is out of range (row index",
     "a block id appears twice in the row (block id",
@@ -135,6 +135,9 @@ const ERR_NAMES: [&str; 9] = [
     "a non-empty sequence's last_page_len is below 1 (sequence",
     "a dest block id is out of range (dest index",
     "a dest block id is in the row or twice in dest; pass fresh blocks (block id",
+    "a Quest row's blocks are not in 1..=stride, its keep is below sink_blocks + 1, or its kept blocks \
+     exceed out_stride (row",
+    "a block id of a Quest row is out of range (row",
 ];
 
 /// Device memory the backend owns; guarded so calls from several threads serialise.

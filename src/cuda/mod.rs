@@ -9,4 +9,4 @@ mod ops;
 pub mod source;
 
 pub use backend::CudaBackend;
-pub use ops::SeqArgs;
+pub use ops::{QuestRowsDev, SeqArgs};

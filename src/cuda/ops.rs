@@ -10,7 +10,9 @@ use crate::error::{Error, Result};
 use crate::kernels::compact::{check_released, check_shape};
 use crate::kernels::page_table::check_row_len;
 use crate::kernels::score::knorm::check_knorm;
-use crate::kernels::score::quest::{check_block_fill, check_bound_shape, check_meta};
+use crate::kernels::score::quest::{
+    check_block_fill, check_block_list, check_bound_shape, check_meta, check_quest_sizes,
+};
 use crate::kernels::score::snapkv::SnapKv;
 use crate::kernels::select::{BlockSelect, TokenSelect};
 use crate::kernels::{Device, KvCache, Layout};
@@ -77,6 +79,16 @@ fn compact_work_bytes(cache: &KvCache, selected: usize) -> usize {
 /// Workspace of SnapKV scoring: window logits, their softmax stats, the per-head sums.
 fn snapkv_work_bytes(num_q_heads: usize, window: usize, cached_len: usize, heads: usize) -> usize {
     num_q_heads * window * cached_len * 4 + num_q_heads * window * 2 * 4 + heads * cached_len * 4
+}
+
+/// The device arrays of a `quest_select` call (`kvs_quest_rows` with device pointers).
+pub struct QuestRowsDev {
+    pub table: u64,
+    pub num_rows: usize,
+    pub stride: usize,
+    pub blocks: u64,
+    pub keep: u64,
+    pub sink_blocks: usize,
 }
 
 /// Workspace of block selection over one row of `row_len` blocks.
@@ -531,6 +543,42 @@ impl CudaBackend {
         })
     }
 
+    /// `quest_update` for a step's list of blocks, as one call (one error slot). `blocks` and
+    /// `filled` are host memory, checked by the caller (`check_block_list`).
+    pub fn quest_update_blocks(
+        &self,
+        cache: &KvCache,
+        blocks: &[i32],
+        filled: &[i32],
+        min: u64,
+        max: u64,
+        meta_len: usize,
+    ) -> Result<()> {
+        let g = geom(cache)?;
+        check_meta(cache, meta_len, meta_len)?;
+        check_block_list(cache, blocks, filled)?;
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        self.enqueue(&mut st, "kvs_quest_update_blocks", None, |_, _| {
+            for (&b, &f) in blocks.iter().zip(filled) {
+                let (b32, f32_) = (b as u32, f as u32);
+                launch!(
+                    self,
+                    "kvs_quest_update",
+                    cfg((cache.num_kv_heads as u32, 1, 1), 128),
+                    &g,
+                    &b32,
+                    &f32_,
+                    &min,
+                    &max
+                );
+            }
+            Ok(())
+        })
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn quest_bound(
         &self,
@@ -568,6 +616,97 @@ impl CudaBackend {
                 &min,
                 &max,
                 &out,
+                &err
+            );
+            Ok(())
+        })
+    }
+
+    /// `quest_select` on the device: `table`, `blocks`, `keep`, `query`, the metadata, `ws` and
+    /// `out` are device memory; the per-row rules and block ids are checked on the device
+    /// (`kvs_quest_rows_check`) before anything is written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn quest_select(
+        &self,
+        cache: &KvCache,
+        rows: &QuestRowsDev,
+        query: u64,
+        q_dtype: u64,
+        q_heads: usize,
+        min: u64,
+        max: u64,
+        meta_len: usize,
+        ws: u64,
+        ws_len: usize,
+        out: u64,
+        out_len: usize,
+        out_stride: usize,
+        pad: i32,
+    ) -> Result<()> {
+        let g = geom(cache)?;
+        check_meta(cache, meta_len, meta_len)?;
+        check_quest_sizes(
+            cache,
+            rows.num_rows,
+            rows.stride,
+            q_heads,
+            ws_len,
+            out_len,
+            out_stride,
+        )?;
+        for (name, v) in [
+            ("num_rows", rows.num_rows),
+            ("stride", rows.stride),
+            ("sink_blocks", rows.sink_blocks),
+            ("num_q_heads", q_heads),
+            ("out_stride", out_stride),
+        ] {
+            ensure_arg!(v <= u32::MAX as usize, "{name} = {v} does not fit 32 bits");
+        }
+        if rows.num_rows == 0 {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        self.enqueue(&mut st, "kvs_quest_select", None, |_, err| {
+            let (stride, sinks, q32, os) = (
+                rows.stride as u32,
+                rows.sink_blocks as u32,
+                q_heads as u32,
+                out_stride as u32,
+            );
+            let grid = (rows.num_rows as u32, 1, 1);
+            launch!(
+                self,
+                "kvs_quest_rows_check",
+                cfg(grid, 256),
+                &g,
+                &rows.table,
+                &stride,
+                &rows.blocks,
+                &rows.keep,
+                &sinks,
+                &os,
+                &err
+            );
+            launch!(
+                self,
+                "kvs_quest_select",
+                cfg(grid, 256),
+                &g,
+                &rows.table,
+                &stride,
+                &rows.blocks,
+                &rows.keep,
+                &sinks,
+                &query,
+                &q_dtype,
+                &q32,
+                &min,
+                &max,
+                &ws,
+                &out,
+                &os,
+                &pad,
                 &err
             );
             Ok(())

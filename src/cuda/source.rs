@@ -28,6 +28,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "kvs_select_blocks_csr",
     "kvs_row_header",
     "kvs_fill_i32",
+    "kvs_quest_rows_check",
+    "kvs_quest_select",
 ];
 
 /// What the kernels are compiled to for one device.

@@ -13,8 +13,12 @@ use crate::kernels::compact::{check_released, check_shape, compact, Compaction};
 use crate::kernels::page_table::check_row_len;
 use crate::kernels::score::knorm::check_knorm;
 use crate::kernels::score::knorm::score_knorm;
-use crate::kernels::score::quest::{check_block_fill, check_bound_shape, check_meta};
-use crate::kernels::score::quest::{quest_bound, quest_update_block};
+use crate::kernels::score::quest::{
+    check_block_fill, check_block_list, check_bound_shape, check_meta, check_quest_sizes,
+};
+use crate::kernels::score::quest::{
+    quest_bound, quest_select, quest_update_block, quest_update_blocks, QuestRows,
+};
 use crate::kernels::score::snapkv::{score_snapkv, SnapKv};
 use crate::kernels::score::to_f32_vec;
 use crate::kernels::select::{
@@ -863,6 +867,71 @@ pub unsafe extern "C" fn kvs_quest_update_block(
     })
 }
 
+/// `kvs_quest_update_block` for `count` blocks of one layer in one call: `blocks[i]` holding
+/// `filled[i]` slots (the blocks a step filled, or those a compaction rewrote). Every entry is
+/// checked before any metadata is written.
+///
+/// # Safety
+/// Pointers as documented; `blocks` and `filled` hold `count` entries (host memory).
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvs_quest_update_blocks(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    blocks: *const i32,
+    filled: *const i32,
+    count: u32,
+    block_min: *mut f32,
+    block_max: *mut f32,
+    meta_len: usize,
+) -> Status {
+    ffi_boundary("kvs_quest_update_blocks", || {
+        let (kernels, desc) = (arg_ref!(kernels, "kernels"), arg_ref!(cache, "cache"));
+        let kv = KvCache::new(desc)?;
+        let [k, v] = Region::kv(&kv, false);
+        check_disjoint(&[
+            k,
+            v,
+            Some(Region::read("blocks", blocks, count as usize)),
+            Some(Region::read("filled", filled, count as usize)),
+            Some(Region::write("block_min", block_min, meta_len)),
+            Some(Region::write("block_max", block_max, meta_len)),
+        ])?;
+        check_ptr(block_min, "block_min")?;
+        check_ptr(block_max, "block_max")?;
+        let (ids, fills) = (
+            arg_slice!(blocks, count, "blocks"),
+            arg_slice!(filled, count, "filled"),
+        );
+        check_meta(&kv, meta_len, meta_len)?;
+        check_block_list(&kv, ids, fills)?;
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &kernels.cuda {
+            return cu.quest_update_blocks(
+                &kv,
+                ids,
+                fills,
+                addr(block_min),
+                addr(block_max),
+                meta_len,
+            );
+        }
+        let empty = SequenceDesc {
+            row: std::ptr::NonNull::dangling().as_ptr(),
+            row_len: 0,
+            cached_len: 0,
+            protected_len: 0,
+        };
+        let (cache, _) = host_inputs(kernels, desc, &empty)?;
+        let (lo, hi) = (
+            arg_slice_mut!(block_min, meta_len, "block_min"),
+            arg_slice_mut!(block_max, meta_len, "block_max"),
+        );
+        // SAFETY: validated cache of live host tensors.
+        unsafe { quest_update_blocks(&cache, ids, fills, lo, hi) }
+    })
+}
+
 /// Quest bounds of the blocks of `seq.row` for one decode query (`[num_q_heads][head_dim]`,
 /// dtype `query_dtype`), maxed over query heads, into `block_scores[row_len]`.
 ///
@@ -942,6 +1011,162 @@ pub unsafe extern "C" fn kvs_quest_bound(
         );
         let out = arg_slice_mut!(block_scores, block_scores_len, "block_scores");
         quest_bound(&cache, row, &q, num_q_heads as usize, lo, hi, out)
+    })
+}
+
+/// The decode rows of one `kvs_quest_select` call (`kvs_quest_rows`), in vLLM's dense block
+/// table form.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct QuestRowsDesc {
+    /// `[num_rows][stride]` block ids: row r's first `blocks[r]` are its blocks in order.
+    pub table: *const i32,
+    pub num_rows: u32,
+    pub stride: u32,
+    /// `[num_rows]`: blocks in each row (1..=stride).
+    pub blocks: *const i32,
+    /// `[num_rows]`: blocks each row keeps when it has more; the same for every layer of a step.
+    pub keep: *const i32,
+    /// Leading blocks always kept (1: the attention sinks' block).
+    pub sink_blocks: u32,
+}
+
+/// One layer's Quest selection for a batch of decode rows: each row's blocks bounded by its
+/// query (`[num_rows][num_q_heads][head_dim]`, dtype `query_dtype`) against `block_min` /
+/// `block_max` (`meta_len` floats each, see `kvs_quest_update_block`), and the `keep[r]` best,
+/// the first `sink_blocks` and the last block always among them, written in sequence order to
+/// `out[r * out_stride..]`, the rest of each row set to `pad`. `workspace` (`workspace_len`
+/// floats, at least `num_rows * stride`) is the caller's and holds the bounds afterwards.
+/// On a CUDA handle every array is device memory and the rows are checked on the device (a bad
+/// row fails the call at `kvs_kernels_synchronize`, nothing written); the bounds and rows equal
+/// the CPU's bit for bit.
+///
+/// # Safety
+/// Pointers as documented.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvs_quest_select(
+    kernels: *const KvsKernels,
+    cache: *const KvCacheDesc,
+    rows: *const QuestRowsDesc,
+    query: *const c_void,
+    query_dtype: u32,
+    num_q_heads: u32,
+    block_min: *const f32,
+    block_max: *const f32,
+    meta_len: usize,
+    workspace: *mut f32,
+    workspace_len: usize,
+    out: *mut i32,
+    out_len: usize,
+    out_stride: u32,
+    pad: i32,
+) -> Status {
+    ffi_boundary("kvs_quest_select", || {
+        let (kernels, desc, rows) = (
+            arg_ref!(kernels, "kernels"),
+            arg_ref!(cache, "cache"),
+            arg_ref!(rows, "rows"),
+        );
+        let qd = DType::from_u32(query_dtype, "query_dtype")?;
+        let kv = KvCache::new(desc)?;
+        let n = rows.num_rows as usize;
+        let table_len = n.saturating_mul(rows.stride as usize);
+        let nq = n
+            .saturating_mul(num_q_heads as usize)
+            .saturating_mul(kv.head_dim);
+        check_disjoint(&[
+            Some(Region::read("rows.table", rows.table, table_len)),
+            Some(Region::read("rows.blocks", rows.blocks, n)),
+            Some(Region::read("rows.keep", rows.keep, n)),
+            Some(Region::read(
+                "query",
+                query as *const u8,
+                nq.saturating_mul(qd.size()),
+            )),
+            Some(Region::read("block_min", block_min, meta_len)),
+            Some(Region::read("block_max", block_max, meta_len)),
+            Some(Region::write("workspace", workspace, workspace_len)),
+            Some(Region::write("out", out, out_len)),
+        ])?;
+        check_typed_ptr(query, qd, "query")?;
+        // The sizes first: the query is read (and converted) only for a call that fits them.
+        check_meta(&kv, meta_len, meta_len)?;
+        check_quest_sizes(
+            &kv,
+            n,
+            rows.stride as usize,
+            num_q_heads as usize,
+            workspace_len,
+            out_len,
+            out_stride as usize,
+        )?;
+        for (p, name) in [
+            (rows.table, "rows.table"),
+            (rows.blocks, "rows.blocks"),
+            (rows.keep, "rows.keep"),
+        ] {
+            check_ptr(p, name)?;
+        }
+        check_ptr(block_min, "block_min")?;
+        check_ptr(block_max, "block_max")?;
+        check_ptr(workspace, "workspace")?;
+        check_ptr(out, "out")?;
+        #[cfg(feature = "cuda")]
+        if let Some(cu) = &kernels.cuda {
+            let dev = crate::cuda::QuestRowsDev {
+                table: addr(rows.table),
+                num_rows: n,
+                stride: rows.stride as usize,
+                blocks: addr(rows.blocks),
+                keep: addr(rows.keep),
+                sink_blocks: rows.sink_blocks as usize,
+            };
+            return cu.quest_select(
+                &kv,
+                &dev,
+                addr(query),
+                qd as u64,
+                num_q_heads as usize,
+                addr(block_min),
+                addr(block_max),
+                meta_len,
+                addr(workspace),
+                workspace_len,
+                addr(out),
+                out_len,
+                out_stride as usize,
+                pad,
+            );
+        }
+        let empty = SequenceDesc {
+            row: std::ptr::NonNull::dangling().as_ptr(),
+            row_len: 0,
+            cached_len: 0,
+            protected_len: 0,
+        };
+        let (cache, _) = host_inputs(kernels, desc, &empty)?;
+        let sel = QuestRows {
+            table: arg_slice!(rows.table, table_len, "rows.table"),
+            stride: rows.stride as usize,
+            blocks: arg_slice!(rows.blocks, n, "rows.blocks"),
+            keep: arg_slice!(rows.keep, n, "rows.keep"),
+            sink_blocks: rows.sink_blocks as usize,
+        };
+        // SAFETY: the caller promises num_rows * num_q_heads * head_dim elements.
+        let q = unsafe { to_f32_vec(query as *const u8, qd, nq) };
+        quest_select(
+            &cache,
+            &sel,
+            &q,
+            num_q_heads as usize,
+            arg_slice!(block_min, meta_len, "block_min"),
+            arg_slice!(block_max, meta_len, "block_max"),
+            arg_slice_mut!(workspace, workspace_len, "workspace"),
+            arg_slice_mut!(out, out_len, "out"),
+            out_stride as usize,
+            pad,
+        )
     })
 }
 

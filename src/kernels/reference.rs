@@ -241,3 +241,51 @@ pub fn quest_bound(
         })
         .collect()
 }
+
+/// Quest selection of one row, naively: the bound of each block from the metadata in f64 (max
+/// over query heads), then the sinks, the last block and the best of the rest by a full sort
+/// (ties to the earlier block). Returns the bounds and the kept positions, ascending.
+#[allow(clippy::too_many_arguments)]
+pub fn quest_select_row(
+    row: &[i32],
+    keep: usize,
+    sink_blocks: usize,
+    query: &[f32],
+    num_q_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    min: &[f32],
+    max: &[f32],
+) -> (Vec<f64>, Vec<usize>) {
+    let (h, d) = (num_kv_heads, head_dim);
+    let group = num_q_heads / h;
+    let bounds: Vec<f64> = row
+        .iter()
+        .map(|&b| {
+            (0..num_q_heads)
+                .map(|qh| {
+                    let at = (b as usize * h + qh / group) * d;
+                    (0..d)
+                        .map(|i| {
+                            let q = query[qh * d + i] as f64;
+                            (q * min[at + i] as f64).max(q * max[at + i] as f64)
+                        })
+                        .sum::<f64>()
+                })
+                .fold(f64::NEG_INFINITY, f64::max)
+        })
+        .collect();
+    let nb = row.len();
+    if nb <= keep {
+        return (bounds, (0..nb).collect());
+    }
+    let sinks = sink_blocks.min(keep - 1);
+    let mut middle: Vec<usize> = (sinks..nb - 1).collect();
+    middle.sort_by(|&a, &b| bounds[b].partial_cmp(&bounds[a]).unwrap().then(a.cmp(&b)));
+    let mut kept: Vec<usize> = (0..sinks)
+        .chain(middle[..keep - sinks - 1].iter().copied())
+        .collect();
+    kept.push(nb - 1);
+    kept.sort_unstable();
+    (bounds, kept)
+}

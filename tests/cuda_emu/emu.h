@@ -67,6 +67,10 @@ inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
 inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
 inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// Round-to-nearest, never fused: what the device intrinsics promise (the host build is ISO C++,
+// which does not contract a * b + c).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
 
 inline unsigned atomicCAS(unsigned* p, unsigned expected, unsigned desired) {
   unsigned old = *p;

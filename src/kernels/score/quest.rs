@@ -3,12 +3,17 @@
 //! the block, so the blocks with the highest bounds hold the keys that can matter most.
 //! Metadata is indexed by physical block id, `[num_blocks][num_kv_heads][head_dim]` f32, owned by
 //! the caller next to its KV cache.
+//!
+//! `quest_bound` scores one sequence's row; `quest_select` is the serving call: every decode row
+//! of a batch, one layer, scored and reduced to its best blocks in one call.
 
 use super::gather_k_row;
 use crate::ensure_arg;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::page_table::check_row;
+use crate::kernels::select::BlockSelect;
 use crate::kernels::KvCache;
+use crate::status::Status;
 use crate::with_dtype;
 
 /// The metadata holds `[num_blocks][num_kv_heads][head_dim]` floats each (shared with the CUDA
@@ -94,6 +99,45 @@ pub unsafe fn quest_update_block(
     Ok(())
 }
 
+/// `quest_update_block` for the `blocks[i]` (holding `filled[i]` slots) of one layer in one call:
+/// the blocks a step filled, or those a compaction rewrote. Every entry is checked before any
+/// metadata is written.
+///
+/// # Safety
+/// `cache` must describe live host tensors.
+pub unsafe fn quest_update_blocks(
+    cache: &KvCache,
+    blocks: &[i32],
+    filled: &[i32],
+    min: &mut [f32],
+    max: &mut [f32],
+) -> Result<()> {
+    check_meta(cache, min.len(), max.len())?;
+    check_block_list(cache, blocks, filled)?;
+    for (&b, &f) in blocks.iter().zip(filled) {
+        // SAFETY: the caller's cache; every block and fill checked above.
+        unsafe { quest_update_block(cache, b as usize, f as usize, min, max)? };
+    }
+    Ok(())
+}
+
+/// The blocks and fills of `quest_update_blocks` (shared with the CUDA path).
+pub(crate) fn check_block_list(cache: &KvCache, blocks: &[i32], filled: &[i32]) -> Result<()> {
+    ensure_arg!(
+        blocks.len() == filled.len(),
+        "blocks has {} entries and filled {}; one fill per block",
+        blocks.len(),
+        filled.len()
+    );
+    for (i, (&b, &f)) in blocks.iter().zip(filled).enumerate() {
+        ensure_arg!(b >= 0, "blocks[{i}] = {b} is negative");
+        ensure_arg!(f >= 0, "filled[{i}] = {f} is negative");
+        check_block_fill(cache, b as usize, f as usize)
+            .map_err(|e| Error::invalid_arg(format!("entry {i}: {}", e.message)))?;
+    }
+    Ok(())
+}
+
 /// For each block of `row`, the largest Quest bound over the query heads:
 /// `out[j] = max_q Σ_d max(q_d·min[row[j]][g(q)][d], q_d·max[...][d])`, `query` being
 /// `[num_q_heads][head_dim]` f32 and `g(q)` the query head's KV head.
@@ -124,4 +168,366 @@ pub fn quest_bound(
         *o = best;
     }
     Ok(())
+}
+
+/// The decode rows of one `quest_select` call, in vLLM's dense block-table form: row `r` holds
+/// `blocks[r]` block ids at `table[r * stride..]`, in sequence order, and keeps `keep[r]` of
+/// them when it has more. The kept count depends on the length only, so an engine computes
+/// `keep` (and the reduced lengths, `reduced_len`) once per step for all its layers.
+#[derive(Debug, Clone, Copy)]
+pub struct QuestRows<'a> {
+    pub table: &'a [i32],
+    pub stride: usize,
+    pub blocks: &'a [i32],
+    pub keep: &'a [i32],
+    /// Leading blocks always kept (the first holds the attention sinks).
+    pub sink_blocks: usize,
+}
+
+impl QuestRows<'_> {
+    pub fn num_rows(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Blocks row `r` keeps: `keep[r]`, or all of them when it has no more.
+    pub fn kept(&self, r: usize) -> usize {
+        (self.blocks[r] as usize).min(self.keep[r] as usize)
+    }
+
+    /// The shapes of a call (shared with the CUDA path): the table holds every row, each row's
+    /// kept blocks cover the sinks and the last (partial) block, the query is
+    /// `[rows][num_q_heads][head_dim]`, the workspace one score per table entry and the output
+    /// `[rows][out_stride]` room for every row's kept blocks.
+    pub(crate) fn check(
+        &self,
+        cache: &KvCache,
+        num_q_heads: usize,
+        query_len: usize,
+        workspace_len: usize,
+        out_len: usize,
+        out_stride: usize,
+    ) -> Result<()> {
+        let rows = self.num_rows();
+        ensure_arg!(
+            self.keep.len() == rows,
+            "keep has {} entries; expected one per row ({rows})",
+            self.keep.len()
+        );
+        ensure_arg!(
+            self.table.len() >= rows * self.stride,
+            "table has {} entries; {rows} rows of stride {} need {}",
+            self.table.len(),
+            self.stride,
+            rows * self.stride
+        );
+        let d = cache.head_dim;
+        ensure_arg!(
+            query_len == rows * num_q_heads * d,
+            "query has {query_len} entries; expected rows * num_q_heads * head_dim = {}",
+            rows * num_q_heads * d
+        );
+        check_quest_sizes(
+            cache,
+            rows,
+            self.stride,
+            num_q_heads,
+            workspace_len,
+            out_len,
+            out_stride,
+        )?;
+        // The same rules as the CUDA path's device check (kvs_quest_rows_check).
+        for r in 0..rows {
+            let (nb, k) = (self.blocks[r], self.keep[r]);
+            ensure_arg!(
+                nb >= 1 && nb as usize <= self.stride,
+                "blocks[{r}] = {nb} must be in 1..=stride ({})",
+                self.stride
+            );
+            ensure_arg!(
+                k >= 1 && (k >= nb || k as usize > self.sink_blocks),
+                "keep[{r}] = {k} must exceed sink_blocks = {} (the sinks and the last block always stay)",
+                self.sink_blocks
+            );
+            ensure_arg!(
+                self.kept(r) <= out_stride,
+                "out_stride = {out_stride} cannot hold row {r}'s {} kept blocks",
+                self.kept(r)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The sizes of a `quest_select` call the host knows on either device: query heads in whole
+/// groups, a workspace of one score per table entry, room for `rows` output rows.
+pub(crate) fn check_quest_sizes(
+    cache: &KvCache,
+    rows: usize,
+    stride: usize,
+    num_q_heads: usize,
+    workspace_len: usize,
+    out_len: usize,
+    out_stride: usize,
+) -> Result<()> {
+    let h = cache.num_kv_heads;
+    ensure_arg!(stride > 0, "stride is 0");
+    ensure_arg!(
+        num_q_heads >= h && num_q_heads % h == 0,
+        "num_q_heads = {num_q_heads} must be a multiple of num_kv_heads = {h}"
+    );
+    if workspace_len < rows.saturating_mul(stride) {
+        return Err(Error::new(
+            Status::BufferTooSmall,
+            format!(
+                "workspace holds {workspace_len} scores; rows * stride = {} are needed",
+                rows.saturating_mul(stride)
+            ),
+        ));
+    }
+    if out_len < rows.saturating_mul(out_stride) {
+        return Err(Error::new(
+            Status::BufferTooSmall,
+            format!(
+                "out holds {out_len} ids; rows * out_stride = {} are needed",
+                rows.saturating_mul(out_stride)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The tokens attention reads from a row of `seq_len` tokens in blocks of `block_size` that keeps
+/// `keep` blocks: whole kept blocks and the partial last one (the same for every layer). A `keep`
+/// of 0 counts as 1 (the last block always stays); a `block_size` of 0 has no blocks to drop.
+pub fn reduced_len(seq_len: usize, block_size: usize, keep: usize) -> usize {
+    if block_size == 0 {
+        return seq_len;
+    }
+    let keep = keep.max(1);
+    let nb = seq_len.div_ceil(block_size);
+    if nb <= keep {
+        return seq_len;
+    }
+    (keep - 1) * block_size + (seq_len - (nb - 1) * block_size)
+}
+
+/// One layer's Quest selection for a batch of decode rows: each row's blocks scored by their
+/// bound for the row's query (`[rows][num_q_heads][head_dim]` f32; the max over query heads),
+/// then the `keep[r]` best written ascending (sequence order) to `out[r * out_stride..]`, the
+/// first `sink_blocks` and the last block always among them, the rest of the row set to `pad`.
+/// `workspace` (caller-owned, `rows * stride` floats at least) holds the scores afterwards.
+#[allow(clippy::too_many_arguments)]
+pub fn quest_select(
+    cache: &KvCache,
+    rows: &QuestRows,
+    query: &[f32],
+    num_q_heads: usize,
+    min: &[f32],
+    max: &[f32],
+    workspace: &mut [f32],
+    out: &mut [i32],
+    out_stride: usize,
+    pad: i32,
+) -> Result<()> {
+    check_meta(cache, min.len(), max.len())?;
+    rows.check(
+        cache,
+        num_q_heads,
+        query.len(),
+        workspace.len(),
+        out.len(),
+        out_stride,
+    )?;
+    // Ids index the metadata: range-checked here; a repeated id only repeats a score.
+    for r in 0..rows.num_rows() {
+        let row = &rows.table[r * rows.stride..r * rows.stride + rows.blocks[r] as usize];
+        if let Some((j, &b)) = row
+            .iter()
+            .enumerate()
+            .find(|(_, &b)| b < 0 || b as usize >= cache.num_blocks)
+        {
+            return Err(Error::invalid_arg(format!(
+                "table row {r}, block {j}: id {b} is not in 0..num_blocks ({})",
+                cache.num_blocks
+            )));
+        }
+    }
+    bound_rows(cache, rows, query, num_q_heads, min, max, workspace);
+    let mut pos = Vec::new();
+    for r in 0..rows.num_rows() {
+        let nb = rows.blocks[r] as usize;
+        let (row, scores) = (
+            &rows.table[r * rows.stride..r * rows.stride + nb],
+            &workspace[r * rows.stride..r * rows.stride + nb],
+        );
+        let kept = rows.kept(r);
+        let sel = BlockSelect {
+            keep_blocks: kept,
+            sink_blocks: rows.sink_blocks.min(kept - 1),
+            recent_blocks: 1,
+        };
+        pos.clear();
+        sel.select(scores, &mut pos);
+        let dst = &mut out[r * out_stride..(r + 1) * out_stride];
+        for (o, &j) in dst.iter_mut().zip(&pos) {
+            *o = row[j as usize];
+        }
+        dst[kept..].fill(pad);
+    }
+    Ok(())
+}
+
+/// The bounds of every row's blocks into `workspace`, with AVX2 where the CPU has it.
+fn bound_rows(
+    cache: &KvCache,
+    rows: &QuestRows,
+    query: &[f32],
+    num_q_heads: usize,
+    min: &[f32],
+    max: &[f32],
+    workspace: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { bound_rows_avx2(cache, rows, query, num_q_heads, min, max, workspace) };
+    }
+    bound_rows_body(cache, rows, query, num_q_heads, min, max, workspace)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bound_rows_avx2(
+    cache: &KvCache,
+    rows: &QuestRows,
+    query: &[f32],
+    num_q_heads: usize,
+    min: &[f32],
+    max: &[f32],
+    workspace: &mut [f32],
+) {
+    bound_rows_body(cache, rows, query, num_q_heads, min, max, workspace)
+}
+
+/// Per block, per KV head: its min/max rows are read once and bound the `group` query heads
+/// that share it while they sit in L1.
+#[inline(always)]
+fn bound_rows_body(
+    cache: &KvCache,
+    rows: &QuestRows,
+    query: &[f32],
+    num_q_heads: usize,
+    min: &[f32],
+    max: &[f32],
+    workspace: &mut [f32],
+) {
+    let (h, d) = (cache.num_kv_heads, cache.head_dim);
+    let group = num_q_heads / h;
+    for r in 0..rows.num_rows() {
+        let nb = rows.blocks[r] as usize;
+        let q = &query[r * num_q_heads * d..(r + 1) * num_q_heads * d];
+        let ids = &rows.table[r * rows.stride..r * rows.stride + nb];
+        for (o, &b) in workspace[r * rows.stride..r * rows.stride + nb]
+            .iter_mut()
+            .zip(ids)
+        {
+            let at = b as usize * h * d;
+            let (lo, hi) = (&min[at..at + h * d], &max[at..at + h * d]);
+            let mut best = f32::NEG_INFINITY;
+            for kh in 0..h {
+                let (l, u) = (&lo[kh * d..(kh + 1) * d], &hi[kh * d..(kh + 1) * d]);
+                for qh in kh * group..(kh + 1) * group {
+                    best = best.max(bound_one(&q[qh * d..(qh + 1) * d], l, u));
+                }
+            }
+            *o = best;
+        }
+    }
+}
+
+/// `Σ_d max(q_d·lo_d, q_d·hi_d)`, written as `q_d · (q_d >= 0 ? hi_d : lo_d)` (the same product,
+/// since lo <= hi) in 8 lanes so it becomes a compare, a blend, a multiply and an add per vector;
+/// then the lanes in order and the remainder. kernels/kvsieve.cu (`quest_bound_one`) sums in
+/// this order, unfused, so the CPU and CUDA bounds are the same bits.
+#[inline(always)]
+fn bound_one(q: &[f32], lo: &[f32], hi: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (cq, cl, cu) = (q.chunks_exact(8), lo.chunks_exact(8), hi.chunks_exact(8));
+    let (rq, rl, ru) = (cq.remainder(), cl.remainder(), cu.remainder());
+    for ((x, l), u) in cq.zip(cl).zip(cu) {
+        for i in 0..8 {
+            acc[i] += x[i] * if x[i] >= 0.0 { u[i] } else { l[i] };
+        }
+    }
+    let mut s = acc[0];
+    for a in &acc[1..] {
+        s += a;
+    }
+    for ((x, l), u) in rq.iter().zip(rl).zip(ru) {
+        s += x * if *x >= 0.0 { *u } else { *l };
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{DType, KvCacheDesc, Layout};
+
+    /// The AVX2 build of the bound sums in the same order as the portable one (8 lanes, no
+    /// fused multiply-add), so a CPU's features never change which blocks are selected.
+    #[test]
+    fn avx2_and_portable_bounds_are_bit_identical() {
+        // head_dim 75: eight lanes and a remainder of three.
+        let (num_blocks, h, d, nq, stride) = (64usize, 3usize, 75usize, 9usize, 40usize);
+        let (mut k, mut v) = (
+            vec![0f32; num_blocks * 16 * h * d],
+            vec![0f32; num_blocks * 16 * h * d],
+        );
+        let cache = KvCache::new(&KvCacheDesc {
+            k: k.as_mut_ptr().cast(),
+            v: v.as_mut_ptr().cast(),
+            dtype: DType::F32 as u32,
+            layout: Layout::Nhd as u32,
+            device: 0,
+            num_blocks: num_blocks as u32,
+            block_size: 16,
+            num_kv_heads: h as u32,
+            head_dim: d as u32,
+            block_stride: 0,
+            token_stride: 0,
+            head_stride: 0,
+        })
+        .unwrap();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut unit = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let n = num_blocks * h * d;
+        let (a, b): (Vec<f32>, Vec<f32>) = (0..n).map(|_| (unit(), unit())).unzip();
+        let lo: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a.min(*b)).collect();
+        let hi: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a.max(*b)).collect();
+        let table: Vec<i32> = (0..2 * stride as i32)
+            .map(|i| (i * 7) % num_blocks as i32)
+            .collect();
+        let (blocks, keep) = ([stride as i32, 33], [8, 8]);
+        let rows = QuestRows {
+            table: &table,
+            stride,
+            blocks: &blocks,
+            keep: &keep,
+            sink_blocks: 1,
+        };
+        let q: Vec<f32> = (0..2 * nq * d).map(|_| unit()).collect();
+        let (mut fast, mut plain) = (vec![0f32; 2 * stride], vec![0f32; 2 * stride]);
+        bound_rows(&cache, &rows, &q, nq, &lo, &hi, &mut fast);
+        bound_rows_body(&cache, &rows, &q, nq, &lo, &hi, &mut plain);
+        assert_eq!(
+            fast.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            plain.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+    }
 }
