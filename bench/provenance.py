@@ -48,6 +48,18 @@ def commit() -> str:
     return head + ("+dirty" if dirty else "") if head else "unknown (not a git checkout)"
 
 
+# The code a run started from: a long run (the accuracy suite takes over an hour) must not record
+# a commit made while it ran. Taken when the run imports this module (the call at the end).
+_AT_START: str | None = None
+
+
+def start_commit() -> str:
+    global _AT_START
+    if _AT_START is None:
+        _AT_START = commit()
+    return _AT_START
+
+
 def command(argv: list[str] | None = None) -> str:
     argv = list(sys.argv if argv is None else argv)
     script = Path(argv[0]).resolve() if argv else None
@@ -129,7 +141,7 @@ def machine() -> dict:
 def record(*, config_text: str | None = None, model: str | Path | None = None, model_name: str | None = None,
            repeats: int | None = None, argv: list[str] | None = None, **extra) -> dict:
     """The provenance object of a result written now."""
-    out = {"commit": commit(), "command": command(argv), "config": effective_config(config_text),
+    out = {"commit": start_commit(), "command": command(argv), "config": effective_config(config_text),
            "model": model_identity(model, model_name), "machine": machine(),
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if repeats is not None:
@@ -278,6 +290,8 @@ def main_recover(files: list[str]) -> int:
         print(f"recovered: {f.name}")
     return 0
 
+
+start_commit()  # at import: runs import this module when they start
 
 if __name__ == "__main__":
     if "--recover" in sys.argv:
