@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 
 BLOCK = re.compile(r"(<!-- render:(\S+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
 QUOTE = re.compile(r"([0-9][0-9.,]*[a-zA-Z%]*)<!-- q ([\w.\-]+):(\S+?)\|(.+?) -->")
-BLOCK_NAMES = "summary, demo, ci, kernels, serving:FILE, accuracy:FILE, accuracy-lengths:FILE, accuracy-paired:FILE"
+BLOCK_NAMES = "summary, demo, ci, kernels, serving:FILE, accuracy:FILE, accuracy-lengths:FILE, accuracy-paired:FILE, soak:FILE,FILE..."
 
 # The headline rows: result file, run label, what the workload is, the kvsieve setting.
 SUMMARY = [
@@ -290,7 +290,27 @@ def render_accuracy_paired(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_soak(names: list[str]) -> str:
+    """The soak runs: load, requests and their outcomes, tokens, preemptions, memory, blocks back."""
+    lines = ["| run | measured (date, commit) | load | requests | completed valid (whole + streamed) | hung up mid-stream "
+             "| failed | output tokens | preemptions | slowest request | RSS MiB start / warm / max / end "
+             "| every block back |", "|" + " --- |" * 12]
+    for name in names:
+        r = load(name)
+        c, m = r["client"], r["rss_mib"]
+        run = "stock vLLM" if "stock" in name else "kvsieve" + (", --mix" if c.get("own_budget_or_off") else "")
+        slowest = r.get("slowest_request_s")
+        lines.append(f"| {run} | {measured(r)} | {r['load_s']:.0f} s | {c['requests']} | {c['complete_ok']} + "
+                     f"{c['stream_ok']} | {c['disconnected']} | {c['invalid'] + c['http_errors'] + c['exceptions']} "
+                     f"| {c['tokens']:,} | {r['preemptions']:.0f} | {'-' if slowest is None else f'{slowest:.1f} s'} "
+                     f"| {m['start']} / {m['warm']} / {m['max']} / {m['end']} "
+                     f"| {'yes' if r['checks'].get('every block back') else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_block(name: str) -> str:
+    if name.startswith("soak:"):
+        return render_soak(name.split(":", 1)[1].split(","))
     if name.startswith("serving:"):
         return render_serving(name.split(":", 1)[1])
     if name.startswith("accuracy:"):

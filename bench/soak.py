@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 import provenance  # noqa: E402
 from openai_server import Server  # noqa: E402
 
-DEFAULT_MODEL = HERE.parents[1] / "models" / "byte-llama-5m"
+DEFAULT_MODEL = HERE.parent / "models" / "byte-llama-5m"
 CONFIG = """
 [sparsity]
 policy = "snapkv"

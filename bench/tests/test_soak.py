@@ -26,3 +26,17 @@ def test_short_soak_serves_every_request_and_returns_every_block():
     assert c["own_budget_or_off"] >= 3, c
     failed = {k: v for k, v in r["checks"].items() if not v and not k.startswith("resident memory")}
     assert not failed, (failed, r["problems"], r["server_errors"], r["kvsieve"], c)
+
+
+def test_the_documented_commands_default_to_the_vendored_model():
+    """`bench/soak.py` and `bench/quality.py` without --model, and the text workloads, read the
+    model and prose vendored in models/ (a wrong default once sent the soak outside the repo)."""
+    import accuracy
+    import quality
+    import serve
+    import soak
+
+    assert (soak.DEFAULT_MODEL / "val.txt").is_file(), soak.DEFAULT_MODEL
+    assert (quality.DEFAULT_MODEL / "val.txt").is_file(), quality.DEFAULT_MODEL
+    assert serve.PROSE.is_file() and accuracy.PROSE.is_file(), (serve.PROSE, accuracy.PROSE)
+    assert soak.DEFAULT_MODEL.resolve() == MODEL.resolve()
