@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{random_row, Rng, TestCache};
+use common::{random_meta, random_row, Rng, TestCache};
 use kvsieve::ffi::*;
 use kvsieve::kernels::{DType, Layout};
 use kvsieve::Status;
@@ -780,12 +780,7 @@ fn quest_selection_of_a_batch_through_the_abi() {
     let mut rng = Rng(11);
     let t = TestCache::new(Layout::Nhd, DType::F32, 40, 16, 2, 8);
     let meta = 40 * 2 * 8;
-    let (lo, hi): (Vec<f32>, Vec<f32>) = (0..meta)
-        .map(|_| {
-            let (a, b) = (rng.unit(), rng.unit());
-            (a.min(b), a.max(b))
-        })
-        .unzip();
+    let (lo, hi) = random_meta(&mut rng, meta);
     let stride = 12usize;
     let mut table = random_row(&mut rng, 40, 2 * stride);
     table[stride + 9..].fill(-1); // row 1 has 9 blocks

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{random_keep, random_row, Rng, TestCache};
+use common::{random_keep, random_meta, random_row, Rng, TestCache};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use kvsieve::ffi::*;
 use kvsieve::kernels::{DType, KvCacheDesc, Layout};
@@ -865,12 +865,7 @@ fn quest_selection_of_a_batch_matches_cpu_bit_for_bit() {
         let t = TestCache::new(Layout::Nhd, DType::F32, num_blocks, 16, heads, dim);
         let dev = upload(&g, &t);
         let meta = num_blocks * heads * dim;
-        let (mut lo, mut hi): (Vec<f32>, Vec<f32>) = (0..meta)
-            .map(|_| {
-                let (a, b) = (rng.unit(), rng.unit());
-                (a.min(b), a.max(b))
-            })
-            .unzip();
+        let (mut lo, mut hi) = random_meta(&mut rng, meta);
         // Blocks 1..100 copy block 0's metadata: their bounds tie exactly in every row.
         let span = heads * dim;
         for b in 1..100 {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{random_keep, random_row, Rng, TestCache};
+use common::{random_keep, random_meta, random_row, Rng, TestCache};
 use kvsieve::config::Pooling;
 use kvsieve::kernels::compact::{compact, Compaction};
 use kvsieve::kernels::reference;
@@ -463,16 +463,6 @@ fn threaded_compaction_matches_reference() {
         };
         assert!(t.k == expect.k && t.v == expect.v, "{layout:?}");
     }
-}
-
-/// Random Quest metadata (`lo <= hi`) for `num_blocks` blocks.
-fn random_meta(rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<f32>) {
-    (0..n)
-        .map(|_| {
-            let (a, b) = (rng.unit(), rng.unit());
-            (a.min(b), a.max(b))
-        })
-        .unzip()
 }
 
 proptest! {

@@ -528,19 +528,32 @@ impl CudaBackend {
         check_block_fill(cache, block, filled)?;
         let mut st = self.lock();
         self.enqueue(&mut st, "kvs_quest_update_block", None, |_, _| {
-            let (b32, f32_) = (block as u32, filled as u32);
-            launch!(
-                self,
-                "kvs_quest_update",
-                cfg((cache.num_kv_heads as u32, 1, 1), 128),
-                &g,
-                &b32,
-                &f32_,
-                &min,
-                &max
-            );
-            Ok(())
+            self.launch_quest_update(&g, cache, block, filled, min, max)
         })
+    }
+
+    /// One block's `kvs_quest_update` launch (shared by the one-block and list calls).
+    fn launch_quest_update(
+        &self,
+        g: &Geom,
+        cache: &KvCache,
+        block: usize,
+        filled: usize,
+        min: u64,
+        max: u64,
+    ) -> Result<()> {
+        let (b32, f32_) = (block as u32, filled as u32);
+        launch!(
+            self,
+            "kvs_quest_update",
+            cfg((cache.num_kv_heads as u32, 1, 1), 128),
+            g,
+            &b32,
+            &f32_,
+            &min,
+            &max
+        );
+        Ok(())
     }
 
     /// `quest_update` for a step's list of blocks, as one call (one error slot). `blocks` and
@@ -563,17 +576,7 @@ impl CudaBackend {
         let mut st = self.lock();
         self.enqueue(&mut st, "kvs_quest_update_blocks", None, |_, _| {
             for (&b, &f) in blocks.iter().zip(filled) {
-                let (b32, f32_) = (b as u32, f as u32);
-                launch!(
-                    self,
-                    "kvs_quest_update",
-                    cfg((cache.num_kv_heads as u32, 1, 1), 128),
-                    &g,
-                    &b32,
-                    &f32_,
-                    &min,
-                    &max
-                );
+                self.launch_quest_update(&g, cache, b as usize, f as usize, min, max)?;
             }
             Ok(())
         })

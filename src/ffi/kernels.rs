@@ -347,6 +347,13 @@ fn host_inputs<'a>(
     cache: &KvCacheDesc,
     seq: &'a SequenceDesc,
 ) -> Result<(KvCache, &'a [i32])> {
+    let cache = host_cache(kernels, cache)?;
+    let row = arg_slice!(seq.row, seq.row_len, "seq.row");
+    Ok((cache, row))
+}
+
+/// The cache of a host-backend call (CPU handle, host tensors), for entry points without a row.
+fn host_cache(kernels: &KvsKernels, cache: &KvCacheDesc) -> Result<KvCache> {
     let cache = KvCache::new(cache)?;
     if kernels.device != Device::Cpu {
         return Err(Error::unsupported(
@@ -354,8 +361,7 @@ fn host_inputs<'a>(
         ));
     }
     cache.require_device(Device::Cpu)?;
-    let row = arg_slice!(seq.row, seq.row_len, "seq.row");
-    Ok((cache, row))
+    Ok(cache)
 }
 
 /// SnapKV scores of one sequence and layer into `scores[num_kv_heads][cached_len]`.
@@ -851,13 +857,7 @@ pub unsafe extern "C" fn kvs_quest_update_block(
                 meta_len,
             );
         }
-        let empty = SequenceDesc {
-            row: std::ptr::NonNull::dangling().as_ptr(),
-            row_len: 0,
-            cached_len: 0,
-            protected_len: 0,
-        };
-        let (cache, _) = host_inputs(kernels, cache, &empty)?;
+        let cache = host_cache(kernels, cache)?;
         let (lo, hi) = (
             arg_slice_mut!(block_min, meta_len, "block_min"),
             arg_slice_mut!(block_max, meta_len, "block_max"),
@@ -916,13 +916,7 @@ pub unsafe extern "C" fn kvs_quest_update_blocks(
                 meta_len,
             );
         }
-        let empty = SequenceDesc {
-            row: std::ptr::NonNull::dangling().as_ptr(),
-            row_len: 0,
-            cached_len: 0,
-            protected_len: 0,
-        };
-        let (cache, _) = host_inputs(kernels, desc, &empty)?;
+        let cache = host_cache(kernels, desc)?;
         let (lo, hi) = (
             arg_slice_mut!(block_min, meta_len, "block_min"),
             arg_slice_mut!(block_max, meta_len, "block_max"),
@@ -1139,13 +1133,7 @@ pub unsafe extern "C" fn kvs_quest_select(
                 pad,
             );
         }
-        let empty = SequenceDesc {
-            row: std::ptr::NonNull::dangling().as_ptr(),
-            row_len: 0,
-            cached_len: 0,
-            protected_len: 0,
-        };
-        let (cache, _) = host_inputs(kernels, desc, &empty)?;
+        let cache = host_cache(kernels, desc)?;
         let sel = QuestRows {
             table: arg_slice!(rows.table, table_len, "rows.table"),
             stride: rows.stride as usize,

@@ -142,3 +142,13 @@ pub fn random_keep(rng: &mut Rng, heads: usize, lo: usize, hi: usize, k: usize) 
     }
     keep
 }
+
+/// Random Quest metadata: `n` (min, max) pairs with min <= max, drawn in pairs from `rng`.
+pub fn random_meta(rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<f32>) {
+    (0..n)
+        .map(|_| {
+            let (a, b) = (rng.unit(), rng.unit());
+            (a.min(b), a.max(b))
+        })
+        .unzip()
+}

@@ -189,6 +189,11 @@ impl QuestRows<'_> {
         self.blocks.len()
     }
 
+    /// Row `r`'s block ids (valid once `check` passed).
+    pub fn row(&self, r: usize) -> &[i32] {
+        &self.table[r * self.stride..r * self.stride + self.blocks[r] as usize]
+    }
+
     /// Blocks row `r` keeps: `keep[r]`, or all of them when it has no more.
     pub fn kept(&self, r: usize) -> usize {
         (self.blocks[r] as usize).min(self.keep[r] as usize)
@@ -340,8 +345,8 @@ pub fn quest_select(
     )?;
     // Ids index the metadata: range-checked here; a repeated id only repeats a score.
     for r in 0..rows.num_rows() {
-        let row = &rows.table[r * rows.stride..r * rows.stride + rows.blocks[r] as usize];
-        if let Some((j, &b)) = row
+        if let Some((j, &b)) = rows
+            .row(r)
             .iter()
             .enumerate()
             .find(|(_, &b)| b < 0 || b as usize >= cache.num_blocks)
@@ -355,11 +360,8 @@ pub fn quest_select(
     bound_rows(cache, rows, query, num_q_heads, min, max, workspace);
     let mut pos = Vec::new();
     for r in 0..rows.num_rows() {
-        let nb = rows.blocks[r] as usize;
-        let (row, scores) = (
-            &rows.table[r * rows.stride..r * rows.stride + nb],
-            &workspace[r * rows.stride..r * rows.stride + nb],
-        );
+        let row = rows.row(r);
+        let scores = &workspace[r * rows.stride..r * rows.stride + row.len()];
         let kept = rows.kept(r);
         let sel = BlockSelect {
             keep_blocks: kept,
@@ -424,10 +426,9 @@ fn bound_rows_body(
     let (h, d) = (cache.num_kv_heads, cache.head_dim);
     let group = num_q_heads / h;
     for r in 0..rows.num_rows() {
-        let nb = rows.blocks[r] as usize;
         let q = &query[r * num_q_heads * d..(r + 1) * num_q_heads * d];
-        let ids = &rows.table[r * rows.stride..r * rows.stride + nb];
-        for (o, &b) in workspace[r * rows.stride..r * rows.stride + nb]
+        let ids = rows.row(r);
+        for (o, &b) in workspace[r * rows.stride..r * rows.stride + ids.len()]
             .iter_mut()
             .zip(ids)
         {
