@@ -9,6 +9,7 @@ with the same prompts and the same kept counts.
         --policies snapkv --budgets 0.25 --presses snapkv,expected_attention
     .venv/bin/python bench/accuracy.py --policies snapkv,snapkv_chunks --presses "" --chunk 512 \
         --prefix-caching off --name accuracy-chunks-512     # compression between prefill chunks
+    .venv/bin/python bench/accuracy.py --suite quest --name accuracy-quest   # block selection vs eviction
     .venv/bin/python bench/accuracy.py --report bench/results/accuracy.json   # tables + goals again
 
 Each vLLM engine runs in its own process (one per prefix-caching setting) and serves every
@@ -77,6 +78,13 @@ SUITES = {
                     long_tasks="niah_number,niah_word,niah_uuid,niah_multikey,niah_multivalue", samples=12,
                     samples_long=16, policies="snapkv", budgets="0.25,0.5", presses="keydiff,tova,snapkv_w32_k31",
                     prefix_caching="off", split="heldout"),
+    # Block selection (`[selection]`, Quest) at 512, 1,024 and 2,048 tokens read per decode step,
+    # next to dense and to SnapKV eviction keeping the same token counts (`token_runs`: one engine
+    # per Quest budget, its config fixed at start; the eviction runs share one).
+    "quest": dict(tasks="niah_number,niah_word,niah_uuid,niah_multikey,niah_multivalue", lengths="1024,2048,4096",
+                  long_tasks="niah_number,niah_word,niah_uuid,niah_multikey,niah_multivalue", samples=8,
+                  samples_long=8, policies="", budgets="", presses="", prefix_caching="off",
+                  token_runs="quest:512,quest:1024,quest:2048,snapkv:512,snapkv:1024,snapkv:2048"),
     # The CI slice: a few prompts at 1k-2k, one policy, kvpress on the same prompts.
     "slice": dict(tasks="niah_number", lengths="1024,2048", long_tasks="", samples=4, policies="snapkv",
                   budgets="0.5", presses="snapkv", prefix_caching="off"),
@@ -107,6 +115,14 @@ def config_text(policy: str | None, budget: float) -> str:
         wider = f"budget_ratio = {min(1.0, factor * budget)}\n" if factor != 1 else ""
         return config_text(end, budget) + f'[prefill]\npolicy = "{chunks}"\n{wider}'
     return f"[sparsity]\n{POLICIES.get(policy) or VARIANTS[policy]}budget_ratio = {budget}\nmin_length = 512\n"
+
+
+def token_config(policy: str, tokens: int) -> str:
+    """A token-budget run's config: Quest reading `tokens` per decode step (nothing evicted), or
+    an eviction policy keeping `tokens` (kvsieve's defaults otherwise)."""
+    if policy == "quest":
+        return f'[selection]\npolicy = "quest"\nbudget_tokens = {tokens}\n'
+    return f"[sparsity]\n{POLICIES[policy]}budget_tokens = {tokens}\nmin_length = 512\n"
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -158,9 +174,11 @@ MRV2_FIXTURE = ROOT / "integrations" / "vllm" / "tests" / "cuda_defaults"
 
 
 def run_vllm(model: Path, samples: list[dict], runs: list[dict], prefix_caching: bool, kv_gib: int,
-             chunk: int = 2048, runner: str = "v1") -> dict:
+             chunk: int = 2048, runner: str = "v1", start_config: str | None = None) -> dict:
+    """One engine serving `runs` in turn. It starts with `start_config` (default: dense): block
+    selection is set up when the engine starts, so a Quest run needs an engine of its own."""
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvsieve-accuracy-{os.getpid()}.toml"
-    path.write_text(config_text(None, 1.0))
+    path.write_text(start_config or config_text(None, 1.0))
     env = dict(os.environ, KVSIEVE_CONFIG=str(path), VLLM_CPU_KVCACHE_SPACE=str(kv_gib), VLLM_USE_V2_MODEL_RUNNER="0",
                VLLM_ENABLE_V1_MULTIPROCESSING="0")
     if runner == "v2":
@@ -199,6 +217,17 @@ def aggregate(samples: list[dict], outputs: dict[str, list], tokenizer) -> dict:
     return agg
 
 
+def _token_runs(text: str) -> list[tuple[str, int]]:
+    """`quest:1024,snapkv:1024` -> [("quest", 1024), ("snapkv", 1024)]."""
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        policy, _, tokens = item.partition(":")
+        if not tokens.isdigit():
+            raise SystemExit(f"--token-runs: {item!r}; give POLICY:TOKENS, e.g. quest:1024")
+        out.append((policy, int(tokens)))
+    return out
+
+
 def parse(cfg: dict) -> dict:
     """The suite's comma-separated fields as lists, checked (unknown names say what exists)."""
     out = dict(tasks=[t for t in cfg["tasks"].split(",") if t], lengths=[int(x) for x in cfg["lengths"].split(",")],
@@ -208,6 +237,7 @@ def parse(cfg: dict) -> dict:
                long_tasks=[t for t in cfg.get("long_tasks", cfg["tasks"]).split(",") if t],
                cached_budgets=[float(b) for b in cfg.get("cached_budgets", cfg["budgets"]).split(",") if b],
                prefix_caching=[x.strip() == "on" for x in cfg["prefix_caching"].split(",") if x.strip()],
+               token_runs=_token_runs(cfg.get("token_runs", "")),
                samples=int(cfg["samples"]),
                samples_long=int(cfg.get("samples_long") or max(1, int(cfg["samples"]) // 2)))
     for t in out["tasks"]:
@@ -216,6 +246,10 @@ def parse(cfg: dict) -> dict:
     for p in out["policies"]:
         if p not in POLICIES and p not in VARIANTS and p not in CHUNKED:
             raise SystemExit(f"--policies: unknown policy {p!r}; choose from {', '.join([*POLICIES, *VARIANTS, *CHUNKED])}")
+    for p, t in out["token_runs"]:
+        if p != "quest" and p not in POLICIES or t < 68:
+            raise SystemExit(f"--token-runs: {p}:{t}; give POLICY:TOKENS with quest or one of {', '.join(POLICIES)} "
+                             "and at least 68 tokens (sinks and the recent tail)")
     for p in out["presses"]:
         if p not in PRESSES:
             raise SystemExit(f"--presses: unknown press {p!r}; choose from {', '.join(PRESSES)}")
@@ -247,6 +281,8 @@ def evaluate(model: Path, cfg: dict, seed: int = 0, kv_gib: int = 8, log=print, 
         result["phase_seconds"]["vllm_prefix_caching_" + ("on" if pc else "off")] = round(
             time.time() - t0 - sum(result["phase_seconds"].values()))
         log(f"[accuracy] vLLM with prefix caching {'on' if pc else 'off'}: {time.time() - t0:.0f} s")
+    if c["token_runs"]:
+        token_runs(model, samples, c, result, kv_gib, int(cfg.get("chunk", 2048)), runner, t0, log)
     base = result["vllm"]["prefix_caching_off" if False in c["prefix_caching"] else "prefix_caching_on"]
     jobs = []
     for press in c["presses"]:
@@ -264,6 +300,10 @@ def evaluate(model: Path, cfg: dict, seed: int = 0, kv_gib: int = 8, log=print, 
         result["phase_seconds"]["kvpress"] = round(time.time() - t0 - sum(result["phase_seconds"].values()))
         log(f"[accuracy] kvpress: {time.time() - t0:.0f} s")
     result["scores"] = {k: aggregate(samples, v, tok) for k, v in result["vllm"].items()}
+    if c["token_runs"]:
+        result["token_scores"] = aggregate(samples, result["token_budgets"], tok)
+        result["token_texts"] = {run: [tok.decode(r["tokens"], skip_special_tokens=True) for r in res]
+                                 for run, res in result["token_budgets"].items()}
     result["scores"]["kvpress"] = aggregate(samples, result["kvpress"], tok)
     result["texts"] = {src: {run: [tok.decode(r["tokens"], skip_special_tokens=True) for r in res]
                              for run, res in runs_.items()}
@@ -272,12 +312,63 @@ def evaluate(model: Path, cfg: dict, seed: int = 0, kv_gib: int = 8, log=print, 
     return result
 
 
+def token_runs(model: Path, samples: list[dict], c: dict, result: dict, kv_gib: int, chunk: int, runner: str,
+               t0: float, log) -> None:
+    """The token-budget runs (prefix caching off), named `policy@tokens`, into
+    `result["token_budgets"]`: each Quest budget on an engine started with it, the eviction
+    budgets on one engine."""
+    runs = [{"name": f"{p}@{t}", "config": token_config(p, t)} for p, t in c["token_runs"]]
+    result["run_configs"].update({f"kvsieve:{r['name']}": r["config"] for r in runs})
+    out = result.setdefault("token_budgets", {})
+    for r in runs:
+        if r["name"].startswith("quest@"):
+            out.update(run_vllm(model, samples, [r], False, kv_gib, chunk, runner, start_config=r["config"]))
+    evicting = [r for r in runs if not r["name"].startswith("quest@")]
+    if evicting:
+        out.update(run_vllm(model, samples, evicting, False, kv_gib, chunk, runner))
+    result["phase_seconds"]["vllm_token_budgets"] = round(time.time() - t0 - sum(result["phase_seconds"].values()))
+    log(f"[accuracy] token budgets: {time.time() - t0:.0f} s")
+
+
+def token_report(result: dict) -> str:
+    """Markdown of the token-budget runs beside dense (prefix caching off): by task and by
+    length, and the goal: Quest at 1,024 tokens finds what dense finds in every task."""
+    sc = result.get("token_scores")
+    dense = result["scores"].get("prefix_caching_off", {}).get("dense")
+    if not sc or dense is None:
+        return ""
+    order = sorted(sc, key=lambda r: (int(r.split("@")[1]), r.split("@")[0] != "quest", r))
+    rows = [("dense", dense)] + [(r.replace("@", " at ") + " tokens", sc[r]) for r in order]
+    tasks = sorted(dense)
+    lengths = sorted({int(L) for t in dense.values() for L in t})
+    lines = ["\n#### Block selection (quest) and eviction (snapkv) at the same token counts: by task\n",
+             "| run | " + " | ".join(tasks) + " | all |", "| --- " * (len(tasks) + 2) + "|"]
+    for label, cells in rows:
+        per = [_sum(list(cells.get(t, {}).values())) for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(_cell(x) for x in per) + f" | {_cell(_sum(per))} |")
+    lines += ["\n#### By length\n", "| run | " + " | ".join(str(L) for L in lengths) + " |",
+              "| --- " * (len(lengths) + 1) + "|"]
+    for label, cells in rows:
+        per = [_sum([c[str(L)] for c in cells.values() if str(L) in c]) for L in lengths]
+        lines.append(f"| {label} | " + " | ".join(_cell(x) for x in per) + " |")
+    if "quest@1024" in sc:
+        lines += ["\nGoal: Quest at 1,024 tokens against dense, every task dense answers:\n",
+                  "| task | dense | quest at 1024 | holds |", "| --- | --- | --- | --- |"]
+        for t in tasks:
+            d = _sum(list(dense[t].values()))
+            if d[0]:
+                q = _sum(list(sc["quest@1024"].get(t, {}).values()))
+                lines.append(f"| {t} | {d[0]}/{d[1]} | {q[0]}/{q[1]} | {_verdict(q, d)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=sorted(SUITES), default="full")
     ap.add_argument("--model", type=Path, help="HF model dir (default: SmolLM2-135M-Instruct, fetched if needed)")
-    for k in ("tasks", "lengths", "long_tasks", "policies", "budgets", "presses", "prefix_caching", "cached_budgets"):
+    for k in ("tasks", "lengths", "long_tasks", "policies", "budgets", "presses", "prefix_caching", "cached_budgets",
+              "token_runs"):
         ap.add_argument("--" + k.replace("_", "-"), help=f"comma-separated (default: the suite's {k})")
     ap.add_argument("--samples", type=int, help="samples per task and length")
     ap.add_argument("--kv-gib", type=int, default=8, help="VLLM_CPU_KVCACHE_SPACE for the engines")
@@ -303,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         write_report(result, a.report.with_suffix(""))
         return 0
     cfg = dict(SUITES[a.suite])
-    for k in ("tasks", "lengths", "long_tasks", "policies", "budgets", "presses", "prefix_caching", "cached_budgets"):
+    for k in ("tasks", "lengths", "long_tasks", "policies", "budgets", "presses", "prefix_caching", "cached_budgets",
+              "token_runs"):
         if getattr(a, k) is not None:
             cfg[k] = getattr(a, k)
     if a.samples is not None:
@@ -369,7 +461,7 @@ def prefix_parity(result: dict) -> str:
 
 def write_report(result: dict, stem: Path) -> None:
     """`stem`.md (the tables and the goals) and `stem`.png of a run, and the tables on stdout."""
-    md = report(result) + prefix_parity(result) + goals(result)
+    md = report(result) + prefix_parity(result) + goals(result) + token_report(result)
     stem.with_suffix(".md").write_text(md)
     plot(result, stem.with_suffix(".png"))
     print(md)

@@ -82,10 +82,14 @@ def summarize(run: dict, requests: list) -> dict:
             "prompt_tokens_computed": prof["prompt_tokens_computed"], "decode_tokens": prof["decode_tokens"],
             "kvsieve_worker_s": kv.get("worker", {}).get("seconds_in_kvsieve", 0.0),
             "kvsieve_scheduler_s": kv.get("scheduler", {}).get("seconds_in_kvsieve", 0.0),
+            # Block selection's time inside the forward (planning the step, selecting per layer).
+            "kvsieve_selection_s": kv.get("scheduler", {}).get("selection", {}).get("seconds", 0.0),
         },
         "kvsieve": {"compressions": kv.get("worker", {}).get("compressions", 0),
                     "kept_ratio": kv.get("worker", {}).get("kept_ratio"),
-                    "blocks_released": kv.get("scheduler", {}).get("blocks_released", 0)} if kv else None,
+                    "blocks_released": kv.get("scheduler", {}).get("blocks_released", 0),
+                    "selection": kv.get("scheduler", {}).get("selection") if
+                    kv.get("scheduler", {}).get("selection", {}).get("steps") else None} if kv else None,
         "time_attribution": attribute_time(prof.get("step_records", [])),
         "engine_init_s": run["init_s"],
         "ttft_s": ttft, "tpot_s": tpot,
@@ -181,6 +185,13 @@ def serving_table(result: dict) -> str:
                  ("kvsieve scheduler: block-list rewrites (s)", "kvsieve_scheduler_s")]
     for title, key in prof_rows:
         lines.append(f"| {title} | " + " | ".join(f"{runs[l]['profile'][key]:.2f}" for l in labels) + " |")
+    if any(runs[l]["profile"].get("kvsieve_selection_s") for l in labels):
+        # Block selection shortens decode steps (what it is for) at a cost inside the forward.
+        lines.append("| kvsieve selection: plan + select, inside the forward (s) | " + " | ".join(
+            f"{runs[l]['profile'].get('kvsieve_selection_s', 0.0):.2f}" for l in labels) + " |")
+        lines.append("| mean decode-only step (ms) | " + " | ".join(
+            f"{1e3 * runs[l]['profile']['decode_step_s'] / max(1, runs[l]['profile']['decode_steps']):.1f}"
+            for l in labels) + " |")
     if all(runs[l].get("time_attribution") for l in labels):
         for term in TIME_TERMS:
             lines.append(f"| est. step time: {term} (s) | " + " | ".join(

@@ -43,16 +43,17 @@ if (ROOT / "target" / "release" / "libkvsieve.so").is_file():
 
 
 def kvsieve_config(base: dict, budget: float | None, full: bool = False) -> str:
-    """TOML text of `base` ({table: {key: value}}) with the prefill budget set to `budget`
-    (None: unchanged); `full` keeps everything (budget 1.0, no decode re-compression): the
-    hooks run but nothing is evicted."""
+    """TOML text of `base` ({table: {key: value}}) with the budget of its `[sparsity]` and
+    `[selection]` set to the ratio `budget` (None: unchanged); `full` keeps everything (budget
+    1.0, no decode re-compression): the hooks run but nothing is evicted or left unread."""
     cfg = {t: dict(v) for t, v in base.items() if not (full and t == "decode")}
-    sp = cfg.setdefault("sparsity", {})
     if full:
         budget = 1.0
     if budget is not None:
-        sp.pop("budget_tokens", None)
-        sp["budget_ratio"] = budget
+        for section in ("sparsity", "selection"):
+            if section in cfg:
+                cfg[section].pop("budget_tokens", None)
+                cfg[section]["budget_ratio"] = budget
     lines = []
     for table, kv in cfg.items():
         lines.append(f"[{table}]")
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shape", default="bench-llama", help="shape of the generated model (bench/model.py)")
     ap.add_argument("--config", type=Path, help="kvsieve TOML config (default: the workload's, bench/configs/)")
     ap.add_argument("--budgets", help="comma-separated budget ratios to sweep (default: the config's)")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=CONFIG",
+                    help="another kvsieve config to run in every round beside --config, labelled LABEL (e.g. "
+                         "evict-1024=bench/configs/snapkv-1024.toml); repeatable")
     ap.add_argument("--requests", type=int, help="number of requests (default: the workload's)")
     ap.add_argument("--prompt-len", help="prompt tokens LO:HI (default: the workload's)")
     ap.add_argument("--output-len", help="output tokens LO:HI (default: the workload's)")
@@ -172,6 +176,19 @@ def main(argv: list[str] | None = None) -> dict:
         budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else [None]
     except ValueError:
         raise SystemExit(f"--budgets {a.budgets!r}: expected comma-separated ratios, e.g. 0.1,0.25") from None
+    also = {}
+    for spec in a.also:
+        label, _, path = spec.partition("=")
+        if not label or not path or not Path(path).is_file():
+            raise SystemExit(f"--also {spec!r}: expected LABEL=CONFIG with an existing config file")
+        if label == "stock" or label.startswith("kvsieve") or label in also:
+            raise SystemExit(f"--also {spec!r}: the label {label!r} is taken (stock, kvsieve..., or given twice)")
+        text = Path(path).read_text()
+        try:
+            lib.config_from_str(text)
+        except KvsieveError as e:
+            raise SystemExit(f"--also {spec}: {e}") from None
+        also[label] = text
     # The library names a bad field (and the fix) before any engine starts.
     for b in [None, *budgets]:
         try:
@@ -263,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
             label = "kvsieve" if b is None else f"kvsieve@{b:.0%}"
             all_runs.setdefault(label, []).append(run_engine(engine, requests, kvsieve_config(base, b), workdir,
                                                              label + tag))
+        for label, text in also.items():
+            all_runs.setdefault(label, []).append(run_engine(engine, requests, text, workdir, label + tag))
     summaries = {label: [summarize(r, requests) for r in rs] for label, rs in all_runs.items()}
     # Each label's table column is its median run (by output tokens/s); every run's figures are kept.
     pick = {label: median_index([s["output_tokens_per_s"] for s in ss]) for label, ss in summaries.items()}
@@ -278,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         "kv_bytes_per_block": 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * BLOCK_SIZE
         * (4 if a.dtype == "float32" else 2),
         "kvsieve_config": kvsieve_config(base, None), "kvsieve_config_file": str(config_path),
+        "also": also,
         "runs": {label: summaries[label][pick[label]] for label in runs},
     }
     slo = {"ttft_s": a.slo_ttft if a.slo_ttft is not None else

@@ -15,6 +15,9 @@
 #include <stdint.h>
 #include <stdbool.h>
 
+// The first block (attention sinks) is always read; so is the last, the one being written.
+#define SELECTION_SINK_BLOCKS 1
+
 // Major version of the crate (semver).
 #define KVS_VERSION_MAJOR 0
 
@@ -208,6 +211,20 @@ typedef struct kvs_policy_params {
   uint32_t interval;
 } kvs_policy_params;
 
+// A config's `[selection]` (`kvs_config_selection_params`).
+typedef struct kvs_selection_params {
+  // `KVS_POLICY_QUEST`, or `KVS_POLICY_NONE` when the config has no `[selection]`.
+  uint32_t policy;
+  // Tokens one decode step reads per sequence when absolute; 0 when a ratio is configured.
+  uint32_t budget_tokens;
+  // The budget as a fraction of the sequence's length; 0 when absolute.
+  double budget_ratio;
+  // Sequences shorter than this are read whole.
+  uint32_t min_length;
+  // The first `dense_layers` layers read every block.
+  uint32_t dense_layers;
+} kvs_selection_params;
+
 // What one request asks for itself (`kvs_config_for_request`).
 typedef struct kvs_request_args {
   // Nonzero: no compression for this request (refused unless `requests.allow_opt_out`).
@@ -351,13 +368,22 @@ kvs_status kvs_config_from_file(const char *path, struct kvs_config **out);
 // `config` must be NULL or a handle from this library not yet freed.
 void kvs_config_free(struct kvs_config *config);
 
-// Write the parameters of `phase` (a `kvs_phase`) of `config` to `*out`.
+// Write the parameters of `phase` (a `kvs_phase`) of `config` to `*out` (all zero, policy
+// `KVS_POLICY_NONE`, for a config without `[sparsity]`: it evicts nothing).
 //
 // # Safety
 // `config` must be a live handle and `out` writable.
 kvs_status kvs_config_policy_params(const struct kvs_config *config,
                                     uint32_t phase,
                                     struct kvs_policy_params *out);
+
+// Write `config`'s `[selection]` to `*out` (policy `KVS_POLICY_NONE` and zeros without one).
+// Plan a step's kept blocks with `kvs_plan_selection`.
+//
+// # Safety
+// `config` must be a live handle and `out` writable.
+kvs_status kvs_config_selection_params(const struct kvs_config *config,
+                                       struct kvs_selection_params *out);
 
 // Derive the config one request is served with: `config` with the request's own budget
 // (every configured phase) or with compression off, within the bounds of the config's
@@ -715,6 +741,24 @@ kvs_status kvs_config_max_cached_tokens(const struct kvs_config *config,
                                         uint64_t chunk,
                                         uint32_t block_size,
                                         uint64_t *out);
+
+// Plan one step's Quest selection (`[selection]`) for `num_rows` decode rows of `seq_lens[r]`
+// cached tokens in `block_size`-token blocks: `keep[r]`, the blocks row r reads (every one of
+// them when the row is below `selection.min_length` or within the budget, or when the config has
+// no `[selection]`), and `reduced_lens[r]`, the tokens attention then reads: its sequence length
+// for the step. The same for every layer; `keep` is what `kvs_quest_select` takes.
+// Errors: `KVS_STATUS_INVALID_ARGUMENT` for NULLs, `block_size == 0` or a negative length,
+// nothing written.
+//
+// # Safety
+// `config` must be a live handle; `seq_lens` readable and `keep`, `reduced_lens` writable for
+// `num_rows` entries each.
+kvs_status kvs_plan_selection(const struct kvs_config *config,
+                              const int32_t *seq_lens,
+                              uint32_t num_rows,
+                              uint32_t block_size,
+                              int32_t *keep,
+                              int32_t *reduced_lens);
 
 #ifdef __cplusplus
 }  // extern "C"

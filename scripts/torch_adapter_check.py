@@ -57,6 +57,7 @@ def main() -> int:
             run(f"worker events {layout} {'into fresh blocks' if into else 'in place'}",
                 cases.check_worker_events, layout, into, a.device)
         run(f"worker snapkv {layout}", cases.check_worker_snapkv, layout, a.device)
+        run(f"block selection {layout}", cases.check_selection, layout, a.device)
     run("window hook", cases.check_window_hook, a.device)
     device = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
     print(json.dumps({"device": device, "checks": len(results), "failed": failed, "results": results}, indent=1))

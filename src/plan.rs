@@ -12,7 +12,7 @@
 //! - sinks (`sink_tokens` leading tokens), the recent tail and SnapKV's window always fit in
 //!   `kept_tokens`.
 
-use crate::config::Config;
+use crate::config::{Config, Sparsity};
 use crate::ensure_arg;
 use crate::error::Result;
 
@@ -97,24 +97,23 @@ fn check(lens: &SequenceLengths) -> Result<()> {
 /// `plan_prefill_chunk`.
 pub fn plan_keep_count(config: &Config, phase: Phase, lens: &SequenceLengths) -> Result<KeepPlan> {
     check(lens)?;
-    let sp = &config.sparsity;
-    let (policy, budget, tail, slack) = match phase {
-        Phase::Prefill => (sp.policy, sp.budget, sp.protected_tail(), 0u64),
-        Phase::Decode => match &config.decode {
-            None => return Ok(KeepPlan::unchanged(lens)),
-            Some(d) => (d.policy, d.budget, sp.recent_tokens, d.interval as u64),
-        },
-        Phase::PrefillChunk => {
-            return Err(crate::error::Error::invalid_arg(
-                "phase = KVS_PHASE_PREFILL_CHUNK needs the prompt's length; plan it with kvs_plan_prefill_chunk",
-            ))
-        }
+    ensure_arg!(
+        phase != Phase::PrefillChunk,
+        "phase = KVS_PHASE_PREFILL_CHUNK needs the prompt's length; plan it with kvs_plan_prefill_chunk"
+    );
+    let Some(sp) = &config.sparsity else {
+        return Ok(KeepPlan::unchanged(lens)); // selection only: nothing is evicted
     };
-    if !policy.evicts() || lens.logical_len < sp.min_length as u64 {
+    let (budget, tail, slack) = match (phase, &config.decode) {
+        (Phase::Decode, None) => return Ok(KeepPlan::unchanged(lens)),
+        (Phase::Decode, Some(d)) => (d.budget, sp.recent_tokens, d.interval as u64),
+        _ => (sp.budget, sp.protected_tail(), 0u64),
+    };
+    if lens.logical_len < sp.min_length as u64 {
         return Ok(KeepPlan::unchanged(lens));
     }
     Ok(evict(
-        config,
+        sp,
         lens,
         budget.tokens(lens.logical_len),
         tail,
@@ -138,8 +137,7 @@ pub fn plan_prefill_chunk(
         prompt_len,
         lens.logical_len
     );
-    let sp = &config.sparsity;
-    let Some(pf) = &config.prefill else {
+    let (Some(sp), Some(pf)) = (&config.sparsity, &config.prefill) else {
         return Ok(KeepPlan::unchanged(lens));
     };
     if prompt_len < sp.min_length as u64 {
@@ -147,7 +145,7 @@ pub fn plan_prefill_chunk(
     }
     let tail = pf.protected_tail(sp);
     Ok(evict(
-        config,
+        sp,
         lens,
         pf.budget.tokens(prompt_len),
         tail,
@@ -167,14 +165,13 @@ pub fn plan_prefill_chunk(
 /// prefill-end event follows the last chunk, and a decode event may follow every generated
 /// token. Each term below is the most the cache holds in one of those stretches.
 pub fn max_cached_tokens(config: &Config, max_len: u64, chunk: u64, block_size: u32) -> u64 {
-    let (Some(pf), Some(d)) = (&config.prefill, &config.decode) else {
+    let (Some(sp), Some(pf), Some(d)) = (&config.sparsity, &config.prefill, &config.decode) else {
         return max_len;
     };
-    if config.requests.allow_opt_out || !config.sparsity.policy.evicts() {
+    if config.requests.allow_opt_out {
         return max_len;
     }
     let bs = block_size.max(1) as u64;
-    let sp = &config.sparsity;
     let r = &config.requests;
     // The largest budget any request may hold: the config's, or its own within [requests].
     let own = (r.max_budget_tokens as u64).max((r.max_budget_ratio * max_len as f64).ceil() as u64);
@@ -209,8 +206,7 @@ pub fn max_cached_tokens(config: &Config, max_len: u64, chunk: u64, block_size: 
 
 /// Evict whole blocks down to `target` (never below the prefix, the sinks and the `tail`),
 /// once the cache holds at least `slack` (>= 1) tokens more than that.
-fn evict(config: &Config, lens: &SequenceLengths, target: u64, tail: u32, slack: u64) -> KeepPlan {
-    let sp = &config.sparsity;
+fn evict(sp: &Sparsity, lens: &SequenceLengths, target: u64, tail: u32, slack: u64) -> KeepPlan {
     let c = lens.cached_len;
     let p = lens.protected_len;
     // Never below what is always kept: the prefix, the sinks, and the protected tail.
@@ -266,15 +262,20 @@ mod tests {
     }
 
     #[test]
-    fn short_sequences_and_quest_are_left_alone() {
+    fn short_sequences_and_selection_only_are_left_alone() {
         let p = plan_keep_count(&cfg(SNAP), Phase::Prefill, &lens(1000, 1000, 0, 16)).unwrap();
         assert_eq!((p.kept_tokens, p.released_blocks), (1000, 0));
         let min = cfg("[sparsity]\npolicy='knorm'\nbudget_tokens=100\nmin_length=4096\n");
         let p = plan_keep_count(&min, Phase::Prefill, &lens(4000, 4000, 0, 16)).unwrap();
         assert_eq!(p.released_blocks, 0);
-        let q = cfg("[sparsity]\npolicy='quest'\nbudget_tokens=256\n");
-        let p = plan_keep_count(&q, Phase::Prefill, &lens(9000, 9000, 0, 16)).unwrap();
+        let q = cfg("[selection]\npolicy='quest'\nbudget_tokens=256\n");
+        for phase in [Phase::Prefill, Phase::Decode] {
+            let p = plan_keep_count(&q, phase, &lens(9000, 9000, 0, 16)).unwrap();
+            assert_eq!((p.kept_tokens, p.released_blocks), (9000, 0));
+        }
+        let p = plan_prefill_chunk(&q, &lens(4096, 4096, 0, 16), 9000).unwrap();
         assert_eq!(p.released_blocks, 0);
+        assert_eq!(max_cached_tokens(&q, 9000, 512, 16), 9000);
     }
 
     #[test]
@@ -367,8 +368,9 @@ mod tests {
         bs: u32,
         mut chunks: impl FnMut(usize) -> u64,
     ) -> u64 {
-        let window = match config.sparsity.policy {
-            crate::config::Policy::SnapKv => config.sparsity.window as u64,
+        let sp = config.sparsity.as_ref().expect("an eviction config");
+        let window = match sp.policy {
+            crate::config::Policy::SnapKv => sp.window as u64,
             _ => 0,
         };
         let (mut computed, mut cached, mut peak) = (0u64, 0u64, 0u64);

@@ -371,3 +371,108 @@ fn every_export_is_inside_the_panic_boundary() {
     }
     assert!(exports >= 20, "found only {exports} exports");
 }
+
+#[test]
+fn selection_params_and_plan_through_the_abi() {
+    let c =
+        config("[selection]\npolicy='quest'\nbudget_tokens=100\nmin_length=1000\ndense_layers=3\n");
+    let mut s = SelectionParams::default();
+    assert_eq!(
+        unsafe { kvs_config_selection_params(c, &mut s) },
+        Status::Ok
+    );
+    assert_eq!(
+        (
+            s.policy,
+            s.budget_tokens,
+            s.budget_ratio,
+            s.min_length,
+            s.dense_layers
+        ),
+        (PolicyId::Quest as u32, 100, 0.0, 1000, 3)
+    );
+    // No [sparsity]: every phase evicts nothing.
+    let mut p = PolicyParams::default();
+    for phase in 0..3 {
+        assert_eq!(
+            unsafe { kvs_config_policy_params(c, phase, &mut p) },
+            Status::Ok
+        );
+        assert_eq!(p.policy, PolicyId::None as u32);
+    }
+    // 100 tokens in blocks of 16: 7 blocks, the last one partial (5 of 16 tokens in a row of
+    // 4000 + 5): 6 * 16 + 5 = 101 tokens read. Below min_length, and within the budget: all.
+    let lens = [4005i32, 999, 90, 0];
+    let (mut keep, mut reduced) = ([-1i32; 4], [-1i32; 4]);
+    assert_eq!(
+        unsafe {
+            kvs_plan_selection(
+                c,
+                lens.as_ptr(),
+                4,
+                16,
+                keep.as_mut_ptr(),
+                reduced.as_mut_ptr(),
+            )
+        },
+        Status::Ok
+    );
+    assert_eq!(keep, [7, 63, 6, 0]);
+    assert_eq!(reduced, [101, 999, 90, 0]);
+    // Bad arguments: named, nothing written.
+    let (mut keep, mut reduced) = ([-1i32; 4], [-1i32; 4]);
+    let bad = [100i32, -3, 5, 5];
+    let st = unsafe {
+        kvs_plan_selection(
+            c,
+            bad.as_ptr(),
+            4,
+            16,
+            keep.as_mut_ptr(),
+            reduced.as_mut_ptr(),
+        )
+    };
+    assert_eq!(st, Status::InvalidArgument);
+    assert!(
+        last_error().contains("seq_lens[1] = -3"),
+        "{}",
+        last_error()
+    );
+    let st = unsafe {
+        kvs_plan_selection(
+            c,
+            lens.as_ptr(),
+            4,
+            0,
+            keep.as_mut_ptr(),
+            reduced.as_mut_ptr(),
+        )
+    };
+    assert_eq!(st, Status::InvalidArgument);
+    assert!(last_error().contains("block_size is 0"), "{}", last_error());
+    assert_eq!((keep, reduced), ([-1; 4], [-1; 4]));
+    unsafe { kvs_config_free(c) };
+    // An eviction-only config: no selection, every block read.
+    let c = config(SNAP);
+    assert_eq!(
+        unsafe { kvs_config_selection_params(c, &mut s) },
+        Status::Ok
+    );
+    assert_eq!(s.policy, PolicyId::None as u32);
+    let (mut keep, mut reduced) = ([0i32; 4], [0i32; 4]);
+    assert_eq!(
+        unsafe {
+            kvs_plan_selection(
+                c,
+                lens.as_ptr(),
+                4,
+                16,
+                keep.as_mut_ptr(),
+                reduced.as_mut_ptr(),
+            )
+        },
+        Status::Ok
+    );
+    assert_eq!((keep, reduced), ([251, 63, 6, 0], lens));
+    unsafe { kvs_config_free(c) };
+}

@@ -112,3 +112,26 @@ def test_goals_judge_the_best_policy_and_press_task_by_task():
     assert ("50%", "vt", "snapkv 0/40", "snapkv 30/40", "no") in rows
     assert ("vt", "1024", "4/4", "snapkv 0/40", "no") in rows  # at 50% against dense
     assert ("niah_number", "4/4", "knorm 4/4", "3.2", "yes") in rows  # 25%, single needle
+
+
+def test_token_budget_runs_are_named_checked_and_reported():
+    """The `quest` suite's token-budget runs: configs as kvsieve reads them, bad names refused
+    before anything runs, and the report beside dense with the 1,024-token goal."""
+    from kvsieve_vllm.lib import load
+
+    c = accuracy.parse(accuracy.SUITES["quest"])
+    assert ("quest", 1024) in c["token_runs"] and ("snapkv", 512) in c["token_runs"]
+    sel = load().config_from_str(accuracy.token_config("quest", 1024)).selection()
+    assert (sel.policy, sel.budget_tokens) == (4, 1024)
+    evict = load().config_from_str(accuracy.token_config("snapkv", 512)).params(0)
+    assert (evict.policy, evict.budget_tokens) == (2, 512)
+    for bad in ("quest", "quest:x", "h2o:512", "quest:12"):
+        with pytest.raises(SystemExit, match="--token-runs"):
+            accuracy.parse(dict(accuracy.SUITES["quest"], token_runs=bad))
+    dense = {"niah_number": {"1024": [4, 4]}, "niah_word": {"1024": [0, 4]}}
+    result = {"scores": {"prefix_caching_off": {"dense": dense}},
+              "token_scores": {"quest@1024": {"niah_number": {"1024": [4, 4]}, "niah_word": {"1024": [1, 4]}},
+                               "snapkv@1024": {"niah_number": {"1024": [2, 4]}, "niah_word": {"1024": [0, 4]}}}}
+    md = accuracy.token_report(result)
+    assert md.index("| quest at 1024 tokens |") < md.index("| snapkv at 1024 tokens |")
+    assert "| niah_number | 4/4 | 4/4 | yes |" in md and "| niah_word |" not in md.split("Goal")[1], md

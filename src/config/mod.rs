@@ -23,7 +23,7 @@ pub enum Policy {
     SnapKv,
     /// Negative key L2 norm: low-norm keys are kept.
     KNorm,
-    /// Query-aware block selection per decode step; nothing is evicted.
+    /// Query-aware block selection per decode step (`[selection]` only); nothing is evicted.
     Quest,
 }
 
@@ -35,11 +35,6 @@ impl Policy {
             Policy::KNorm => "knorm",
             Policy::Quest => "quest",
         }
-    }
-
-    /// Whether this policy removes tokens from the cache (Quest only narrows what is read).
-    pub fn evicts(self) -> bool {
-        !matches!(self, Policy::Quest)
     }
 }
 
@@ -145,12 +140,47 @@ pub struct Requests {
     pub max_budget_ratio: f64,
 }
 
-/// A validated configuration.
+/// `[selection]`: per decode step, attention reads only the blocks that can matter to the
+/// current query (Quest); every token stays cached. Composes with eviction: it selects among the
+/// blocks a compressed sequence kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    pub policy: Policy,
+    /// Tokens one decode step reads per sequence (a ratio: of its length), rounded up to blocks.
+    pub budget: Budget,
+    /// Sequences shorter than this (cached tokens) are read whole.
+    pub min_length: u32,
+    /// The first `dense_layers` layers always read every block (Quest's paper keeps two).
+    pub dense_layers: u32,
+}
+
+/// The first block (attention sinks) is always read; so is the last, the one being written.
+pub const SELECTION_SINK_BLOCKS: u64 = 1;
+
+impl Selection {
+    /// How many blocks a decode step reads of a sequence of `seq_len` cached tokens in blocks of
+    /// `block_size`: all of them below `min_length` or within the budget, else the budget
+    /// rounded up to whole blocks, never fewer than the first and the last.
+    pub fn keep_blocks(&self, seq_len: u64, block_size: u32) -> u64 {
+        let bs = block_size.max(1) as u64;
+        let blocks = seq_len.div_ceil(bs);
+        if seq_len < self.min_length as u64 {
+            return blocks;
+        }
+        let want = self.budget.tokens(seq_len).div_ceil(bs);
+        want.max(SELECTION_SINK_BLOCKS + 1).min(blocks)
+    }
+}
+
+/// A validated configuration: eviction (`[sparsity]`, with `[decode]` / `[prefill]`),
+/// selection (`[selection]`) or both; at least one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    pub sparsity: Sparsity,
+    /// None: nothing is evicted (a selection-only config, or a request that opted out).
+    pub sparsity: Option<Sparsity>,
     pub decode: Option<Decode>,
     pub prefill: Option<Prefill>,
+    pub selection: Option<Selection>,
     pub requests: Requests,
 }
 

@@ -8,7 +8,8 @@ use toml::Spanned;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
-    pub sparsity: Spanned<RawSparsity>,
+    pub sparsity: Option<Spanned<RawSparsity>>,
+    pub selection: Option<Spanned<RawSelection>>,
     pub decode: Option<Spanned<RawDecode>>,
     pub prefill: Option<Spanned<RawPrefill>>,
     pub requests: Option<Spanned<RawRequests>>,
@@ -54,4 +55,14 @@ pub(super) struct RawPrefill {
     pub interval: Option<Spanned<i64>>,
     pub budget_tokens: Option<Spanned<i64>>,
     pub budget_ratio: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSelection {
+    pub policy: Option<Spanned<String>>,
+    pub budget_tokens: Option<Spanned<i64>>,
+    pub budget_ratio: Option<Spanned<f64>>,
+    pub min_length: Option<Spanned<i64>>,
+    pub dense_layers: Option<Spanned<i64>>,
 }

@@ -5,9 +5,10 @@
 use super::{Budget, Config};
 use crate::error::{Error, Result};
 
-/// What a request asks for. `budget` replaces the budget of every configured phase (prefill
-/// chunks, prefill end, decode), so a
-/// request that asks for more KV is not cut back by the next decode re-compression.
+/// What a request asks for. `budget` replaces the eviction budget of every configured phase
+/// (prefill chunks, prefill end, decode), so a request that asks for more KV is not cut back by
+/// the next decode re-compression; `[selection]`'s budget stays the server's. Opting out turns
+/// eviction and selection off.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RequestOptions {
     /// No compression for this request.
@@ -34,12 +35,22 @@ impl Config {
                      its config); send the request without it",
                 ));
             }
-            // Never due: no sequence reaches this length (page tables are int32).
-            out.sparsity.min_length = u32::MAX;
+            // Served as stock: nothing evicted, every block read.
+            out.sparsity = None;
             out.decode = None;
             out.prefill = None;
+            out.selection = None;
             return Ok(out);
         }
+        let Some(sparsity) = out.sparsity.as_mut() else {
+            if req.budget.is_some() {
+                return Err(Error::invalid_arg(
+                    "budget: this server evicts nothing (its config has [selection] and no [sparsity]), so a request's \
+                     own eviction budget has no effect; send the request without budget_tokens / budget_ratio",
+                ));
+            }
+            return Ok(out);
+        };
         let budget = match req.budget {
             None => return Ok(out),
             Some(Budget::Tokens(n)) => {
@@ -63,7 +74,7 @@ impl Config {
                 Budget::Ratio(x)
             }
         };
-        out.sparsity.budget = budget;
+        sparsity.budget = budget;
         if let Some(d) = out.decode.as_mut() {
             d.budget = budget;
         }

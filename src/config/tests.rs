@@ -4,6 +4,10 @@ fn err(text: &str) -> Error {
     Config::from_toml_str(text).expect_err("config should be refused")
 }
 
+fn sp(c: &Config) -> &Sparsity {
+    c.sparsity.as_ref().expect("the config has [sparsity]")
+}
+
 fn assert_mentions(e: &Error, status: Status, parts: &[&str]) {
     assert_eq!(e.status, status, "{}", e.message);
     for p in parts {
@@ -35,18 +39,14 @@ interval = 256
 "#,
     )
     .unwrap();
-    assert_eq!(c.sparsity.policy, Policy::SnapKv);
-    assert_eq!(c.sparsity.budget, Budget::Tokens(1024));
-    assert_eq!(c.sparsity.pool, Pooling::Avg);
+    assert_eq!(sp(&c).policy, Policy::SnapKv);
+    assert_eq!(sp(&c).budget, Budget::Tokens(1024));
+    assert_eq!(sp(&c).pool, Pooling::Avg);
     assert_eq!(
-        (
-            c.sparsity.sink_tokens,
-            c.sparsity.recent_tokens,
-            c.sparsity.window
-        ),
+        (sp(&c).sink_tokens, sp(&c).recent_tokens, sp(&c).window),
         (4, 64, 32)
     );
-    assert_eq!(c.sparsity.min_length, 1536);
+    assert_eq!(sp(&c).min_length, 1536);
     let d = c.decode.unwrap();
     assert_eq!(
         (d.policy, d.interval, d.budget),
@@ -57,9 +57,9 @@ interval = 256
 #[test]
 fn defaults_fill_optional_keys() {
     let c = Config::from_toml_str("[sparsity]\npolicy = \"knorm\"\nbudget_ratio = 0.25\n").unwrap();
-    assert_eq!(c.sparsity.budget, Budget::Ratio(0.25));
-    assert_eq!((c.sparsity.sink_tokens, c.sparsity.recent_tokens), (4, 64));
-    assert_eq!(c.sparsity.pool_kernel, 31);
+    assert_eq!(sp(&c).budget, Budget::Ratio(0.25));
+    assert_eq!((sp(&c).sink_tokens, sp(&c).recent_tokens), (4, 64));
+    assert_eq!(sp(&c).pool_kernel, 31);
     assert!(c.decode.is_none());
 }
 
@@ -93,16 +93,14 @@ fn wrong_type_is_named() {
 fn missing_section_or_keys_are_named() {
     assert_mentions(
         &err("[decode]\npolicy='streaming'\ninterval=3\n"),
-        Status::ConfigParse,
-        &["sparsity"],
+        Status::ConfigInvalid,
+        &["neither [sparsity]", "[selection]"],
     );
+    assert_mentions(&err(""), Status::ConfigInvalid, &["neither [sparsity]"]);
     assert_mentions(
         &err("[sparsity]\nbudget_tokens = 100\n"),
         Status::ConfigInvalid,
-        &[
-            "sparsity.policy is missing",
-            "streaming, snapkv, knorm, quest",
-        ],
+        &["sparsity.policy is missing", "streaming, snapkv, knorm"],
     );
     assert_mentions(
         &err("[sparsity]\npolicy = \"knorm\"\n"),
@@ -125,7 +123,7 @@ fn unknown_and_unimplemented_policies_are_named() {
         &[
             "sparsity.policy = \"snap\"",
             "line 2",
-            "allowed: streaming, snapkv, knorm, quest",
+            "allowed: streaming, snapkv, knorm",
         ],
     );
     let e = err("[sparsity]\npolicy = \"h2o\"\nbudget_tokens = 100\n");
@@ -315,12 +313,12 @@ fn a_request_budget_replaces_every_phase_within_bounds() {
             budget: Some(Budget::Ratio(0.5)),
         })
         .unwrap();
-    assert_eq!(r.sparsity.budget, Budget::Ratio(0.5));
+    assert_eq!(sp(&r).budget, Budget::Ratio(0.5));
     assert_eq!(r.decode.as_ref().unwrap().budget, Budget::Ratio(0.5));
     // Everything else is the config's.
     assert_eq!(
-        (r.sparsity.window, r.sparsity.pool_kernel),
-        (c.sparsity.window, c.sparsity.pool_kernel)
+        (sp(&r).window, sp(&r).pool_kernel),
+        (sp(&c).window, sp(&c).pool_kernel)
     );
     let r = c
         .for_request(&RequestOptions {
@@ -328,7 +326,7 @@ fn a_request_budget_replaces_every_phase_within_bounds() {
             budget: Some(Budget::Tokens(1000)),
         })
         .unwrap();
-    assert_eq!(r.sparsity.budget, Budget::Tokens(1000));
+    assert_eq!(sp(&r).budget, Budget::Tokens(1000));
     assert_eq!(c.for_request(&RequestOptions::default()).unwrap(), c);
     for (budget, parts) in [
         (
@@ -462,5 +460,122 @@ fn forbidding_opt_out_needs_explicit_caps() {
     // Allowing opt-out keeps the defaults.
     assert!(
         Config::from_toml_str(&format!("{SNAP_RATIO}[requests]\nallow_opt_out = true\n")).is_ok()
+    );
+}
+
+#[test]
+fn a_selection_section_alone_is_valid_with_its_defaults() {
+    let c =
+        Config::from_toml_str("[selection]\npolicy = \"quest\"\nbudget_tokens = 1024\n").unwrap();
+    assert!(c.sparsity.is_none() && c.decode.is_none() && c.prefill.is_none());
+    let s = c.selection.unwrap();
+    assert_eq!(
+        (s.policy, s.budget, s.min_length, s.dense_layers),
+        (Policy::Quest, Budget::Tokens(1024), 0, 2)
+    );
+    let c = Config::from_toml_str(
+        "[sparsity]\npolicy='snapkv'\nbudget_ratio=0.5\n[selection]\npolicy='quest'\nbudget_ratio=0.25\n\
+         min_length=2048\ndense_layers=0\n",
+    )
+    .unwrap();
+    let s = c.selection.as_ref().unwrap();
+    assert_eq!(
+        (s.budget, s.min_length, s.dense_layers),
+        (Budget::Ratio(0.25), 2048, 0)
+    );
+    assert_eq!(sp(&c).policy, Policy::SnapKv);
+}
+
+#[test]
+fn selection_refusals_name_key_fix_and_line() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "[sparsity]\npolicy = \"quest\"\nbudget_tokens = 256\n",
+            &["sparsity.policy = \"quest\"", "line 2", "[selection]", "evicts nothing"],
+        ),
+        (
+            "[selection]\nbudget_tokens = 256\n",
+            &["selection.policy is missing", "quest"],
+        ),
+        (
+            "[selection]\npolicy = \"snapkv\"\nbudget_tokens = 256\n",
+            &["selection.policy = \"snapkv\"", "allowed: quest"],
+        ),
+        (
+            "[selection]\npolicy = \"quest\"\n",
+            &["selection.budget_tokens is missing", "selection.budget_ratio"],
+        ),
+        (
+            "[selection]\npolicy = \"quest\"\nbudget_tokens = 0\n",
+            &["selection.budget_tokens = 0", "line 3"],
+        ),
+        (
+            "[selection]\npolicy = \"quest\"\nbudget_ratio = 1.5\n",
+            &["selection.budget_ratio = 1.5", "<= 1"],
+        ),
+        (
+            "[selection]\npolicy = \"quest\"\nbudget_tokens = 64\nbudget_ratio = 0.5\n",
+            &["not both"],
+        ),
+        (
+            "[selection]\npolicy = \"quest\"\nbudget_tokens = 64\ndense_layers = -1\n",
+            &["selection.dense_layers = -1", "0 <="],
+        ),
+        (
+            "[selection]\npolicy = \"quest\"\nbudget_tokens = 64\n[decode]\npolicy = \"knorm\"\ninterval = 8\n",
+            &["[decode] (line ", "add a [sparsity] section"],
+        ),
+        (
+            "[selection]\npolicy = \"quest\"\nbudget_tokens = 64\n[prefill]\npolicy = \"knorm\"\n",
+            &["[prefill] (line ", "[sparsity]"],
+        ),
+    ];
+    for (text, parts) in cases {
+        assert_mentions(&err(text), Status::ConfigInvalid, parts);
+    }
+    let e = err("[selection]\npolicy = \"quest\"\nbudget_tokens = 64\nwindow = 3\n");
+    assert_mentions(&e, Status::ConfigParse, &["unknown field `window`"]);
+}
+
+#[test]
+fn selection_keeps_the_budget_in_whole_blocks_first_and_last_always() {
+    let c =
+        Config::from_toml_str("[selection]\npolicy='quest'\nbudget_tokens=1000\nmin_length=3000\n")
+            .unwrap();
+    let s = c.selection.unwrap();
+    // Below min_length, or within the budget: every block.
+    assert_eq!(s.keep_blocks(2999, 32), 94);
+    assert_eq!(s.keep_blocks(0, 32), 0);
+    // 1000 tokens in blocks of 32: 32 blocks (1024 tokens) of the 125 a 4000-token row has.
+    assert_eq!(s.keep_blocks(4000, 32), 32);
+    let tiny = Config::from_toml_str("[selection]\npolicy='quest'\nbudget_tokens=1\n").unwrap();
+    assert_eq!(tiny.selection.as_ref().unwrap().keep_blocks(4000, 32), 2);
+    assert_eq!(tiny.selection.as_ref().unwrap().keep_blocks(20, 32), 1);
+    let ratio = Config::from_toml_str("[selection]\npolicy='quest'\nbudget_ratio=0.25\n").unwrap();
+    // ceil(0.25 * 4000) = 1000 tokens -> 32 blocks.
+    assert_eq!(ratio.selection.as_ref().unwrap().keep_blocks(4000, 32), 32);
+}
+
+#[test]
+fn a_selection_only_request_may_opt_out_but_not_ask_for_an_eviction_budget() {
+    let c = Config::from_toml_str("[selection]\npolicy='quest'\nbudget_tokens=512\n").unwrap();
+    assert_eq!(c.requests.min_budget_tokens, 1);
+    let off = c
+        .for_request(&RequestOptions {
+            opt_out: true,
+            budget: None,
+        })
+        .unwrap();
+    assert!(off.selection.is_none() && off.sparsity.is_none());
+    let e = c
+        .for_request(&RequestOptions {
+            opt_out: false,
+            budget: Some(Budget::Tokens(600)),
+        })
+        .unwrap_err();
+    assert_mentions(
+        &e,
+        Status::InvalidArgument,
+        &["evicts nothing", "budget_tokens"],
     );
 }

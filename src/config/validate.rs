@@ -1,8 +1,8 @@
 //! Raw config → validated `Config`. Every error names the key (`section.key`), the value given,
 //! what is allowed, and the line it came from.
 
-use super::raw::{RawConfig, RawDecode, RawPrefill, RawRequests, RawSparsity};
-use super::{Budget, Config, Decode, Policy, Pooling, Prefill, Requests, Sparsity};
+use super::raw::{RawConfig, RawDecode, RawPrefill, RawRequests, RawSelection, RawSparsity};
+use super::{Budget, Config, Decode, Policy, Pooling, Prefill, Requests, Selection, Sparsity};
 use crate::error::{Error, Result};
 use crate::status::Status;
 use std::fmt::Display;
@@ -21,6 +21,10 @@ const MAX_TOKENS: i64 = i32::MAX as i64;
 const MAX_POOL_KERNEL: i64 = 255;
 /// A request may ask for 10% to all of its sequence unless `[requests]` says otherwise.
 const DEFAULT_MIN_BUDGET_RATIO: f64 = 0.1;
+/// Quest (Tang et al. 2024) leaves the first two layers dense: their attention is spread wide.
+const DEFAULT_DENSE_LAYERS: u32 = 2;
+/// Checked against the model's layer count at start-up; this only bounds the number.
+const MAX_DENSE_LAYERS: i64 = 1 << 16;
 
 struct Source<'a> {
     text: &'a str,
@@ -150,36 +154,100 @@ fn quoted(v: &Spanned<String>) -> Spanned<String> {
 
 pub(super) fn validate(raw: RawConfig, text: &str) -> Result<Config> {
     let src = Source { text };
-    let sparsity = sparsity(&src, &raw.sparsity)?;
-    let decode = match &raw.decode {
-        Some(d) => Some(decode(&src, d, &sparsity)?),
+    let sparsity = match &raw.sparsity {
+        Some(s) => Some(sparsity(&src, s)?),
         None => None,
     };
-    let prefill = match &raw.prefill {
-        Some(p) => Some(prefill(&src, p, &sparsity)?),
+    let selection = match &raw.selection {
+        Some(s) => Some(selection(&src, s)?),
         None => None,
     };
-    let requests = requests(&src, raw.requests.as_ref(), &sparsity)?;
+    if sparsity.is_none() && selection.is_none() {
+        return Err(Error::new(
+            Status::ConfigInvalid,
+            "config: neither [sparsity] (eviction) nor [selection] (Quest block selection) is set; add one, e.g. \
+             [sparsity] with policy = \"snapkv\" and budget_ratio = 0.25, or [selection] with policy = \"quest\" \
+             and budget_tokens = 1024",
+        ));
+    }
+    let decode = match (&raw.decode, &sparsity) {
+        (Some(d), Some(sp)) => Some(decode(&src, d, sp)?),
+        (Some(d), None) => return Err(needs_sparsity(&src, "decode", d)),
+        (None, _) => None,
+    };
+    let prefill = match (&raw.prefill, &sparsity) {
+        (Some(p), Some(sp)) => Some(prefill(&src, p, sp)?),
+        (Some(p), None) => return Err(needs_sparsity(&src, "prefill", p)),
+        (None, _) => None,
+    };
+    let requests = requests(&src, raw.requests.as_ref(), sparsity.as_ref())?;
     Ok(Config {
         sparsity,
         decode,
         prefill,
+        selection,
         requests,
+    })
+}
+
+/// `[decode]` and `[prefill]` are eviction events: they keep `[sparsity]`'s sinks and tail.
+fn needs_sparsity<T>(src: &Source, section: &str, at: &Spanned<T>) -> Error {
+    Error::new(
+        Status::ConfigInvalid,
+        format!(
+            "config: [{section}] (line {}) evicts, and eviction is configured by [sparsity] (its policy, budget, \
+             sink and recent tokens); add a [sparsity] section or drop [{section}]",
+            src.line(at)
+        ),
+    )
+}
+
+fn selection(src: &Source, section: &Spanned<RawSelection>) -> Result<Selection> {
+    let s = section.get_ref();
+    let line = src.line(section);
+    let policy = src.required_policy("selection.policy", &s.policy, &[Policy::Quest], line)?;
+    let budget = src
+        .budget("selection", &s.budget_tokens, &s.budget_ratio)?
+        .ok_or_else(|| {
+            src.missing(
+                "selection.budget_tokens",
+                line,
+                "set selection.budget_tokens (tokens one decode step reads per sequence, e.g. 1024) or \
+                 selection.budget_ratio (a fraction of the sequence, 0 < r <= 1)",
+            )
+        })?;
+    let min_length = src.int("selection.min_length", &s.min_length, 0, MAX_TOKENS, 0)?;
+    let dense_layers = src.int(
+        "selection.dense_layers",
+        &s.dense_layers,
+        0,
+        MAX_DENSE_LAYERS,
+        DEFAULT_DENSE_LAYERS,
+    )?;
+    Ok(Selection {
+        policy,
+        budget,
+        min_length,
+        dense_layers,
     })
 }
 
 fn sparsity(src: &Source, section: &Spanned<RawSparsity>) -> Result<Sparsity> {
     let s = section.get_ref();
     let line = src.line(section);
+    if let Some(p) = s.policy.as_ref().filter(|p| p.get_ref() == "quest") {
+        return Err(src.bad(
+            "sparsity.policy",
+            &quoted(p),
+            "quest evicts nothing: it selects, per decode step, the blocks attention reads. Configure it as its own \
+             section, [selection] with policy = \"quest\" and budget_tokens (e.g. 1024), and here either an \
+             eviction policy (streaming, snapkv, knorm) or no [sparsity] section at all",
+        ));
+    }
     let policy = src.required_policy(
         "sparsity.policy",
         &s.policy,
-        &[
-            Policy::Streaming,
-            Policy::SnapKv,
-            Policy::KNorm,
-            Policy::Quest,
-        ],
+        &[Policy::Streaming, Policy::SnapKv, Policy::KNorm],
         line,
     )?;
     let budget = src
@@ -313,10 +381,11 @@ fn decode(src: &Source, section: &Spanned<RawDecode>, sparsity: &Sparsity) -> Re
 fn requests(
     src: &Source,
     section: Option<&Spanned<RawRequests>>,
-    sparsity: &Sparsity,
+    sparsity: Option<&Sparsity>,
 ) -> Result<Requests> {
     // A request's absolute budget must hold what is always kept, like `sparsity.budget_tokens`.
-    let floor = (sparsity.sink_tokens as u64 + sparsity.protected_tail() as u64)
+    let floor = sparsity
+        .map_or(1, |sp| sp.sink_tokens as u64 + sp.protected_tail() as u64)
         .clamp(1, MAX_TOKENS as u64);
     let Some(section) = section else {
         return Ok(Requests {

@@ -140,7 +140,16 @@ pub(super) fn phase_from_u32(phase: u32) -> crate::error::Result<Phase> {
     }
 }
 
-/// Write the parameters of `phase` (a `kvs_phase`) of `config` to `*out`.
+fn budget_fields(budget: Option<Budget>) -> (u32, f64) {
+    match budget {
+        Some(Budget::Tokens(n)) => (n, 0.0),
+        Some(Budget::Ratio(r)) => (0, r),
+        None => (0, 0.0),
+    }
+}
+
+/// Write the parameters of `phase` (a `kvs_phase`) of `config` to `*out` (all zero, policy
+/// `KVS_POLICY_NONE`, for a config without `[sparsity]`: it evicts nothing).
 ///
 /// # Safety
 /// `config` must be a live handle and `out` writable.
@@ -154,7 +163,12 @@ pub unsafe extern "C" fn kvs_config_policy_params(
         let out = arg_out!(out, "out");
         let c = &arg_ref!(config, "config").config;
         let phase = phase_from_u32(phase)?;
-        let sp = &c.sparsity;
+        let Some(sp) = &c.sparsity else {
+            // Selection only: no phase evicts.
+            // SAFETY: checked by `arg_out!`.
+            unsafe { *out = PolicyParams::default() };
+            return Ok(());
+        };
         let (policy, budget, tail, interval) = match (phase, &c.decode) {
             (Phase::Prefill, _) => (
                 policy_id(sp.policy),
@@ -179,11 +193,7 @@ pub unsafe extern "C" fn kvs_config_policy_params(
                 None => (PolicyId::None as u32, None, sp.recent_tokens, 0),
             },
         };
-        let (budget_tokens, budget_ratio) = match budget {
-            Some(Budget::Tokens(n)) => (n, 0.0),
-            Some(Budget::Ratio(r)) => (0, r),
-            None => (0, 0.0),
-        };
+        let (budget_tokens, budget_ratio) = budget_fields(budget);
         let params = PolicyParams {
             policy,
             budget_tokens,
@@ -198,6 +208,54 @@ pub unsafe extern "C" fn kvs_config_policy_params(
             },
             min_length: sp.min_length,
             interval,
+        };
+        // SAFETY: checked by `arg_out!`.
+        unsafe { *out = params };
+        Ok(())
+    })
+}
+
+/// A config's `[selection]` (`kvs_config_selection_params`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SelectionParams {
+    /// `KVS_POLICY_QUEST`, or `KVS_POLICY_NONE` when the config has no `[selection]`.
+    pub policy: u32,
+    /// Tokens one decode step reads per sequence when absolute; 0 when a ratio is configured.
+    pub budget_tokens: u32,
+    /// The budget as a fraction of the sequence's length; 0 when absolute.
+    pub budget_ratio: f64,
+    /// Sequences shorter than this are read whole.
+    pub min_length: u32,
+    /// The first `dense_layers` layers read every block.
+    pub dense_layers: u32,
+}
+
+/// Write `config`'s `[selection]` to `*out` (policy `KVS_POLICY_NONE` and zeros without one).
+/// Plan a step's kept blocks with `kvs_plan_selection`.
+///
+/// # Safety
+/// `config` must be a live handle and `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvs_config_selection_params(
+    config: *const KvsConfig,
+    out: *mut SelectionParams,
+) -> Status {
+    ffi_boundary("kvs_config_selection_params", || {
+        let out = arg_out!(out, "out");
+        let c = &arg_ref!(config, "config").config;
+        let params = match &c.selection {
+            None => SelectionParams::default(),
+            Some(s) => {
+                let (budget_tokens, budget_ratio) = budget_fields(Some(s.budget));
+                SelectionParams {
+                    policy: policy_id(s.policy),
+                    budget_tokens,
+                    budget_ratio,
+                    min_length: s.min_length,
+                    dense_layers: s.dense_layers,
+                }
+            }
         };
         // SAFETY: checked by `arg_out!`.
         unsafe { *out = params };

@@ -50,6 +50,9 @@ def engine_refusals(vllm_config) -> list[str]:
         out += cuda_graph_refusals(vllm_config)
     if vllm_config.speculative_config is not None:
         out.append("speculative decoding is enabled (remove --speculative-config)")
+    if _selection() and getattr(pc, "decode_context_parallel_size", 1) > 1:
+        out.append("[selection] with decode context parallelism is not mapped (drop [selection] or "
+                   "--decode-context-parallel-size)")
     is_async = async_scheduling(vllm_config)
     if is_async and getattr(vllm_config, "lora_config", None) is not None and _chunk_events():
         # A request sitting out a step for its chunk event (scheduler.sitting_out) is not in
@@ -119,14 +122,28 @@ def _chunk_events() -> bool:
     return settings().policy[PHASE_PREFILL_CHUNK] != "none"
 
 
+def _selection() -> bool:
+    from .settings import settings
+
+    return settings().selection != "none"
+
+
 def cuda_graph_refusals(vllm_config) -> list[str]:
     """SnapKV reads the window queries from the attention forward, which a full CUDA graph
     replays without running Python. A step that records a window is dispatched as a mixed batch
     (`worker.wrap_determine_batch`), so FULL_AND_PIECEWISE and FULL_DECODE_ONLY run it piecewise
-    or eagerly; a mode that replays mixed batches as full graphs (FULL) would lose them all."""
+    or eagerly; a mode that replays mixed batches as full graphs (FULL) would lose them all.
+    Block selection hands every decode step's attention its tables from the forward: no full
+    graphs at all, and attention outside the piecewise ones."""
     from .settings import settings
 
-    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    cc = vllm_config.compilation_config
+    mode = getattr(cc, "cudagraph_mode", None)
+    if _selection() and mode is not None and getattr(mode, "name", "NONE") != "NONE" and (
+            mode.has_full_cudagraphs() or not cc.splitting_ops_contain_attention()):
+        return [f"cudagraph_mode {mode.name} replays decode steps as full CUDA graphs (or keeps attention inside a "
+                "graph), which never run [selection]'s per-layer block tables (pass -cc.cudagraph_mode=PIECEWISE, so "
+                "attention runs outside the graphs, or --enforce-eager, or drop [selection])"]
     mixed = getattr(mode, "mixed_mode", None)
     full_mixed = mixed is not None and getattr(mixed(), "name", "") == "FULL"
     policies = settings().policy.values()

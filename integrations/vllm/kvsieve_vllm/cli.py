@@ -58,6 +58,28 @@ def largest_batch(kv_blocks: int, prefill_blocks: int, running_blocks: int) -> i
     return 1 + (kv_blocks - prefill_blocks) // max(running_blocks, 1)
 
 
+def _selection_table(config, sel, lengths: list[int], out: int, bs: int, info: dict | None,
+                     kv_blocks: int | None) -> None:
+    """What `[selection]` reads per decode step against stock, and what its metadata costs."""
+    print(f"\nBlock selection: KV blocks one decode step reads per selected layer (at the prompt's length and at "
+          f"the end of a {out}-token answer); nothing is evicted, so the batch is stock's:")
+    print("| prompt | blocks stock | blocks read | read share | at the end: stock | read |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for n in lengths:
+        (k0, _), (k1, _) = config.selection_blocks([n, n + out], bs)
+        b0, b1 = math.ceil(n / bs), math.ceil((n + out) / bs)
+        print(f"| {n} | {b0} | {k0} | {k0 / max(b0, 1):.0%} | {b1} | {k1} |")
+    if info is not None:
+        selected = max(info["layers"] - sel.dense_layers, 0)
+        per_block = selected * info["kv_heads"] * info["head_dim"] * 2 * 4
+        total = f" = {kv_blocks * per_block / 2**20:.1f} MiB for {kv_blocks} blocks" if kv_blocks else ""
+        print(f"Metadata (float32 min and max keys per block, KV head and selected layer): {per_block} bytes per "
+              f"block{total}, allocated beside the KV cache.")
+    print("Select or evict: selection keeps every token (a later question can still use any of them) and makes "
+          "decode steps read less, but saves no memory; eviction frees KV blocks, so more requests fit, at the "
+          "cost of the tokens it drops. Both together: selection reads among the blocks eviction kept.")
+
+
 def model_info(path: Path) -> dict:
     cfg = json.loads((path / "config.json").read_text())
     heads = cfg["num_attention_heads"]
@@ -95,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     def budget(p) -> str:
         return f"{p.budget_tokens} tokens" if p.budget_tokens else f"{p.budget_ratio:g} of the sequence"
 
+    sel = config.selection()
     print(f"{a.config}: valid (libkvsieve {lib.version} at {lib.path})")
-    print(f"  prefill: {POLICY_NAMES[pre.policy]}, budget {budget(pre)}, sink {pre.sink_tokens}, "
-          f"tail kept {pre.protected_tail}, min_length {pre.min_length}")
+    if pre.policy:
+        print(f"  prefill: {POLICY_NAMES[pre.policy]}, budget {budget(pre)}, sink {pre.sink_tokens}, "
+              f"tail kept {pre.protected_tail}, min_length {pre.min_length}")
+    else:
+        print("  eviction: none (no [sparsity]): every token stays cached")
     if chunks.policy:
         print(f"  between prefill chunks: {POLICY_NAMES[chunks.policy]}, budget {budget(chunks)} of the prompt, "
               f"once the cache is {chunks.interval} token(s) past it")
@@ -107,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  decode:  {POLICY_NAMES[dec.policy]}, budget {budget(dec)}, every {dec.interval} tokens past it")
     else:
         print("  decode:  no re-compression while generating")
+    if sel.policy:
+        print(f"  selection: {POLICY_NAMES[sel.policy]}, each decode step reads {budget(sel)} (whole blocks, the "
+              f"first and the last always) of sequences from {sel.min_length} tokens, in every layer from layer "
+              f"{sel.dense_layers} on (the first {sel.dense_layers} read every block)")
     bytes_per_block = None
+    info = None
     max_len = max(lengths) + a.output_tokens
     if a.model:
         info = model_info(a.model)
@@ -151,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| " + " | ".join(row) + " |")
     if bytes_per_block and a.kv_blocks:
         print(f"\nKV space: {a.kv_blocks} blocks = {a.kv_blocks * bytes_per_block / 2**30:.2f} GiB")
+    if sel.policy:
+        _selection_table(config, sel, lengths, out, bs, info, a.kv_blocks)
     if batches and any(mine > stock > 0 for stock, mine in batches):
         # The batch the longest prompt here allows stock vLLM: the cap that keeps its latency.
         least, most = min(s for s, _ in batches), max(s for s, _ in batches)

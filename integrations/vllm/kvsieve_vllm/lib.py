@@ -49,6 +49,16 @@ class PolicyParams(Structure):
                 ("interval", c_uint32)]
 
 
+class SelectionParams(Structure):
+    _fields_ = [("policy", c_uint32), ("budget_tokens", c_uint32), ("budget_ratio", ctypes.c_double),
+                ("min_length", c_uint32), ("dense_layers", c_uint32)]
+
+
+class QuestRows(Structure):
+    _fields_ = [("table", c_void_p), ("num_rows", c_uint32), ("stride", c_uint32), ("blocks", c_void_p),
+                ("keep", c_void_p), ("sink_blocks", c_uint32)]
+
+
 class RequestArgs(Structure):
     _fields_ = [("opt_out", c_uint32), ("budget_tokens", c_uint32), ("budget_ratio", ctypes.c_double)]
 
@@ -107,6 +117,8 @@ class Library:
             "kvs_config_from_file": [c_char_p, POINTER(c_void_p)],
             "kvs_config_policy_params": [c_void_p, c_uint32, POINTER(PolicyParams)],
             "kvs_config_for_request": [c_void_p, POINTER(RequestArgs), POINTER(c_void_p)],
+            "kvs_config_selection_params": [c_void_p, POINTER(SelectionParams)],
+            "kvs_plan_selection": [c_void_p, c_void_p, c_uint32, c_uint32, c_void_p, c_void_p],
             "kvs_plan_keep_count": [c_void_p, c_uint32, POINTER(SequenceLengths), POINTER(KeepPlan)],
             "kvs_plan_prefill_chunk": [c_void_p, POINTER(SequenceLengths), c_uint64, POINTER(KeepPlan)],
             "kvs_config_max_cached_tokens": [c_void_p, c_uint64, c_uint64, c_uint32, POINTER(c_uint64)],
@@ -129,6 +141,11 @@ class Library:
                                  c_uint32, c_void_p, c_uint32],
             "kvs_compact_into_check": [c_void_p, POINTER(KvCache), POINTER(Sequence), c_void_p, c_size_t,
                                        c_uint32, c_void_p, c_uint32],
+            "kvs_quest_update_blocks": [c_void_p, POINTER(KvCache), c_void_p, c_void_p, c_uint32, c_void_p,
+                                        c_void_p, c_size_t],
+            "kvs_quest_select": [c_void_p, POINTER(KvCache), POINTER(QuestRows), c_void_p, c_uint32, c_uint32,
+                                 c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t, c_uint32,
+                                 ctypes.c_int32],
         }.items():
             fn = getattr(lib, name, None)
             if fn is None:
@@ -250,6 +267,22 @@ class CpuKernels:
         self._call("kvs_compact_into_check", byref(cache), byref(seq), keep_ptr, keep_len, selected, dest_ptr,
                    dest_len)
 
+    def quest_update_blocks(self, cache: KvCache, blocks, filled, block_min, block_max) -> None:
+        """Recompute the Quest min/max keys of `blocks` (int32) holding `filled` (int32) slots
+        each, into one layer's `block_min`/`block_max` (float32 [num_blocks, kv_heads, head_dim])."""
+        self._call("kvs_quest_update_blocks", byref(cache), blocks.data_ptr(), filled.data_ptr(), blocks.numel(),
+                   block_min.data_ptr(), block_max.data_ptr(), block_min.numel())
+
+    def quest_select(self, cache: KvCache, rows: QuestRows, query, num_q_heads: int, block_min, block_max,
+                     workspace, out, out_stride: int, pad: int = 0) -> None:
+        """One layer's selection for a batch of decode rows: `query` [rows, q_heads, head_dim]
+        (float32, float16 or bfloat16, contiguous) against the metadata; each row's kept blocks in
+        sequence order into `out` (int32, row r at r * out_stride), the rest `pad`."""
+        self._call("kvs_quest_select", byref(cache), byref(rows), query.data_ptr(),
+                   DTYPE[str(query.dtype).removeprefix("torch.")], num_q_heads, block_min.data_ptr(),
+                   block_max.data_ptr(), block_min.numel(), workspace.data_ptr(), workspace.numel(), out.data_ptr(),
+                   out.numel(), out_stride, pad)
+
     def select(self, cache: KvCache, seq: Sequence, policy: str, params: PolicyParams, sel: TokenSelect,
                queries, scores, keep, n_scores: int | None = None, n_keep: int | None = None) -> None:
         """One layer of one sequence: score by `policy` (snapkv with `queries`, float32
@@ -325,6 +358,25 @@ class Config:
         out = PolicyParams()
         self._lib.check(self._lib._lib.kvs_config_policy_params(self._handle, phase, byref(out)))
         return out
+
+    def selection(self) -> SelectionParams:
+        """`kvs_config_selection_params`: the `[selection]` section (policy "none" without one)."""
+        out = SelectionParams()
+        self._lib.check(self._lib._lib.kvs_config_selection_params(self._handle, byref(out)))
+        return out
+
+    def plan_selection(self, seq_lens, block_size: int, keep, reduced_lens) -> None:
+        """`kvs_plan_selection`: per row of `seq_lens` (int32, host), the blocks a decode step
+        reads (`keep`) and the tokens that makes (`reduced_lens`), both int32 of the same length."""
+        self._lib.check(self._lib._lib.kvs_plan_selection(self._handle, seq_lens.data_ptr(), seq_lens.numel(),
+                                                          block_size, keep.data_ptr(), reduced_lens.data_ptr()))
+
+    def selection_blocks(self, seq_lens: list[int], block_size: int) -> list[tuple[int, int]]:
+        """`plan_selection` on a list (no torch): per length, (blocks read, tokens read)."""
+        n = len(seq_lens)
+        lens, keep, reduced = (ctypes.c_int32 * n)(*seq_lens), (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)()
+        self._lib.check(self._lib._lib.kvs_plan_selection(self._handle, lens, n, block_size, keep, reduced))
+        return list(zip(keep, reduced))
 
     def for_request(self, opt_out: bool = False, budget_tokens: int = 0, budget_ratio: float = 0.0) -> "Config":
         """`kvs_config_for_request`: this config with one request's own budget (or with

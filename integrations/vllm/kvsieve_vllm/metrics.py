@@ -21,6 +21,12 @@ increments to Prometheus series beside vLLM's, with vLLM's names and labels (`vl
     vllm:kvsieve_events_failed_total{reason}  events not done (worker, torn, lost, ...)
     vllm:kvsieve_events_skipped_total{reason} prefill-end events not run (opted_out, ...)
     vllm:kvsieve_requests_total{kind}         requests that asked for something: opted_out, own_budget
+    vllm:kvsieve_selection_rows_total         decode rows that read a block selection ([selection])
+    vllm:kvsieve_selection_blocks_read_total  blocks those rows read (every selected layer reads as many)
+    vllm:kvsieve_selection_blocks_cached_total blocks those rows hold
+    vllm:kvsieve_selection_failed_total       layers or steps that fell back to reading every block
+    vllm:kvsieve_selection_metadata_bytes     the Quest metadata's size on one worker (a gauge)
+    (seconds_total{side="selection"}: the workers' time selecting, inside the forward)
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ import dataclasses
 from .stats import SCHEDULER_STATS
 
 FIELD = "kvsieve"
-KEPT_RATIO = "kept_ratio"  # the one entry that is not an increment
+KEPT_RATIO = "kept_ratio"  # entries that are not increments: this one
+METADATA_BYTES = "selection_metadata_bytes"  # and this one
 _installed = False
 _reported: dict[str, float] = {}  # the totals as of the last report (this engine core's)
+_metadata_bytes = 0  # the gauge as last reported
 
 
 def totals() -> dict[str, float]:
@@ -41,6 +49,11 @@ def totals() -> dict[str, float]:
     out = {"compressions": s.compressions, "prefill_chunk_compressions": s.chunk_compressions,
            "tokens_before": s.tokens_before, "tokens_evicted": s.tokens_evicted,
            "blocks_released": s.blocks_released, "seconds:scheduler": s.seconds, "seconds:worker": s.worker_seconds}
+    sel = s.selection
+    if sel:
+        out.update({"selection_rows": sel["rows"], "selection_blocks_read": sel["blocks_read"],
+                    "selection_blocks_cached": sel["blocks_total"], "selection_failed": sel["failed"],
+                    "seconds:selection": sel["seconds"]})
     for prefix, counter in (("failed:", s.failed), ("skipped:", s.skipped), ("requests:", s.requests)):
         for k, v in counter.items():
             out[prefix + k] = v
@@ -57,6 +70,9 @@ def snapshot() -> dict[str, float]:
     _reported.update(now)
     s = SCHEDULER_STATS
     out[KEPT_RATIO] = (s.tokens_before - s.tokens_evicted) / s.tokens_before if s.tokens_before else 1.0
+    global _metadata_bytes
+    if s.selection_metadata_bytes != _metadata_bytes:  # a gauge: sent when it changes
+        out[METADATA_BYTES] = _metadata_bytes = s.selection_metadata_bytes
     return out
 
 

@@ -157,5 +157,5 @@ def register() -> None:
     _resolve("vllm.v1.worker.worker_base", "WorkerBase").kvsieve_stats = _worker_stats
     _settings_mod.install(new_settings)
     _registered = True
-    logger.info("kvsieve %s enabled (%s, prefill policy %s, decode policy %s)", new_settings.lib.version, path,
-                new_settings.policy[PHASE_PREFILL], new_settings.policy[PHASE_DECODE])
+    logger.info("kvsieve %s enabled (%s, prefill policy %s, decode policy %s, selection %s)", new_settings.lib.version,
+                path, new_settings.policy[PHASE_PREFILL], new_settings.policy[PHASE_DECODE], new_settings.selection)

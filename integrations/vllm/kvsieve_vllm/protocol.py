@@ -18,7 +18,7 @@ from enum import IntEnum
 
 from .request_options import Options
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # The attribute each payload rides on.
 ATTR = "kvsieve"
@@ -73,6 +73,8 @@ class StepPlan:
 
     events: dict[str, Event] = field(default_factory=dict)
     captures: dict[str, Capture] = field(default_factory=dict)
+    # Requests of the step that read every block whatever `[selection]` says (they opted out).
+    dense: set[str] = field(default_factory=set)
     version: int = PROTOCOL_VERSION
 
 
@@ -98,6 +100,8 @@ class StepAcks:
 
     acks: dict[str, Ack] = field(default_factory=dict)
     seconds: float = 0.0  # this worker's time running the step's events (kvsieve's cost on that side)
+    # Block selection since the last payload (`selection.Counters`, plus `metadata_bytes`).
+    selection: dict | None = None
     version: int = PROTOCOL_VERSION
 
 

@@ -242,6 +242,8 @@ class SchedulerSide:
             rec = self.record(rid)
             try:
                 self._plan_request(sched, req, rec, n, plan)
+                if rec.options is not None and rec.options.opt_out:
+                    plan.dense.add(rid)
             except Exception as e:
                 plan.events.pop(rid, None)
                 plan.captures.pop(rid, None)
@@ -397,10 +399,12 @@ class SchedulerSide:
     # -- before vLLM reads the step's output ---------------------------------------------------
 
     def apply_acks(self, sched, scheduler_output, runner_output) -> None:
+        got = protocol.read(runner_output, StepAcks)
+        if got is not None and got.selection:
+            SCHEDULER_STATS.selected(got.selection)
         plan = protocol.read(scheduler_output, StepPlan)
         if plan is None or not plan.events:
             return
-        got = protocol.read(runner_output, StepAcks)
         acks = got.acks if got is not None else {}
         SCHEDULER_STATS.worker_seconds += got.seconds if got is not None else 0.0
         for rid, ev in plan.events.items():

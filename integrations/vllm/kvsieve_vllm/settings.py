@@ -17,8 +17,9 @@ class Settings:
         self.lib = load()
         self.config = self.lib.config_from_file(path)
         self.params = {p: self.config.params(p) for p in (PHASE_PREFILL, PHASE_DECODE, PHASE_PREFILL_CHUNK)}
-        policy = POLICY_NAMES[self.params[PHASE_PREFILL].policy]
-        if policy not in PLUGIN_POLICIES:
+        self.selection = POLICY_NAMES[self.config.selection().policy]  # "quest", or "none"
+        policy = POLICY_NAMES[self.params[PHASE_PREFILL].policy]  # "none": selection only
+        if policy not in PLUGIN_POLICIES + ("none",):
             raise UnsupportedSetup(f"{path}: sparsity.policy = {policy!r} is not driven by the vLLM plugin yet; "
                                    f"use one of {', '.join(PLUGIN_POLICIES)}")
         self.policy = {p: POLICY_NAMES[self.params[p].policy] for p in self.params}  # "none": phase not configured

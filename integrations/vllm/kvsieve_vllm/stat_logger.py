@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .metrics import FIELD, KEPT_RATIO
+from .metrics import FIELD, KEPT_RATIO, METADATA_BYTES
 
 
 def _base():
@@ -36,7 +36,11 @@ class KvsieveStatLogger(_base()):
         names = {"compressions": "compression events done",
                  "prefill_chunk_compressions": "of them, between prefill chunks ([prefill])",
                  "tokens_before": "cached tokens before those events",
-                 "tokens_evicted": "cached tokens evicted", "blocks_released": "KV blocks handed back to vLLM"}
+                 "tokens_evicted": "cached tokens evicted", "blocks_released": "KV blocks handed back to vLLM",
+                 "selection_rows": "decode rows that read a block selection ([selection])",
+                 "selection_blocks_read": "blocks those rows read per selected layer",
+                 "selection_blocks_cached": "blocks those rows hold",
+                 "selection_failed": "layers or steps that fell back to reading every block"}
         labels = ["model_name", "engine"]
         registry = prom.REGISTRY
         for collector in list(registry._collector_to_names):
@@ -45,6 +49,8 @@ class KvsieveStatLogger(_base()):
         s = {k: prom.Counter(f"vllm:kvsieve_{k}", f"kvsieve: {doc}", labels) for k, doc in names.items()}
         s["kept_ratio"] = prom.Gauge("vllm:kvsieve_kept_ratio", "kvsieve: cached tokens kept over cached tokens "
                                      "before, all events so far (1 before any)", labels, multiprocess_mode="mostrecent")
+        s[METADATA_BYTES] = prom.Gauge("vllm:kvsieve_selection_metadata_bytes", "kvsieve: bytes of Quest metadata "
+                                       "(per-block min/max keys) on one worker", labels, multiprocess_mode="mostrecent")
         s["seconds"] = prom.Counter("vllm:kvsieve_seconds", "kvsieve: seconds spent, by side", labels + ["side"])
         s["failed"] = prom.Counter("vllm:kvsieve_events_failed", "kvsieve: events not done, by reason",
                                    labels + ["reason"])
@@ -74,8 +80,8 @@ class KvsieveStatLogger(_base()):
         s, lv = self.series, [self.model_name, str(engine_idx)]
         for key, delta in snap.items():
             kind, _, label = key.partition(":")
-            if key == KEPT_RATIO:
-                s["kept_ratio"].labels(*lv).set(delta)
+            if key in (KEPT_RATIO, METADATA_BYTES):
+                s[key].labels(*lv).set(delta)
             elif delta <= 0 or kind not in s:
                 continue
             elif label:

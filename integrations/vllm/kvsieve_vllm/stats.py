@@ -28,6 +28,10 @@ class Stats:
     requests: Counter = field(default_factory=Counter)  # requests by what they asked (opted_out, own_budget)
     worker_seconds: float = 0.0  # scheduler side: the workers' time on events, from their acks
     counts: Counter = field(default_factory=Counter)  # other events worth counting, by name
+    # Block selection (`[selection]`), from the workers' acks: steps, rows, blocks_read,
+    # blocks_total, seconds, failed; and the metadata's size on the reporting worker.
+    selection: Counter = field(default_factory=Counter)
+    selection_metadata_bytes: int = 0
     per_request: OrderedDict = field(default_factory=OrderedDict)
 
     def request(self, req_id: str) -> dict:
@@ -51,6 +55,13 @@ class Stats:
         entry["blocks_released"] += released
         return entry
 
+    def selected(self, got: dict) -> None:
+        for k, v in got.items():
+            if k == "metadata_bytes":
+                self.selection_metadata_bytes = int(v)
+            else:
+                self.selection[k] += v
+
     def as_dict(self) -> dict:
         ratio = (self.tokens_before - self.tokens_evicted) / self.tokens_before if self.tokens_before else 1.0
         return {
@@ -66,6 +77,7 @@ class Stats:
             "events_skipped": dict(self.skipped),
             "requests": dict(self.requests),
             "counts": dict(self.counts),
+            "selection": {**self.selection, "metadata_bytes": self.selection_metadata_bytes},
             "per_request": {k: dict(v) for k, v in self.per_request.items()},
         }
 

@@ -44,11 +44,11 @@ from contextlib import contextmanager
 from copy import copy
 from dataclasses import dataclass
 
-from . import capture, faults, protocol
+from . import capture, faults, protocol, selection
 from .backends import adapter_for
 from .runners import adapter_for as runner_adapter_for
 from .checks import UnsupportedSetup, check_runner
-from .lib import DEVICE, DTYPE, LAYOUT, CpuKernels, CudaKernels, KvCache, KvsieveError, Sequence, TokenSelect
+from .lib import DEVICE, DTYPE, LAYOUT, POLICY_NAMES, CpuKernels, CudaKernels, KvCache, KvsieveError, Sequence, TokenSelect
 from .protocol import Ack, Outcome, StepAcks, StepPlan
 from .request_options import DEFAULT
 from .settings import settings
@@ -140,10 +140,13 @@ class Buffers:
 
     def reserve(self, geo: Geometry, cache: KvCache) -> None:
         """Scratch for one event on a sequence of up to `geo.max_len` tokens (scores, every
-        layer's keep lists, released ids), the kernels' own workspace, and one SnapKV window."""
+        layer's keep lists, released ids), the kernels' own workspace, and one SnapKV window.
+        None for a config that evicts nothing (`[selection]` only)."""
         import torch
 
         s = settings()
+        if all(p == "none" for p in s.policy.values()):
+            return
         n = geo.max_len
         self.scratch.reserve("scores", geo.kv_heads * n, torch.float32)
         self.scratch.reserve("keep", geo.layers * geo.kv_heads * n, torch.int32)
@@ -176,6 +179,7 @@ class WorkerState:
         self.plan: StepPlan | None = None  # this step's, read when the step starts
         self.acks: StepAcks | None = None  # this step's, until a ModelRunnerOutput carries them
         self.logged: set[str] = set()
+        self.selector: selection.Selector | None = None  # `[selection]`: made by `_new_selector`
         self.rank = _tp_rank()
         layout = next(k for k, v in LAYOUT.items() if v == self.desc[0].layout)
         logger.info("kvsieve worker rank %d: %d layers, %d KV heads per layer, block size %d, layout %s (%s, %s), "
@@ -250,10 +254,49 @@ def wrap_initialize_kv_cache(orig):
             st.buffers.reserve(geo, st.desc[0])  # a no-op for what profile_run reserved; block marks
         except KvsieveError as e:
             raise UnsupportedSetup(f"the kvsieve kernels on {st.device}: {e.message}") from e
+        st.selector = _new_selector(self, st, geo, backend)
         self._kvsieve = st
         return out
 
     return initialize_kv_cache
+
+
+def _windowless(window) -> bool:
+    """A layer's `sliding_window` as the backends store "none": None, -1 (CPU_ATTN) or (-1, -1)
+    (FLASH_ATTN, TRITON_ATTN)."""
+    return window is None or window == -1 or (isinstance(window, tuple) and all(w == -1 for w in window))
+
+
+def _new_selector(runner, st: WorkerState, geo: Geometry, backend: str) -> selection.Selector | None:
+    """`[selection]`'s state for this runner (None without one), or UnsupportedSetup naming
+    what this setup cannot serve."""
+    s = settings()
+    params = s.config.selection()
+    if POLICY_NAMES[params.policy] == "none":
+        return None
+    if not hasattr(st.adapter, "selection_state") or backend not in getattr(
+            st.adapter, "SELECTION_BACKENDS", ("CPU_ATTN",)):
+        raise UnsupportedSetup(f"{s.path}: [selection] (Quest) is served on CPU_ATTN, FLASH_ATTN and TRITON_ATTN; "
+                               f"this engine runs {backend} (choose one with --attention-backend, or drop "
+                               "[selection])")
+    ctx = runner.compilation_config.static_forward_context
+    impls = [getattr(ctx.get(name), "impl", None) for name in st.names]
+    if not all(_windowless(getattr(i, "sliding_window", None)) for i in impls):
+        raise UnsupportedSetup(f"{s.path}: [selection] needs full attention; this model has sliding-window layers "
+                               "(drop [selection])")
+    if any(getattr(i, "alibi_slopes", None) is not None for i in impls):
+        raise UnsupportedSetup(f"{s.path}: [selection] shortens the sequence attention reads, which would change "
+                               "ALiBi's distance biases; this model uses ALiBi (drop [selection])")
+    try:
+        sel = selection.Selector.make(s.config, params, st.names, st.desc, geo.layers, st.device, st.kernels,
+                                      st.adapter, runner.model_config.dtype)
+    except ValueError as e:
+        raise UnsupportedSetup(f"{s.path}: {e}") from e
+    kv = sum(t.numel() * t.element_size() for _, t in st.layers)
+    logger.info("kvsieve worker rank %d: block selection (quest) on %d of %d layers; its metadata takes %.1f MiB "
+                "(%.1f%% of the KV cache's %.1f MiB)", st.rank, len(sel.layers), len(st.layers),
+                sel.metadata_bytes / 2**20, 100 * sel.metadata_bytes / max(kv, 1), kv / 2**20)
+    return sel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +308,8 @@ def begin_step(st: WorkerState, scheduler_output) -> StepPlan | None:
     st.plan = protocol.read(scheduler_output, StepPlan)
     st.windows.rows = []
     st.acks = None
+    if st.selector is not None:
+        st.selector.begin_step(st.plan.dense if st.plan is not None else ())
     return st.plan
 
 
@@ -285,6 +330,8 @@ def captures_due(st: WorkerState) -> bool:
 def plan_windows(st: WorkerState, batch: capture.Batch) -> None:
     """Map this step's captures to rows of the batch the runner laid out (contained: a failure
     leaves those requests uncompressed)."""
+    if st.selector is not None:
+        st.selector.set_rows(batch.req_ids)
     try:
         st.windows.plan_step(batch, st.plan.captures if st.plan else {})
     except Exception as e:
@@ -295,17 +342,23 @@ def plan_windows(st: WorkerState, batch: capture.Batch) -> None:
 
 @contextmanager
 def recording(st: WorkerState):
-    """Around the forward: the attention hook records into this runner's windows."""
+    """Around the forward: the attention hook records into this runner's windows and reads
+    its block selection."""
     capture.ACTIVE = st.windows
+    selection.ACTIVE = st.selector
     try:
         yield
     finally:
         capture.ACTIVE = None
+        selection.ACTIVE = None
 
 
 def after_forward(runner, st: WorkerState, scheduler_output) -> None:
     """Run the step's events (the forward computed their last tokens), keep their acks for
-    the step's ModelRunnerOutput, and drop the windows the step completed."""
+    the step's ModelRunnerOutput, and drop the windows the step completed. Block selection's
+    metadata for the blocks the forward filled comes first: an event may rewrite them."""
+    if st.selector is not None:
+        st.selector.after_forward()
     plan = st.plan
     if plan is not None and (plan.events or plan.captures):
         if plan.events:
@@ -316,6 +369,12 @@ def after_forward(runner, st: WorkerState, scheduler_output) -> None:
             st.acks = StepAcks(acks, seconds=dt)
         st.windows.end_step(plan.captures)
     st.plan = None
+    if st.selector is not None:
+        done = st.selector.counters.take()
+        if done is not None:
+            done["metadata_bytes"] = st.selector.metadata_bytes
+            st.acks = st.acks or StepAcks()
+            st.acks.selection = done
 
 
 def take_acks(st: WorkerState | None, out):
@@ -576,3 +635,5 @@ def _install(runner, st: WorkerState, job: _Job) -> None:
     row = job.row[:pb] + kept + job.row[old:]
     st.runner_adapter.install(runner, job.req_id, row)
     st.offsets[job.req_id] = st.offsets.get(job.req_id, 0) + job.evicted
+    if st.selector is not None:
+        st.selector.rewritten(row, job.kept)

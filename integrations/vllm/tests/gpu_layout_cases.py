@@ -530,3 +530,90 @@ def _run_flat_scratch(device, steps: int, events_per_step: int) -> None:
         seen.append(nbytes())
     assert seen[0] == reserved, f"the first step grew the scratch: {reserved} -> {seen[0]}"
     assert all(x == reserved for x in seen), f"scratch after each step: {seen}"
+
+
+QUEST = '[selection]\npolicy = "quest"\nbudget_tokens = 48\nmin_length = 0\ndense_layers = 0\n'
+
+
+def check_selection(layout: str, device="cpu") -> None:
+    """Block selection (`selection.Selector`) on flash-layout caches, as a GPU backend's forward
+    sees it: a step whose forward completes the blocks of three sequences (70, 100 and 20 tokens;
+    the first two over the 48-token budget, 3 blocks of 16) keeps their Quest metadata; the next
+    step's decode rows then read, per layer, the first and last block and the block with the
+    highest bound computed here in torch from the keys in the cache (max over query heads of
+    sum_d max(q_d min_d, q_d max_d)), in order, with the reduced lengths; the short one and the
+    prefill row read everything; FLASH_ATTN's ahead-of-time scheduler metadata is dropped; vLLM's
+    own metadata object is never changed."""
+    import dataclasses
+
+    import torch
+
+    from kvsieve_vllm import selection
+
+    caches = make_caches(layout, torch.float32, device, blocks=16)
+    write, _ = writer(device)
+    rows = [[3, 7, 1, 9, 5], [2, 0, 11, 4, 6, 8, 10], [12, 13]]
+    lengths = [70, 100, 20]
+    for i, cache in enumerate(caches):
+        _fill(cache, rows, lengths, seed=10 + i, write=write)
+    descs = [flash_layout.describe(c, HEAD) for c in caches]
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+
+    @dataclasses.dataclass
+    class Metadata:  # the fields the adapters read, as FlashAttentionMetadata names them
+        query_start_loc: object
+        seq_lens: object
+        block_table: object
+        scheduler_metadata: object = None
+
+    kernels = kernels_for(device)
+    with kvsieve_settings(QUEST) as s:
+        sel = selection.Selector.make(s.config, s.config.selection(), names, descs, LAYERS, torch.device(device),
+                                      lambda: kernels, flash_layout, torch.float32)
+        table = torch.zeros(4, 8, dtype=torch.int32, device=device)
+        for r, row in enumerate(rows):
+            table[r, :len(row)] = torch.tensor(row, dtype=torch.int32)
+        # Step 1: the three prompts computed (their lengths' complete blocks are now full).
+        as_i32 = dict(dtype=torch.int32, device=device)
+        prefill = Metadata(torch.tensor([0, 70, 170, 190], **as_i32), torch.tensor(lengths, **as_i32), table[:3])
+        sel.begin_step(())
+        q = torch.randn(190, 2 * HEADS, HEAD, device=device)
+        for name in names:
+            assert sel.metadata_for(name, None, None, q, prefill) is prefill, "a prefill step reads every block"
+        sel.after_forward()
+        # Step 2: each decodes one token (written first, as vLLM does), and a fourth row prefills.
+        step_lens = [71, 101, 21, 16]
+        rows.append([14])
+        table[3, 0] = rows[3][0]
+        g = torch.Generator().manual_seed(5)
+        for cache in caches:
+            k_view, v_view = flash_layout.views(cache, HEAD)
+            for r, n in enumerate(step_lens[:3]):
+                slot = torch.tensor([rows[r][(n - 1) // BS] * BS + (n - 1) % BS], device=device)
+                kv = torch.randn(2, 1, HEADS, HEAD, generator=g).to(device)
+                write(kv[0], kv[1], k_view, v_view, slot)
+        md = Metadata(torch.tensor([0, 1, 2, 3, 19], **as_i32), torch.tensor(step_lens, **as_i32), table,
+                      scheduler_metadata=torch.zeros(4, **as_i32))
+        before = (md.block_table.clone(), md.seq_lens.clone())
+        sel.begin_step(())
+        q = torch.randn(19, 2 * HEADS, HEAD, device=device)
+        for layer, name in enumerate(names):
+            got = sel.metadata_for(name, None, None, q, md)
+            assert got is not md and got.scheduler_metadata is None, "the copy drops FA3's AOT schedule"
+            assert got.seq_lens.tolist() == [2 * BS + 71 - 4 * BS, 2 * BS + 101 - 6 * BS, 21, 16]
+            assert got.block_table[2:].tolist() == table[2:].tolist(), "rows within the budget read everything"
+            for r, n in enumerate(step_lens[:2]):
+                keys, _ = _read(caches[layer], rows[r], n)  # [heads, n, head]
+                blocks = math.ceil(n / BS)
+                full = [keys[:, b * BS:(b + 1) * BS].double() for b in range(blocks - 1)]
+                lo = torch.stack([f.amin(1) for f in full], 1)  # [heads, blocks - 1, head]
+                hi = torch.stack([f.amax(1) for f in full], 1)
+                qr = q[r].double().view(HEADS, 2, HEAD)
+                bound = torch.maximum(qr[:, :, None] * lo[:, None], qr[:, :, None] * hi[:, None]).sum(-1)
+                best = int(bound.amax((0, 1))[1:].argmax()) + 1
+                want = [rows[r][0], rows[r][best], rows[r][blocks - 1]]
+                assert got.block_table[r, :3].tolist() == want, (layout, layer, r, got.block_table[r].tolist(), want)
+        sel.after_forward()
+        assert md.block_table.tolist() == before[0].tolist() and md.seq_lens.tolist() == before[1].tolist()
+        c = sel.counters.take()
+        assert (c["rows"], c["blocks_read"], c["blocks_total"], c["failed"]) == (2, 6, 5 + 7, 0), c

@@ -235,3 +235,49 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
             _cut(cache, policy, kept, sink, tail, protected)
     forward(len(tokens) - 1)
     return [got[i] for i in range(first, last + 1)]
+
+
+@torch.no_grad()
+def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: dict, block_size: int):
+    """Block selection's reference (`model` loaded with attn_implementation="eager"): the prompt
+    runs dense, then each decode step attends, in layer `i`, only to the blocks `kept[(L, i)]`
+    (logical block indices; absent: every block) of the `L` tokens the step's query sees.
+    Masked, not gathered: the other positions get -inf before the softmax.
+
+    Returns the log-probabilities of `continuation` and, per (L, layer), Quest's bound of every
+    block computed here from the reference's own rotated keys and query: max over query heads of
+    sum_d max(q_d * min_d, q_d * max_d) over the block's keys (float64)."""
+    import math
+
+    from transformers.models.llama import modeling_llama
+
+    real = modeling_llama.eager_attention_forward
+    bounds: dict = {}
+
+    def attention(module, query, key, value, attention_mask, scaling, **kwargs):
+        L = key.shape[2]
+        if query.shape[2] == 1 and L > len(prompt):  # a decode step
+            layer, bs = module.layer_idx, block_size
+            k = key[0].double()  # [kv heads, L, D]
+            nb = math.ceil(L / bs)
+            kmin = torch.stack([k[:, b * bs:min((b + 1) * bs, L)].amin(1) for b in range(nb)], 1)
+            kmax = torch.stack([k[:, b * bs:min((b + 1) * bs, L)].amax(1) for b in range(nb)], 1)
+            q = query[0, :, 0].double().view(k.shape[0], -1, k.shape[2])  # [kv heads, group, D]
+            per_head = torch.maximum(q[:, :, None] * kmin[:, None], q[:, :, None] * kmax[:, None]).sum(-1)
+            bounds[(L, layer)] = per_head.amax((0, 1))
+            blocks = kept.get((L, layer))
+            if blocks is not None:
+                allow = torch.zeros(L, dtype=torch.bool)
+                for b in blocks:
+                    allow[b * bs:(b + 1) * bs] = True
+                extra = torch.where(allow, 0.0, float("-inf")).to(query.dtype)[None, None, None, :]
+                attention_mask = extra if attention_mask is None else attention_mask + extra
+        return real(module, query, key, value, attention_mask, scaling, **kwargs)
+
+    modeling_llama.eager_attention_forward = attention
+    try:
+        out = model(torch.tensor([prompt]), use_cache=True)
+        logprobs = _continue(model, out, len(prompt), continuation)
+    finally:
+        modeling_llama.eager_attention_forward = real
+    return logprobs, bounds

@@ -56,3 +56,21 @@ def test_bad_arguments_name_the_flag(args, fix, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(CONFIGS / "snapkv-25.toml"), *args])
     assert e.value.code == 2 and fix in capsys.readouterr().err
+
+
+def test_a_selection_config_prints_the_blocks_a_decode_step_reads(capsys):
+    """quest-1024.toml: nothing evicted (every request holds stock's blocks), 1,024 tokens read
+    per decode step in whole 32-token blocks, and the metadata's cost for the model."""
+    model = CONFIGS.parents[1] / "models" / "byte-llama-5m"
+    assert main([str(CONFIGS / "quest-1024.toml"), "--model", str(model), "--kv-blocks", "1000", "--block-size",
+                 "32", "--lengths", "512,1900", "--output-tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "eviction: none" in out and "selection: quest" in out and "from layer 2 on" in out, out
+    table = out[out.index("Block selection:"):]
+    rows = _rows(table)
+    # 512 tokens: within the budget, every block read; 1900: 32 of 60, and 32 of 62 at the end.
+    assert rows[512] == ["16", "16", "100%", "18", "18"], rows
+    assert rows[1900] == ["60", "32", "53%", "62", "32"], rows
+    # 4 selected layers x 4 KV heads x 32 dims x min and max x 4 bytes.
+    assert "4096 bytes per block = 3.9 MiB for 1000 blocks" in out, out
+    assert "Select or evict" in out

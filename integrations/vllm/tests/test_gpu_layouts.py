@@ -267,6 +267,38 @@ def test_cuda_graphs_that_would_hide_snapkv_queries_are_refused(mode, policy, re
         assert "FULL_AND_PIECEWISE" in got[0] and "knorm or streaming" in got[0]
 
 
+@pytest.mark.parametrize("layout", cases.layouts())
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_selection_on_flash_layouts_reads_quests_blocks(layout, device):
+    cases.check_selection(layout, device)
+
+
+@pytest.mark.parametrize("mode,splits_attention,refused", [
+    ("FULL_AND_PIECEWISE", True, True), ("FULL", True, True), ("FULL_DECODE_ONLY", True, True),
+    ("PIECEWISE", True, False), ("PIECEWISE", False, True), ("NONE", False, False)])
+def test_cuda_graphs_that_would_skip_block_selection_are_refused(mode, splits_attention, refused):
+    from vllm.config.compilation import CUDAGraphMode
+
+    from kvsieve_vllm.checks import cuda_graph_refusals
+
+    with cases.kvsieve_settings(cases.QUEST):
+        cc = SimpleNamespace(cudagraph_mode=CUDAGraphMode[mode], splitting_ops_contain_attention=lambda: splits_attention)
+        got = cuda_graph_refusals(SimpleNamespace(compilation_config=cc))
+    assert bool(got) == refused, got
+    if refused:
+        assert f"cudagraph_mode {mode}" in got[0] and "-cc.cudagraph_mode=PIECEWISE" in got[0], got
+
+
+def test_flashinfer_is_refused_for_block_selection_by_name(knorm_settings):
+    from kvsieve_vllm import worker
+    from kvsieve_vllm.checks import UnsupportedSetup
+
+    caches = cases.make_caches(cases.layouts()[0], torch.bfloat16)
+    runner = _runner(caches, "FLASHINFER")
+    with cases.kvsieve_settings(cases.QUEST), pytest.raises(UnsupportedSetup, match="runs FLASHINFER"):
+        worker.wrap_initialize_kv_cache(lambda self, cfg: None)(runner, runner.kv_cache_config)
+
+
 class _StandInDispatcher:
     """FULL_AND_PIECEWISE as vLLM's CudagraphDispatcher applies it: a uniform decode batch
     replays a full graph, any other batch a piecewise one (attention outside the graph)."""

@@ -141,3 +141,34 @@ def test_the_stat_logger_is_inert_without_kvsieve(monkeypatch):
     log.record(SimpleNamespace(kvsieve={"compressions": 4}), None)
     assert log.series is None
     assert _value("vllm:kvsieve_compressions_total", model_name="x", engine="0") is None
+
+
+def test_block_selection_counters_reach_the_snapshot_and_the_series(monkeypatch):
+    """What the workers report of `[selection]` (on their acks, `Stats.selected`) rides the
+    snapshot as increments, the metadata size as a gauge sent when it changes; the logger puts
+    them on their series."""
+    from collections import Counter
+
+    from kvsieve_vllm.stat_logger import KvsieveStatLogger
+
+    metrics.snapshot()
+    monkeypatch.setattr(metrics, "_metadata_bytes", 0)  # put back with the stats below
+    monkeypatch.setattr(SCHEDULER_STATS, "selection", Counter())
+    monkeypatch.setattr(SCHEDULER_STATS, "selection_metadata_bytes", 0)
+    for _ in range(2):
+        SCHEDULER_STATS.selected({"steps": 1, "rows": 3, "blocks_read": 12, "blocks_total": 90, "seconds": 0.01,
+                                  "failed": 0, "metadata_bytes": 4096})
+    snap = metrics.snapshot()
+    assert (snap["selection_rows"], snap["selection_blocks_read"], snap["selection_blocks_cached"]) == (6, 24, 180)
+    assert snap["seconds:selection"] == pytest.approx(0.02) and snap[metrics.METADATA_BYTES] == 4096
+    assert "selection_failed" not in snap, "only what moved"
+    assert set(metrics.snapshot()) == {"kept_ratio"}, "the gauge is sent once, the counters did not move"
+    monkeypatch.setenv("KVSIEVE_CONFIG", "/dev/null")
+    log = KvsieveStatLogger(SimpleNamespace(model_config=SimpleNamespace(served_model_name="sel")), [0])
+    log.log_engine_initialized()
+    log.record(SimpleNamespace(kvsieve=snap), None)
+    lab = {"model_name": "sel", "engine": "0"}
+    assert _value("vllm:kvsieve_selection_rows_total", **lab) == 6
+    assert _value("vllm:kvsieve_selection_blocks_read_total", **lab) == 24
+    assert _value("vllm:kvsieve_selection_metadata_bytes", **lab) == 4096
+    assert _value("vllm:kvsieve_seconds_total", **lab, side="selection") == pytest.approx(0.02)

@@ -120,6 +120,7 @@ def test_register_is_inert_or_refuses_before_patching(tmp_path):
     assert r["no_config"] == {"refused": None, "patched": 0}
     assert r["bad_config"]["refused"][0] == "KVS_STATUS_CONFIG_INVALID"
     assert "sparsity.budget_ratio = 2" in r["bad_config"]["refused"][1]
-    assert r["quest"]["refused"][0] == "KVS_STATUS_UNSUPPORTED" and "'quest'" in r["quest"]["refused"][1]
+    # Quest evicts nothing: the config names the section it belongs in.
+    assert r["quest"]["refused"][0] == "KVS_STATUS_CONFIG_INVALID" and "[selection]" in r["quest"]["refused"][1]
     assert r["old_vllm"]["refused"][0] == "KVS_STATUS_UNSUPPORTED" and "0.31.2" in r["old_vllm"]["refused"][1]
     assert all(case["patched"] == 0 for case in r.values()), r

@@ -107,13 +107,13 @@ def test_every_mode_keeps_the_same_tokens_and_decodes_as_the_reference(runs):
 
 def test_what_kvsieve_does_not_serve_stops_at_start_on_mrv2_with_asynchronous_scheduling():
     """On vLLM's GPU defaults too, a setup kvsieve refuses stops the engine while it starts,
-    naming the fix (here the `quest` policy, which plans no eviction in vLLM yet); it is never
-    served uncompressed."""
+    naming the fix (here block selection that would leave every layer of the model dense, found
+    by the workers once the model is loaded); it is never served without what was asked."""
     from engine_child import run_engine as run
 
     with pytest.raises(AssertionError) as refused:
         run(ENGINE, [{"name": "one", "prompts": prompts()[3:], "max_tokens": 2}],
-            SNAPKV.replace('policy = "snapkv"', 'policy = "quest"', 1).split("[decode]")[0], "v2", "async")
+            SNAPKV + '\n[selection]\npolicy = "quest"\nbudget_tokens = 256\ndense_layers = 64\n', "v2", "async")
     msg = str(refused.value)
     assert "engine process failed" in msg and "kvsieve cannot run on this vLLM setup" in msg, msg[-3000:]
-    assert "sparsity.policy = 'quest'" in msg, msg[-3000:]
+    assert "selection.dense_layers = 64 leaves all" in msg, msg[-3000:]

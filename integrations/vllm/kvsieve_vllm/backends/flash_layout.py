@@ -17,6 +17,8 @@ FLASH_ATTN shape; vLLM 0.32 no longer allocates it.)
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..lib import DEVICE, DTYPE, LAYOUT, KvCache, KvsieveError
 # The SnapKV window hook is CPU_ATTN's: it only reads `query` from `forward(self, layer, query,
 # ...)`, the same on every backend, and the window store keeps its buffers on the query's device.
@@ -98,3 +100,30 @@ def vllm_writer(backend: str):
         op(key, value, k_view, v_view, slot_mapping, "auto", one, one)
 
     return write
+
+
+# Block selection (`[selection]`, `selection.py`): FLASH_ATTN and TRITON_ATTN read the layer's
+# `block_table` and `seq_lens` in every forward, so a layer reads its selection from a copy of the
+# metadata with both replaced. FLASHINFER plans its native decode once per step for every layer
+# (its wrapper holds the page indices), so it is refused by name.
+SELECTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
+
+
+def selection_state(impl, layer, md, seq_lens, dtype):
+    """Nothing to rebuild per step: FLASH_ATTN's ahead-of-time scheduler metadata (FA3) was made
+    for the full lengths, so the copy drops it and the kernel schedules the reduced ones itself;
+    TRITON_ATTN has none."""
+    return None
+
+
+def with_selection(md, block_table, seq_lens, state):
+    """A copy of the step's metadata that reads `block_table` for `seq_lens`; the fields that
+    place queries by position must be unset (prefix-LM ranges, R-SWA), else ValueError (the layer
+    then reads every block)."""
+    for name in ("mm_prefix_query_range_tensor", "mm_prefix_range_tensor", "rswa_prefix_lens"):
+        if getattr(md, name, None) is not None:
+            raise ValueError(f"the step's attention metadata sets {name}, which places queries by position")
+    changes = {"block_table": block_table, "seq_lens": seq_lens}
+    if getattr(md, "scheduler_metadata", None) is not None:
+        changes["scheduler_metadata"] = None
+    return dataclasses.replace(md, **changes)
