@@ -372,6 +372,26 @@ fn every_export_is_inside_the_panic_boundary() {
     assert!(exports >= 20, "found only {exports} exports");
 }
 
+/// `kvs_plan_selection` on four rows into out-params that start at -1: (status, keep, lengths).
+fn plan_selection(
+    c: *mut KvsConfig,
+    lens: &[i32; 4],
+    block_size: u32,
+) -> (Status, [i32; 4], [i32; 4]) {
+    let (mut keep, mut reduced) = ([-1i32; 4], [-1i32; 4]);
+    let st = unsafe {
+        kvs_plan_selection(
+            c,
+            lens.as_ptr(),
+            4,
+            block_size,
+            keep.as_mut_ptr(),
+            reduced.as_mut_ptr(),
+        )
+    };
+    (st, keep, reduced)
+}
+
 #[test]
 fn selection_params_and_plan_through_the_abi() {
     let c =
@@ -403,54 +423,26 @@ fn selection_params_and_plan_through_the_abi() {
     // 100 tokens in blocks of 16: 7 blocks, the last one partial (5 of 16 tokens in a row of
     // 4000 + 5): 6 * 16 + 5 = 101 tokens read. Below min_length, and within the budget: all.
     let lens = [4005i32, 999, 90, 0];
-    let (mut keep, mut reduced) = ([-1i32; 4], [-1i32; 4]);
     assert_eq!(
-        unsafe {
-            kvs_plan_selection(
-                c,
-                lens.as_ptr(),
-                4,
-                16,
-                keep.as_mut_ptr(),
-                reduced.as_mut_ptr(),
-            )
-        },
-        Status::Ok
+        plan_selection(c, &lens, 16),
+        (Status::Ok, [7, 63, 6, 0], [101, 999, 90, 0])
     );
-    assert_eq!(keep, [7, 63, 6, 0]);
-    assert_eq!(reduced, [101, 999, 90, 0]);
     // Bad arguments: named, nothing written.
-    let (mut keep, mut reduced) = ([-1i32; 4], [-1i32; 4]);
     let bad = [100i32, -3, 5, 5];
-    let st = unsafe {
-        kvs_plan_selection(
-            c,
-            bad.as_ptr(),
-            4,
-            16,
-            keep.as_mut_ptr(),
-            reduced.as_mut_ptr(),
-        )
-    };
-    assert_eq!(st, Status::InvalidArgument);
+    assert_eq!(
+        plan_selection(c, &bad, 16),
+        (Status::InvalidArgument, [-1; 4], [-1; 4])
+    );
     assert!(
         last_error().contains("seq_lens[1] = -3"),
         "{}",
         last_error()
     );
-    let st = unsafe {
-        kvs_plan_selection(
-            c,
-            lens.as_ptr(),
-            4,
-            0,
-            keep.as_mut_ptr(),
-            reduced.as_mut_ptr(),
-        )
-    };
-    assert_eq!(st, Status::InvalidArgument);
+    assert_eq!(
+        plan_selection(c, &lens, 0),
+        (Status::InvalidArgument, [-1; 4], [-1; 4])
+    );
     assert!(last_error().contains("block_size is 0"), "{}", last_error());
-    assert_eq!((keep, reduced), ([-1; 4], [-1; 4]));
     unsafe { kvs_config_free(c) };
     // An eviction-only config: no selection, every block read.
     let c = config(SNAP);
@@ -459,20 +451,9 @@ fn selection_params_and_plan_through_the_abi() {
         Status::Ok
     );
     assert_eq!(s.policy, PolicyId::None as u32);
-    let (mut keep, mut reduced) = ([0i32; 4], [0i32; 4]);
     assert_eq!(
-        unsafe {
-            kvs_plan_selection(
-                c,
-                lens.as_ptr(),
-                4,
-                16,
-                keep.as_mut_ptr(),
-                reduced.as_mut_ptr(),
-            )
-        },
-        Status::Ok
+        plan_selection(c, &lens, 16),
+        (Status::Ok, [251, 63, 6, 0], lens)
     );
-    assert_eq!((keep, reduced), ([251, 63, 6, 0], lens));
     unsafe { kvs_config_free(c) };
 }

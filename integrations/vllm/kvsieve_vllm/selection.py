@@ -119,14 +119,14 @@ class Selector:
         sel = Selector(config, params.dense_layers, descs[0].block_size, device, kernels, adapter, dtype)
         chosen = [(name, desc) for pos, (name, desc) in enumerate(zip(names, descs))
                   if layer_index(name, pos) >= params.dense_layers]
-        need = sum(2 * 4 * d.num_blocks * d.num_kv_heads * d.head_dim for _, d in chosen)
+        # min and max, float32 each, per block, KV head and dim of every selected layer.
+        sel.metadata_bytes = need = sum(2 * 4 * d.num_blocks * d.num_kv_heads * d.head_dim for _, d in chosen)
         try:
             for name, desc in chosen:
                 n = desc.num_blocks * desc.num_kv_heads * desc.head_dim
                 lo = torch.zeros(n, dtype=torch.float32, device=device)
                 hi = torch.zeros(n, dtype=torch.float32, device=device)
                 sel.layers[name] = (desc, lo, hi)
-                sel.metadata_bytes += 2 * 4 * n
         except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or the host allocator's
             # Allocated after vLLM sized the KV cache: on a GPU the space must be left free.
             raise ValueError(f"the block selection metadata ({need / 2**20:.0f} MiB for {len(chosen)} layers) does "
@@ -160,12 +160,13 @@ class Selector:
             self.planned = True
             t0 = time.perf_counter()
             try:
-                self._completed_blocks(md)
+                lengths = self._lengths(md)
+                self._completed_blocks(md, lengths)
             except Exception as e:
                 self._break(f"finding the blocks this step completes failed: {type(e).__name__}: {e}")
                 return md
             try:
-                self._plan(impl, layer, md)
+                self._plan(impl, layer, md, lengths)
             except Exception as e:
                 self.step = None
                 self.counters.failed += 1
@@ -197,13 +198,13 @@ class Selector:
         seq_lens = md.seq_lens[:n]
         return starts, seq_lens, seq_lens.to("cpu", torch.int64), starts[1:] - starts[:-1]
 
-    def _completed_blocks(self, md) -> None:
+    def _completed_blocks(self, md, lengths) -> None:
         """The blocks this step's forward completes, for `after_forward`: [(len - queried) // bs,
         len // bs) of each row's physical blocks."""
         import torch
 
         bs = self.block_size
-        _, _, lens, queried = self._lengths(md)
+        _, _, lens, queried = lengths
         first, end = (lens - queried) // bs, lens // bs
         done = [(i, int(a), int(b)) for i, (a, b) in enumerate(zip(first.tolist(), end.tolist())) if b > a]
         if done:
@@ -214,14 +215,14 @@ class Selector:
             ids = torch.cat([rows[j, a:b] for j, (_, a, b) in enumerate(done)]).to(torch.int32)
             self.filled = [ids, torch.full_like(ids, bs)]
 
-    def _plan(self, impl, layer, md) -> None:
+    def _plan(self, impl, layer, md, lengths) -> None:
         """The step's `Step` when a decode row is over its budget. A decode row is one that
         queries one token: a prefill whose last step is one token (a prefix-cache hit on all but
         one, a length of 1 past a chunk) is selected too, as Quest would."""
         import torch
 
         bs = self.block_size
-        starts, seq_lens, lens, queried = self._lengths(md)
+        starts, seq_lens, lens, queried = lengths
         n = starts.numel() - 1
         table = md.block_table
         decode = queried == 1
