@@ -80,10 +80,12 @@ SUITES = {
                     prefix_caching="off", split="heldout"),
     # Block selection (`[selection]`, Quest) at 512, 1,024 and 2,048 tokens read per decode step,
     # next to dense and to SnapKV eviction keeping the same token counts (`token_runs`: one engine
-    # per Quest budget, its config fixed at start; the eviction runs share one).
-    "quest": dict(tasks="niah_number,niah_word,niah_uuid,niah_multikey,niah_multivalue", lengths="1024,2048,4096",
-                  long_tasks="niah_number,niah_word,niah_uuid,niah_multikey,niah_multivalue", samples=8,
-                  samples_long=8, policies="", budgets="", presses="", prefix_caching="off",
+    # per Quest budget, its config fixed at start; the eviction runs share one). The needle tasks
+    # dense SmolLM2 answers (not niah_multivalue: 1/8), at 2k and 4k (a 1k prompt is within most
+    # budgets), and `niah_qfirst`, the question asked before the document.
+    "quest": dict(tasks="niah_number,niah_word,niah_uuid,niah_multikey,niah_qfirst", lengths="2048,4096",
+                  long_tasks="niah_number,niah_word,niah_uuid,niah_multikey,niah_qfirst", samples=4,
+                  samples_long=4, policies="", budgets="", presses="", prefix_caching="off",
                   token_runs="quest:512,quest:1024,quest:2048,snapkv:512,snapkv:1024,snapkv:2048"),
     # The CI slice: a few prompts at 1k-2k, one policy, kvpress on the same prompts.
     "slice": dict(tasks="niah_number", lengths="1024,2048", long_tasks="", samples=4, policies="snapkv",

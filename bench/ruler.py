@@ -1,11 +1,16 @@
 """RULER-style long-context tasks, generated from a seed, in a model's chat template with the
-question last (so a compression at prefill end has seen it).
+question last (so a compression at prefill end has seen it), except `niah_qfirst`.
 
 Tasks (after RULER, Hsieh et al. 2024, sized for a 135M model):
 - `niah_number`, `niah_word`, `niah_uuid`: one needle "One of the special magic {kind}s for
   {key} is: {value}." at a random depth of a haystack; the question asks for it.
 - `niah_multikey`: the needle plus three needles of other keys (distractors).
 - `niah_multivalue`: four needles of the same key; all four values are asked for.
+- `niah_qfirst`: `niah_number` with the question before the document and an answer prefix that
+  does not name the key, so the prompt's last tokens say nothing of what is asked: the task a
+  compression chosen at prefill end by the prompt's last queries (SnapKV's window) cannot plan
+  for, as with a question asked after a document was compressed; a selection made per decode
+  step from the answer's own queries (Quest) can.
 - `vt`: variable tracking, a chain `VAR A = 12345. VAR B = VAR A. ...` of four hops spread over
   the haystack; every variable holding the value is asked for.
 - `cwe`: common words extraction, a numbered word list where five words recur; the five most
@@ -32,8 +37,9 @@ WORDS = ("apple river candle mirror garden violin pepper lantern castle meadow r
          "cactus dolphin engine fossil guitar helmet igloo jungle kettle lemon monkey nectar oyster").split()
 KEYS = ("long-context", "blue-harbor", "quiet-summit", "silver-lake", "paper-tiger", "north-wind", "red-canyon",
         "green-valley", "iron-gate", "cold-river", "warm-light", "old-bridge")
-TASKS = ("niah_number", "niah_word", "niah_uuid", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe")
-HAYSTACK_TASKS = ("niah_number", "niah_word", "niah_uuid", "niah_multikey", "niah_multivalue", "vt")
+TASKS = ("niah_number", "niah_word", "niah_uuid", "niah_multikey", "niah_multivalue", "niah_qfirst", "vt", "cwe",
+         "fwe")
+HAYSTACK_TASKS = ("niah_number", "niah_word", "niah_uuid", "niah_multikey", "niah_multivalue", "niah_qfirst", "vt")
 
 
 @dataclass
@@ -63,8 +69,10 @@ class Builder:
         self.tok = tokenizer
         self.prose = prose
 
-    def ids(self, context: str, question: str, answer_prefix: str) -> list[int]:
-        msgs = [{"role": "user", "content": f"{context}\n\n{question}"}]
+    def ids(self, context: str, question: str, answer_prefix: str, question_first: bool = False) -> list[int]:
+        content = (f"Read the text below, then answer this question: {question}\n\n{context}\n\n"
+                   "Answer the question asked before the text." if question_first else f"{context}\n\n{question}")
+        msgs = [{"role": "user", "content": content}]
         text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return self.tok(text + answer_prefix, add_special_tokens=False)["input_ids"]
 
@@ -127,13 +135,15 @@ def make_sample(b: Builder, task: str, length: int, haystack: str, seed: int) ->
                 needles += [f"One of the special magic {kind}s for {k} is: {_value(kind, rng)}." for k in keys[1:]]
             question = f"What is the special magic {kind} for {key} mentioned in the provided text?"
             prefix = f"The special magic {kind} for {key} mentioned in the provided text is"
+            if task == "niah_qfirst":
+                prefix = f"Answer: the special magic {kind} is"
             answers, max_tokens = [value], 24
         order = rng.random()
 
         def make(n_chars: int) -> list[int]:
             r = random.Random(order)
             context = _insert(b.haystack(haystack, random.Random(seed), n_chars), needles, r)
-            return b.ids(context, question, prefix)
+            return b.ids(context, question, prefix, question_first=task == "niah_qfirst")
     elif task == "vt":
         value = str(rng.randrange(10_000, 100_000))
         names = ["".join(rng.choice(string.ascii_uppercase) for _ in range(5)) for _ in range(5)]

@@ -246,6 +246,7 @@ fn quest_group(
         blocks: &blocks,
         keep: &keep,
         sink_blocks: 1,
+        spread: 0.5,
     };
     let mut ws = vec![0f32; rows * nb];
     let mut out = vec![0i32; rows * keep_blocks];

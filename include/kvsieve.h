@@ -29,7 +29,7 @@
 
 // ABI version: bumped whenever a function signature, struct layout or status meaning changes
 // in a way an already-compiled caller would notice. Additions keep it.
-#define KVS_ABI_VERSION 2
+#define KVS_ABI_VERSION 3
 
 // Outcome of a kvsieve call (`uint32_t` in C).
 enum kvs_status
@@ -223,6 +223,8 @@ typedef struct kvs_selection_params {
   uint32_t min_length;
   // The first `dense_layers` layers read every block.
   uint32_t dense_layers;
+  // The fraction of each block's key range its score counts (`kvs_quest_rows.spread`).
+  float spread;
 } kvs_selection_params;
 
 // What one request asks for itself (`kvs_config_for_request`).
@@ -307,6 +309,10 @@ typedef struct kvs_quest_rows {
   const int32_t *keep;
   // Leading blocks always kept (1: the attention sinks' block).
   uint32_t sink_blocks;
+  // How much of each block's key range (min..max per channel) its score counts, in 0..=1:
+  // 1 is Quest's upper bound of q.k over the block, smaller values shrink the range about
+  // its centre (`kvs_selection_params.spread`, from the config).
+  float spread;
 } kvs_quest_rows;
 
 // Block-selection counts (`kvs_block_select`).
@@ -638,8 +644,8 @@ kvs_status kvs_quest_bound(const struct kvs_kernels *kernels,
                            float *block_scores,
                            size_t block_scores_len);
 
-// One layer's Quest selection for a batch of decode rows: each row's blocks bounded by its
-// query (`[num_rows][num_q_heads][head_dim]`, dtype `query_dtype`) against `block_min` /
+// One layer's Quest selection for a batch of decode rows: each row's blocks scored by its
+// query (the bound over the key box shrunk by `rows.spread`, max over query heads) (`[num_rows][num_q_heads][head_dim]`, dtype `query_dtype`) against `block_min` /
 // `block_max` (`meta_len` floats each, see `kvs_quest_update_block`), and the `keep[r]` best,
 // the first `sink_blocks` and the last block always among them, written in sequence order to
 // `out[r * out_stride..]`, the rest of each row set to `pad`. `workspace` (`workspace_len`

@@ -574,23 +574,29 @@ extern "C" __global__ void kvs_quest_rows_check(Geom g, const i32* table, u32 st
   }
 }
 
-// The CPU's bound_one: q . (q >= 0 ? hi : lo) in 8 lanes, the lanes in order, then the rest,
-// each product and sum rounded on its own (no fused multiply-add), so the bits are the CPU's.
+// The CPU's bound_one: q . (q >= 0 ? hi - t(hi - lo) : lo + t(hi - lo)) in 8 lanes, the lanes
+// in order, then the rest, each product and sum rounded on its own (no fused multiply-add), so
+// the bits are the CPU's. t = (1 - spread) / 2 (quest.rs `shrink`): 0 is Quest's bound.
+__device__ float quest_edge(float x, float l, float u, float t) {
+  float cut = __fmul_rn(t, __fsub_rn(u, l));
+  return __fmul_rn(x, x >= 0.f ? __fsub_rn(u, cut) : __fadd_rn(l, cut));
+}
+
 __device__ float quest_bound_one(u64 query, u64 q_dtype, u64 qbase, const float* lo, const float* hi,
-                                 u64 dim) {
+                                 u64 dim, float t) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   u64 n8 = dim / 8 * 8;
   for (u64 c = 0; c < n8; c += 8) {
     for (int i = 0; i < 8; i++) {
       float x = load_f32(query, q_dtype, qbase + c + i);
-      acc[i] = __fadd_rn(acc[i], __fmul_rn(x, x >= 0.f ? hi[c + i] : lo[c + i]));
+      acc[i] = __fadd_rn(acc[i], quest_edge(x, lo[c + i], hi[c + i], t));
     }
   }
   float s = acc[0];
   for (int i = 1; i < 8; i++) s = __fadd_rn(s, acc[i]);
   for (u64 d = n8; d < dim; d++) {
     float x = load_f32(query, q_dtype, qbase + d);
-    s = __fadd_rn(s, __fmul_rn(x, x >= 0.f ? hi[d] : lo[d]));
+    s = __fadd_rn(s, quest_edge(x, lo[d], hi[d], t));
   }
   return s;
 }
@@ -601,9 +607,10 @@ __device__ float quest_bound_one(u64 query, u64 q_dtype, u64 qbase, const float*
 // out[r * out_stride..], the rest set to pad. No scratch: the middle's positions are selected
 // into the output row itself and mapped to block ids in place.
 extern "C" __global__ void kvs_quest_select(Geom g, const i32* table, u32 stride, const i32* blocks,
-                                            const i32* keep, u32 sink_blocks, u64 query, u64 q_dtype,
-                                            u32 q_heads, const float* block_min, const float* block_max,
-                                            float* ws, i32* out, u32 out_stride, i32 pad, const u32* err) {
+                                            const i32* keep, u32 sink_blocks, float shrink, u64 query,
+                                            u64 q_dtype, u32 q_heads, const float* block_min,
+                                            const float* block_max, float* ws, i32* out, u32 out_stride,
+                                            i32 pad, const u32* err) {
   if (*(volatile const u32*)err) return;
   __shared__ u32 hist[2048];
   __shared__ u32 sh[32];
@@ -617,7 +624,8 @@ extern "C" __global__ void kvs_quest_select(Geom g, const i32* table, u32 stride
     float best = -KVS_INF;
     for (u64 qh = 0; qh < q_heads; qh++) {
       u64 m = at + (qh / group) * g.dim;
-      best = fmaxf(best, quest_bound_one(query, q_dtype, qrow + qh * g.dim, block_min + m, block_max + m, g.dim));
+      best = fmaxf(best,
+                   quest_bound_one(query, q_dtype, qrow + qh * g.dim, block_min + m, block_max + m, g.dim, shrink));
     }
     s[j] = best;
   }

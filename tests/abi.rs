@@ -395,7 +395,7 @@ fn plan_selection(
 #[test]
 fn selection_params_and_plan_through_the_abi() {
     let c =
-        config("[selection]\npolicy='quest'\nbudget_tokens=100\nmin_length=1000\ndense_layers=3\n");
+        config("[selection]\npolicy='quest'\nbudget_tokens=100\nmin_length=1000\ndense_layers=3\nspread=0.25\n");
     let mut s = SelectionParams::default();
     assert_eq!(
         unsafe { kvs_config_selection_params(c, &mut s) },
@@ -407,9 +407,10 @@ fn selection_params_and_plan_through_the_abi() {
             s.budget_tokens,
             s.budget_ratio,
             s.min_length,
-            s.dense_layers
+            s.dense_layers,
+            s.spread
         ),
-        (PolicyId::Quest as u32, 100, 0.0, 1000, 3)
+        (PolicyId::Quest as u32, 100, 0.0, 1000, 3, 0.25)
     );
     // No [sparsity]: every phase evicts nothing.
     let mut p = PolicyParams::default();

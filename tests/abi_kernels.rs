@@ -793,6 +793,7 @@ fn quest_selection_of_a_batch_through_the_abi() {
         blocks: blocks.as_ptr(),
         keep: keep.as_ptr(),
         sink_blocks: 1,
+        spread: 1.0,
     };
     let k = cpu();
     let (mut ws, mut out) = (vec![0f32; 2 * stride], vec![0i32; 2 * 6]);
@@ -822,6 +823,7 @@ fn quest_selection_of_a_batch_through_the_abi() {
         blocks: &blocks,
         keep: &keep,
         sink_blocks: 1,
+        spread: 1.0,
     };
     let (mut ws2, mut want) = (vec![0f32; 2 * stride], vec![0i32; 2 * 6]);
     quest_select(

@@ -857,10 +857,11 @@ fn quest_selection_of_a_batch_matches_cpu_bit_for_bit() {
     let keep = [32i32, 8, 10, 119, 1];
     let n = blocks.len();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    for (heads, gqa, dim, qdtype, sinks) in [
-        (2usize, 4usize, 64usize, DType::F32, 1u32),
-        (3, 3, 75, DType::Bf16, 0),
-        (1, 2, 12, DType::F16, 2),
+    // Spreads: the configured default, Quest's bound, a box shrunk to its centre.
+    for (heads, gqa, dim, qdtype, sinks, spread) in [
+        (2usize, 4usize, 64usize, DType::F32, 1u32, 0.5f32),
+        (3, 3, 75, DType::Bf16, 0, 1.0),
+        (1, 2, 12, DType::F16, 2, 0.0),
     ] {
         let t = TestCache::new(Layout::Nhd, DType::F32, num_blocks, 16, heads, dim);
         let dev = upload(&g, &t);
@@ -903,6 +904,7 @@ fn quest_selection_of_a_batch_matches_cpu_bit_for_bit() {
             blocks: blocks.as_ptr(),
             keep: keep.as_ptr(),
             sink_blocks: sinks,
+            spread,
         };
         let (mut ws, mut out) = (vec![0f32; n * stride], vec![0i32; n * out_stride]);
         let s = unsafe {

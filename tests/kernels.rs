@@ -478,6 +478,7 @@ proptest! {
         head_dim in prop::sample::select(vec![8usize, 12, 64, 72]),
         nrows in 1..=8usize,
         sink_blocks in 0..=2usize,
+        spread in prop::sample::select(vec![0.0f32, 0.3, 0.5, 1.0]),
     ) {
         let mut rng = Rng(seed);
         let (num_blocks, stride, out_stride) = (300usize, 48usize, 50usize);
@@ -494,7 +495,7 @@ proptest! {
         }
         let hq = heads * gqa;
         let query: Vec<f32> = (0..nrows * hq * head_dim).map(|_| rng.unit()).collect();
-        let rows = QuestRows { table: &table, stride, blocks: &blocks, keep: &keep, sink_blocks };
+        let rows = QuestRows { table: &table, stride, blocks: &blocks, keep: &keep, sink_blocks, spread };
         let mut ws = vec![0f32; nrows * stride];
         let mut out = vec![0i32; nrows * out_stride];
         quest_select(&cache, &rows, &query, hq, &lo, &hi, &mut ws, &mut out, out_stride, -1).unwrap();
@@ -502,7 +503,7 @@ proptest! {
             let row = &table[r * stride..r * stride + blocks[r] as usize];
             let q = &query[r * hq * head_dim..(r + 1) * hq * head_dim];
             let (bounds, want) = reference::quest_select_row(row, keep[r] as usize, sink_blocks, q, hq,
-                                                             heads, head_dim, &lo, &hi);
+                                                             heads, head_dim, &lo, &hi, spread);
             let kept = rows.kept(r);
             prop_assert_eq!(kept, want.len());
             let got: Vec<usize> = out[r * out_stride..r * out_stride + kept].iter()
@@ -542,6 +543,7 @@ fn quest_select_refuses_bad_arguments() {
         blocks: &blocks,
         keep: &keep,
         sink_blocks: 1,
+        spread: 1.0,
     };
     let q = [0.5f32; 8];
     let mut out = [0i32; 4];
@@ -566,6 +568,10 @@ fn quest_select_refuses_bad_arguments() {
     assert!(e.contains("table row 0, block 2: id 9"), "{e}");
     let e = err(&QuestRows { keep: &[1], ..rows }, &q, 4);
     assert!(e.contains("keep[0] = 1 must exceed sink_blocks = 1"), "{e}");
+    for spread in [-0.1f32, 1.5, f32::NAN] {
+        let e = err(&QuestRows { spread, ..rows }, &q, 4);
+        assert!(e.contains("must be in 0..=1"), "{e}");
+    }
     let mut w = [0f32; 4];
     quest_select(&cache, &rows, &q, 1, &lo, &hi, &mut w, &mut out, 4, -1).unwrap();
     assert_eq!(out[2..], [-1, -1]);

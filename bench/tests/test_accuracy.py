@@ -135,3 +135,19 @@ def test_token_budget_runs_are_named_checked_and_reported():
     md = accuracy.token_report(result)
     assert md.index("| quest at 1024 tokens |") < md.index("| snapkv at 1024 tokens |")
     assert "| niah_number | 4/4 | 4/4 | yes |" in md and "| niah_word |" not in md.split("Goal")[1], md
+
+
+def test_the_question_first_task_says_nothing_of_the_key_at_the_end():
+    """`niah_qfirst` asks before the document and its last tokens (what a SnapKV window sees)
+    name no key; the needle with its value is in the document and the question names its key."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_model())
+    for hay in ("prose", "filler"):
+        s = accuracy.ruler.suite(tok, accuracy.PROSE, [("niah_qfirst", 1024, hay, 0)], seed=7)[0]
+        text = tok.decode(s.prompt)
+        key = next(k for k in accuracy.ruler.KEYS if f"magic number for {k} mentioned" in text)
+        ask, needle = text.index(f"number for {key} mentioned"), text.index(f"for {key} is: {s.answers[0]}")
+        assert ask < needle and len(s.prompt) <= 1024 - s.max_tokens
+        tail = tok.decode(s.prompt[-64:])
+        assert key not in tail and not any(k in tail for k in accuracy.ruler.KEYS), tail

@@ -152,6 +152,10 @@ pub struct Selection {
     pub min_length: u32,
     /// The first `dense_layers` layers always read every block (Quest's paper keeps two).
     pub dense_layers: u32,
+    /// How much of a block's key range (per channel, min..max) its score counts, 0..=1: 1 is
+    /// Quest's upper bound of q.k, smaller values shrink the range about its centre (a block is
+    /// then ranked more by its typical keys than by its extremes).
+    pub spread: f32,
 }
 
 /// The first block (attention sinks) is always read; so is the last, the one being written.

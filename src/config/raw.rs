@@ -65,4 +65,5 @@ pub(super) struct RawSelection {
     pub budget_ratio: Option<Spanned<f64>>,
     pub min_length: Option<Spanned<i64>>,
     pub dense_layers: Option<Spanned<i64>>,
+    pub spread: Option<Spanned<f64>>,
 }

@@ -470,18 +470,18 @@ fn a_selection_section_alone_is_valid_with_its_defaults() {
     assert!(c.sparsity.is_none() && c.decode.is_none() && c.prefill.is_none());
     let s = c.selection.unwrap();
     assert_eq!(
-        (s.policy, s.budget, s.min_length, s.dense_layers),
-        (Policy::Quest, Budget::Tokens(1024), 0, 2)
+        (s.policy, s.budget, s.min_length, s.dense_layers, s.spread),
+        (Policy::Quest, Budget::Tokens(1024), 0, 2, 0.5)
     );
     let c = Config::from_toml_str(
         "[sparsity]\npolicy='snapkv'\nbudget_ratio=0.5\n[selection]\npolicy='quest'\nbudget_ratio=0.25\n\
-         min_length=2048\ndense_layers=0\n",
+         min_length=2048\ndense_layers=0\nspread=1.0\n",
     )
     .unwrap();
     let s = c.selection.as_ref().unwrap();
     assert_eq!(
-        (s.budget, s.min_length, s.dense_layers),
-        (Budget::Ratio(0.25), 2048, 0)
+        (s.budget, s.min_length, s.dense_layers, s.spread),
+        (Budget::Ratio(0.25), 2048, 0, 1.0)
     );
     assert_eq!(sp(&c).policy, Policy::SnapKv);
 }
@@ -520,6 +520,10 @@ fn selection_refusals_name_key_fix_and_line() {
         (
             "[selection]\npolicy = \"quest\"\nbudget_tokens = 64\ndense_layers = -1\n",
             &["selection.dense_layers = -1", "0 <="],
+        ),
+        (
+            "[selection]\npolicy = \"quest\"\nbudget_tokens = 64\nspread = 1.5\n",
+            &["selection.spread = 1.5", "line 4", "0 <= selection.spread <= 1", "upper bound"],
         ),
         (
             "[selection]\npolicy = \"quest\"\nbudget_tokens = 64\n[decode]\npolicy = \"knorm\"\ninterval = 8\n",

@@ -23,6 +23,9 @@ const MAX_POOL_KERNEL: i64 = 255;
 const DEFAULT_MIN_BUDGET_RATIO: f64 = 0.1;
 /// Quest (Tang et al. 2024) leaves the first two layers dense: their attention is spread wide.
 const DEFAULT_DENSE_LAYERS: u32 = 2;
+/// `[selection] spread`'s default, measured on SmolLM2 (bench/README.md, "Block selection"):
+/// Quest's full bound (1.0) ranked a needle's block too low in some layers.
+const DEFAULT_SPREAD: f32 = 0.5;
 /// Checked against the model's layer count at start-up; this only bounds the number.
 const MAX_DENSE_LAYERS: i64 = 1 << 16;
 
@@ -224,11 +227,22 @@ fn selection(src: &Source, section: &Spanned<RawSelection>) -> Result<Selection>
         MAX_DENSE_LAYERS,
         DEFAULT_DENSE_LAYERS,
     )?;
+    let spread = match &s.spread {
+        None => DEFAULT_SPREAD,
+        Some(v) if (0.0..=1.0).contains(v.get_ref()) => *v.get_ref() as f32,
+        Some(v) => return Err(src.bad(
+            "selection.spread",
+            v,
+            "allowed: 0 <= selection.spread <= 1 (1: Quest's upper bound over each block's key \
+                 range; 0: the range's centre)",
+        )),
+    };
     Ok(Selection {
         policy,
         budget,
         min_length,
         dense_layers,
+        spread,
     })
 }
 

@@ -12,6 +12,7 @@ use crate::kernels::page_table::check_row_len;
 use crate::kernels::score::knorm::check_knorm;
 use crate::kernels::score::quest::{
     check_block_fill, check_block_list, check_bound_shape, check_meta, check_quest_sizes,
+    check_spread, shrink,
 };
 use crate::kernels::score::snapkv::SnapKv;
 use crate::kernels::select::{BlockSelect, TokenSelect};
@@ -89,6 +90,7 @@ pub struct QuestRowsDev {
     pub blocks: u64,
     pub keep: u64,
     pub sink_blocks: usize,
+    pub spread: f32,
 }
 
 /// Workspace of block selection over one row of `row_len` blocks.
@@ -648,6 +650,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let g = geom(cache)?;
         check_meta(cache, meta_len, meta_len)?;
+        check_spread(rows.spread)?;
         check_quest_sizes(
             cache,
             rows.num_rows,
@@ -677,6 +680,7 @@ impl CudaBackend {
                 q_heads as u32,
                 out_stride as u32,
             );
+            let t = shrink(rows.spread);
             let grid = (rows.num_rows as u32, 1, 1);
             launch!(
                 self,
@@ -701,6 +705,7 @@ impl CudaBackend {
                 &rows.blocks,
                 &rows.keep,
                 &sinks,
+                &t,
                 &query,
                 &q_dtype,
                 &q32,

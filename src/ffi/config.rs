@@ -229,6 +229,8 @@ pub struct SelectionParams {
     pub min_length: u32,
     /// The first `dense_layers` layers read every block.
     pub dense_layers: u32,
+    /// The fraction of each block's key range its score counts (`kvs_quest_rows.spread`).
+    pub spread: f32,
 }
 
 /// Write `config`'s `[selection]` to `*out` (policy `KVS_POLICY_NONE` and zeros without one).
@@ -254,6 +256,7 @@ pub unsafe extern "C" fn kvs_config_selection_params(
                     budget_ratio,
                     min_length: s.min_length,
                     dense_layers: s.dense_layers,
+                    spread: s.spread,
                 }
             }
         };

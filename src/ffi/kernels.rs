@@ -1023,10 +1023,14 @@ pub struct QuestRowsDesc {
     pub keep: *const i32,
     /// Leading blocks always kept (1: the attention sinks' block).
     pub sink_blocks: u32,
+    /// How much of each block's key range (min..max per channel) its score counts, in 0..=1:
+    /// 1 is Quest's upper bound of q.k over the block, smaller values shrink the range about
+    /// its centre (`kvs_selection_params.spread`, from the config).
+    pub spread: f32,
 }
 
-/// One layer's Quest selection for a batch of decode rows: each row's blocks bounded by its
-/// query (`[num_rows][num_q_heads][head_dim]`, dtype `query_dtype`) against `block_min` /
+/// One layer's Quest selection for a batch of decode rows: each row's blocks scored by its
+/// query (the bound over the key box shrunk by `rows.spread`, max over query heads) (`[num_rows][num_q_heads][head_dim]`, dtype `query_dtype`) against `block_min` /
 /// `block_max` (`meta_len` floats each, see `kvs_quest_update_block`), and the `keep[r]` best,
 /// the first `sink_blocks` and the last block always among them, written in sequence order to
 /// `out[r * out_stride..]`, the rest of each row set to `pad`. `workspace` (`workspace_len`
@@ -1115,6 +1119,7 @@ pub unsafe extern "C" fn kvs_quest_select(
                 blocks: addr(rows.blocks),
                 keep: addr(rows.keep),
                 sink_blocks: rows.sink_blocks as usize,
+                spread: rows.spread,
             };
             return cu.quest_select(
                 &kv,
@@ -1140,6 +1145,7 @@ pub unsafe extern "C" fn kvs_quest_select(
             blocks: arg_slice!(rows.blocks, n, "rows.blocks"),
             keep: arg_slice!(rows.keep, n, "rows.keep"),
             sink_blocks: rows.sink_blocks as usize,
+            spread: rows.spread,
         };
         // SAFETY: the caller promises num_rows * num_q_heads * head_dim elements.
         let q = unsafe { to_f32_vec(query as *const u8, qd, nq) };

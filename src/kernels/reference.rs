@@ -242,8 +242,9 @@ pub fn quest_bound(
         .collect()
 }
 
-/// Quest selection of one row, naively: the bound of each block from the metadata in f64 (max
-/// over query heads), then the sinks, the last block and the best of the rest by a full sort
+/// Quest selection of one row, naively: the score of each block from the metadata in f64 (max
+/// over query heads of the bound over the key box shrunk about its centre to `spread` of its
+/// width; 1 is Quest's bound), then the sinks, the last block and the best of the rest by a full sort
 /// (ties to the earlier block). Returns the bounds and the kept positions, ascending.
 #[allow(clippy::too_many_arguments)]
 pub fn quest_select_row(
@@ -256,8 +257,10 @@ pub fn quest_select_row(
     head_dim: usize,
     min: &[f32],
     max: &[f32],
+    spread: f32,
 ) -> (Vec<f64>, Vec<usize>) {
     let (h, d) = (num_kv_heads, head_dim);
+    let s = spread as f64;
     let group = num_q_heads / h;
     let bounds: Vec<f64> = row
         .iter()
@@ -268,7 +271,9 @@ pub fn quest_select_row(
                     (0..d)
                         .map(|i| {
                             let q = query[qh * d + i] as f64;
-                            (q * min[at + i] as f64).max(q * max[at + i] as f64)
+                            let (lo, hi) = (min[at + i] as f64, max[at + i] as f64);
+                            let (c, w) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
+                            q * c + s * q.abs() * w
                         })
                         .sum::<f64>()
                 })

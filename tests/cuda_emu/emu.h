@@ -70,6 +70,7 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 // Round-to-nearest, never fused: what the device intrinsics promise (the host build is ISO C++,
 // which does not contract a * b + c).
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 
 inline unsigned atomicCAS(unsigned* p, unsigned expected, unsigned desired) {

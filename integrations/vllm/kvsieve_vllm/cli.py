@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if sel.policy:
         print(f"  selection: {POLICY_NAMES[sel.policy]}, each decode step reads {budget(sel)} (whole blocks, the "
               f"first and the last always) of sequences from {sel.min_length} tokens, in every layer from layer "
-              f"{sel.dense_layers} on (the first {sel.dense_layers} read every block)")
+              f"{sel.dense_layers} on (the first {sel.dense_layers} read every block), blocks ranked by "
+              f"{sel.spread:g} of their keys' range (1: Quest's bound)")
     bytes_per_block = None
     info = None
     max_len = max(lengths) + a.output_tokens

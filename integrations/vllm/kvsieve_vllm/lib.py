@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import faults
 
-ABI_VERSION = 2  # KVS_ABI_VERSION of the header this binding mirrors
+ABI_VERSION = 3  # KVS_ABI_VERSION of the header this binding mirrors
 
 PHASE_PREFILL, PHASE_DECODE, PHASE_PREFILL_CHUNK = 0, 1, 2
 DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -51,12 +51,12 @@ class PolicyParams(Structure):
 
 class SelectionParams(Structure):
     _fields_ = [("policy", c_uint32), ("budget_tokens", c_uint32), ("budget_ratio", ctypes.c_double),
-                ("min_length", c_uint32), ("dense_layers", c_uint32)]
+                ("min_length", c_uint32), ("dense_layers", c_uint32), ("spread", ctypes.c_float)]
 
 
 class QuestRows(Structure):
     _fields_ = [("table", c_void_p), ("num_rows", c_uint32), ("stride", c_uint32), ("blocks", c_void_p),
-                ("keep", c_void_p), ("sink_blocks", c_uint32)]
+                ("keep", c_void_p), ("sink_blocks", c_uint32), ("spread", ctypes.c_float)]
 
 
 class RequestArgs(Structure):

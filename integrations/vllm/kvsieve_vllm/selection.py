@@ -93,7 +93,8 @@ class Selector:
     device: object
     kernels: object  # callable -> the runner's kernels handle
     adapter: object  # backends.cpu_attn
-    dtype: object = None  # the model's dtype (the backend's per-step metadata is built for it)
+    dtype: object = None
+    spread: float = 1.0  # selection.spread: how much of a block's key range its score counts  # the model's dtype (the backend's per-step metadata is built for it)
     layers: dict = field(default_factory=dict)  # name -> (desc, block_min, block_max)
     metadata_bytes: int = 0
     step: Step | None = None
@@ -116,7 +117,8 @@ class Selector:
             raise ValueError(f"selection.dense_layers = {params.dense_layers} leaves all {model_layers} layers of "
                              f"this model dense, so selection would do nothing; set it below {model_layers} "
                              "(Quest's default is 2)")
-        sel = Selector(config, params.dense_layers, descs[0].block_size, device, kernels, adapter, dtype)
+        sel = Selector(config, params.dense_layers, descs[0].block_size, device, kernels, adapter, dtype,
+                       params.spread)
         chosen = [(name, desc) for pos, (name, desc) in enumerate(zip(names, descs))
                   if layer_index(name, pos) >= params.dense_layers]
         # min and max, float32 each, per block, KV head and dim of every selected layer.
@@ -248,7 +250,8 @@ class Selector:
         sub = table[rows.to(table.device)].contiguous()
         blocks, keep = blocks.to(dev).contiguous(), keep.to(dev).contiguous()
         quest = QuestRows(table=sub.data_ptr(), num_rows=rows.numel(), stride=sub.shape[1],
-                          blocks=blocks.data_ptr(), keep=keep.data_ptr(), sink_blocks=1)
+                          blocks=blocks.data_ptr(), keep=keep.data_ptr(), sink_blocks=1,
+                          spread=self.spread)
         every_row = rows.numel() == n
         workspace = torch.empty(rows.numel() * sub.shape[1], dtype=torch.float32, device=dev)
         state = self.adapter.selection_state(impl, layer, md, new_lens, self.dtype)

@@ -238,15 +238,22 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
 
 
 @torch.no_grad()
-def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: dict, block_size: int):
+def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: dict, block_size: int,
+                      spread: float = 1.0, ranks: int | None = None, keep: int = 0, dense_layers: int = 0):
     """Block selection's reference (`model` loaded with attn_implementation="eager"): the prompt
     runs dense, then each decode step attends, in layer `i`, only to the blocks `kept[(L, i)]`
     (logical block indices; absent: every block) of the `L` tokens the step's query sees.
     Masked, not gathered: the other positions get -inf before the softmax.
 
-    Returns the log-probabilities of `continuation` and, per (L, layer), Quest's bound of every
+    With `ranks` set, the reference selects by itself, as tensor parallelism does: the KV heads
+    split into `ranks` contiguous shards, and each shard's heads (and their query heads) attend
+    to the `keep` blocks its own scores rank highest (the first and last always) in every layer
+    from `dense_layers` on, when the sequence has more than `keep` blocks.
+
+    Returns the log-probabilities of `continuation` and, per (L, layer), Quest's score of every
     block computed here from the reference's own rotated keys and query: max over query heads of
-    sum_d max(q_d * min_d, q_d * max_d) over the block's keys (float64)."""
+    sum_d (q_d * c_d + spread * |q_d| * w_d), c and w the centre and half-width of the block's
+    keys' range per channel (float64; at spread 1, sum_d max(q_d * min_d, q_d * max_d))."""
     import math
 
     from transformers.models.llama import modeling_llama
@@ -263,14 +270,25 @@ def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: d
             kmin = torch.stack([k[:, b * bs:min((b + 1) * bs, L)].amin(1) for b in range(nb)], 1)
             kmax = torch.stack([k[:, b * bs:min((b + 1) * bs, L)].amax(1) for b in range(nb)], 1)
             q = query[0, :, 0].double().view(k.shape[0], -1, k.shape[2])  # [kv heads, group, D]
-            per_head = torch.maximum(q[:, :, None] * kmin[:, None], q[:, :, None] * kmax[:, None]).sum(-1)
+            centre, half = (kmin + kmax) / 2, (kmax - kmin) / 2
+            per_head = (q[:, :, None] * centre[:, None] + spread * q[:, :, None].abs() * half[:, None]).sum(-1)
             bounds[(L, layer)] = per_head.amax((0, 1))
-            blocks = kept.get((L, layer))
-            if blocks is not None:
-                allow = torch.zeros(L, dtype=torch.bool)
-                for b in blocks:
-                    allow[b * bs:(b + 1) * bs] = True
-                extra = torch.where(allow, 0.0, float("-inf")).to(query.dtype)[None, None, None, :]
+            allow = None  # [query heads or 1, L]
+            if ranks and layer >= dense_layers and nb > keep:
+                group, per_rank = q.shape[1], q.shape[0] // ranks
+                allow = torch.zeros(q.shape[0] * group, L, dtype=torch.bool)
+                for r in range(ranks):
+                    score = per_head[r * per_rank:(r + 1) * per_rank].amax((0, 1))
+                    score[0] = score[-1] = float("inf")
+                    heads = slice(r * per_rank * group, (r + 1) * per_rank * group)  # its query heads
+                    for b in score.topk(keep).indices.tolist():
+                        allow[heads, b * bs:(b + 1) * bs] = True
+            elif kept.get((L, layer)) is not None:
+                allow = torch.zeros(1, L, dtype=torch.bool)
+                for b in kept[(L, layer)]:
+                    allow[:, b * bs:(b + 1) * bs] = True
+            if allow is not None:
+                extra = torch.where(allow, 0.0, float("-inf")).to(query.dtype)[None, :, None, :]
                 attention_mask = extra if attention_mask is None else attention_mask + extra
         return real(module, query, key, value, attention_mask, scaling, **kwargs)
 

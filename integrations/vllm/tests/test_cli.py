@@ -65,7 +65,7 @@ def test_a_selection_config_prints_the_blocks_a_decode_step_reads(capsys):
     assert main([str(CONFIGS / "quest-1024.toml"), "--model", str(model), "--kv-blocks", "1000", "--block-size",
                  "32", "--lengths", "512,1900", "--output-tokens", "64"]) == 0
     out = capsys.readouterr().out
-    assert "eviction: none" in out and "selection: quest" in out and "from layer 2 on" in out, out
+    assert "eviction: none" in out and "selection: quest" in out and "from layer 2 on" in out and "ranked by 0.5 of their keys" in out, out
     table = out[out.index("Block selection:"):]
     rows = _rows(table)
     # 512 tokens: within the budget, every block read; 1900: 32 of 60, and 32 of 62 at the end.

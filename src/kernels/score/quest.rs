@@ -182,6 +182,9 @@ pub struct QuestRows<'a> {
     pub keep: &'a [i32],
     /// Leading blocks always kept (the first holds the attention sinks).
     pub sink_blocks: usize,
+    /// How much of each block's key range its score counts, in [0, 1]: 1 is Quest's upper bound
+    /// (the whole min..max box), 0 the box's centre; see `bound_one`.
+    pub spread: f32,
 }
 
 impl QuestRows<'_> {
@@ -213,6 +216,7 @@ impl QuestRows<'_> {
         out_stride: usize,
     ) -> Result<()> {
         let rows = self.num_rows();
+        check_spread(self.spread)?;
         ensure_arg!(
             self.keep.len() == rows,
             "keep has {} entries; expected one per row ({rows})",
@@ -261,6 +265,15 @@ impl QuestRows<'_> {
         }
         Ok(())
     }
+}
+
+/// A `quest_select` spread (shared with the CUDA path): a fraction of the key box, 0..=1.
+pub(crate) fn check_spread(spread: f32) -> Result<()> {
+    ensure_arg!(
+        (0.0..=1.0).contains(&spread),
+        "spread = {spread} must be in 0..=1 (1: Quest's upper bound, 0: the keys' box centre)"
+    );
+    Ok(())
 }
 
 /// The sizes of a `quest_select` call the host knows on either device: query heads in whole
@@ -425,6 +438,7 @@ fn bound_rows_body(
 ) {
     let (h, d) = (cache.num_kv_heads, cache.head_dim);
     let group = num_q_heads / h;
+    let shrink = shrink(rows.spread);
     for r in 0..rows.num_rows() {
         let q = &query[r * num_q_heads * d..(r + 1) * num_q_heads * d];
         let ids = rows.row(r);
@@ -438,7 +452,7 @@ fn bound_rows_body(
             for kh in 0..h {
                 let (l, u) = (&lo[kh * d..(kh + 1) * d], &hi[kh * d..(kh + 1) * d]);
                 for qh in kh * group..(kh + 1) * group {
-                    best = best.max(bound_one(&q[qh * d..(qh + 1) * d], l, u));
+                    best = best.max(bound_one(&q[qh * d..(qh + 1) * d], l, u, shrink));
                 }
             }
             *o = best;
@@ -446,18 +460,34 @@ fn bound_rows_body(
     }
 }
 
-/// `Σ_d max(q_d·lo_d, q_d·hi_d)`, written as `q_d · (q_d >= 0 ? hi_d : lo_d)` (the same product,
-/// since lo <= hi) in 8 lanes so it becomes a compare, a blend, a multiply and an add per vector;
-/// then the lanes in order and the remainder. kernels/kvsieve.cu (`quest_bound_one`) sums in
-/// this order, unfused, so the CPU and CUDA bounds are the same bits.
+/// The fraction of its width each side of a block's key box loses before bounding:
+/// `(1 - spread) / 2`, so `spread` 1 keeps the box (0.0, Quest's bound) and 0 shrinks it to its
+/// centre (0.5). Computed once per call, the same way on CPU and CUDA.
 #[inline(always)]
-fn bound_one(q: &[f32], lo: &[f32], hi: &[f32]) -> f32 {
+pub(crate) fn shrink(spread: f32) -> f32 {
+    (1.0 - spread) * 0.5
+}
+
+/// `Σ_d max(q_d·lo'_d, q_d·hi'_d)` over the box shrunk by `t` (`shrink`) each side:
+/// `hi' = hi - t·(hi - lo)`, `lo' = lo + t·(hi - lo)`, so that at `t = 0` it is Quest's bound
+/// of `q·k` over the block's keys, and for larger `t` it weighs the box's centre more than its
+/// extremes. Written as `q_d · (q_d >= 0 ? hi'_d : lo'_d)` (the same product, since
+/// lo' <= hi') in 8 lanes, so it becomes a few multiplies, a compare, a blend and an add per
+/// vector; then the lanes in order and the remainder. kernels/kvsieve.cu (`quest_bound_one`)
+/// does these operations in this order, unfused, so the CPU and CUDA scores are the same bits
+/// (and at `t = 0` the same bits as the plain bound: `hi - 0·w` is `hi`).
+#[inline(always)]
+fn bound_one(q: &[f32], lo: &[f32], hi: &[f32], t: f32) -> f32 {
+    let edge = |x: f32, l: f32, u: f32| {
+        let cut = t * (u - l);
+        x * if x >= 0.0 { u - cut } else { l + cut }
+    };
     let mut acc = [0f32; 8];
     let (cq, cl, cu) = (q.chunks_exact(8), lo.chunks_exact(8), hi.chunks_exact(8));
     let (rq, rl, ru) = (cq.remainder(), cl.remainder(), cu.remainder());
     for ((x, l), u) in cq.zip(cl).zip(cu) {
         for i in 0..8 {
-            acc[i] += x[i] * if x[i] >= 0.0 { u[i] } else { l[i] };
+            acc[i] += edge(x[i], l[i], u[i]);
         }
     }
     let mut s = acc[0];
@@ -465,7 +495,7 @@ fn bound_one(q: &[f32], lo: &[f32], hi: &[f32]) -> f32 {
         s += a;
     }
     for ((x, l), u) in rq.iter().zip(rl).zip(ru) {
-        s += x * if *x >= 0.0 { *u } else { *l };
+        s += edge(*x, *l, *u);
     }
     s
 }
@@ -521,6 +551,7 @@ mod tests {
             blocks: &blocks,
             keep: &keep,
             sink_blocks: 1,
+            spread: 0.5,
         };
         let q: Vec<f32> = (0..2 * nq * d).map(|_| unit()).collect();
         let (mut fast, mut plain) = (vec![0f32; 2 * stride], vec![0f32; 2 * stride]);

@@ -1,0 +1,145 @@
+"""Choose `[selection] spread` offline: SmolLM2 answers needle prompts with each decode step's
+attention masked, per layer, to the blocks Quest's rule picks at a given spread.
+
+    .venv/bin/python bench/selection_sweep.py                        # the sweep behind the default
+    .venv/bin/python bench/selection_sweep.py --spreads 1,0.5 --budgets 512,1024 --samples 2
+
+The same rule as the library (`kvs_quest_select`, `reference.selected_logprobs` in the vLLM
+tests): a block's score is the max over query heads of sum_d q_d*c_d + spread*|q_d|*w_d, c and w
+the centre and half-width of its keys' range per channel (spread 1: Quest's upper bound of q.k);
+the first and the last block always read, the rest of `budget` tokens by score, in every layer
+from `dense_layers` on; the prompt itself runs dense. Here in torch on HF transformers (masked,
+not gathered), so a sweep needs no engine restarts; vLLM's figures are bench/accuracy.py's.
+
+The prompts come from `--seed` (default 2): a split of its own, neither the development split
+(0) the accuracy suite reports nor the held-out one (1), so the default is not chosen on the
+prompts it is then measured on. Writes bench/results/<name>.json (found/asked per spread, budget,
+task and length, the answers, provenance)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import provenance  # noqa: E402
+import ruler  # noqa: E402
+from accuracy import BLOCK, PROSE, cells  # noqa: E402
+
+TUNING_SEED = 2
+
+
+def block_scores(q, k, block: int, spread: float):
+    """[nb] scores of the blocks of keys `k` [kv_heads, L, D] for the query `q` [q_heads, D]."""
+    import torch
+
+    h, n, d = k.shape
+    nb = math.ceil(n / block)
+    pad = nb * block - n
+    kk = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(h, nb, block, d)
+    lo, hi = kk.amin(2), kk.amax(2)
+    if pad:  # the partial last block: its filled slots only
+        lo[:, -1], hi[:, -1] = k[:, (nb - 1) * block:].amin(1), k[:, (nb - 1) * block:].amax(1)
+    centre, half = (lo + hi) / 2, (hi - lo) / 2
+    qg = q.view(h, -1, d)[:, :, None]  # [kv heads, group, 1, D]
+    per_head = (qg * centre[:, None] + spread * qg.abs() * half[:, None]).sum(-1)
+    return per_head.reshape(-1, nb).amax(0)
+
+
+def make_attention(state: dict, block: int):
+    """An attention function for transformers' AttentionInterface: sdpa, with each decode step's
+    keys masked per layer to the selected blocks when `state["budget"]` is set."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kw):
+        n = key.shape[2]
+        keep = state["budget"] and state["budget"] // block
+        if keep and query.shape[2] == 1 and module.layer_idx >= state["dense_layers"] and math.ceil(n / block) > keep:
+            s = block_scores(query[0, :, 0].float(), key[0].float(), block, state["spread"])
+            s[0] = s[-1] = float("inf")
+            allow = torch.zeros(s.numel(), dtype=torch.bool)
+            allow[s.topk(keep).indices] = True
+            extra = torch.where(allow.repeat_interleave(block)[:n], 0.0, float("-inf")).to(query.dtype)
+            extra = extra[None, None, None, :]
+            attention_mask = extra if attention_mask is None else attention_mask + extra
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
+
+    return attention
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default="niah_number,niah_multikey")
+    ap.add_argument("--lengths", default="2048,4096")
+    ap.add_argument("--samples", type=int, default=3, help="prompts per task and length")
+    ap.add_argument("--seed", type=int, default=TUNING_SEED)
+    ap.add_argument("--spreads", default="1,0.75,0.5,0.25")
+    ap.add_argument("--budgets", default="1024", help="tokens each decode step reads")
+    ap.add_argument("--dense-layers", type=int, default=2)
+    ap.add_argument("--name", default="selection-spread")
+    a = ap.parse_args(argv)
+    if a.seed in (0, 1):
+        raise SystemExit(f"--seed {a.seed} is the accuracy suite's {'development' if a.seed == 0 else 'held-out'} "
+                         "split; tune on another (default 2)")
+
+    import torch
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    import smollm2
+
+    torch.set_num_threads(2)
+    model_dir = smollm2.ensure()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    state = {"budget": 0, "spread": 1.0, "dense_layers": a.dense_layers}
+    AttentionInterface.register("kvsieve_selection_sweep", make_attention(state, BLOCK))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="kvsieve_selection_sweep").eval()
+    c = {"tasks": a.tasks.split(","), "lengths": [int(x) for x in a.lengths.split(",")],
+         "long_tasks": a.tasks.split(","), "samples": a.samples, "samples_long": a.samples}
+    samples = [ruler.as_dict(s) for s in ruler.suite(tok, PROSE, cells(c), a.seed)]
+
+    @torch.no_grad()
+    def generate(prompt: list[int], max_tokens: int) -> list[int]:
+        out = model(torch.tensor([prompt]), use_cache=True)
+        got = [int(out.logits[0, -1].argmax())]
+        while len(got) < max_tokens and got[-1] != tok.eos_token_id:
+            out = model(torch.tensor([[got[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            got.append(int(out.logits[0, -1].argmax()))
+        return got
+
+    runs = [("dense", 0, 1.0)] + [(f"spread={float(s):g}@{b}", int(b), float(s))
+                                  for b in a.budgets.split(",") for s in a.spreads.split(",")]
+    result: dict = {"samples": [{k: s[k] for k in ("id", "task", "length", "answers")} for s in samples],
+                    "runs": {}}
+    t0 = time.time()
+    for name, budget, spread in runs:
+        state.update(budget=budget, spread=spread)
+        cellwise: dict = {}
+        answers = []
+        for s in samples:
+            text = tok.decode(generate(s["prompt"], s["max_tokens"]), skip_special_tokens=True)
+            cell = cellwise.setdefault(s["task"], {}).setdefault(str(s["length"]), [0, 0])
+            cell[0] += ruler.score(text, s["answers"])
+            cell[1] += 1
+            answers.append(text)
+        found = sum(x[0] for t in cellwise.values() for x in t.values())
+        result["runs"][name] = {"budget": budget, "spread": spread, "found": found, "asked": len(samples),
+                                "cells": cellwise, "answers": answers}
+        print(f"[sweep] {name}: {found}/{len(samples)} {cellwise} ({time.time() - t0:.0f} s)", flush=True)
+    result["provenance"] = provenance.record(model=model_dir, model_name="SmolLM2-135M-Instruct", seed=a.seed,
+                                             block_size=BLOCK, dense_layers=a.dense_layers,
+                                             engine="HF transformers (masked attention), not vLLM")
+    out = HERE / "results" / f"{a.name}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"[sweep] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
