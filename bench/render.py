@@ -2,7 +2,8 @@
 
 Two kinds of places in the Markdown are owned by this script:
 - blocks between `<!-- render:NAME -->` and `<!-- /render:NAME -->`: a table rendered whole
-  (NAME: `summary`, `demo`, `ci`, or `serving:FILE` for one result's full serving table);
+  (NAME: `summary`, `demo`, `ci`, `serving:FILE` for one result's full serving table, or
+  `accuracy:`, `accuracy-lengths:`, `accuracy-paired:`, `accuracy-tokens:FILE` for accuracy tables);
 - inline quotes: a number followed by `<!-- q FILE:PATH|FORMAT -->`, e.g.
   `1.43x<!-- q demo.json:ratios/kvsieve/output_tokens_per_s/median|{:.2f}x -->`: PATH is
   keys (or list indices) into bench/results/FILE separated by `/`, FORMAT a Python format
@@ -290,6 +291,16 @@ def render_accuracy_paired(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_accuracy_tokens(name: str) -> str:
+    """The token-budget runs (block selection and eviction at the same token counts) beside
+    dense: by task, by length, and the Quest goal (`accuracy.token_report`)."""
+    from accuracy import token_report
+
+    r = load(name)
+    body = token_report(r).strip("\n").replace("#### ", "")
+    return body + f"\n\n`bench/results/{name}`, {measured(r)}, {len(r['samples'])} prompts\n"
+
+
 def render_soak(names: list[str]) -> str:
     """The soak runs: load, requests and their outcomes, tokens, preemptions, memory, blocks back."""
     lines = ["| run | measured (date, commit) | load | requests | completed valid (whole + streamed) | hung up mid-stream "
@@ -317,6 +328,8 @@ def render_block(name: str) -> str:
         return render_accuracy(name.split(":", 1)[1])
     if name.startswith("accuracy-paired:"):
         return render_accuracy_paired(name.split(":", 1)[1])
+    if name.startswith("accuracy-tokens:"):
+        return render_accuracy_tokens(name.split(":", 1)[1])
     if name.startswith("accuracy-lengths:"):
         return render_accuracy_lengths(name.split(":", 1)[1])
     return {"summary": render_summary, "demo": render_demo, "ci": render_ci, "kernels": render_kernels}[name]()

@@ -59,7 +59,7 @@ def make_attention(state: dict, block: int):
 
     def attention(module, query, key, value, attention_mask, scaling=None, **kw):
         n = key.shape[2]
-        keep = state["budget"] and state["budget"] // block
+        keep = state["budget"] and -(-state["budget"] // block)  # rounded up to blocks, as the library
         if keep and query.shape[2] == 1 and module.layer_idx >= state["dense_layers"] and math.ceil(n / block) > keep:
             s = block_scores(query[0, :, 0].float(), key[0].float(), block, state["spread"])
             s[0] = s[-1] = float("inf")

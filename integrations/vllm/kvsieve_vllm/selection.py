@@ -93,8 +93,8 @@ class Selector:
     device: object
     kernels: object  # callable -> the runner's kernels handle
     adapter: object  # backends.cpu_attn
-    dtype: object = None
-    spread: float = 1.0  # selection.spread: how much of a block's key range its score counts  # the model's dtype (the backend's per-step metadata is built for it)
+    dtype: object = None  # the model's dtype (the backend's per-step metadata is built for it)
+    spread: float = 0.5  # selection.spread: how much of a block's key range its score counts
     layers: dict = field(default_factory=dict)  # name -> (desc, block_min, block_max)
     metadata_bytes: int = 0
     step: Step | None = None

@@ -239,7 +239,8 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
 
 @torch.no_grad()
 def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: dict, block_size: int,
-                      spread: float = 1.0, ranks: int | None = None, keep: int = 0, dense_layers: int = 0):
+                      spread: float = 1.0, ranks: int | None = None, keep: int = 0, dense_layers: int = 0,
+                      margins: list | None = None):
     """Block selection's reference (`model` loaded with attn_implementation="eager"): the prompt
     runs dense, then each decode step attends, in layer `i`, only to the blocks `kept[(L, i)]`
     (logical block indices; absent: every block) of the `L` tokens the step's query sees.
@@ -248,7 +249,8 @@ def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: d
     With `ranks` set, the reference selects by itself, as tensor parallelism does: the KV heads
     split into `ranks` contiguous shards, and each shard's heads (and their query heads) attend
     to the `keep` blocks its own scores rank highest (the first and last always) in every layer
-    from `dense_layers` on, when the sequence has more than `keep` blocks.
+    from `dense_layers` on, when the sequence has more than `keep` blocks; `margins`, when given,
+    receives each such choice's gap between the last block kept and the best block dropped.
 
     Returns the log-probabilities of `continuation` and, per (L, layer), Quest's score of every
     block computed here from the reference's own rotated keys and query: max over query heads of
@@ -275,10 +277,14 @@ def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: d
             bounds[(L, layer)] = per_head.amax((0, 1))
             allow = None  # [query heads or 1, L]
             if ranks and layer >= dense_layers and nb > keep:
+                assert q.shape[0] % ranks == 0, "each rank holds its own KV heads (none replicated)"
                 group, per_rank = q.shape[1], q.shape[0] // ranks
                 allow = torch.zeros(q.shape[0] * group, L, dtype=torch.bool)
                 for r in range(ranks):
                     score = per_head[r * per_rank:(r + 1) * per_rank].amax((0, 1))
+                    if margins is not None:
+                        top = score[1:-1].sort(descending=True).values
+                        margins.append(float(top[keep - 3] - top[keep - 2]))  # keep - 2 middle blocks
                     score[0] = score[-1] = float("inf")
                     heads = slice(r * per_rank * group, (r + 1) * per_rank * group)  # its query heads
                     for b in score.topk(keep).indices.tolist():
