@@ -52,8 +52,9 @@ def load(name: str) -> dict:
 
 
 def cells_total(tree: dict) -> tuple[int, int]:
-    """Found and prompt counts over an accuracy cell tree {task: {length: [found, of]}}."""
-    pairs = [kn for lengths in tree.values() for kn in lengths.values()]
+    """Found and prompt counts over an accuracy cell tree {task: {length: [found, of]}}, or one
+    task's {length: [found, of]}."""
+    pairs = [kn for v in tree.values() for kn in (v.values() if isinstance(v, dict) else [v])]
     return sum(k for k, _ in pairs), sum(n for _, n in pairs)
 
 

@@ -75,9 +75,10 @@ def _selection_table(config, sel, lengths: list[int], out: int, bs: int, info: d
         total = f" = {kv_blocks * per_block / 2**20:.1f} MiB for {kv_blocks} blocks" if kv_blocks else ""
         print(f"Metadata (float32 min and max keys per block, KV head and selected layer): {per_block} bytes per "
               f"block{total}, allocated beside the KV cache.")
-    print("Select or evict: selection keeps every token (a later question can still use any of them) and makes "
-          "decode steps read less, but saves no memory; eviction frees KV blocks, so more requests fit, at the "
-          "cost of the tokens it drops. Both together: selection reads among the blocks eviction kept.")
+    print("Select or evict: selection keeps every token (a later question, or one asked before the document, can "
+          "still use any of them) and makes decode steps read less, but saves no memory; eviction frees KV blocks, "
+          "so more requests fit, at the cost of the tokens it drops (chosen by the prompt's end). Both together: "
+          "selection reads among the blocks eviction kept. Measured: bench/README.md, \"Block selection\".")
 
 
 def model_info(path: Path) -> dict:
