@@ -645,13 +645,15 @@ kvs_status kvs_quest_bound(const struct kvs_kernels *kernels,
                            size_t block_scores_len);
 
 // One layer's Quest selection for a batch of decode rows: each row's blocks scored by its
-// query (the bound over the key box shrunk by `rows.spread`, max over query heads) (`[num_rows][num_q_heads][head_dim]`, dtype `query_dtype`) against `block_min` /
-// `block_max` (`meta_len` floats each, see `kvs_quest_update_block`), and the `keep[r]` best,
-// the first `sink_blocks` and the last block always among them, written in sequence order to
+// query (`[num_rows][num_q_heads][head_dim]`, dtype `query_dtype`) against `block_min` /
+// `block_max` (`meta_len` floats each, see `kvs_quest_update_block`): the bound of q.k over
+// each block's key range shrunk about its centre to `rows.spread` of its width (1: Quest's
+// bound, as `kvs_quest_bound`), max over query heads. The `keep[r]` best, the first
+// `sink_blocks` and the last block always among them, are written in sequence order to
 // `out[r * out_stride..]`, the rest of each row set to `pad`. `workspace` (`workspace_len`
-// floats, at least `num_rows * stride`) is the caller's and holds the bounds afterwards.
+// floats, at least `num_rows * stride`) is the caller's and holds the scores afterwards.
 // On a CUDA handle every array is device memory and the rows are checked on the device (a bad
-// row fails the call at `kvs_kernels_synchronize`, nothing written); the bounds and rows equal
+// row fails the call at `kvs_kernels_synchronize`, nothing written); the scores and rows equal
 // the CPU's bit for bit.
 //
 // # Safety
