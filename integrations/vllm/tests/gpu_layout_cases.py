@@ -540,8 +540,9 @@ def check_selection(layout: str, device="cpu") -> None:
     sees it: a step whose forward completes the blocks of three sequences (70, 100 and 20 tokens;
     the first two over the 48-token budget, 3 blocks of 16) keeps their Quest metadata; the next
     step's decode rows then read, per layer, the first and last block and the block with the
-    highest bound computed here in torch from the keys in the cache (max over query heads of
-    sum_d max(q_d min_d, q_d max_d)), in order, with the reduced lengths; the short one and the
+    highest score computed here in torch from the keys in the cache (max over query heads of
+    sum_d q_d c_d + spread |q_d| w_d, c and w the centre and half-width of the block's key range,
+    spread the config's), in order, with the reduced lengths; the short one and the
     prefill row read everything; FLASH_ATTN's ahead-of-time scheduler metadata is dropped; vLLM's
     own metadata object is never changed."""
     import dataclasses
@@ -570,6 +571,7 @@ def check_selection(layout: str, device="cpu") -> None:
     with kvsieve_settings(QUEST) as s:
         sel = selection.Selector.make(s.config, s.config.selection(), names, descs, LAYERS, torch.device(device),
                                       lambda: kernels, flash_layout, torch.float32)
+        spread = s.config.selection().spread
         table = torch.zeros(4, 8, dtype=torch.int32, device=device)
         for r, row in enumerate(rows):
             table[r, :len(row)] = torch.tensor(row, dtype=torch.int32)
@@ -609,8 +611,9 @@ def check_selection(layout: str, device="cpu") -> None:
                 lo = torch.stack([f.amin(1) for f in full], 1)  # [heads, blocks - 1, head]
                 hi = torch.stack([f.amax(1) for f in full], 1)
                 qr = q[r].double().view(HEADS, 2, HEAD)
-                bound = torch.maximum(qr[:, :, None] * lo[:, None], qr[:, :, None] * hi[:, None]).sum(-1)
-                best = int(bound.amax((0, 1))[1:].argmax()) + 1
+                centre, half = (lo + hi) / 2, (hi - lo) / 2
+                score = (qr[:, :, None] * centre[:, None] + spread * qr[:, :, None].abs() * half[:, None]).sum(-1)
+                best = int(score.amax((0, 1))[1:].argmax()) + 1
                 want = [rows[r][0], rows[r][best], rows[r][blocks - 1]]
                 assert got.block_table[r, :3].tolist() == want, (layout, layer, r, got.block_table[r].tolist(), want)
         sel.after_forward()
