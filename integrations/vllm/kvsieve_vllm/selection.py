@@ -93,8 +93,8 @@ class Selector:
     device: object
     kernels: object  # callable -> the runner's kernels handle
     adapter: object  # backends.cpu_attn
+    spread: float  # selection.spread: how much of a block's key range its score counts
     dtype: object = None  # the model's dtype (the backend's per-step metadata is built for it)
-    spread: float = 0.5  # selection.spread: how much of a block's key range its score counts
     layers: dict = field(default_factory=dict)  # name -> (desc, block_min, block_max)
     metadata_bytes: int = 0
     step: Step | None = None
@@ -117,8 +117,8 @@ class Selector:
             raise ValueError(f"selection.dense_layers = {params.dense_layers} leaves all {model_layers} layers of "
                              f"this model dense, so selection would do nothing; set it below {model_layers} "
                              "(Quest's default is 2)")
-        sel = Selector(config, params.dense_layers, descs[0].block_size, device, kernels, adapter, dtype,
-                       params.spread)
+        sel = Selector(config, params.dense_layers, descs[0].block_size, device, kernels, adapter, params.spread,
+                       dtype)
         chosen = [(name, desc) for pos, (name, desc) in enumerate(zip(names, descs))
                   if layer_index(name, pos) >= params.dense_layers]
         # min and max, float32 each, per block, KV head and dim of every selected layer.

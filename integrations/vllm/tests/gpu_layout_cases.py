@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from kvsieve_vllm.backends import flash_layout
 from kvsieve_vllm.layout import verify_flash_layout
 from kvsieve_vllm.lib import DEVICE, CpuKernels, CudaKernels, KvsieveError, Sequence, TokenSelect, load
+from reference import quest_scores
 
 BS, HEADS, HEAD, BLOCKS, LAYERS = 16, 2, 64, 12, 2
 
@@ -611,9 +612,7 @@ def check_selection(layout: str, device="cpu") -> None:
                 lo = torch.stack([f.amin(1) for f in full], 1)  # [heads, blocks - 1, head]
                 hi = torch.stack([f.amax(1) for f in full], 1)
                 qr = q[r].double().view(HEADS, 2, HEAD)
-                centre, half = (lo + hi) / 2, (hi - lo) / 2
-                score = (qr[:, :, None] * centre[:, None] + spread * qr[:, :, None].abs() * half[:, None]).sum(-1)
-                best = int(score.amax((0, 1))[1:].argmax()) + 1
+                best = int(quest_scores(qr, lo, hi, spread).amax((0, 1))[1:].argmax()) + 1
                 want = [rows[r][0], rows[r][best], rows[r][blocks - 1]]
                 assert got.block_table[r, :3].tolist() == want, (layout, layer, r, got.block_table[r].tolist(), want)
         sel.after_forward()

@@ -237,6 +237,15 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
     return [got[i] for i in range(first, last + 1)]
 
 
+def quest_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spread: float) -> torch.Tensor:
+    """Quest's per-head block scores [kv heads, group, blocks] of queries q [kv heads, group, D]
+    against the blocks' key ranges lo, hi [kv heads, blocks, D]: sum_d q_d * c_d + spread *
+    |q_d| * w_d, c and w the range's centre and half-width (at spread 1, sum_d max(q_d * lo_d,
+    q_d * hi_d), the upper bound of q.k over the block)."""
+    centre, half = (lo + hi) / 2, (hi - lo) / 2
+    return (q[:, :, None] * centre[:, None] + spread * q[:, :, None].abs() * half[:, None]).sum(-1)
+
+
 @torch.no_grad()
 def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: dict, block_size: int,
                       spread: float = 1.0, ranks: int | None = None, keep: int = 0, dense_layers: int = 0,
@@ -272,8 +281,7 @@ def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: d
             kmin = torch.stack([k[:, b * bs:min((b + 1) * bs, L)].amin(1) for b in range(nb)], 1)
             kmax = torch.stack([k[:, b * bs:min((b + 1) * bs, L)].amax(1) for b in range(nb)], 1)
             q = query[0, :, 0].double().view(k.shape[0], -1, k.shape[2])  # [kv heads, group, D]
-            centre, half = (kmin + kmax) / 2, (kmax - kmin) / 2
-            per_head = (q[:, :, None] * centre[:, None] + spread * q[:, :, None].abs() * half[:, None]).sum(-1)
+            per_head = quest_scores(q, kmin, kmax, spread)
             bounds[(L, layer)] = per_head.amax((0, 1))
             allow = None  # [query heads or 1, L]
             if ranks and layer >= dense_layers and nb > keep:
