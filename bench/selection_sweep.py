@@ -11,6 +11,11 @@ the first and the last block always read, the rest of `budget` tokens by score, 
 from `dense_layers` on; the prompt itself runs dense. Here in torch on HF transformers (masked,
 not gathered), so a sweep needs no engine restarts; vLLM's figures are bench/accuracy.py's.
 
+Two variants the library does not ship, kept to measure them again: `--recent-blocks 1,3` always
+reads the last 3 blocks (not only the partial one), `--relative` ranks a block by its bound minus
+the head's best bound before the max over heads (softmax cannot tell a head's scores apart from
+their shift). Both lost prompts on the tuning split (bench/README.md, "Block selection").
+
 The prompts come from `--seed` (default 2): a split of its own, neither the development split
 (0) the accuracy suite reports nor the held-out one (1), so the default is not chosen on the
 prompts it is then measured on. Writes bench/results/<name>.json (found/asked per spread, budget,
@@ -34,7 +39,7 @@ from accuracy import BLOCK, PROSE, cells  # noqa: E402
 TUNING_SEED = 2
 
 
-def block_scores(q, k, block: int, spread: float):
+def block_scores(q, k, block: int, spread: float, relative: bool = False):
     """[nb] scores of the blocks of keys `k` [kv_heads, L, D] for the query `q` [q_heads, D]."""
     import torch
 
@@ -47,8 +52,10 @@ def block_scores(q, k, block: int, spread: float):
         lo[:, -1], hi[:, -1] = k[:, (nb - 1) * block:].amin(1), k[:, (nb - 1) * block:].amax(1)
     centre, half = (lo + hi) / 2, (hi - lo) / 2
     qg = q.view(h, -1, d)[:, :, None]  # [kv heads, group, 1, D]
-    per_head = (qg * centre[:, None] + spread * qg.abs() * half[:, None]).sum(-1)
-    return per_head.reshape(-1, nb).amax(0)
+    per_head = (qg * centre[:, None] + spread * qg.abs() * half[:, None]).sum(-1).reshape(-1, nb)
+    if relative:  # softmax is shift-invariant per head: rank blocks by their distance to the head's best
+        per_head = per_head - per_head.amax(1, keepdim=True)
+    return per_head.amax(0)
 
 
 def make_attention(state: dict, block: int):
@@ -61,8 +68,10 @@ def make_attention(state: dict, block: int):
         n = key.shape[2]
         keep = state["budget"] and -(-state["budget"] // block)  # rounded up to blocks, as the library
         if keep and query.shape[2] == 1 and module.layer_idx >= state["dense_layers"] and math.ceil(n / block) > keep:
-            s = block_scores(query[0, :, 0].float(), key[0].float(), block, state["spread"])
-            s[0] = s[-1] = float("inf")
+            s = block_scores(query[0, :, 0].float(), key[0].float(), block, state["spread"],
+                             state.get("relative", False))
+            s[0] = float("inf")
+            s[-state["recent_blocks"]:] = float("inf")
             allow = torch.zeros(s.numel(), dtype=torch.bool)
             allow[s.topk(keep).indices] = True
             extra = torch.where(allow.repeat_interleave(block)[:n], 0.0, float("-inf")).to(query.dtype)
@@ -81,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=TUNING_SEED)
     ap.add_argument("--spreads", default="1,0.75,0.5,0.25")
     ap.add_argument("--budgets", default="1024", help="tokens each decode step reads")
-    ap.add_argument("--dense-layers", type=int, default=2)
+    ap.add_argument("--dense-layers", default="2", help="layers left dense (a list sweeps them)")
+    ap.add_argument("--recent-blocks", default="1", help="last blocks always read (a list sweeps them)")
+    ap.add_argument("--relative", action="store_true", help="score blocks relative to each head's best")
     ap.add_argument("--name", default="selection-spread")
     a = ap.parse_args(argv)
     if a.seed in (0, 1):
@@ -96,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     model_dir = smollm2.ensure()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    state = {"budget": 0, "spread": 1.0, "dense_layers": a.dense_layers}
+    state = {"budget": 0, "spread": 1.0, "dense_layers": 0, "recent_blocks": 1, "relative": a.relative}
     AttentionInterface.register("kvsieve_selection_sweep", make_attention(state, BLOCK))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="kvsieve_selection_sweep").eval()
@@ -113,13 +124,22 @@ def main(argv: list[str] | None = None) -> int:
             got.append(int(out.logits[0, -1].argmax()))
         return got
 
-    runs = [("dense", 0, 1.0)] + [(f"spread={float(s):g}@{b}", int(b), float(s))
-                                  for b in a.budgets.split(",") for s in a.spreads.split(",")]
+    dense_layers = [int(x) for x in a.dense_layers.split(",")]
+    recent_blocks = [int(x) for x in a.recent_blocks.split(",")]
+
+    def run_name(spread: float, budget: int, dl: int, rb: int) -> str:
+        extra = (f",dense_layers={dl}" if len(dense_layers) > 1 else "")
+        extra += f",recent={rb}" if len(recent_blocks) > 1 else ""
+        return f"spread={spread:g}@{budget}{extra}"
+
+    runs = [("dense", 0, 1.0, 0, 1)] + [(run_name(float(s), int(b), dl, rb), int(b), float(s), dl, rb)
+                                        for b in a.budgets.split(",") for s in a.spreads.split(",")
+                                        for dl in dense_layers for rb in recent_blocks]
     result: dict = {"samples": [{k: s[k] for k in ("id", "task", "length", "answers")} for s in samples],
                     "runs": {}}
     t0 = time.time()
-    for name, budget, spread in runs:
-        state.update(budget=budget, spread=spread)
+    for name, budget, spread, dl, rb in runs:
+        state.update(budget=budget, spread=spread, dense_layers=dl, recent_blocks=rb)
         cellwise: dict = {}
         answers = []
         for s in samples:
@@ -129,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             cell[1] += 1
             answers.append(text)
         found = sum(x[0] for t in cellwise.values() for x in t.values())
-        result["runs"][name] = {"budget": budget, "spread": spread, "found": found, "asked": len(samples),
+        result["runs"][name] = {"budget": budget, "spread": spread, "dense_layers": dl, "recent_blocks": rb,
+                                "found": found, "asked": len(samples),
                                 "cells": cellwise, "answers": answers}
         print(f"[sweep] {name}: {found}/{len(samples)} {cellwise} ({time.time() - t0:.0f} s)", flush=True)
     result["provenance"] = provenance.record(model=model_dir, model_name="SmolLM2-135M-Instruct", seed=a.seed,
-                                             block_size=BLOCK, dense_layers=a.dense_layers,
+                                             block_size=BLOCK,
                                              engine="HF transformers (masked attention), not vLLM")
     out = HERE / "results" / f"{a.name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
