@@ -200,7 +200,7 @@ typedef struct kvs_policy_params {
   // Budget as a fraction of the logical length; 0 when absolute.
   double budget_ratio;
   uint32_t sink_tokens;
-  // Trailing tokens always kept (for SnapKV prefill: max(recent_tokens, window)).
+  // Trailing tokens always kept (for SnapKV, in any phase: max(recent_tokens, window)).
   uint32_t protected_tail;
   uint32_t window;
   uint32_t pool_kernel;

@@ -97,7 +97,9 @@ impl Sparsity {
     }
 }
 
-/// `[decode]`: optional re-compression while generating.
+/// `[decode]`: optional re-compression while generating. SnapKV scores with the queries of the
+/// last `[sparsity] window` generated tokens (the engine records them), keeps those tokens, and
+/// waits until that many were generated since the request (re)started decoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decode {
     pub policy: Policy,
@@ -105,6 +107,23 @@ pub struct Decode {
     pub interval: u32,
     /// Budget after a decode event; `[sparsity]`'s unless `[decode]` sets its own.
     pub budget: Budget,
+}
+
+impl Decode {
+    /// Trailing tokens a decode event keeps: the recent window, and for SnapKV its window.
+    pub fn protected_tail(&self, sparsity: &Sparsity) -> u32 {
+        sparsity.tail_for(self.policy)
+    }
+
+    /// Generated tokens whose queries a decode event scores with (SnapKV's window), 0 for the
+    /// policies that need none.
+    pub fn window(&self, sparsity: &Sparsity) -> u32 {
+        if self.policy == Policy::SnapKv {
+            sparsity.window
+        } else {
+            0
+        }
+    }
 }
 
 /// `[prefill]`: optional compression between prefill chunks (opt-in: a chunk is compressed

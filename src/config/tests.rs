@@ -129,17 +129,49 @@ fn unknown_and_unimplemented_policies_are_named() {
     let e = err("[sparsity]\npolicy = \"h2o\"\nbudget_tokens = 100\n");
     assert_mentions(&e, Status::ConfigInvalid, &["not implemented"]);
     let e = err(
-        "[sparsity]\npolicy='knorm'\nbudget_tokens=100\n[decode]\npolicy='snapkv'\ninterval=8\n",
+        "[sparsity]\npolicy='knorm'\nbudget_tokens=100\n[decode]\npolicy='quest'\ninterval=8\n",
     );
     assert_mentions(
         &e,
         Status::ConfigInvalid,
         &[
-            "decode.policy = \"snapkv\"",
+            "decode.policy = \"quest\"",
             "line 5",
-            "allowed: streaming, knorm",
+            "allowed: streaming, snapkv, knorm",
         ],
     );
+}
+
+#[test]
+fn decode_snapkv_keeps_its_window_and_scores_with_it() {
+    let c = Config::from_toml_str(
+        "[sparsity]\npolicy='knorm'\nbudget_tokens=200\nrecent_tokens=16\nwindow=48\n[decode]\npolicy='snapkv'\ninterval=64\n",
+    )
+    .unwrap();
+    let (sp, d) = (c.sparsity.as_ref().unwrap(), c.decode.as_ref().unwrap());
+    assert_eq!(d.policy, Policy::SnapKv);
+    assert_eq!(
+        (d.protected_tail(sp), d.window(sp)),
+        (48, 48),
+        "the window's tokens stay"
+    );
+    assert_eq!(
+        sp.protected_tail(),
+        16,
+        "the prefill policy (knorm) keeps its own tail"
+    );
+    // Its budget must hold the sinks and the window, and so must a request's own budget.
+    let e = err("[sparsity]\npolicy='knorm'\nbudget_tokens=100\nrecent_tokens=16\nwindow=60\n[decode]\npolicy='snapkv'\ninterval=4\nbudget_tokens=50\n");
+    assert_mentions(
+        &e,
+        Status::ConfigInvalid,
+        &[
+            "decode.budget_tokens = 50",
+            "max(sparsity.recent_tokens, sparsity.window)",
+            "64",
+        ],
+    );
+    assert_eq!(c.requests.min_budget_tokens, 4 + 48);
 }
 
 #[test]

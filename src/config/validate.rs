@@ -183,7 +183,15 @@ pub(super) fn validate(raw: RawConfig, text: &str) -> Result<Config> {
         (Some(p), None) => return Err(needs_sparsity(&src, "prefill", p)),
         (None, _) => None,
     };
-    let requests = requests(&src, raw.requests.as_ref(), sparsity.as_ref())?;
+    // A request's absolute budget must hold what every phase always keeps.
+    let floor = sparsity.as_ref().map_or(1, |sp| {
+        let tail = sp
+            .protected_tail()
+            .max(decode.as_ref().map_or(0, |d| d.protected_tail(sp)))
+            .max(prefill.as_ref().map_or(0, |p| p.protected_tail(sp)));
+        sp.sink_tokens as u64 + tail as u64
+    });
+    let requests = requests(&src, raw.requests.as_ref(), floor)?;
     Ok(Config {
         sparsity,
         decode,
@@ -357,7 +365,7 @@ fn decode(src: &Source, section: &Spanned<RawDecode>, sparsity: &Sparsity) -> Re
     let policy = src.required_policy(
         "decode.policy",
         &d.policy,
-        &[Policy::Streaming, Policy::KNorm],
+        &[Policy::Streaming, Policy::SnapKv, Policy::KNorm],
         line,
     )?;
     let interval = match &d.interval {
@@ -373,34 +381,34 @@ fn decode(src: &Source, section: &Spanned<RawDecode>, sparsity: &Sparsity) -> Re
     let budget = src
         .budget("decode", &d.budget_tokens, &d.budget_ratio)?
         .unwrap_or(sparsity.budget);
+    let out = Decode {
+        policy,
+        interval,
+        budget,
+    };
     if let (Budget::Tokens(b), Some(bt)) = (budget, &d.budget_tokens) {
-        let floor = sparsity.sink_tokens as u64 + sparsity.recent_tokens as u64;
+        let floor = sparsity.sink_tokens as u64 + out.protected_tail(sparsity) as u64;
         if (b as u64) < floor {
             return Err(src.bad(
                 "decode.budget_tokens",
                 bt,
                 format!(
-                    "it must be at least sparsity.sink_tokens + sparsity.recent_tokens = {floor}"
+                    "it must be at least sparsity.sink_tokens + {} = {floor}",
+                    if policy == Policy::SnapKv {
+                        "max(sparsity.recent_tokens, sparsity.window)"
+                    } else {
+                        "sparsity.recent_tokens"
+                    }
                 ),
             ));
         }
     }
-    Ok(Decode {
-        policy,
-        interval,
-        budget,
-    })
+    Ok(out)
 }
 
-fn requests(
-    src: &Source,
-    section: Option<&Spanned<RawRequests>>,
-    sparsity: Option<&Sparsity>,
-) -> Result<Requests> {
-    // A request's absolute budget must hold what is always kept, like `sparsity.budget_tokens`.
-    let floor = sparsity
-        .map_or(1, |sp| sp.sink_tokens as u64 + sp.protected_tail() as u64)
-        .clamp(1, MAX_TOKENS as u64);
+/// `floor`: the fewest tokens a request's absolute budget may be (what is always kept).
+fn requests(src: &Source, section: Option<&Spanned<RawRequests>>, floor: u64) -> Result<Requests> {
+    let floor = floor.clamp(1, MAX_TOKENS as u64);
     let Some(section) = section else {
         return Ok(Requests {
             allow_opt_out: true,

@@ -91,7 +91,7 @@ pub struct PolicyParams {
     /// Budget as a fraction of the logical length; 0 when absolute.
     pub budget_ratio: f64,
     pub sink_tokens: u32,
-    /// Trailing tokens always kept (for SnapKV prefill: max(recent_tokens, window)).
+    /// Trailing tokens always kept (for SnapKV, in any phase: max(recent_tokens, window)).
     pub protected_tail: u32,
     pub window: u32,
     pub pool_kernel: u32,
@@ -179,7 +179,7 @@ pub unsafe extern "C" fn kvs_config_policy_params(
             (Phase::Decode, Some(d)) => (
                 policy_id(d.policy),
                 Some(d.budget),
-                sp.recent_tokens,
+                d.protected_tail(sp),
                 d.interval,
             ),
             (Phase::Decode, None) => (PolicyId::None as u32, None, sp.recent_tokens, 0),

@@ -13,6 +13,13 @@ region or per layer) from a pool that keeps released buffers for reuse. `record`
 rows of `query` into it (no host copy). Every layer's recorded rows are counted, so a forward
 that skipped the hook (a step replayed as a full CUDA graph) leaves the window incomplete, and
 its event fails with the request's KV intact, instead of scoring zeros.
+
+Decode SnapKV rings (`Ring`): while a request's next decode event falls due within a window,
+each decode step's query goes to slot `position % size` of the request's ring (a pooled buffer
+like a window's), so the ring holds the queries of the last `size` positions of the run it
+recorded; a step that schedules the request without a ring entry ends the run (the ring goes
+back to the pool). The scheduler keeps the same run (`Record.ring_from`) and plans the event
+only once the run covers the whole window.
 """
 
 from __future__ import annotations
@@ -51,6 +58,20 @@ class Window:
     broken: str = ""
 
 
+@dataclass
+class Ring:
+    """The queries of a request's last `size` recorded positions: position p in row p % size of
+    `buf` float32 [layers, >= size, q_heads, head_dim]. The run recorded is [lo, hi) (the ring
+    holds [max(lo, hi - size), hi)); `rows[i]` counts the rows layer i recorded in it."""
+
+    size: int
+    lo: int
+    hi: int
+    buf: object = None
+    rows: list = field(default_factory=list)
+    broken: str = ""
+
+
 class Windows:
     """The windows of one model runner: `layers` attention layers (named by `name_layers` once
     the KV cache exists) with `q_heads` query heads of `head_dim`, on `device`."""
@@ -59,7 +80,9 @@ class Windows:
         self.layers, self.q_heads, self.head_dim, self.device = layers, q_heads, head_dim, device
         self.index: dict[str, int] = {}
         self.windows: dict[str, Window] = {}
-        self.rows: list[tuple[str, int, int, int]] = []  # (req id, batch row, count, slot)
+        self.rings: dict[str, Ring] = {}
+        self.ring_size = 0  # decode SnapKV's window (set by the worker when [decode] is snapkv)
+        self.rows: list[tuple[Window | Ring, int, int, int]] = []  # (target, batch row, count, slot)
         self.pool: list = []  # released buffers, reused by any window they can hold
         self.capacity = 0  # rows of the buffers allocated: the longest window reserved or seen
 
@@ -98,10 +121,18 @@ class Windows:
         if w is not None and w.buf is not None:
             self.pool.append(w.buf)
 
-    def plan_step(self, batch: "Batch", captures: dict) -> None:
-        """Map this step's captures to rows of the step's flattened batch (laid out by the
-        runner's input preparation; `runners.*.batch` reads it)."""
+    def _release_ring(self, rid: str) -> None:
+        r = self.rings.pop(rid, None)
+        if r is not None and r.buf is not None:
+            self.pool.append(r.buf)
+
+    def plan_step(self, batch: "Batch", captures: dict, rings: dict | None = None) -> None:
+        """Map this step's captures (and ring entries) to rows of the step's flattened batch
+        (laid out by the runner's input preparation; `runners.*.batch` reads it)."""
         self.rows = []
+        rings = rings or {}
+        if self.rings or rings:
+            self._plan_rings(batch, rings)
         if not captures:
             return
         starts, num_scheduled_tokens = batch.starts, batch.scheduled
@@ -121,7 +152,29 @@ class Windows:
                 w.broken = f"window positions [{w.hi}, {cap.lo}) were never computed"
             w.lo = cap.lo if w.lo is None else w.lo
             w.hi = cap.hi
-            self.rows.append((rid, int(starts[i]) + cap.lo - first, cap.hi - cap.lo, cap.lo - cap.start))
+            self.rows.append((w, int(starts[i]) + cap.lo - first, cap.hi - cap.lo, cap.lo - cap.start))
+
+    def _plan_rings(self, batch: "Batch", rings: dict) -> None:
+        """Each scheduled request's ring: continued by this step's positions, started (from the
+        pool) when its run had ended, ended when the step has no entry for it."""
+        for i, rid in enumerate(batch.req_ids):
+            span = rings.get(rid)
+            if span is None:
+                self._release_ring(rid)
+                continue
+            lo, hi = span
+            first, n = int(batch.computed[i]), int(batch.scheduled[i])
+            r = self.rings.get(rid)
+            if r is None or r.hi != lo:
+                self._release_ring(rid)
+                r = self.rings[rid] = Ring(self.ring_size, lo, lo, buf=self._take(self.ring_size),
+                                           rows=[0] * self.layers)
+            if lo < first or hi > first + n or hi - lo > r.size:
+                r.broken = f"the step computes positions [{first}, {first + n}) but the scheduler asked for [{lo}, {hi})"
+                continue
+            r.hi = hi
+            for p in range(lo, hi):  # one row per position: its slot wraps independently
+                self.rows.append((r, int(batch.starts[i]) + p - first, 1, p % r.size))
 
     def record(self, layer_name: str, query) -> None:
         """Copy this step's window rows of `query` [tokens, q_heads, head_dim] for one layer."""
@@ -131,15 +184,33 @@ class Windows:
         if tuple(query.shape[1:]) != (self.q_heads, self.head_dim):
             raise ValueError(f"layer {layer_name}: query rows {tuple(query.shape[1:])}, expected "
                              f"({self.q_heads}, {self.head_dim})")
-        for rid, row, count, slot in self.rows:
-            w = self.windows[rid]
+        for w, row, count, slot in self.rows:
             w.buf[layer, slot:slot + count].copy_(query[row:row + count])
             w.rows[layer] += count
 
     def fail_step(self, why: str) -> None:
-        """Recording failed in this step: the windows it was writing cannot be trusted."""
-        for rid, *_ in self.rows:
-            self.windows[rid].broken = why
+        """Recording failed in this step: the windows (and rings) it was writing cannot be trusted."""
+        for w, *_ in self.rows:
+            w.broken = why
+
+    def ring_queries(self, rid: str, start: int, end: int, layer_names: list[str]) -> dict:
+        """A decode event's queries: positions [start, end) from the request's ring, per layer
+        (in position order, copied out of the ring), or ValueError saying what is missing."""
+        import torch
+
+        r = self.rings.get(rid)
+        if r is None:
+            raise ValueError("no decode SnapKV queries were recorded (the request's ring is empty)")
+        if r.broken:
+            raise ValueError(f"the decode SnapKV ring is incomplete: {r.broken}")
+        if r.hi != end or start < max(r.lo, r.hi - r.size):
+            raise ValueError(f"the ring holds positions [{max(r.lo, r.hi - r.size)}, {r.hi}), not [{start}, {end})")
+        short = [n for n in layer_names if r.rows[self.index[n]] != r.hi - r.lo]
+        if short:
+            raise ValueError(f"layers {short[:3]} recorded {r.rows[self.index[short[0]]]} of {r.hi - r.lo} ring rows "
+                             "(their attention forward did not run the hook, e.g. a step replayed as a full CUDA graph)")
+        slots = torch.arange(start, end, device=r.buf.device) % r.size
+        return {n: r.buf[self.index[n]].index_select(0, slots) for n in layer_names}
 
     def queries(self, rid: str, start: int, end: int, layer_names: list[str]) -> dict:
         """The recorded queries of [start, end) per layer (contiguous views of the window's
@@ -166,6 +237,12 @@ class Windows:
                 self._release(rid)
         self.rows = []
 
+    def event_done(self, rid: str) -> None:
+        """The request's event ran (or failed): its window is dropped; its decode ring goes on,
+        as the scheduler's run does (the next decode window may hold queries from before it)."""
+        self._release(rid)
+
     def forget(self, req_ids) -> None:
         for rid in req_ids:
             self._release(rid)
+            self._release_ring(rid)

@@ -41,9 +41,21 @@ def request_profile(config, prompt: int, output: int, block_size: int, chunk: in
     p = config.plan(prompt, cached, 0, block_size, PHASE_PREFILL)
     cached = int(p.kept_tokens)
     after_prefill, peak = cached, cached
+    dec = config.params(PHASE_DECODE)
+    # Decode SnapKV, as the scheduler runs it: the queries of a step go to the ring while an
+    # event falls due within the window, and the event waits until the ring holds the window.
+    ring = dec.window if POLICY_NAMES[dec.policy] == "snapkv" else 0
+    ring_from = None
     for n in range(1, output + 1):
         cached += 1
         peak = max(peak, cached)
+        if ring:
+            if not config.plan(prompt + n + ring - 1, cached + ring - 1, 0, block_size, PHASE_DECODE).released_blocks:
+                ring_from = None
+                continue
+            ring_from = prompt + n - 1 if ring_from is None else ring_from
+            if prompt + n - ring_from < ring:
+                continue
         d = config.plan(prompt + n, cached, 0, block_size, PHASE_DECODE)
         cached = int(d.kept_tokens)
     return {"prompt": prompt, "peak_prefill": peak_prefill, "kept_after_prefill": after_prefill,
@@ -131,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("  between prefill chunks: nothing (the prompt is held whole until its prefill ends)")
     if dec.policy:
-        print(f"  decode:  {POLICY_NAMES[dec.policy]}, budget {budget(dec)}, every {dec.interval} tokens past it")
+        scored = (f", scored with the queries of the last {dec.window} generated tokens"
+                  if POLICY_NAMES[dec.policy] == "snapkv" else "")
+        print(f"  decode:  {POLICY_NAMES[dec.policy]}, budget {budget(dec)}, every {dec.interval} tokens past it{scored}")
     else:
         print("  decode:  no re-compression while generating")
     if sel.policy:

@@ -1,8 +1,8 @@
 """What the scheduler and the workers tell each other, once per step.
 
 The scheduler attaches one `StepPlan` to the step's `SchedulerOutput` (`.kvsieve`): the events
-the workers run after the step's forward and the SnapKV observation windows whose queries the
-step's forward computes. Each worker answers with one `StepAcks` on the `ModelRunnerOutput` it
+the workers run after the step's forward and the SnapKV observation windows (and decode SnapKV
+rings) whose queries the step's forward computes. Each worker answers with one `StepAcks` on the `ModelRunnerOutput` it
 returns (`.kvsieve`), an `Ack` per event it received. The scheduler rewrites a request's block
 list and frees blocks only for events acknowledged `DONE`.
 
@@ -18,7 +18,7 @@ from enum import IntEnum
 
 from .request_options import Options
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 # The attribute each payload rides on.
 ATTR = "kvsieve"
@@ -73,6 +73,10 @@ class StepPlan:
 
     events: dict[str, Event] = field(default_factory=dict)
     captures: dict[str, Capture] = field(default_factory=dict)
+    # Decode SnapKV (`[decode] policy = "snapkv"`): requests whose ring keeps the queries of the
+    # logical positions `[lo, hi)` this step's forward computes, appended to the run it recorded
+    # so far (a request scheduled without an entry here ends its run; the next starts over).
+    rings: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Requests of the step that read every block whatever `[selection]` says (they opted out).
     dense: set[str] = field(default_factory=set)
     version: int = PROTOCOL_VERSION

@@ -242,11 +242,15 @@ class SchedulerSide:
             rec = self.record(rid)
             try:
                 self._plan_request(sched, req, rec, n, plan)
+                if rid not in plan.rings:
+                    rec.ring_from = None  # the workers end the request's ring run too (capture.Ring)
                 if rec.options is not None and rec.options.opt_out:
                     plan.dense.add(rid)
             except Exception as e:
                 plan.events.pop(rid, None)
                 plan.captures.pop(rid, None)
+                plan.rings.pop(rid, None)
+                rec.ring_from = None
                 self.give_back_dest(sched, rec)
                 if rec.state == State.PENDING:
                     rec.go(rec.chunk_from or State.DECODING)
@@ -321,6 +325,8 @@ class SchedulerSide:
         elif rec.state in (State.DECODING, State.COMPRESSED):
             if rec.disabled or s.params[PHASE_DECODE].policy == 0 or computed <= rec.at_len:
                 return
+            if s.policy[PHASE_DECODE] == "snapkv" and not self._plan_ring(sched, rec, computed, n, plan):
+                return  # no event before its window's queries are recorded
             phase = PHASE_DECODE
         else:
             return  # TORN (waiting for its preemption) or an unexpected state: nothing to plan
@@ -395,6 +401,21 @@ class SchedulerSide:
             SCHEDULER_STATS.counts["prefill_chunk_events"] += 1
         rec.go(State.PENDING)
         SCHEDULER_STATS.counts["events_announced"] += 1
+
+    def _plan_ring(self, sched, rec: Record, computed: int, n: int, plan: StepPlan) -> bool:
+        """Decode SnapKV: while the request's next decode event falls due within a window
+        (planned from lengths `window - 1` tokens ahead), the step's queries go to the workers'
+        ring. True once the run the ring recorded covers the window ending at this step."""
+        window = settings().params[PHASE_DECODE].window
+        bs = sched.kv_cache_manager.coordinator.single_type_managers[0].block_size
+        cached = computed - rec.offset
+        ahead = rec.config.plan_event(PHASE_DECODE, computed + window - 1, cached + window - 1, rec.protected, bs, 0)
+        if not ahead.released_blocks:
+            return False
+        if rec.ring_from is None:
+            rec.ring_from = computed - n
+        plan.rings[rec.req_id] = (computed - n, computed)
+        return computed - rec.ring_from >= window
 
     # -- before vLLM reads the step's output ---------------------------------------------------
 

@@ -83,6 +83,9 @@ class Record:
     failures: int = 0  # events that did not complete (see scheduler.RETRIES)
     dest: list = field(default_factory=list)  # fresh blocks held for the PENDING out-of-place event
     chunk_from: State | None = None  # PREFILLING / RESUMED while a chunk event is PENDING
+    # Decode SnapKV: the first position of the run of decode steps whose queries the workers'
+    # ring recorded (capture.Ring), None when no run is going on.
+    ring_from: int | None = None
     history: list = field(default_factory=lambda: [State.ADMITTED])  # states visited, for tests and logs
 
     def go(self, new: State) -> None:
@@ -112,6 +115,7 @@ class Record:
         self.frozen = False
         self.first_computed = None
         self.chunk_from = None
+        self.ring_from = None
 
     @property
     def prefilling(self) -> bool:

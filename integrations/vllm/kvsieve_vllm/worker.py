@@ -48,7 +48,7 @@ from . import capture, faults, protocol, selection
 from .backends import adapter_for
 from .runners import adapter_for as runner_adapter_for
 from .checks import UnsupportedSetup, check_runner
-from .lib import DEVICE, DTYPE, LAYOUT, POLICY_NAMES, CpuKernels, CudaKernels, KvCache, KvsieveError, Sequence, TokenSelect
+from .lib import DEVICE, DTYPE, LAYOUT, PHASE_DECODE, POLICY_NAMES, CpuKernels, CudaKernels, KvCache, KvsieveError, Sequence, TokenSelect
 from .protocol import Ack, Outcome, StepAcks, StepPlan
 from .request_options import DEFAULT
 from .settings import settings
@@ -128,6 +128,9 @@ class Buffers:
         self.kernels_by_stream: dict[int, CpuKernels] = {}
         self.scratch = Scratch(self.device)
         self.windows = capture.Windows(layers, q_heads, head_size, self.device)
+        s = settings()
+        if s.policy[PHASE_DECODE] == "snapkv":
+            self.windows.ring_size = s.params[PHASE_DECODE].window
 
     def kernels(self) -> CpuKernels:
         key = _stream(self.device)
@@ -322,9 +325,9 @@ def forget(st: WorkerState, req_ids) -> None:
 
 
 def captures_due(st: WorkerState) -> bool:
-    """Whether this step records SnapKV window queries (then it must not replay a full CUDA
-    graph, which would skip the attention hook)."""
-    return bool(st.plan is not None and st.plan.captures)
+    """Whether this step records SnapKV window (or decode ring) queries (then it must not replay
+    a full CUDA graph, which would skip the attention hook)."""
+    return bool(st.plan is not None and (st.plan.captures or st.plan.rings))
 
 
 def plan_windows(st: WorkerState, batch: capture.Batch) -> None:
@@ -333,7 +336,7 @@ def plan_windows(st: WorkerState, batch: capture.Batch) -> None:
     if st.selector is not None:
         st.selector.set_rows(batch.req_ids)
     try:
-        st.windows.plan_step(batch, st.plan.captures if st.plan else {})
+        st.windows.plan_step(batch, st.plan.captures if st.plan else {}, st.plan.rings if st.plan else {})
     except Exception as e:
         _log_once(st, "capture-plan", "kvsieve: planning SnapKV window capture failed (%s); those requests stay "
                   "uncompressed", e)
@@ -476,7 +479,7 @@ def _run_event(runner, st: WorkerState, scheduler_output, ev: protocol.Event, lo
                 ack = Ack(ev.req_id, Outcome.TORN, _reason(e))
             # An install failing on one worker while another installed: the request recomputes.
             ack = _worst_over_workers(ack, "could not install the shortened row")
-    st.windows.forget([ev.req_id])
+    st.windows.event_done(ev.req_id)
     if ack.outcome == Outcome.DONE:
         if not WORKER_STATS.compressions:
             logger.info("kvsieve: first compression (request %s: %d -> %d cached tokens) (rank %d)", ev.req_id,
@@ -569,7 +572,10 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event) -> _
     if policy == "snapkv":
         if ev.window is None:
             raise Refused("a SnapKV event without an observation window")
-        queries = st.windows.queries(ev.req_id, ev.window[0], ev.window[1], st.names)
+        # A decode event scores with its ring (the last generated queries), the others with the
+        # window their prefill recorded.
+        read = st.windows.ring_queries if ev.phase == PHASE_DECODE else st.windows.queries
+        queries = read(ev.req_id, ev.window[0], ev.window[1], st.names)
     k = int(plan.selected_tokens)
     dev = st.device
     dest = dest_tensor = None

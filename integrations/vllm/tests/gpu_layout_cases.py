@@ -201,7 +201,7 @@ def check_window_hook(device="cpu") -> None:
     window = w._new("r", 100, 132)
     assert window.buf is pooled and not w.pool, "the window takes the buffer reserved up front"
     window.lo, window.hi = 112, 132
-    w.rows = [("r", 5, 20, 12)]  # batch rows 5..24 are window positions 112..131
+    w.rows = [(window, 5, 20, 12)]  # batch rows 5..24 are window positions 112..131
     query = torch.randn(40, 4, HEAD, dtype=torch.bfloat16, device=device)
     capture.ACTIVE = w
     try:

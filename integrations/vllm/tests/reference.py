@@ -185,7 +185,8 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
     - `["event", logical_len, phase, kept_tokens, protected, window_start]`: once the sequence
       has `logical_len` tokens computed, every layer's cache is cut to `kept_tokens` per head
       with `phases[phase] = (policy, sink, tail)`; SnapKV scores with the rotated queries of
-      positions [window_start, logical_len) (`pool_kernel` wide). Events of phase 2 (between
+      positions [window_start, logical_len) (`pool_kernel` wide), computed by one forward (the
+      prompt's) or by several (decode steps: the generated tokens' queries). Events of phase 2 (between
       prefill chunks) split the prompt: the tokens after one attend to what it kept.
     - `["recompute", length]`: a preemption of a request with `length` tokens (prompt and output
       so far; all but the last computed): the cache is dropped and the `length` tokens computed
@@ -197,11 +198,12 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
     first, last = len(prompt) - 1, len(tokens) - 2
     got: dict[int, float] = {}
     cache, pos, dense_until = None, 0, len(prompt)
-    queries: list = []  # the last forward's rotated queries per layer, [Hq, n, D], from `qpos`
-    qpos = 0
+    # Each position's rotated queries per layer ([Hq, D]) from the last forward that computed it
+    # (a recompute replaces them, as it rebuilds the engine's windows).
+    history: dict[int, list] = {}
 
     def forward(end: int) -> None:
-        nonlocal cache, pos, queries, qpos
+        nonlocal cache, pos
         while pos < end:
             stop = end if pos < dense_until else pos + 1
             stop = min(stop, max(dense_until, pos + 1))
@@ -214,7 +216,8 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
             for i in range(pos, stop):
                 if first <= i <= last and i not in got:
                     got[i] = torch.log_softmax(out.logits[0, i - pos].double(), -1)[tokens[i + 1]].item()
-            cache, queries, qpos, pos = out.past_key_values, recorded, pos, stop
+                history[i] = [q[:, i - pos] for q in recorded]
+            cache, pos = out.past_key_values, stop
 
     for entry in timeline:
         if entry[0] == "recompute":
@@ -227,9 +230,9 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
         policy, sink, tail = phases[phase]
         if policy == "snapkv":
             start = entry[5]
-            assert qpos <= start, f"window from {start} not in the last forward (from {qpos})"
-            for layer, q in zip(cache.layers, queries):
-                scores = snapkv_scores(layer.keys[0], q[:, start - qpos:length - qpos], pool_kernel)
+            for i, layer in enumerate(cache.layers):
+                q = torch.stack([history[p][i] for p in range(start, length)], dim=1)  # [Hq, W, D]
+                scores = snapkv_scores(layer.keys[0], q, pool_kernel)
                 _keep(layer, keep_by_scores(scores, kept, sink, tail))
         else:
             _cut(cache, policy, kept, sink, tail, protected)

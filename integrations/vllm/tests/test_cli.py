@@ -74,3 +74,29 @@ def test_a_selection_config_prints_the_blocks_a_decode_step_reads(capsys):
     # 4 selected layers x 4 KV heads x 32 dims x min and max x 4 bytes.
     assert "4096 bytes per block = 3.9 MiB for 1000 blocks" in out, out
     assert "Select or evict" in out
+
+
+def test_decode_snapkv_waits_for_its_window_of_generated_queries(capsys):
+    """A SnapKV decode event scores with the last 32 generated tokens' queries, so one due right
+    after prefill waits until they exist (streaming cuts at the first generated token); events
+    that fall due later fire on time (the ring starts recording 31 tokens ahead)."""
+    from kvsieve_vllm.cli import request_profile
+    from kvsieve_vllm.lib import load
+
+    text = ('[sparsity]\npolicy = "snapkv"\nbudget_tokens = 1024\n'
+            '[decode]\npolicy = "{}"\nbudget_tokens = 512\ninterval = 64\n')
+    snap, stream = (request_profile(load().config_from_str(text.format(p)), 2048, 256, 32, 2048)
+                    for p in ("snapkv", "streaming"))
+    assert snap["kept_after_prefill"] == stream["kept_after_prefill"] == 1024
+    assert stream["peak_decoding"] == 1024 + 1 and snap["peak_decoding"] == 1024 + 32, (snap, stream)
+    # The long-generation configs: streaming and SnapKV decode at 512 tokens, every 256 past it,
+    # hold the same at their largest (the first event once min_length, 1024 tokens, is reached).
+    peaks = []
+    for name in ("long-generation.toml", "decode-snapkv-512.toml"):
+        assert main([str(CONFIGS / name), "--kv-blocks", "160", "--block-size", "32", "--lengths", "256",
+                     "--output-tokens", "2048"]) == 0
+        out = capsys.readouterr().out
+        peaks.append(_rows(out)[256][3])
+    assert "decode:  snapkv, budget 512 tokens, every 256 tokens past it, scored with the queries of the last 32 " \
+           "generated tokens" in out, out
+    assert peaks == [str(1024 // 32)] * 2, peaks

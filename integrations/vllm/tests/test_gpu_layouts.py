@@ -363,3 +363,51 @@ def test_a_step_that_records_a_snapkv_window_is_never_replayed_as_a_full_cuda_gr
     # Had the step replayed a full graph, the hook would not have recorded the last row.
     with pytest.raises(ValueError, match="recorded 31 of 32 window rows"):
         windows.queries("p", 0, 32, ["l0", "l1"])
+
+
+def test_a_decode_ring_keeps_the_last_window_of_generated_queries():
+    """Decode SnapKV's ring: each decode step's query lands in slot position % size; the event
+    reads the last `size` positions in order, whatever slot the run started at. A step that
+    schedules the request without a ring entry ends the run (the next starts over, and an event
+    before it holds a whole window is refused by name); a step that records a ring is dispatched
+    piecewise, never as a full graph (its hook must run); a layer the hook skipped is refused."""
+    import numpy as np
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from kvsieve_vllm import capture
+    from kvsieve_vllm.runners import v1
+
+    windows = capture.Windows(layers=2, q_heads=2, head_dim=4)
+    windows.name_layers(["l0", "l1"])
+    windows.ring_size = 4
+
+    def step(pos_d, pos_r, rings, layers=("l0", "l1")):
+        # Two decoding requests: "d" (no ring) and "r"; one query token each, r's marked by its position.
+        windows.plan_step(capture.Batch(["d", "r"], np.array([0, 1, 2]), np.array([pos_d, pos_r]), np.array([1, 1])),
+                          {}, rings)
+        q = torch.zeros(2, 2, 4)
+        q[1] = pos_r
+        for layer in layers:
+            windows.record(layer, q + (layer == "l1") * 1000)
+
+    for p in range(100, 107):  # 7 steps into a ring of 4: slots wrap
+        step(50 + p, p, {"r": (p, p + 1)})
+    got = windows.ring_queries("r", 103, 107, ["l0", "l1"])
+    assert [int(x) for x in got["l0"][:, 0, 0]] == [103, 104, 105, 106]
+    assert [int(x) for x in got["l1"][:, 1, 3]] == [1103, 1104, 1105, 1106]
+    with pytest.raises(ValueError, match=r"holds positions \[103, 107\)"):
+        windows.ring_queries("r", 102, 107, ["l0"])
+    determine = v1.wrap_determine_batch(GPUModelRunner._determine_batch_execution_and_padding)
+    shape = dict(num_tokens=2, num_reqs=2, num_scheduled_tokens_np=np.array([1, 1]), max_num_scheduled_tokens=1)
+    assert windows.rows and determine(_graph_runner(windows), **shape)[0] == CUDAGraphMode.PIECEWISE
+    step(200, 107, {})  # scheduled without an entry: the run ends and the ring goes back to the pool
+    assert "r" not in windows.rings and not windows.rows
+    step(201, 108, {"r": (108, 109)})
+    with pytest.raises(ValueError, match=r"holds positions \[108, 109\)"):
+        windows.ring_queries("r", 105, 109, ["l0"])
+    step(202, 109, {"r": (109, 110)}, layers=("l0",))  # l1's forward skipped the hook
+    with pytest.raises(ValueError, match="recorded 1 of 2 ring rows"):
+        windows.ring_queries("r", 108, 110, ["l0", "l1"])
+    windows.forget(["r"])
+    assert not windows.rings and windows.pool

@@ -62,12 +62,15 @@ sink_tokens = {SINK}
 recent_tokens = {RECENT}
 min_length = 256
 """
-DECODE = PREFILL + "[decode]\npolicy = \"streaming\"\nbudget_tokens = 192\ninterval = 32\n"
+STREAMING_DECODE = PREFILL + "[decode]\npolicy = \"streaming\"\nbudget_tokens = 192\ninterval = 32\n"
+# Decode events scored by the last 32 generated tokens' queries (SnapKV's default window): a
+# request preempted while decoding records them again after its recompute before its next event.
+DECODE = STREAMING_DECODE.replace('policy = "streaming"\nbudget_tokens = 192', 'policy = "snapkv"\nbudget_tokens = 192')
 # With prefix caching the shared prefix is held once, so a larger budget keeps the KV space tight.
 DECODE_WIDE = DECODE.replace("budget_tokens = 192", "budget_tokens = 288")
 # Compression between prefill chunks too: preempted mid-prompt after chunk events, recomputed with
 # chunk events again.
-CHUNKS = DECODE + "[prefill]\npolicy = \"streaming\"\n"
+CHUNKS = STREAMING_DECODE + "[prefill]\npolicy = \"streaming\"\n"
 NOTHING_EVICTED = PREFILL.replace("min_length = 256", "min_length = 4096")
 PHASES = {0: ("streaming", SINK, RECENT), 1: ("streaming", SINK, RECENT), 2: ("streaming", SINK, RECENT)}
 ENGINE = dict(model=str(MODEL), skip_tokenizer_init=True, dtype="float32", max_model_len=2048, enforce_eager=True,
@@ -323,7 +326,9 @@ def _paths(requests: list[dict]) -> set[str]:
 def test_preemption_paths_match_the_replayed_reference(runs, engine, run):
     """The decode and chunks runs also preempt every running request once, through vLLM's own
     reset_prefix_cache(reset_running_requests=True), at the first step where one request is
-    prefilling while another decodes; the prefill runs preempt only under KV pressure. The chunks
+    prefilling while another decodes; the prefill runs preempt only under KV pressure. The decode
+    runs' decode events are SnapKV's: scored with the queries of the last 32 generated tokens,
+    which a request preempted while decoding records again after its recompute. The chunks
     runs compress between prefill chunks as well: a request preempted after chunk events
     recomputes with chunk events again."""
     r = runs[engine][run]
@@ -346,10 +351,10 @@ def test_preemption_paths_match_the_replayed_reference(runs, engine, run):
         assert sum(r["preemptions"]) >= 2, "24 blocks should force preemption"
         assert {"preempted while decoding", "compressed again after recompute"} <= paths, paths
     model = _model()
-    phases = {"decode": {0: PHASES[0], 1: PHASES[1]}, "prefill": {0: PHASES[0]}, "chunks": PHASES}[run]
+    phases = {"decode": {0: PHASES[0], 1: ("snapkv", SINK, RECENT)}, "prefill": {0: PHASES[0]}, "chunks": PHASES}[run]
     for p, toks, lps, q in zip(pressure_prompts(), r["tokens"], r["logprobs"], r["requests"]):
         assert len(toks) == 160
-        ref = replay_logprobs(model, p, toks, q.get("timeline", []), phases)
+        ref = replay_logprobs(model, p, toks, q.get("timeline", []), phases, pool_kernel=31)
         diffs = [abs(a - b) for a, b in zip(lps, ref)]
         assert max(diffs) < 2e-5, f"{engine}/{run}: prompt of {len(p)}, timeline {q.get('timeline')}: {max(diffs)}"
 

@@ -34,15 +34,15 @@ sink_tokens = {SINK}
 recent_tokens = {RECENT}
 min_length = 256
 [decode]
-policy = "streaming"
-budget_tokens = 192
+policy = "snapkv"
+budget_tokens = 128
 interval = 32
 """
 FULL = SNAPKV.replace("min_length = 256", "min_length = 4096").split("[decode]")[0]  # nothing evicted
 ENGINE = dict(model=str(MODEL), skip_tokenizer_init=True, dtype="float32", max_model_len=2048, enforce_eager=True,
               block_size=BLOCK, enable_prefix_caching=False, seed=0, max_num_batched_tokens=256, max_num_seqs=8,
               num_gpu_blocks_override=120)
-PHASES = {0: ("snapkv", SINK, RECENT), 1: ("streaming", SINK, RECENT)}
+PHASES = {0: ("snapkv", SINK, RECENT), 1: ("snapkv", SINK, RECENT)}  # window 32 = RECENT: tails of 32
 
 
 def prompts() -> list[list[int]]:
@@ -86,9 +86,11 @@ def test_nothing_evicted_decodes_as_stock(runs, mode):
 
 
 def test_every_mode_keeps_the_same_tokens_and_decodes_as_the_reference(runs):
-    """The same scores from the same window queries on both runners; asynchronous scheduling
-    plans a decode event due right after another one step later (the first is acknowledged a
-    step late), so its timelines may differ by that step. Each mode's logprobs equal a
+    """The same scores from the same window queries on both runners (the prompt's last 32 at
+    prefill end, the last 32 generated tokens' at decode events); asynchronous scheduling plans a
+    decode event due right after another later (the first is acknowledged a step late, and the
+    step scheduled meanwhile records no query, so the next window starts after it), so its
+    timelines may differ from synchronous scheduling's. Each mode's logprobs equal a
     transformers replay of the events it reported."""
     from transformers import LlamaForCausalLM
 
@@ -97,6 +99,12 @@ def test_every_mode_keeps_the_same_tokens_and_decodes_as_the_reference(runs):
         v1, v2 = got[f"v1-{sched}"], got[f"v2-{sched}"]
         assert [q.get("timeline") for q in v1["requests"]] == [q.get("timeline") for q in v2["requests"]], sched
         assert v1["tokens"] == v2["tokens"], sched
+    for mode in IDS:  # decode events scored by the last 32 generated tokens (none of the prompt)
+        lines = [(len(p), q.get("timeline", [])) for p, q in zip(prompts(), got[mode]["requests"])]
+        decode = [(n, e) for n, line in lines for e in line if e[0] == "event" and e[2] == 1]
+        # Asynchronous scheduling restarts the run after each event (see above): fewer fall due.
+        assert len(decode) >= (2 if mode.endswith("async") else 3), (mode, lines)
+        assert all(e[5] == e[1] - 32 and e[5] >= n for n, e in decode), (mode, lines)
     model = LlamaForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
     for mode in ("v2-sync", "v1-async"):
         r = got[mode]
