@@ -106,16 +106,19 @@ def _prefill(model, prompt: list[int], window: int):
     return out, recorded
 
 
-def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLOCK_SIZE) -> int:
-    """Compress every layer of a transformers cache with libkvsieve in a paged NHD cache;
-    returns the kept token count (the prompt length when the plan releases nothing)."""
+def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLOCK_SIZE, logical: int | None = None,
+                     phase: int = 0) -> int:
+    """Compress every layer of a transformers cache with libkvsieve in a paged NHD cache, as the
+    event of `phase` (default prefill end; bench/decode_quality.py passes decode) at `logical`
+    tokens (default: the cache's length, nothing evicted yet); returns the kept token count (the
+    cache's length when the plan releases nothing)."""
     import torch
-    from kvsieve_vllm.lib import DTYPE, LAYOUT, PHASE_PREFILL, POLICY_NAMES, KvCache, Sequence, TokenSelect
+    from kvsieve_vllm.lib import DTYPE, LAYOUT, POLICY_NAMES, KvCache, Sequence, TokenSelect
 
-    params = config.params(PHASE_PREFILL)
+    params = config.params(phase)
     policy = POLICY_NAMES[params.policy]
     _, heads, length, dim = cache.layers[0].keys.shape
-    plan = config.plan(length, length, 0, block_size, PHASE_PREFILL)
+    plan = config.plan(length if logical is None else logical, length, 0, block_size, phase)
     if plan.released_blocks == 0:
         return length
     nb = math.ceil(length / block_size)
