@@ -53,9 +53,11 @@ if (ROOT / "target" / "release" / "libkvsieve.so").is_file():
     os.environ.setdefault("KVSIEVE_LIB", str(ROOT / "target" / "release" / "libkvsieve.so"))
 
 
-def config_text(policy: str, budget: int, interval: int) -> str:
-    """kvsieve's defaults for `policy` (sinks 4, recent 64, SnapKV window 32, max-pool 31)."""
-    return (f'[sparsity]\npolicy = "{policy}"\nbudget_tokens = {budget}\n'
+def config_text(policy: str, budget: int, interval: int, extra: str = "") -> str:
+    """kvsieve's defaults for `policy` (sinks 4, recent 64, SnapKV window 32, max-pool 31), with
+    `extra` `[sparsity]` settings ("key = value; ..."; [decode] takes them from there)."""
+    lines = "".join(f"{kv.strip()}\n" for kv in extra.split(";") if kv.strip())
+    return (f'[sparsity]\npolicy = "{policy}"\nbudget_tokens = {budget}\n{lines}'
             f'[decode]\npolicy = "{policy}"\ninterval = {interval}\n')
 
 
@@ -225,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default="snapkv,knorm,streaming")
     ap.add_argument("--presses", default="snapkv,knorm,streaming,tova,keydiff",
                     help="kvpress scorers wrapped in DecodingPress ('' for none)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=SETTINGS",
+                    help="also run snapkv with these [sparsity] settings ('pool_kernel = 5; pool = \"avg\"')")
+    ap.add_argument("--seed", type=int, default=0, help="which passages (0: the reported run; others: tuning)")
     ap.add_argument("--name", default="decode-quality")
     a = ap.parse_args(argv)
     budgets = [int(b) for b in a.budgets.split(",")]
@@ -243,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     data = passages(tok, a.samples, a.prompt, a.continuation, a.seed)
-    runs = {f"kvsieve:{p}@{b}": config_text(p, b, a.interval) for b in budgets for p in a.policies.split(",")}
+    runs = {f"kvsieve:{p}@{b}": config_text(p, b, a.interval) for b in budgets for p in a.policies.split(",") if p}
+    for v in a.variant:
+        label, _, settings = v.partition("=")
+        runs.update({f"kvsieve:snapkv-{label}@{b}": config_text("snapkv", b, a.interval, settings) for b in budgets})
     t0 = time.time()
     result = run_kvsieve(model, tok, data, runs, a.prompt)
     presses = [p for p in a.presses.split(",") if p]

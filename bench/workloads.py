@@ -170,6 +170,9 @@ WORKLOADS = {w.name: w for w in [
     TextWorkload("multi-turn", "chats with prefix caching on: 4 turns each, a 1.5k-2.5k-token passage first, "
                  "128-256-token answers, each turn's prompt the last prompt + answer + a new message",
                  (1536, 2560), (128, 256), 6, "multi-turn", turns=4, prefix_caching=True),
+    TextWorkload("long-generation-text", "long generation on SmolLM2: continue a 128-512-token prose passage for "
+                 "2,048 tokens, 8 at once, KV-limited", (128, 512), (2048, 2048), 8, "long-answer",
+                 config="decode-snapkv-512.toml"),
     TextWorkload("quest-decode", "decode-heavy: 8 long answers (512 tokens) at once, each continuing a 4k-token "
                  "prose passage (--prompt-len 7680:7680 for 8k)", (4096, 4096), (512, 512), 8, "long-answer",
                  config="quest-1024.toml"),
