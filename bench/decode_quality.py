@@ -185,7 +185,8 @@ for job in spec["jobs"]:
     out.setdefault(job["name"], []).append({"nll": nll.tolist(), "argmax": lg.argmax(-1).tolist(),
                                             "cached_at_end": cache.get_seq_length()})
     print(f"[kvpress] {job['name']}", file=sys.stderr, flush=True)
-print("RESULT" + json.dumps({"runs": out, "version": getattr(kvpress, "__version__", "?")}))
+from importlib.metadata import version
+print("RESULT" + json.dumps({"runs": out, "version": version("kvpress")}))
 """
 
 

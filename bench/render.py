@@ -3,7 +3,8 @@
 Two kinds of places in the Markdown are owned by this script:
 - blocks between `<!-- render:NAME -->` and `<!-- /render:NAME -->`: a table rendered whole
   (NAME: `summary`, `demo`, `ci`, `serving:FILE` for one result's full serving table, or
-  `accuracy:`, `accuracy-lengths:`, `accuracy-paired:`, `accuracy-tokens:FILE` for accuracy tables);
+  `accuracy:`, `accuracy-lengths:`, `accuracy-paired:`, `accuracy-tokens:FILE` for accuracy tables,
+  `decode-quality:FILE` for bench/decode_quality.py's);
 - inline quotes: a number followed by `<!-- q FILE:PATH|FORMAT -->`, e.g.
   `1.43x<!-- q demo.json:ratios/kvsieve/output_tokens_per_s/median|{:.2f}x -->`: PATH is
   keys (or list indices) into bench/results/FILE separated by `/`, FORMAT a Python format
@@ -302,6 +303,23 @@ def render_accuracy_tokens(name: str) -> str:
     return body + f"\n\n`bench/results/{name}`, {measured(r)}, {len(r['samples'])} prompts\n"
 
 
+def render_decode_quality(name: str) -> str:
+    """Decode-time eviction on teacher-forced long generations (bench/decode_quality.py): per
+    budget, each run's NLL increase over the dense cache and its greedy-agreement length."""
+    r = load(name)
+    s = r["summary"]
+    runs = sorted({k.split("@")[0] for k in s if "@" in k}, key=lambda k: (not k.startswith("kvsieve"), k))
+    lines = ["| budget (tokens) | " + " | ".join(runs) + " |", "|" + " --- |" * (len(runs) + 1)]
+    for b in r["budgets"]:
+        cells = [f"+{s[f'{k}@{b}']['nll_increase']:.4f} ({s[f'{k}@{b}']['agreement_tokens']:.0f})"
+                 if f"{k}@{b}" in s else "-" for k in runs]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + f"\n\nNLL increase per token over dense (dense: {s['dense']['nll']:.4f} nats), in "
+            f"brackets the mean greedy-agreement length in tokens; {r['samples']} passages x "
+            f"{r['continuation_tokens']} teacher-forced tokens after a {r['prompt_tokens']}-token prompt, events every "
+            f"{r['interval']} tokens; kvpress {r['kvpress']['version']}; `bench/results/{name}`, {measured(r)}\n")
+
+
 def render_soak(names: list[str]) -> str:
     """The soak runs: load, requests and their outcomes, tokens, preemptions, memory, blocks back."""
     lines = ["| run | measured (date, commit) | load | requests | completed valid (whole + streamed) | hung up mid-stream "
@@ -331,6 +349,8 @@ def render_block(name: str) -> str:
         return render_accuracy_paired(name.split(":", 1)[1])
     if name.startswith("accuracy-tokens:"):
         return render_accuracy_tokens(name.split(":", 1)[1])
+    if name.startswith("decode-quality:"):
+        return render_decode_quality(name.split(":", 1)[1])
     if name.startswith("accuracy-lengths:"):
         return render_accuracy_lengths(name.split(":", 1)[1])
     return {"summary": render_summary, "demo": render_demo, "ci": render_ci, "kernels": render_kernels}[name]()
