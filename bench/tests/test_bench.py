@@ -228,3 +228,20 @@ def test_chat_turns_keep_hitting_the_prefix_cache_when_compressed(tmp_path):
     assert stock["prefix_cache_hit_rate"] > 0.5, stock["prefix_cache_hit_rate"]
     assert sieve["prefix_cache_hit_rate"] >= 0.9 * stock["prefix_cache_hit_rate"], \
         (sieve["prefix_cache_hit_rate"], stock["prefix_cache_hit_rate"])
+
+
+def test_decode_quality_cuts_where_the_decode_events_fall_due():
+    """bench/decode_quality.py feeds a continuation in segments that end where kvsieve's decode
+    events fall due: every `interval` tokens once the cache is past the budget, each cut back
+    to the budget, and the last segment ends the text."""
+    pytest.importorskip("torch")
+    import decode_quality
+    from kvsieve_vllm.lib import PHASE_DECODE, load
+
+    lib = load()
+    ends = decode_quality.segments(lib.config_from_str(decode_quality.config_text("snapkv", 256, 64)), 128, 1000,
+                                   PHASE_DECODE)
+    assert ends == list(range(320, 1000, 64)) + [1000]
+    text = decode_quality.config_text("snapkv", 512, 64, "pool_kernel = 5; recent_tokens = 32")
+    params = lib.config_from_str(text).params(PHASE_DECODE)
+    assert (params.pool_kernel, params.window) == (5, 32), text
