@@ -21,7 +21,9 @@ each segment to the count kvsieve kept, for P in `--presses` (SnapKVPress with k
 window, 32: the segment's last 32 queries). kvpress is run as it ships: its ScorerPress keeps
 the top-k in score order, not position order, and StreamingLLMPress prunes by index (the first
 tokens after the sinks), so from its second compression on it drops arbitrary tokens (sorting the
-kept indices gives kvsieve's streaming NLL exactly; measured on the trial run).
+kept indices gives kvsieve's streaming NLL exactly; measured on the trial run). Its avg-pooling
+is index-based too, so SnapKVPress pools over neighbours in score order from the second
+compression on; `--kvpress-sorted` runs the presses with each selection kept in position order.
 
 Reported per run: the mean per-token NLL of the continuation and its increase over dense, and
 the greedy-agreement length (how many continuation positions, from the first, the compressed
@@ -163,6 +165,21 @@ model = LlamaForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eva
 scorers = {"snapkv": lambda: kvpress.SnapKVPress(window_size=spec["window"]), "knorm": lambda: kvpress.KnormPress(),
            "streaming": lambda: kvpress.StreamingLLMPress(), "tova": lambda: kvpress.TOVAPress(),
            "keydiff": lambda: kvpress.KeyDiffPress(), "expected_attention": lambda: kvpress.ExpectedAttentionPress()}
+if spec.get("sorted"):
+    # Keep each press's selection in position order (its top-k comes in score order), so that
+    # index-based steps of later compressions (pooling, StreamingLLM's pruning) see positions.
+    real = kvpress.presses.scorer_press.ScorerPress.compress
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        if self.compression_ratio == 0:
+            return keys, values
+        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        n_kept = kvpress.utils.compute_n_kept(keys.shape[2], self.compression_ratio)
+        idx = scores.topk(n_kept, dim=-1).indices.sort(-1).values
+        idx = idx.unsqueeze(-1).expand(-1, -1, -1, module.head_dim)
+        return keys.gather(2, idx).contiguous(), values.gather(2, idx).contiguous()
+
+    kvpress.presses.scorer_press.ScorerPress.compress = compress
 out = {}
 for job in spec["jobs"]:
     press = kvpress.DecodingPress(base_press=scorers[job["press"]](), compression_interval=1,
@@ -191,13 +208,15 @@ print("RESULT" + json.dumps({"runs": out, "version": version("kvpress")}))
 
 
 def run_kvpress(model_dir: Path, data: list, prompt: int, budgets: list[int], interval: int, presses: list[str],
-                ends_of: dict) -> dict:
+                ends_of: dict, sorted_: bool = False) -> dict:
     """kvpress's DecodingPress over the same segments as kvsieve's streaming run at each budget
-    (the segment ends depend on the budget and interval only)."""
-    jobs = [{"name": f"kvpress:{p}@{b}", "press": p, "budget": b, "buffer": interval, "ids": ids, "prompt": prompt,
+    (the segment ends depend on the budget and interval only); `sorted_`: with each selection
+    kept in position order (runs named kvpress-sorted:...)."""
+    tag = "kvpress-sorted" if sorted_ else "kvpress"
+    jobs = [{"name": f"{tag}:{p}@{b}", "press": p, "budget": b, "buffer": interval, "ids": ids, "prompt": prompt,
              "ends": ends_of[b][i]}
             for b in budgets for p in presses for i, ids in enumerate(data)]
-    spec = {"model": str(model_dir), "jobs": jobs, "window": WINDOW}
+    spec = {"model": str(model_dir), "jobs": jobs, "window": WINDOW, "sorted": sorted_}
     return child.run(KVPRESS_CHILD, spec, child.kvpress_env(), "kvpress run",
                      relay=lambda line: print(line, flush=True))
 
@@ -228,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default="snapkv,knorm,streaming")
     ap.add_argument("--presses", default="snapkv,knorm,streaming,tova,keydiff",
                     help="kvpress scorers wrapped in DecodingPress ('' for none)")
+    ap.add_argument("--kvpress-sorted", action="store_true",
+                    help="keep kvpress's selections in position order (as shipped they are in score order)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=SETTINGS",
                     help="also run snapkv with these [sparsity] settings ('pool_kernel = 5; pool = \"avg\"')")
     ap.add_argument("--seed", type=int, default=0, help="which passages (0: the reported run; others: tuning)")
@@ -260,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         lib = load()
         ends_of = {b: [segments(lib.config_from_str(config_text("streaming", b, a.interval)), a.prompt, len(ids) - 1,
                                 PHASE_DECODE) for ids in data] for b in budgets}
-        got = run_kvpress(model_dir, data, a.prompt, budgets, a.interval, presses, ends_of)
+        got = run_kvpress(model_dir, data, a.prompt, budgets, a.interval, presses, ends_of, a.kvpress_sorted)
         result.update(got["runs"])
         kvpress_version = got["version"]
     summary = summarize(result)
@@ -269,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"what": __doc__.split("\n\n")[0], "samples": a.samples, "prompt_tokens": a.prompt,
            "continuation_tokens": a.continuation, "budgets": budgets, "interval": a.interval, "block_size": BLOCK,
            "configs": runs, "kvpress": {"version": kvpress_version, "presses": presses,
-                                        "wrapper": "DecodingPress(compression_interval=1, target_size=budget)",
+                                        "wrapper": "DecodingPress(compression_interval=1, target_size=budget)", "sorted": a.kvpress_sorted,
                                         "note": "as shipped: top-k kept in score order, so StreamingLLMPress (prunes "
                                                 "by index) drops arbitrary tokens from its second compression on"},
            "summary": summary, "seconds": round(time.time() - t0),
