@@ -205,10 +205,7 @@ class Windows:
             raise ValueError(f"the decode SnapKV ring is incomplete: {r.broken}")
         if r.hi != end or start < max(r.lo, r.hi - r.size):
             raise ValueError(f"the ring holds positions [{max(r.lo, r.hi - r.size)}, {r.hi}), not [{start}, {end})")
-        short = [n for n in layer_names if r.rows[self.index[n]] != r.hi - r.lo]
-        if short:
-            raise ValueError(f"layers {short[:3]} recorded {r.rows[self.index[short[0]]]} of {r.hi - r.lo} ring rows "
-                             "(their attention forward did not run the hook, e.g. a step replayed as a full CUDA graph)")
+        self._every_layer_recorded(r, layer_names, "ring")
         slots = torch.arange(start, end, device=r.buf.device) % r.size
         return {n: r.buf[self.index[n]].index_select(0, slots) for n in layer_names}
 
@@ -223,12 +220,16 @@ class Windows:
         if w.lo is None or w.lo > start or w.hi < end or w.end != end:
             raise ValueError(f"captured positions [{w.lo}, {w.hi}) of window [{w.start}, {w.end}) do not cover "
                              f"[{start}, {end})")
-        short = [n for n in layer_names if w.rows[self.index[n]] != w.hi - w.lo]
-        if short:
-            raise ValueError(f"layers {short[:3]} recorded {w.rows[self.index[short[0]]]} of {w.hi - w.lo} window "
-                             "rows (their attention forward did not run the hook, e.g. a step replayed as a full "
-                             "CUDA graph)")
+        self._every_layer_recorded(w, layer_names, "window")
         return {n: w.buf[self.index[n], start - w.start:end - w.start] for n in layer_names}
+
+    def _every_layer_recorded(self, target: Window | Ring, layer_names: list[str], what: str) -> None:
+        """ValueError unless each layer recorded every position of the run [lo, hi)."""
+        short = [n for n in layer_names if target.rows[self.index[n]] != target.hi - target.lo]
+        if short:
+            raise ValueError(f"layers {short[:3]} recorded {target.rows[self.index[short[0]]]} of "
+                             f"{target.hi - target.lo} {what} rows (their attention forward did not run the hook, "
+                             "e.g. a step replayed as a full CUDA graph)")
 
     def end_step(self, captures: dict) -> None:
         """Drop the windows this step completed (their event ran, or none falls due)."""
