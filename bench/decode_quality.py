@@ -92,7 +92,7 @@ def segments(config, prompt: int, total: int, phase: int) -> list[int]:
     return ends
 
 
-def run_kvsieve(model, tok, data: list, runs: dict, prompt: int) -> dict:
+def run_kvsieve(model, data: list, runs: dict, prompt: int) -> dict:
     """Dense and each kvsieve run: per sample, NLL per position and argmax per position."""
 
     from kvsieve_vllm.lib import PHASE_DECODE, CpuKernels, load
@@ -120,7 +120,8 @@ def run_kvsieve(model, tok, data: list, runs: dict, prompt: int) -> dict:
 
 def forced(model, ids: list[int], prompt: int, ends: list[int], window: int, compress) -> tuple:
     """Teacher-force `ids` after a `prompt`-token prefill in segments ending at `ends` (logical
-    lengths), calling `compress(cache, queries, logical)` after every segment but the last.
+    lengths), calling `compress(cache, queries, logical)` after every segment but the last (None:
+    nothing, as for dense and for kvpress, whose press compresses inside the forward).
     Returns per-position NLLs of ids[prompt:], the argmax there, and the kept counts."""
     import torch
     from transformers.models.llama import modeling_llama
@@ -159,8 +160,10 @@ def forced(model, ids: list[int], prompt: int, ends: list[int], window: int, com
 KVPRESS_CHILD = r"""
 import json, sys, torch
 import kvpress
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 spec = json.loads(sys.stdin.read())
+sys.path.insert(0, spec["bench"])
+from decode_quality import forced  # the same segments, fed the same way as kvsieve's runs
 model = LlamaForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
 scorers = {"snapkv": lambda: kvpress.SnapKVPress(window_size=spec["window"]), "knorm": lambda: kvpress.KnormPress(),
            "streaming": lambda: kvpress.StreamingLLMPress(), "tova": lambda: kvpress.TOVAPress(),
@@ -184,23 +187,9 @@ out = {}
 for job in spec["jobs"]:
     press = kvpress.DecodingPress(base_press=scorers[job["press"]](), compression_interval=1,
                                   target_size=job["budget"], hidden_states_buffer_size=job["buffer"])
-    ids, prompt = job["ids"], job["prompt"]
-    logits = []
-    with torch.no_grad(), press(model):
-        cache = DynamicCache()
-        o = model(torch.tensor([ids[:prompt]]), past_key_values=cache, use_cache=True)
-        logits.append(o.logits[0, -1:])
-        start = prompt
-        for end in job["ends"]:
-            o = model(torch.tensor([ids[start:end]]), position_ids=torch.arange(start, end)[None],
-                      past_key_values=cache, use_cache=True)
-            logits.append(o.logits[0])
-            start = end
-    lg = torch.cat(logits, 0)[:len(ids) - prompt].double()
-    target = torch.tensor(ids[prompt:])
-    nll = -torch.log_softmax(lg, -1).gather(1, target[:, None])[:, 0]
-    out.setdefault(job["name"], []).append({"nll": nll.tolist(), "argmax": lg.argmax(-1).tolist(),
-                                            "cached_at_end": cache.get_seq_length()})
+    with press(model):  # compresses inside each segment's forward, from the first after the prompt
+        nll, argmax, _ = forced(model, job["ids"], job["prompt"], job["ends"], 1, None)
+    out.setdefault(job["name"], []).append({"nll": nll, "argmax": argmax})
     print(f"[kvpress] {job['name']}", file=sys.stderr, flush=True)
 from importlib.metadata import version
 print("RESULT" + json.dumps({"runs": out, "version": version("kvpress")}))
@@ -216,7 +205,7 @@ def run_kvpress(model_dir: Path, data: list, prompt: int, budgets: list[int], in
     jobs = [{"name": f"{tag}:{p}@{b}", "press": p, "budget": b, "buffer": interval, "ids": ids, "prompt": prompt,
              "ends": ends_of[b][i]}
             for b in budgets for p in presses for i, ids in enumerate(data)]
-    spec = {"model": str(model_dir), "jobs": jobs, "window": WINDOW, "sorted": sorted_}
+    spec = {"model": str(model_dir), "jobs": jobs, "window": WINDOW, "sorted": sorted_, "bench": str(HERE)}
     return child.run(KVPRESS_CHILD, spec, child.kvpress_env(), "kvpress run",
                      relay=lambda line: print(line, flush=True))
 
@@ -274,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         label, _, settings = v.partition("=")
         runs.update({f"kvsieve:snapkv-{label}@{b}": config_text("snapkv", b, a.interval, settings) for b in budgets})
     t0 = time.time()
-    result = run_kvsieve(model, tok, data, runs, a.prompt)
+    result = run_kvsieve(model, data, runs, a.prompt)
     presses = [p for p in a.presses.split(",") if p]
     kvpress_version = None
     if presses:
@@ -290,9 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"what": __doc__.split("\n\n")[0], "samples": a.samples, "prompt_tokens": a.prompt,
            "continuation_tokens": a.continuation, "budgets": budgets, "interval": a.interval, "block_size": BLOCK,
            "configs": runs, "kvpress": {"version": kvpress_version, "presses": presses,
-                                        "wrapper": "DecodingPress(compression_interval=1, target_size=budget)", "sorted": a.kvpress_sorted,
-                                        "note": "as shipped: top-k kept in score order, so StreamingLLMPress (prunes "
-                                                "by index) drops arbitrary tokens from its second compression on"},
+                                        "wrapper": "DecodingPress(compression_interval=1, target_size=budget)",
+                                        "sorted": a.kvpress_sorted,
+                                        "note": "selections kept in position order (--kvpress-sorted)" if a.kvpress_sorted
+                                        else "as shipped: top-k kept in score order, so StreamingLLMPress (prunes by "
+                                             "index) drops arbitrary tokens and SnapKVPress pools over score-ordered "
+                                             "neighbours from the second compression on"},
            "summary": summary, "seconds": round(time.time() - t0),
            "per_sample": {k: [{"nll_mean": sum(s["nll"]) / len(s["nll"]), "events": s.get("events")} for s in v]
                           for k, v in result.items()},
