@@ -64,7 +64,9 @@ class Server:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log()[-6000:]}")
+                left = self._group_left()
+                raise RuntimeError(f"the server exited ({self.proc.returncode}); {len(left)} of its processes still "
+                                   f"run {left}:\n{self.log()[-6000:]}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -74,6 +76,16 @@ class Server:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"the server did not become healthy in {timeout:.0f} s:\n{self.log()[-6000:]}")
+
+    def _group_left(self, wait_s: float = 30) -> list[int]:
+        """Processes of the server's process group still running after it exited (engine cores
+        and workers notice their parent's exit within seconds), after waiting up to `wait_s`."""
+        deadline = time.time() + wait_s
+        while True:
+            left = [pid for pid in _tree_all() if _pgid(pid) == self.proc.pid]
+            if not left or time.time() > deadline:
+                return left
+            time.sleep(0.5)
 
     def log(self) -> str:
         self._log.flush()
@@ -115,15 +127,25 @@ class Server:
                     break  # leaving the with-block closes the connection mid-stream
         return got
 
-    def metrics(self) -> dict[str, float]:
-        """Prometheus samples, `name{labels}` -> value, summed over label sets as `name`."""
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """Prometheus samples of /metrics: (name, labels, value)."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:
             text = r.read().decode()
-        out: dict[str, float] = {}
+        out = []
         for line in text.splitlines():
             m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$", line)
             if m:
-                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+                labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+                out.append((m.group(1), labels, float(m.group(3))))
+        return out
+
+    def metrics(self, by: str | None = None) -> dict:
+        """Prometheus samples summed over label sets: `name` -> value, or with `by` (a label,
+        e.g. vLLM's "engine"), `(name, that label's value)` -> value."""
+        out: dict = {}
+        for name, labels, value in self.samples():
+            key = name if by is None else (name, labels.get(by))
+            out[key] = out.get(key, 0.0) + value
         return out
 
     def rss_bytes(self) -> int:
@@ -177,6 +199,19 @@ def _tree(pid: int) -> list[int]:
         out.append(p)
         todo += children.get(p, [])
     return out
+
+
+def _tree_all() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else int(fields[2])  # a zombie has exited
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _rss(pid: int) -> int:

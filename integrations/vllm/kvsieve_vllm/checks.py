@@ -54,20 +54,22 @@ def engine_refusals(vllm_config) -> list[str]:
         out.append("[selection] with decode context parallelism is not mapped (drop [selection] or "
                    "--decode-context-parallel-size)")
     is_async = async_scheduling(vllm_config)
-    if is_async and getattr(vllm_config, "lora_config", None) is not None and _chunk_events():
+    if (is_async or pc.pipeline_parallel_size > 1) and getattr(vllm_config, "lora_config", None) is not None \
+            and _chunk_events():
         # A request sitting out a step for its chunk event (scheduler.sitting_out) is not in
         # `running`, where vLLM 0.33 counts the LoRAs in use when it admits requests.
-        out.append("LoRA with asynchronous scheduling and compression between prefill chunks ([prefill]) is not "
-                   "mapped (pass --no-async-scheduling, or remove [prefill])")
+        out.append("LoRA with several batches in flight (asynchronous scheduling or pipeline parallelism) and "
+                   "compression between prefill chunks ([prefill]) is not mapped (pass --no-async-scheduling and "
+                   "no --pipeline-parallel-size, or remove [prefill])")
     if getattr(pc, "use_ubatching", False):
         out.append("microbatching (--enable-dbo / ubatching) splits a step's batch; kvsieve maps one batch per step "
                    "(remove it)")
-    if pc.pipeline_parallel_size > 1:
-        out.append(f"pipeline parallelism (--pipeline-parallel-size {pc.pipeline_parallel_size}): several batches in "
-                   "flight break the event acknowledgement (use tensor parallelism)")
-    elif vllm_config.max_concurrent_batches > (2 if is_async else 1):
-        out.append(f"{vllm_config.max_concurrent_batches} concurrent batches; kvsieve maps one batch in flight, or two "
-                   "with asynchronous scheduling")
+    # In flight at once: one batch per pipeline stage, one more with asynchronous scheduling (the
+    # scheduler plans nothing for a request whose event is pending, whatever the depth).
+    depth = pc.pipeline_parallel_size + (1 if is_async else 0)
+    if vllm_config.max_concurrent_batches > depth:
+        out.append(f"{vllm_config.max_concurrent_batches} concurrent batches; kvsieve maps one batch in flight per "
+                   f"pipeline stage, plus one with asynchronous scheduling ({depth} here)")
     for attr, flag in (("decode_context_parallel_size", "--decode-context-parallel-size"),
                        ("prefill_context_parallel_size", "--prefill-context-parallel-size")):
         if getattr(pc, attr, 1) > 1:

@@ -30,7 +30,9 @@ chunk event is PENDING sits out the step scheduled before its acks (`sitting_out
 chunk is scheduled once the event is applied, so every chunk, window capture and prefill-end
 event is planned as with synchronous scheduling, and it never holds more than its budget plus
 one chunk (the bound `admission` assumes); the cost is one step per chunk event for that
-request (the others run in that step).
+request (the others run in that step). Pipeline parallelism keeps a batch in flight per stage
+(one more asynchronously): the same rules hold at any depth, each stage running the steps in
+order (`pipeline` carries every stage's acks to the scheduler).
 
 Prefix caching: no block that is or may become shared is ever rewritten. When the blocks an
 event reads include one in the prefix cache (hashed) or held by another request, the event is
@@ -200,8 +202,9 @@ class SchedulerSide:
 
     @contextmanager
     def sitting_out(self, sched):
-        """While vLLM schedules: the requests whose chunk event is PENDING (only ever with
-        asynchronous scheduling: synchronously the acks came before) are out of `running`, and
+        """While vLLM schedules: the requests whose chunk event is PENDING (only ever with several
+        batches in flight, asynchronous scheduling or pipeline parallelism: with one, the acks
+        came before) are out of `running`, and
         the running limits are lowered by as many, so vLLM neither schedules nor preempts them
         (it preempts another request instead, for that step) and admits no request into their
         slots. Afterwards `running` keeps its order: vLLM only removes requests from it

@@ -14,7 +14,8 @@ runner class and calls the helpers here at the right points of its step:
   step's SnapKV captures to batch rows and the adapter applies the offsets (slot mapping and
   sequence lengths use `position - offset`); `recording` around the forward lets the attention
   hook record window queries; `after_forward` runs the step's events; the adapter attaches
-  `take_acks` to the step's ModelRunnerOutput.
+  `take_acks` to the step's ModelRunnerOutput (before the last pipeline stage, to the
+  IntermediateTensors the next stage receives: `pipeline`).
 
 An event runs in two phases so that a failure never leaves a request half compacted:
 1. prepare: plan from the same lengths as the scheduler, then score, select and validate
@@ -44,7 +45,7 @@ from contextlib import contextmanager
 from copy import copy
 from dataclasses import dataclass
 
-from . import capture, faults, protocol, selection
+from . import capture, faults, pipeline, protocol, selection
 from .backends import adapter_for
 from .runners import adapter_for as runner_adapter_for
 from .checks import UnsupportedSetup, check_runner
@@ -184,10 +185,16 @@ class WorkerState:
         self.logged: set[str] = set()
         self.selector: selection.Selector | None = None  # `[selection]`: made by `_new_selector`
         self.rank = _tp_rank()
+        # Pipeline parallelism: this worker's stage, and what the earlier stages did with the
+        # step's events (`pipeline`; None on the first stage).
+        self.stage, self.stages = pipeline.stage()
+        self.upstream: pipeline.Upstream | None = None
+        self.sent = None  # the payload sent to the next stage, alive until the next step
         layout = next(k for k, v in LAYOUT.items() if v == self.desc[0].layout)
         logger.info("kvsieve worker rank %d: %d layers, %d KV heads per layer, block size %d, layout %s (%s, %s), "
-                    "model runner %s", self.rank, len(layers), self.heads, self.block_size, layout, layers[0][1].dtype,
-                    self.device, self.runner_adapter.__name__.rsplit(".", 1)[-1])
+                    "model runner %s%s", self.rank, len(layers), self.heads, self.block_size, layout, layers[0][1].dtype,
+                    self.device, self.runner_adapter.__name__.rsplit(".", 1)[-1],
+                    f", pipeline stage {self.stage} of {self.stages}" if self.stages > 1 else "")
 
     def kernels(self) -> CpuKernels:
         return self.buffers.kernels()
@@ -259,6 +266,7 @@ def wrap_initialize_kv_cache(orig):
             raise UnsupportedSetup(f"the kvsieve kernels on {st.device}: {e.message}") from e
         st.selector = _new_selector(self, st, geo, backend)
         self._kvsieve = st
+        faults.STAGE = st.stage  # stage-scoped faults fire from here on, never while starting
         return out
 
     return initialize_kv_cache
@@ -306,14 +314,23 @@ def _new_selector(runner, st: WorkerState, geo: Geometry, backend: str) -> selec
 # The step, as the runner adapters drive it.
 
 
-def begin_step(st: WorkerState, scheduler_output) -> StepPlan | None:
-    """A real step starts: its plan, nothing recorded or acknowledged yet."""
+def begin_step(st: WorkerState, scheduler_output, intermediate_tensors=None) -> StepPlan | None:
+    """A real step starts: its plan, nothing recorded or acknowledged yet; after the first
+    pipeline stage, the earlier stages' acks come off the received tensors (`pipeline.take`)."""
     st.plan = protocol.read(scheduler_output, StepPlan)
+    st.upstream = pipeline.take(intermediate_tensors) if st.stage > 0 else None
     st.windows.rows = []
     st.acks = None
+    st.sent = None
     if st.selector is not None:
         st.selector.begin_step(st.plan.dense if st.plan is not None else ())
     return st.plan
+
+
+def intermediate_tensors(args: tuple, kwargs: dict):
+    """The IntermediateTensors a runner's `execute_model(scheduler_output, intermediate_tensors)`
+    received (after the first pipeline stage), or None."""
+    return args[0] if args else kwargs.get("intermediate_tensors")
 
 
 def forget(st: WorkerState, req_ids) -> None:
@@ -369,7 +386,7 @@ def after_forward(runner, st: WorkerState, scheduler_output) -> None:
             acks = run_events(runner, st, scheduler_output, plan)
             dt = time.perf_counter() - t0
             WORKER_STATS.seconds += dt
-            st.acks = StepAcks(acks, seconds=dt)
+            st.acks = StepAcks(acks, seconds=dt + (st.upstream.seconds if st.upstream is not None else 0.0))
         st.windows.end_step(plan.captures)
     st.plan = None
     if st.selector is not None:
@@ -385,10 +402,18 @@ def take_acks(st: WorkerState | None, out):
     return what the runner returns. An asynchronous output (asynchronous scheduling; MRV2 always)
     makes its ModelRunnerOutput when `get_output` is called (in the executor's thread or the
     worker process): they are attached there. Nothing to attach to yet (the V1 runner's
-    `execute_model` when it samples in `sample_tokens`): they wait for the next call."""
+    `execute_model` when it samples in `sample_tokens`): they wait for the next call. Before the
+    last pipeline stage they go to the next stage with the hidden states (`pipeline.attach`;
+    selection's counters stay in this stage's worker stats: the last stage reports its own)."""
+    from vllm.sequence import IntermediateTensors
     from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
     if st is None or st.acks is None:
+        return out
+    if isinstance(out, IntermediateTensors):
+        acks, st.acks = st.acks, None
+        out = pipeline.attach(out, acks, st.device)
+        st.sent = out.tensors[pipeline.KEY]
         return out
     if isinstance(out, AsyncModelRunnerOutput):
         acks, st.acks, get_output = st.acks, None, out.get_output
@@ -443,10 +468,21 @@ def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dic
     their requests asked for, the worker allocates no scratch beyond the reserve."""
     acks: dict[str, Ack] = {}
     for ev in plan.events.values():
+        if st.upstream is not None:
+            # After the first pipeline stage: only where every earlier stage compacted (the
+            # same decision on each of this stage's workers: they received the same payload).
+            prior = st.upstream.ack_for(ev.req_id)
+            if prior is None or prior.outcome != Outcome.DONE:
+                st.windows.event_done(ev.req_id)
+                if prior is not None:
+                    acks[ev.req_id] = prior  # FAILED or TORN before this stage; None: lost
+                continue
         # Every worker runs every event of the plan in the same order, so the agreements of
         # tensor parallelism pair up; an event lost on this worker only takes part as FAILED.
         lost = faults.hit("drop_event")
         ack = _run_event(runner, st, scheduler_output, ev, lost)
+        if st.upstream is not None:
+            ack = pipeline.after_earlier_stages(ack)
         if lost or (ack.outcome == Outcome.DONE and faults.hit("drop_ack")):
             continue  # the scheduler hears nothing of it
         acks[ev.req_id] = ack

@@ -3,7 +3,9 @@ and patches are fixed per process at register()).
 
 Reads a JSON spec on stdin: {"engine": LLM kwargs, "runs": [run, ...]}, where a run is
 {"name", "prompts": [[token ids]], "max_tokens" (one, or one per prompt), "config": kvsieve TOML or null (keep the
-process's), "faults": KVSIEVE_FAULTS-style text or null, "preempt_all_when_mixed", "watch_rows": check after every
+process's), "extra_args": every request's
+SamplingParams.extra_args (kvsieve's per-request options), "keep_prefix_cache": start with the prefix cache the previous runs left (otherwise each run starts
+cold), "faults": KVSIEVE_FAULTS-style text or null, "preempt_all_when_mixed", "watch_rows": check after every
 step that no worker reads a block the scheduler does not hold for that request, "max_steps": give up after that many
 engine steps}. Runs them one after the other in one engine and prints one line `RESULT{json}` with, per run: greedy
 tokens, logprobs and finish reason per prompt, free KV blocks before and after, vLLM's preemption count per
@@ -54,13 +56,15 @@ def runner_env(runner: str, env: dict, scheduling: str = "sync") -> dict:
 
 
 def run_engine(engine: dict, runs: list[dict], config: str | None, runner: str = "v1",
-               scheduling: str = "sync") -> dict[str, dict]:
+               scheduling: str = "sync", env: dict | None = None) -> dict[str, dict]:
     """Start this script as a fresh process (kvsieve enabled with `config`, stock vLLM with
     None) on model runner `runner` with `scheduling` and return its results by run name. Fails
     the calling test with the engine's output when the process produced none, or when vLLM ran
-    another runner or scheduling than asked."""
+    another runner or scheduling than asked. `env`: more variables for every process of the
+    engine (worker processes read KVSIEVE_FAULTS when they start, not per run)."""
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if k not in ("KVSIEVE_CONFIG", "KVSIEVE_FAULTS")}
-    env = runner_env(runner, env, scheduling)
+    env = runner_env(runner, env, scheduling) | extra
     if config is not None:
         path = Path(tempfile.mkdtemp(prefix="kvsieve-child-")) / "kvsieve.toml"
         path.write_text(config)
@@ -130,14 +134,17 @@ def main() -> None:
                 os.environ["KVSIEVE_FAULTS"] = run["faults"]
                 faults.arm_from_env()
             failed_before = dict(stats()["scheduler"]["events_failed"])
+            workers_before = ([w["worker"]["compressions"] for w in llm.collective_rpc("kvsieve_stats")]
+                              if _model_runner(llm) is None else None)
             counts_before = dict(stats()["scheduler"]["counts"])
-        if spec["engine"].get("enable_prefix_caching"):
+        if spec["engine"].get("enable_prefix_caching") and not run.get("keep_prefix_cache"):
             llm.reset_prefix_cache()  # each run starts cold, as if alone
         free_before = pool.get_num_free_blocks()
         max_tokens = run["max_tokens"]
         if not isinstance(max_tokens, list):
             max_tokens = [max_tokens] * len(run["prompts"])
-        sp = [SamplingParams(temperature=0.0, max_tokens=n, detokenize=False, ignore_eos=True, logprobs=0)
+        sp = [SamplingParams(temperature=0.0, max_tokens=n, detokenize=False, ignore_eos=True, logprobs=0,
+                             extra_args=run.get("extra_args"))
               for n in max_tokens]
         violations: list[str] = []
         try:
@@ -180,12 +187,20 @@ def main() -> None:
             # hears of the last step's finished requests with the next step, as vLLM's own
             # runner state does, so it may only hold requests the runner still holds.
             side, runner = sched._kvsieve, _model_runner(llm)
-            held = runner._kvsieve.runner_adapter.held(runner)
             res["kvsieve_left"] = {"records": len(side.reqs), "to_preempt": len(side.to_preempt),
-                                   "to_fail": len(getattr(side, "to_fail", {})),
-                                   "offsets": len(set(runner._kvsieve.offsets) - held),
-                                   "windows": len(set(runner._kvsieve.windows.windows) - held)}
-            res["scratch_bytes"] = {k: v.numel() * v.element_size() for k, v in runner._kvsieve.scratch.bufs.items()}
+                                   "to_fail": len(getattr(side, "to_fail", {}))}
+            if runner is not None:
+                held = runner._kvsieve.runner_adapter.held(runner)
+                res["kvsieve_left"] |= {"offsets": len(set(runner._kvsieve.offsets) - held),
+                                        "windows": len(set(runner._kvsieve.windows.windows) - held)}
+                res["scratch_bytes"] = {k: v.numel() * v.element_size()
+                                        for k, v in runner._kvsieve.scratch.bufs.items()}
+            else:  # each worker process's compressions in this run and its per-request entries (rank order)
+                mine = set(ids)
+                res["worker_stats"] = [
+                    {"compressions": w["worker"]["compressions"] - before,
+                     "per_request": {k: v for k, v in w["worker"]["per_request"].items() if k.rsplit("-", 1)[0] in mine}}
+                    for w, before in zip(llm.collective_rpc("kvsieve_stats"), workers_before)]
             res["requests_counted"] = dict(stats()["scheduler"]["requests"])
         res["seconds"] = round(time.monotonic() - t0, 1)
         results.append(res)
@@ -193,26 +208,32 @@ def main() -> None:
 
 
 def _model_runner(llm):
-    """The in-process engine's model runner (UniProcExecutor -> worker wrapper -> worker)."""
-    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker
-    return getattr(worker, "worker", worker).model_runner
+    """The in-process engine's model runner (UniProcExecutor -> worker wrapper -> worker), or None
+    when the workers are processes of their own (the multiprocess executor: TP or PP > 1)."""
+    worker = getattr(llm.llm_engine.engine_core.engine_core.model_executor, "driver_worker", None)
+    return None if worker is None else getattr(worker, "worker", worker).model_runner
 
 
 def _runner_kind(llm) -> str:
     """"v2" for Model Runner V2, "v1" for the V1 runner (what vLLM chose for this engine)."""
-    modules = {c.__module__ for c in type(_model_runner(llm)).__mro__}
+    runner = _model_runner(llm)
+    if runner is None:
+        return "v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"
+    modules = {c.__module__ for c in type(runner).__mro__}
     return "v2" if "vllm.v1.worker.gpu.model_runner" in modules else "v1"
 
 
 def _scheduling_kind(llm) -> str:
     """"async" when the engine core runs vLLM's AsyncScheduler with a batch queue (the next step
-    is scheduled while the previous one runs), "sync" for the plain Scheduler and no queue."""
+    is scheduled while the previous one runs), "sync" for the plain Scheduler (with a batch
+    queue only under pipeline parallelism: a batch per stage)."""
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
     core = llm.llm_engine.engine_core.engine_core
     queued = getattr(core, "batch_queue", None) is not None
     is_async = isinstance(core.scheduler, AsyncScheduler)
-    assert queued == is_async, f"scheduler {type(core.scheduler).__name__} with batch queue {queued}"
+    pp = llm.llm_engine.vllm_config.parallel_config.pipeline_parallel_size
+    assert queued == (is_async or pp > 1), f"scheduler {type(core.scheduler).__name__} with batch queue {queued}"
     return "async" if is_async else "sync"
 
 

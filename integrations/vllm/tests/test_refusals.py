@@ -44,6 +44,17 @@ def _vllm_config(model: Path, **extra):
     return EngineArgs(**args, **extra).create_engine_config()
 
 
+@pytest.fixture(autouse=True)
+def plain_settings(monkeypatch, tmp_path):
+    """`engine_refusals` reads kvsieve's settings: a plain config's, unless a test installs its
+    own (so the module passes alone, not only after a module that registered the plugin)."""
+    from kvsieve_vllm import settings as settings_mod
+
+    path = tmp_path / "plain.toml"
+    path.write_text('[sparsity]\npolicy = "streaming"\nbudget_ratio = 0.25\n')
+    monkeypatch.setattr(settings_mod, "_settings", settings_mod.Settings(str(path)))
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
     return _llama_dir(tmp_path_factory.mktemp("llama"))
@@ -52,8 +63,6 @@ def llama(tmp_path_factory) -> Path:
 OPTIONS = [
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
      "speculative decoding", "remove --speculative-config"),
-    (dict(pipeline_parallel_size=2, distributed_executor_backend="mp"), "pipeline parallelism",
-     "use tensor parallelism"),
     (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}), "KV connector",
      "--kv-transfer-config"),
     (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype fp8", "use --kv-cache-dtype auto"),
@@ -123,7 +132,30 @@ def test_async_scheduling_is_served_with_every_event_kind(llama, monkeypatch, tm
         assert lora == [], lora
     object.__setattr__(cfg, "lora_config", None)
     cfg.parallel_config.pipeline_parallel_size = 2
-    assert any("pipeline parallelism" in p for p in engine_refusals(cfg)), "more batches in flight: refused"
+    assert cfg.max_concurrent_batches <= 3
+    assert engine_refusals(cfg) == [], "a batch per pipeline stage, and one more asynchronously: served"
+
+
+@pytest.mark.parametrize("chunk_events", [False, True])
+def test_pipeline_parallelism_is_served(llama, monkeypatch, tmp_path, chunk_events):
+    """Pipeline parallelism (a batch in flight per stage) is served (test_pipeline runs it);
+    as with asynchronous scheduling, LoRA is refused only with chunk events, naming both fixes."""
+    from kvsieve_vllm import settings as settings_mod
+    from kvsieve_vllm.checks import engine_refusals
+
+    path = tmp_path / "kvsieve.toml"
+    path.write_text('[sparsity]\npolicy = "streaming"\nbudget_ratio = 0.25\n'
+                    + ('[prefill]\npolicy = "streaming"\n' if chunk_events else ""))
+    monkeypatch.setattr(settings_mod, "_settings", settings_mod.Settings(str(path)))
+    cfg = _vllm_config(llama, pipeline_parallel_size=2, distributed_executor_backend="mp")
+    assert cfg.max_concurrent_batches == 2
+    assert engine_refusals(cfg) == []
+    object.__setattr__(cfg, "lora_config", object())
+    lora = engine_refusals(cfg)
+    if chunk_events:
+        assert len(lora) == 1 and "LoRA" in lora[0] and "--pipeline-parallel-size" in lora[0], lora
+    else:
+        assert lora == [], lora
 
 
 def test_platforms_are_refused_or_checked_by_what_kvsieve_maps_on_them(llama, monkeypatch, tmp_path):

