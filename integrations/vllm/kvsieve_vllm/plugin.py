@@ -86,6 +86,8 @@ RELIED_UPON = [
     ("vllm.v1.request", "RequestStatus.FINISHED_ABORTED"),
     ("vllm.v1.kv_cache_interface", "FullAttentionSpec"),
     ("vllm.distributed.parallel_state", "get_tp_group"),
+    ("vllm.distributed.parallel_state", "get_pp_group"),
+    ("vllm.sequence", "IntermediateTensors"),
     ("vllm.platforms", "current_platform"),
     ("vllm.v1.metrics.stats", "SchedulerStats"),
     ("vllm.v1.metrics.loggers", "AggregateStatLoggerBase"),
