@@ -64,6 +64,11 @@ def engine_refusals(vllm_config) -> list[str]:
     if getattr(pc, "use_ubatching", False):
         out.append("microbatching (--enable-dbo / ubatching) splits a step's batch; kvsieve maps one batch per step "
                    "(remove it)")
+    if pc.pipeline_parallel_size > 1 and pc.distributed_executor_backend == "external_launcher":
+        # Every rank runs its own scheduler there, and the V1 runner's earlier stages send their
+        # hidden states themselves: no stage's acks would reach the others' schedulers.
+        out.append("pipeline parallelism with the external launcher (torchrun): each rank schedules for itself, "
+                   "so the stages cannot agree on events (use --distributed-executor-backend mp or ray)")
     # In flight at once: one batch per pipeline stage, one more with asynchronous scheduling (the
     # scheduler plans nothing for a request whose event is pending, whatever the depth).
     depth = pc.pipeline_parallel_size + (1 if is_async else 0)

@@ -26,8 +26,6 @@ order, so the payload a stage receives is always for the step it is running.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-
 from .protocol import PROTOCOL_VERSION, Ack, Outcome, StepAcks
 
 KEY = "kvsieve_acks"
@@ -53,16 +51,41 @@ def _tp_size() -> int:
         return 1
 
 
-@dataclass
 class Upstream:
-    """What the earlier stages did with a step's events (None acks: the payload never came)."""
+    """What the earlier stages did with a step's events: the received payload, taken off before
+    the forward and decoded after it (reading it on the host waits for the device)."""
 
-    acks: dict[str, Ack] | None
-    seconds: float = 0.0
+    def __init__(self, raw=None) -> None:
+        self._raw = raw
+        self._decoded: tuple[dict[str, Ack] | None, float] | None = None
+
+    def _decode(self) -> tuple[dict[str, Ack] | None, float]:
+        if self._decoded is None:
+            self._decoded = (None, 0.0)
+            if self._raw is not None:
+                try:
+                    body = json.loads(bytes(self._raw.cpu().numpy().tobytes()).decode())
+                    if body.get("version") == PROTOCOL_VERSION:
+                        self._decoded = ({rid: Ack(rid, Outcome(o), why) for rid, o, why in body["acks"]},
+                                         float(body["seconds"]))
+                except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+                    pass
+            self._raw = None
+        return self._decoded
+
+    @property
+    def acks(self) -> dict[str, Ack] | None:
+        """The earlier stages' acks by request (None: no payload came, or not one this reads)."""
+        return self._decode()[0]
+
+    @property
+    def seconds(self) -> float:
+        return self._decode()[1]
 
     def ack_for(self, req_id: str) -> Ack | None:
         """The earlier stages' ack for an event; None when they never acknowledged it."""
-        return None if self.acks is None else self.acks.get(req_id)
+        acks = self.acks
+        return None if acks is None else acks.get(req_id)
 
 
 def after_earlier_stages(own: Ack) -> Ack:
@@ -96,16 +119,8 @@ def attach(out, acks: StepAcks, device):
 
 def take(intermediate_tensors) -> Upstream:
     """Take the earlier stages' payload off the received IntermediateTensors (vLLM copies every
-    received key into buffers that only have the model's): their acks, or `Upstream(None)` when
-    none came."""
+    received key into buffers that only have the model's), undecoded."""
     tensors = getattr(intermediate_tensors, "tensors", None)
-    if not isinstance(tensors, dict) or KEY not in tensors:
-        return Upstream(None)
-    raw = tensors.pop(KEY)
-    try:
-        body = json.loads(bytes(raw.cpu().numpy().tobytes()).decode())
-    except (ValueError, UnicodeDecodeError):
-        return Upstream(None)
-    if body.get("version") != PROTOCOL_VERSION:
-        return Upstream(None)
-    return Upstream({rid: Ack(rid, Outcome(o), why) for rid, o, why in body["acks"]}, float(body["seconds"]))
+    if not isinstance(tensors, dict):
+        return Upstream()
+    return Upstream(tensors.pop(KEY, None))

@@ -133,6 +133,19 @@ def _worker_stats(self) -> dict:
     return stats()
 
 
+def _worker_left(self) -> dict:
+    """Offsets and windows this worker still keeps for requests its runner no longer holds (a
+    leak when the engine is idle; the tests read it from every worker process)."""
+    from . import worker
+
+    runner = getattr(self, "model_runner", None)
+    st = worker.state(runner) if runner is not None else None
+    if st is None:
+        return {}
+    held = st.runner_adapter.held(runner)
+    return {"offsets": len(set(st.offsets) - held), "windows": len(set(st.windows.windows) - held)}
+
+
 def register() -> None:
     """vLLM's plugin entry point: inert without KVSIEVE_CONFIG, idempotent, all-or-nothing."""
     global _registered
@@ -156,7 +169,9 @@ def register() -> None:
     metrics.install_stats_field()
     # `collective_rpc("kvsieve_stats")` (LLM, or the OpenAI server's dev endpoint) returns each
     # worker's stats() (its process's; the scheduler side is the engine core's, on /metrics).
-    _resolve("vllm.v1.worker.worker_base", "WorkerBase").kvsieve_stats = _worker_stats
+    base = _resolve("vllm.v1.worker.worker_base", "WorkerBase")
+    base.kvsieve_stats = _worker_stats
+    base.kvsieve_left = _worker_left  # what a worker still keeps for requests it no longer holds
     _settings_mod.install(new_settings)
     _registered = True
     logger.info("kvsieve %s enabled (%s, prefill policy %s, decode policy %s, selection %s)", new_settings.lib.version,

@@ -190,6 +190,7 @@ class WorkerState:
         self.stage, self.stages = pipeline.stage()
         self.upstream: pipeline.Upstream | None = None
         self.sent = None  # the payload sent to the next stage, alive until the next step
+        self.relay = False  # this step had events (their acks go on to the next stage)
         layout = next(k for k, v in LAYOUT.items() if v == self.desc[0].layout)
         logger.info("kvsieve worker rank %d: %d layers, %d KV heads per layer, block size %d, layout %s (%s, %s), "
                     "model runner %s%s", self.rank, len(layers), self.heads, self.block_size, layout, layers[0][1].dtype,
@@ -380,6 +381,7 @@ def after_forward(runner, st: WorkerState, scheduler_output) -> None:
     if st.selector is not None:
         st.selector.after_forward()
     plan = st.plan
+    st.relay = bool(plan is not None and plan.events)
     if plan is not None and (plan.events or plan.captures):
         if plan.events:
             t0 = time.perf_counter()
@@ -404,7 +406,7 @@ def take_acks(st: WorkerState | None, out):
     worker process): they are attached there. Nothing to attach to yet (the V1 runner's
     `execute_model` when it samples in `sample_tokens`): they wait for the next call. Before the
     last pipeline stage they go to the next stage with the hidden states (`pipeline.attach`;
-    selection's counters stay in this stage's worker stats: the last stage reports its own)."""
+    selection's counters go to this stage's worker stats: the scheduler hears the last stage's)."""
     from vllm.sequence import IntermediateTensors
     from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
@@ -412,8 +414,11 @@ def take_acks(st: WorkerState | None, out):
         return out
     if isinstance(out, IntermediateTensors):
         acks, st.acks = st.acks, None
-        out = pipeline.attach(out, acks, st.device)
-        st.sent = out.tensors[pipeline.KEY]
+        if acks.selection:
+            WORKER_STATS.selected(acks.selection)  # no scheduler hears an earlier stage's: kept here
+        if st.relay:  # the step had events: the next stage waits for their acks
+            out = pipeline.attach(out, acks, st.device)
+            st.sent = out.tensors[pipeline.KEY]
         return out
     if isinstance(out, AsyncModelRunnerOutput):
         acks, st.acks, get_output = st.acks, None, out.get_output
@@ -470,7 +475,7 @@ def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dic
     for ev in plan.events.values():
         if st.upstream is not None:
             # After the first pipeline stage: only where every earlier stage compacted (the
-            # same decision on each of this stage's workers: they received the same payload).
+            # same decision on each of this stage's workers: their peers agreed on outcomes).
             prior = st.upstream.ack_for(ev.req_id)
             if prior is None or prior.outcome != Outcome.DONE:
                 st.windows.event_done(ev.req_id)

@@ -196,6 +196,9 @@ def main() -> None:
                 res["scratch_bytes"] = {k: v.numel() * v.element_size()
                                         for k, v in runner._kvsieve.scratch.bufs.items()}
             else:  # each worker process's compressions in this run and its per-request entries (rank order)
+                for left in llm.collective_rpc("kvsieve_left"):
+                    for k, v in left.items():
+                        res["kvsieve_left"][k] = res["kvsieve_left"].get(k, 0) + v
                 mine = set(ids)
                 res["worker_stats"] = [
                     {"compressions": w["worker"]["compressions"] - before,

@@ -39,7 +39,7 @@ MODEL = HERE.parents[2] / "models" / "byte-llama-5m"
 
 from engine_child import run_engine  # noqa: E402
 from reference import replay_logprobs  # noqa: E402
-from test_reliability import DECODE, PHASES, _paths, pressure_prompts  # noqa: E402
+from test_reliability import CHUNKS, PHASES, _paths, pressure_prompts  # noqa: E402
 
 SINK, RECENT = 4, 32
 CONFIG = f"""
@@ -91,6 +91,9 @@ def test_acks_cross_a_stage_whole_and_decide_alike(monkeypatch):
     """The payload round-trips (outcomes, reasons, seconds), leaves the received tensors as the
     model's, is padded to a size a tensor-parallel group of 2, 3 or 4 never divides (so vLLM's
     transport never splits it), and a missing or other-version payload means no earlier ack."""
+    from types import SimpleNamespace
+
+    from vllm.distributed.parallel_state import GroupCoordinator
     from vllm.sequence import IntermediateTensors
 
     from kvsieve_vllm import pipeline
@@ -104,7 +107,8 @@ def test_acks_cross_a_stage_whole_and_decide_alike(monkeypatch):
         sent = pipeline.attach(out, acks, "cpu")
         assert set(out.tensors) == set(hidden), "the runner's own object is left as it was"
         n = sent.tensors[pipeline.KEY].numel()
-        assert tp == 1 or n % tp != 0, (tp, n)
+        group = SimpleNamespace(world_size=tp)  # vLLM's own rule for splitting a sent tensor
+        assert tp == 1 or not GroupCoordinator._should_use_all_gather(None, pipeline.KEY, n, group, None), (tp, n)
         up = pipeline.take(sent)
         assert set(sent.tensors) == set(hidden), "taken off before vLLM copies the received tensors"
         assert up.acks == acks.acks and up.seconds == 0.25
@@ -156,9 +160,15 @@ def runs():
                 + [{"name": "full", "prompts": prompts(), "max_tokens": MAX_TOKENS,
                     "extra_args": {"kvsieve_budget_ratio": 1.0}}],
                 CONFIG, "v1", "sync", dict(BIND, KVSIEVE_FAULTS=STAGE_FAULTS)),
-        "tp2_pp2_v2_async": (dict(ENGINE, tensor_parallel_size=2, **PP2), common[:1], CONFIG, "v2", "async", BIND4),
-        "pp2_tight": (tight, [{"name": "decode", "prompts": pressure_prompts(), "max_tokens": 160,
-                               "preempt_all_when_mixed": True}], DECODE, "v1", "sync", BIND),
+        # The same faults with two tensor-parallel workers per stage, three batches deep.
+        "tp2_pp2_v2_async": (dict(ENGINE, tensor_parallel_size=2, **PP2),
+                             [{"name": "faulted", "prompts": prompts(), "max_tokens": MAX_TOKENS}] + common[:1],
+                             CONFIG, "v2", "async", dict(BIND4, KVSIEVE_FAULTS=STAGE_FAULTS)),
+        # Chunk events (streaming) under KV pressure, every running request preempted once past
+        # its first chunk: with a batch in flight per stage, a request whose chunk event waits
+        # for its acks sits out the step scheduled meanwhile (as with asynchronous scheduling).
+        "pp2_tight": (tight, [{"name": "chunks", "prompts": pressure_prompts(), "max_tokens": 160,
+                               "preempt_all_when_mixed": 200}], CHUNKS, "v1", "sync", BIND),
     }
     with ThreadPoolExecutor(2) as pool:
         futures = {k: pool.submit(run_engine, e, r, c, runner, sched, env)
@@ -236,8 +246,9 @@ def test_pipeline_2_compresses_prefix_cache_hits_into_fresh_blocks(runs):
     _every_worker_did_every_event(runs["pp2"]["prefix_hit"])
 
 
-def test_a_failure_on_either_stage_never_serves_wrong_kv(runs):
-    r, stock = runs["pp2"]["faulted"], runs["stock"]["full"]
+@pytest.mark.parametrize("engine", ["pp2", "tp2_pp2_v2_async"])
+def test_a_failure_on_either_stage_never_serves_wrong_kv(runs, engine):
+    r, stock = runs[engine]["faulted"], runs["stock"]["full"]
     _clean(r)
     assert r["failed"] == {"worker": 1, "lost": 1, "torn": 1}, r["failed"]
     assert r["counts"].get("recomputed_after_failed_event") == 2, r["counts"]
@@ -250,21 +261,25 @@ def test_a_failure_on_either_stage_never_serves_wrong_kv(runs):
     assert len(torn) == 1, [q.get("disabled") for q in r["requests"]]
 
 
-def test_a_failure_on_either_stage_matches_the_replay(runs, model):
-    _matches_replay(model, prompts(), runs["pp2"]["faulted"], SNAPKV)
+@pytest.mark.parametrize("engine", ["pp2", "tp2_pp2_v2_async"])
+def test_a_failure_on_either_stage_matches_the_replay(runs, engine, model):
+    _matches_replay(model, prompts(), runs[engine]["faulted"], SNAPKV)
 
 
 def test_pipeline_2_under_preemption_matches_the_replay(runs, model):
-    """24 blocks per stage and every running request preempted once (reset_prefix_cache with
-    running requests, at the first step where one prefills while another decodes)."""
-    r = runs["pp2_tight"]["decode"]
+    """24 blocks per stage, compression between prefill chunks, and every running request
+    preempted once (reset_prefix_cache with running requests, at the first step where one is
+    past its first chunk while another decodes)."""
+    r = runs["pp2_tight"]["chunks"]
     _clean(r)
     assert r["failed"] == {}
     paths = _paths(r["requests"])
-    assert {"preempted while prefilling", "preempted while decoding"} <= paths, paths
+    assert "compressed again after recompute" in paths or "preempted while decoding" in paths, paths
     lines = [q.get("timeline", []) for q in r["requests"]]
+    assert sum(e[0] == "event" and e[2] == 2 for line in lines for e in line) >= 5, lines
+    assert r["counts"].get("steps_sat_out_for_chunk_events", 0) >= 1, r["counts"]
     again = [line for line in lines if any(e[0] == "event" for e in line[next(
         (i for i, e in enumerate(line) if e[0] == "recompute"), len(line)):])]
     assert again, "some request compressed again after its recompute"
     assert all(len(t) == 160 for t in r["tokens"])
-    _matches_replay(model, pressure_prompts(), r, {0: PHASES[0], 1: ("snapkv", SINK, RECENT)})
+    _matches_replay(model, pressure_prompts(), r, PHASES)

@@ -138,8 +138,9 @@ def test_async_scheduling_is_served_with_every_event_kind(llama, monkeypatch, tm
 
 @pytest.mark.parametrize("chunk_events", [False, True])
 def test_pipeline_parallelism_is_served(llama, monkeypatch, tmp_path, chunk_events):
-    """Pipeline parallelism (a batch in flight per stage) is served (test_pipeline runs it);
-    as with asynchronous scheduling, LoRA is refused only with chunk events, naming both fixes."""
+    """Pipeline parallelism (a batch in flight per stage) is served (test_pipeline runs it),
+    except under the external launcher; as with asynchronous scheduling, LoRA is refused only
+    with chunk events, naming both fixes."""
     from kvsieve_vllm import settings as settings_mod
     from kvsieve_vllm.checks import engine_refusals
 
@@ -150,6 +151,12 @@ def test_pipeline_parallelism_is_served(llama, monkeypatch, tmp_path, chunk_even
     cfg = _vllm_config(llama, pipeline_parallel_size=2, distributed_executor_backend="mp")
     assert cfg.max_concurrent_batches == 2
     assert engine_refusals(cfg) == []
+    # torchrun's external launcher: every rank schedules for itself (set on the config: it
+    # needs torchrun's environment to be built).
+    cfg.parallel_config.distributed_executor_backend = "external_launcher"
+    launcher = engine_refusals(cfg)
+    assert len(launcher) == 1 and "external launcher" in launcher[0] and "mp or ray" in launcher[0], launcher
+    cfg.parallel_config.distributed_executor_backend = "mp"
     object.__setattr__(cfg, "lora_config", object())
     lora = engine_refusals(cfg)
     if chunk_events:
