@@ -16,6 +16,12 @@ reads the last 3 blocks (not only the partial one), `--relative` ranks a block b
 the head's best bound before the max over heads (softmax cannot tell a head's scores apart from
 their shift). Both lost prompts on the tuning split (bench/README.md, "Block selection").
 
+Diagnosis, not choice: `--oracles max,mass` also runs two rules that look at the keys themselves
+(each block's true largest q.k, or the attention it actually gets), the best a rule sharing one
+table per request and layer could aim at; `--sub-block 8` keeps key ranges per 8 tokens and
+scores a block by its best part (what finer metadata would buy); `--missed RESULT:RUN` runs the
+prompts of an accuracy result that dense answered and RUN did not.
+
 The prompts come from `--seed` (default 2): a split of its own, neither the development split
 (0) the accuracy suite reports nor the held-out one (1), so the default is not chosen on the
 prompts it is then measured on. Writes bench/results/<name>.json (found/asked per spread, budget,
@@ -58,6 +64,33 @@ def block_scores(q, k, block: int, spread: float, relative: bool = False):
     return per_head.amax(0)
 
 
+def sub_block_scores(q, k, block: int, sub: int, spread: float):
+    """[nb] scores of the blocks of `k` with key ranges kept per `sub` tokens: a block scores as
+    its best part (max over heads and max over parts commute)."""
+    import torch
+
+    nb = math.ceil(k.shape[1] / block)
+    s = block_scores(q, k, sub, spread)
+    return torch.nn.functional.pad(s, (0, nb * (block // sub) - s.numel()), value=float("-inf")).view(nb, -1).amax(1)
+
+
+def oracle_scores(q, k, block: int, rule: str):
+    """[nb] scores from the keys themselves, not their ranges: what any block rule sharing one
+    selection over a layer's heads could do at best. `max`: each block's largest q.k over query
+    heads; `mass`: the attention (softmax over every key) each block gets, summed over heads."""
+    import torch
+
+    h, n, d = k.shape
+    nb = math.ceil(n / block)
+    logits = torch.einsum("hgd,hnd->hgn", q.view(h, -1, d), k) / math.sqrt(d)
+    pad = nb * block - n
+    if rule == "max":
+        per = torch.nn.functional.pad(logits, (0, pad), value=float("-inf")).view(h, -1, nb, block).amax(-1)
+        return per.reshape(-1, nb).amax(0)
+    per = torch.nn.functional.pad(logits.softmax(-1), (0, pad)).view(h, -1, nb, block).sum(-1)
+    return per.reshape(-1, nb).sum(0)
+
+
 def make_attention(state: dict, block: int):
     """An attention function for transformers' AttentionInterface: sdpa, with each decode step's
     keys masked per layer to the selected blocks when `state["budget"]` is set."""
@@ -68,8 +101,13 @@ def make_attention(state: dict, block: int):
         n = key.shape[2]
         keep = state["budget"] and -(-state["budget"] // block)  # rounded up to blocks, as the library
         if keep and query.shape[2] == 1 and module.layer_idx >= state["dense_layers"] and math.ceil(n / block) > keep:
-            s = block_scores(query[0, :, 0].float(), key[0].float(), block, state["spread"],
-                             state.get("relative", False))
+            q, k = query[0, :, 0].float(), key[0].float()
+            if state.get("oracle"):
+                s = oracle_scores(q, k, block, state["oracle"])
+            elif state.get("sub_block"):
+                s = sub_block_scores(q, k, block, state["sub_block"], state["spread"])
+            else:
+                s = block_scores(q, k, block, state["spread"], state.get("relative", False))
             s[0] = float("inf")
             s[-state["recent_blocks"]:] = float("inf")
             allow = torch.zeros(s.numel(), dtype=torch.bool)
@@ -80,6 +118,15 @@ def make_attention(state: dict, block: int):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
 
     return attention
+
+
+def missed(result: str, run: str) -> list[dict]:
+    """The prompts of an accuracy result (bench/results/RESULT) that its dense run answered and RUN
+    (a token-budget run such as quest@1024) did not, with the prompts' own tokens."""
+    d = json.loads((HERE / "results" / result).read_text())
+    dense, other = d["texts"]["prefix_caching_off"]["dense"], d["token_texts"][run]
+    return [s for s, a, b in zip(d["samples"], dense, other)
+            if ruler.score(a, s["answers"]) and not ruler.score(b, s["answers"])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dense-layers", default="2", help="layers left dense (a list sweeps them)")
     ap.add_argument("--recent-blocks", default="1", help="last blocks always read (a list sweeps them)")
     ap.add_argument("--relative", action="store_true", help="score blocks relative to each head's best")
+    ap.add_argument("--sub-block", type=int, default=0,
+                    help="key ranges per this many tokens, a block scored by its best (default: the block)")
+    ap.add_argument("--oracles", default="", help="also the oracle rules (max,mass) at each budget")
+    ap.add_argument("--missed", default="",
+                    help="RESULT:RUN - diagnose instead of tune: the prompts of an accuracy result (e.g. "
+                         "accuracy-quest.json:quest@1024) that dense answered and RUN did not")
     ap.add_argument("--name", default="selection-spread")
     a = ap.parse_args(argv)
-    if a.seed in (0, 1):
+    if a.seed in (0, 1) and not a.missed:
         raise SystemExit(f"--seed {a.seed} is the accuracy suite's {'development' if a.seed == 0 else 'held-out'} "
                          "split; tune on another (default 2)")
 
@@ -107,13 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     model_dir = smollm2.ensure()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    state = {"budget": 0, "spread": 1.0, "dense_layers": 0, "recent_blocks": 1, "relative": a.relative}
+    state = {"budget": 0, "spread": 1.0, "dense_layers": 0, "recent_blocks": 1, "relative": a.relative,
+             "oracle": "", "sub_block": a.sub_block}
+    if a.sub_block and BLOCK % a.sub_block:
+        raise SystemExit(f"--sub-block {a.sub_block} must divide the block size {BLOCK}")
     AttentionInterface.register("kvsieve_selection_sweep", make_attention(state, BLOCK))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="kvsieve_selection_sweep").eval()
     c = {"tasks": a.tasks.split(","), "lengths": [int(x) for x in a.lengths.split(",")],
          "long_tasks": a.tasks.split(","), "samples": a.samples, "samples_long": a.samples}
-    samples = [ruler.as_dict(s) for s in ruler.suite(tok, PROSE, cells(c), a.seed)]
+    samples = ([ruler.as_dict(s) for s in ruler.suite(tok, PROSE, cells(c), a.seed)] if not a.missed
+               else missed(*a.missed.split(":")))
 
     @torch.no_grad()
     def generate(prompt: list[int], max_tokens: int) -> list[int]:
@@ -127,19 +184,25 @@ def main(argv: list[str] | None = None) -> int:
     dense_layers = [int(x) for x in a.dense_layers.split(",")]
     recent_blocks = [int(x) for x in a.recent_blocks.split(",")]
 
-    def run_name(spread: float, budget: int, dl: int, rb: int) -> str:
+    def run_name(spread: float | str, budget: int, dl: int, rb: int) -> str:
         extra = (f",dense_layers={dl}" if len(dense_layers) > 1 else "")
         extra += f",recent={rb}" if len(recent_blocks) > 1 else ""
-        return f"spread={spread:g}@{budget}{extra}"
+        rule = f"oracle={spread}" if isinstance(spread, str) else f"spread={spread:g}"
+        rule += f",sub={a.sub_block}" if a.sub_block and not isinstance(spread, str) else ""
+        return f"{rule}@{budget}{extra}"
 
-    runs = [("dense", 0, 1.0, 0, 1)] + [(run_name(float(s), int(b), dl, rb), int(b), float(s), dl, rb)
-                                        for b in a.budgets.split(",") for s in a.spreads.split(",")
+    rules: list[float | str] = [float(s) for s in a.spreads.split(",") if s]
+    rules += [o for o in a.oracles.split(",") if o]
+    runs = [("dense", 0, 1.0, 0, 1)] + [(run_name(r, int(b), dl, rb), int(b), r, dl, rb)
+                                        for b in a.budgets.split(",") for r in rules
                                         for dl in dense_layers for rb in recent_blocks]
     result: dict = {"samples": [{k: s[k] for k in ("id", "task", "length", "answers")} for s in samples],
                     "runs": {}}
     t0 = time.time()
-    for name, budget, spread, dl, rb in runs:
-        state.update(budget=budget, spread=spread, dense_layers=dl, recent_blocks=rb)
+    for name, budget, rule, dl, rb in runs:
+        oracle = rule if isinstance(rule, str) else ""
+        spread = 0.0 if oracle else rule
+        state.update(budget=budget, spread=spread, dense_layers=dl, recent_blocks=rb, oracle=oracle)
         cellwise: dict = {}
         answers = []
         for s in samples:
@@ -149,11 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             cell[1] += 1
             answers.append(text)
         found = sum(x[0] for t in cellwise.values() for x in t.values())
-        result["runs"][name] = {"budget": budget, "spread": spread, "dense_layers": dl, "recent_blocks": rb,
+        result["runs"][name] = {"budget": budget, "spread": None if oracle else spread, "oracle": oracle or None,
+                                "dense_layers": dl, "recent_blocks": rb, "sub_block": a.sub_block or BLOCK,
                                 "found": found, "asked": len(samples),
                                 "cells": cellwise, "answers": answers}
         print(f"[sweep] {name}: {found}/{len(samples)} {cellwise} ({time.time() - t0:.0f} s)", flush=True)
-    result["provenance"] = provenance.record(model=model_dir, model_name="SmolLM2-135M-Instruct", seed=a.seed,
+    if a.missed:
+        result["diagnosis"] = f"the prompts of {a.missed.split(':')[0]} that dense answered and {a.missed.split(':')[1]} did not"
+    result["provenance"] = provenance.record(model=model_dir, model_name="SmolLM2-135M-Instruct",
+                                             seed=None if a.missed else a.seed,
                                              block_size=BLOCK,
                                              engine="HF transformers (masked attention), not vLLM")
     out = HERE / "results" / f"{a.name}.json"
