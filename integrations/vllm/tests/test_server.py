@@ -117,17 +117,27 @@ def _compressions_by_rank(log: str) -> dict[int, int]:
 
 @pytest.fixture(scope="module")
 def served():
-    stock, _, stock_metrics = _serve(None)
-    tp1, log1, m1 = _serve(CONFIG)
-    inproc = _in_process(CONFIG)
-    tp2, log2, m2 = _serve(CONFIG, ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
-                           env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", **runner_overrides("v2", "async")})
-    pp2, logpp, mpp = _serve(CONFIG, ["--pipeline-parallel-size", "2", "--distributed-executor-backend", "mp"],
-                             env=BIND, args=PP_ARGS)
-    dp2, logdp, mdp = _serve(CONFIG, ["--data-parallel-size", "2"], env=BIND, at_once=True, by="engine")
-    return {"stock": stock, "tp1": tp1, "log1": log1, "tp2": tp2, "log2": log2, "inproc": inproc,
-            "pp2": pp2, "logpp": logpp, "dp2": dp2, "logdp": logdp,
-            "metrics": {"stock": stock_metrics, "tp1": m1, "tp2": m2, "pp2": mpp, "dp2": mdp}}
+    """Five servers and the in-process engine, two at a time (as test_reliability runs its
+    engines): each serves its own requests one by one, so what it returns does not depend on
+    what runs beside it; the multiprocess ones first, so that they overlap the quick ones."""
+    jobs = {
+        "pp2": lambda: _serve(CONFIG, ["--pipeline-parallel-size", "2", "--distributed-executor-backend", "mp"],
+                              env=BIND, args=PP_ARGS),
+        "dp2": lambda: _serve(CONFIG, ["--data-parallel-size", "2"], env=BIND, at_once=True, by="engine"),
+        "tp2": lambda: _serve(CONFIG, ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
+                              env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", **runner_overrides("v2", "async")}),
+        "stock": lambda: _serve(None),
+        "tp1": lambda: _serve(CONFIG),
+        "inproc": lambda: _in_process(CONFIG),
+    }
+    with ThreadPoolExecutor(2) as pool:
+        futures = {k: pool.submit(job) for k, job in jobs.items()}
+        got = {k: f.result() for k, f in futures.items()}
+    out: dict = {"inproc": got.pop("inproc"), "metrics": {}}
+    for k, (tokens, log, metrics) in got.items():
+        out[k], out["metrics"][k] = tokens, metrics
+        out["log" + {"tp1": "1", "tp2": "2", "pp2": "pp", "dp2": "dp"}.get(k, k)] = log
+    return out
 
 
 def test_server_with_its_own_worker_process_decodes_as_in_process(served):
