@@ -31,26 +31,6 @@ from .protocol import PROTOCOL_VERSION, Ack, Outcome, StepAcks
 KEY = "kvsieve_acks"
 
 
-def stage() -> tuple[int, int]:
-    """(this worker's pipeline stage, the number of stages); (0, 1) without a pipeline."""
-    try:
-        from vllm.distributed.parallel_state import get_pp_group
-
-        g = get_pp_group()
-        return g.rank_in_group, g.world_size
-    except Exception:
-        return 0, 1
-
-
-def _tp_size() -> int:
-    try:
-        from vllm.distributed.parallel_state import get_tp_group
-
-        return get_tp_group().world_size
-    except Exception:
-        return 1
-
-
 class Upstream:
     """What the earlier stages did with a step's events: the received payload, taken off before
     the forward and decoded after it (reading it on the host waits for the device)."""
@@ -97,9 +77,10 @@ def after_earlier_stages(own: Ack) -> Ack:
                + own.reason)
 
 
-def attach(out, acks: StepAcks, device):
+def attach(out, acks: StepAcks, device, tp_size: int):
     """A copy of the IntermediateTensors `out` that also carries `acks` to the next stage (a
-    copy: the runner may return the same object again)."""
+    copy: the runner may return the same object again); `tp_size`: the stage's tensor-parallel
+    workers."""
     import torch
     from vllm.sequence import IntermediateTensors
 
@@ -110,9 +91,8 @@ def attach(out, acks: StepAcks, device):
     # only for tensors equal on every rank. A stage's workers agree on every outcome but not on
     # reasons or timings: padded (JSON whitespace) to a size the group never divides, each
     # worker's payload goes whole to its peer in the next stage.
-    tp = _tp_size()
-    if tp > 1:
-        body += b" " * ((1 - len(body)) % tp)
+    if tp_size > 1:
+        body += b" " * ((1 - len(body)) % tp_size)
     payload = torch.frombuffer(bytearray(body), dtype=torch.uint8).to(device)
     return IntermediateTensors({**out.tensors, KEY: payload})
 

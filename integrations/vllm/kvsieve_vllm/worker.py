@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from copy import copy
 from dataclasses import dataclass
 
-from . import capture, faults, pipeline, protocol, selection
+from . import capture, faults, groups, pipeline, protocol, selection
 from .backends import adapter_for
 from .runners import adapter_for as runner_adapter_for
 from .checks import UnsupportedSetup, check_runner
@@ -184,10 +184,11 @@ class WorkerState:
         self.acks: StepAcks | None = None  # this step's, until a ModelRunnerOutput carries them
         self.logged: set[str] = set()
         self.selector: selection.Selector | None = None  # `[selection]`: made by `_new_selector`
-        self.rank = _tp_rank()
+        self.place = groups.read()  # tensor-parallel rank and group, pipeline stage
+        self.rank = self.place.tp_rank
         # Pipeline parallelism: this worker's stage, and what the earlier stages did with the
         # step's events (`pipeline`; None on the first stage).
-        self.stage, self.stages = pipeline.stage()
+        self.stage, self.stages = self.place.stage, self.place.stages
         self.upstream: pipeline.Upstream | None = None
         self.sent = None  # the payload sent to the next stage, alive until the next step
         self.relay = False  # this step had events (their acks go on to the next stage)
@@ -199,15 +200,6 @@ class WorkerState:
 
     def kernels(self) -> CpuKernels:
         return self.buffers.kernels()
-
-
-def _tp_rank() -> int:
-    try:
-        from vllm.distributed.parallel_state import get_tp_group
-
-        return get_tp_group().rank_in_group
-    except Exception:
-        return 0
 
 
 def state(runner) -> WorkerState | None:
@@ -417,7 +409,7 @@ def take_acks(st: WorkerState | None, out):
         if acks.selection:
             WORKER_STATS.selected(acks.selection)  # no scheduler hears an earlier stage's: kept here
         if st.relay:  # the step had events: the next stage waits for their acks
-            out = pipeline.attach(out, acks, st.device)
+            out = pipeline.attach(out, acks, st.device, st.place.tp_size)
             st.sent = out.tensors[pipeline.KEY]
         return out
     if isinstance(out, AsyncModelRunnerOutput):
@@ -505,21 +497,21 @@ def _run_event(runner, st: WorkerState, scheduler_output, ev: protocol.Event, lo
             ack = Ack(ev.req_id, Outcome.DONE)
         except Exception as e:
             ack = Ack(ev.req_id, Outcome.FAILED, _reason(e))
-    ack = _worst_over_workers(ack, "could not prepare it")
+    ack = _worst_over_workers(st, ack, "could not prepare it")
     if ack.outcome == Outcome.DONE:
         try:
             _move(st, job)
         except Exception as e:
             # Out of place only the fresh blocks were written: the row is as it was.
             ack = Ack(ev.req_id, Outcome.FAILED if job.dest is not None else Outcome.TORN, _reason(e))
-        ack = _worst_over_workers(ack, "could not move it", torn="moved only some layers")
+        ack = _worst_over_workers(st, ack, "could not move it", torn="moved only some layers")
         if ack.outcome == Outcome.DONE:
             try:
                 _install(runner, st, job)
             except Exception as e:
                 ack = Ack(ev.req_id, Outcome.TORN, _reason(e))
             # An install failing on one worker while another installed: the request recomputes.
-            ack = _worst_over_workers(ack, "could not install the shortened row")
+            ack = _worst_over_workers(st, ack, "could not install the shortened row")
     st.windows.event_done(ev.req_id)
     if ack.outcome == Outcome.DONE:
         if not WORKER_STATS.compressions:
@@ -536,33 +528,25 @@ def _run_event(runner, st: WorkerState, scheduler_output, ev: protocol.Event, lo
     return ack
 
 
-def _worst_over_workers(ack: Ack, what: str, torn: str | None = None) -> Ack:
+def _worst_over_workers(st: WorkerState, ack: Ack, what: str, torn: str | None = None) -> Ack:
     """The event's ack becomes the worst outcome any tensor-parallel worker has for it, with a
     reason naming what another worker failed to do (`torn` when that left it TORN)."""
-    worst = _agree([int(ack.outcome)])[0]
+    worst = _agree(st.place, [int(ack.outcome)])[0]
     if worst > ack.outcome:
         why = torn if torn and worst == Outcome.TORN else what
         return Ack(ack.req_id, Outcome(worst), "another tensor-parallel worker " + why)
     return ack
 
 
-def _agree(flags: list[int]) -> list[int]:
+def _agree(place: groups.Place, flags: list[int]) -> list[int]:
     """The element-wise maximum of `flags` over the tensor-parallel workers (identity alone)."""
-    if not flags:
-        return flags
-    try:
-        from vllm.distributed.parallel_state import get_tp_group
-
-        group = get_tp_group()
-    except Exception:
-        return flags
-    if group.world_size == 1:
+    if not flags or place.tp_cpu_group is None:
         return flags
     import torch
     import torch.distributed as dist
 
     t = torch.tensor(flags, dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group.cpu_group)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=place.tp_cpu_group)
     return [int(x) for x in t.tolist()]
 
 

@@ -87,7 +87,7 @@ def prefix_prompts() -> tuple[list[int], list[int]]:
     return x, x[:640] + list(text[95000:95300])
 
 
-def test_acks_cross_a_stage_whole_and_decide_alike(monkeypatch):
+def test_acks_cross_a_stage_whole_and_decide_alike():
     """The payload round-trips (outcomes, reasons, seconds), leaves the received tensors as the
     model's, is padded to a size a tensor-parallel group of 2, 3 or 4 never divides (so vLLM's
     transport never splits it), and a missing or other-version payload means no earlier ack."""
@@ -102,9 +102,8 @@ def test_acks_cross_a_stage_whole_and_decide_alike(monkeypatch):
     acks = StepAcks({"a": Ack("a", Outcome.DONE), "b": Ack("b", Outcome.FAILED, "no: é")}, seconds=0.25)
     hidden = {"hidden_states": torch.ones(3, 4), "residual": torch.zeros(3, 4)}
     for tp in (1, 2, 3, 4):
-        monkeypatch.setattr(pipeline, "_tp_size", lambda tp=tp: tp)
         out = IntermediateTensors(dict(hidden))
-        sent = pipeline.attach(out, acks, "cpu")
+        sent = pipeline.attach(out, acks, "cpu", tp)
         assert set(out.tensors) == set(hidden), "the runner's own object is left as it was"
         n = sent.tensors[pipeline.KEY].numel()
         group = SimpleNamespace(world_size=tp)  # vLLM's own rule for splitting a sent tensor
