@@ -2,9 +2,10 @@
 pipeline stage and the number of stages.
 
 Read once, when the worker's KV cache is made (`WorkerState.place`), and handed on from there:
-the one place kvsieve asks vLLM's `parallel_state`. A runner built outside vLLM's workers (no
-groups initialized: vLLM's getters assert) sits alone, rank 0 of 1 and stage 0 of 1; only that
-assertion is taken to mean so, any other failure is vLLM's and propagates.
+the one place kvsieve asks vLLM's `parallel_state`. A worker state built outside vLLM's workers
+sits alone, rank 0 of 1 and stage 0 of 1: with no groups initialized (vLLM's getters assert) or
+without vLLM at all (scripts/torch_adapter_check.py on a GPU machine); only those two are taken
+to mean so, any other failure is vLLM's and propagates.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def _group(getter):
 
 def read() -> Place:
     """This process's place, from vLLM's tensor- and pipeline-parallel groups."""
-    from vllm.distributed import parallel_state as ps
-
+    try:
+        from vllm.distributed import parallel_state as ps
+    except ImportError:
+        return Place()
     tp, pp = _group(ps.get_tp_group), _group(ps.get_pp_group)
     return Place(tp_rank=tp.rank_in_group if tp else 0, tp_size=tp.world_size if tp else 1,
                  stage=pp.rank_in_group if pp else 0, stages=pp.world_size if pp else 1,
