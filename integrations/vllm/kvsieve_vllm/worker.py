@@ -185,18 +185,16 @@ class WorkerState:
         self.logged: set[str] = set()
         self.selector: selection.Selector | None = None  # `[selection]`: made by `_new_selector`
         self.place = groups.read()  # tensor-parallel rank and group, pipeline stage
-        self.rank = self.place.tp_rank
-        # Pipeline parallelism: this worker's stage, and what the earlier stages did with the
-        # step's events (`pipeline`; None on the first stage).
-        self.stage, self.stages = self.place.stage, self.place.stages
+        # Pipeline parallelism: what the earlier stages did with the step's events (`pipeline`;
+        # None on the first stage).
         self.upstream: pipeline.Upstream | None = None
         self.sent = None  # the payload sent to the next stage, alive until the next step
         self.relay = False  # this step had events (their acks go on to the next stage)
         layout = next(k for k, v in LAYOUT.items() if v == self.desc[0].layout)
         logger.info("kvsieve worker rank %d: %d layers, %d KV heads per layer, block size %d, layout %s (%s, %s), "
-                    "model runner %s%s", self.rank, len(layers), self.heads, self.block_size, layout, layers[0][1].dtype,
+                    "model runner %s%s", self.place.tp_rank, len(layers), self.heads, self.block_size, layout, layers[0][1].dtype,
                     self.device, self.runner_adapter.__name__.rsplit(".", 1)[-1],
-                    f", pipeline stage {self.stage} of {self.stages}" if self.stages > 1 else "")
+                    f", pipeline stage {self.place.stage} of {self.place.stages}" if self.place.stages > 1 else "")
 
     def kernels(self) -> CpuKernels:
         return self.buffers.kernels()
@@ -259,7 +257,7 @@ def wrap_initialize_kv_cache(orig):
             raise UnsupportedSetup(f"the kvsieve kernels on {st.device}: {e.message}") from e
         st.selector = _new_selector(self, st, geo, backend)
         self._kvsieve = st
-        faults.STAGE = st.stage  # stage-scoped faults fire from here on, never while starting
+        faults.STAGE = st.place.stage  # stage-scoped faults fire from here on, never while starting
         return out
 
     return initialize_kv_cache
@@ -298,7 +296,7 @@ def _new_selector(runner, st: WorkerState, geo: Geometry, backend: str) -> selec
         raise UnsupportedSetup(f"{s.path}: {e}") from e
     kv = sum(t.numel() * t.element_size() for _, t in st.layers)
     logger.info("kvsieve worker rank %d: block selection (quest) on %d of %d layers; its metadata takes %.1f MiB "
-                "(%.1f%% of the KV cache's %.1f MiB)", st.rank, len(sel.layers), len(st.layers),
+                "(%.1f%% of the KV cache's %.1f MiB)", st.place.tp_rank, len(sel.layers), len(st.layers),
                 sel.metadata_bytes / 2**20, 100 * sel.metadata_bytes / max(kv, 1), kv / 2**20)
     return sel
 
@@ -311,7 +309,7 @@ def begin_step(st: WorkerState, scheduler_output, intermediate_tensors=None) -> 
     """A real step starts: its plan, nothing recorded or acknowledged yet; after the first
     pipeline stage, the earlier stages' acks come off the received tensors (`pipeline.take`)."""
     st.plan = protocol.read(scheduler_output, StepPlan)
-    st.upstream = pipeline.take(intermediate_tensors) if st.stage > 0 else None
+    st.upstream = pipeline.take(intermediate_tensors) if st.place.stage > 0 else None
     st.windows.rows = []
     st.acks = None
     st.sent = None
@@ -516,7 +514,7 @@ def _run_event(runner, st: WorkerState, scheduler_output, ev: protocol.Event, lo
     if ack.outcome == Outcome.DONE:
         if not WORKER_STATS.compressions:
             logger.info("kvsieve: first compression (request %s: %d -> %d cached tokens) (rank %d)", ev.req_id,
-                        job.cached, job.kept, st.rank)
+                        job.cached, job.kept, st.place.tp_rank)
         entry = WORKER_STATS.compressed(ev.req_id, job.cached, job.evicted, job.released)
         entry["kept_tokens"] = job.kept
     else:
