@@ -133,30 +133,29 @@ def served():
     with ThreadPoolExecutor(2) as pool:
         futures = {k: pool.submit(job) for k, job in jobs.items()}
         got = {k: f.result() for k, f in futures.items()}
-    out: dict = {"inproc": got.pop("inproc"), "metrics": {}}
+    out: dict = {"inproc": got.pop("inproc"), "logs": {}, "metrics": {}}
     for k, (tokens, log, metrics) in got.items():
-        out[k], out["metrics"][k] = tokens, metrics
-        out["log" + {"tp1": "1", "tp2": "2", "pp2": "pp", "dp2": "dp"}.get(k, k)] = log
+        out[k], out["logs"][k], out["metrics"][k] = tokens, log, metrics
     return out
 
 
 def test_server_with_its_own_worker_process_decodes_as_in_process(served):
     assert served["tp1"] == served["inproc"]
-    assert _compressions_by_rank(served["log1"]) == {0: 4}
-    assert "kvsieve: first compression" in served["log1"]
+    assert _compressions_by_rank(served["logs"]["tp1"]) == {0: 4}
+    assert "kvsieve: first compression" in served["logs"]["tp1"]
 
 
 def test_tensor_parallel_2_decodes_as_tensor_parallel_1(served):
-    assert set(re.findall(r"kvsieve worker rank \d+: .*model runner (v\d)", served["log2"])) == {"v2"}
-    assert "kvsieve scheduler: asynchronous scheduling (AsyncScheduler)" in served["log2"]
-    assert "kvsieve scheduler: synchronous scheduling (Scheduler)" in served["log1"]
-    assert set(re.findall(r"kvsieve worker rank \d+: .*model runner (v\d)", served["log1"])) == {"v1"}
-    assert _compressions_by_rank(served["log2"]) == {0: 2, 1: 2}, "each worker compacts its own 2 KV heads"
-    assert len(re.findall(r"kvsieve: first compression .* \(rank [01]\)", served["log2"])) == 2
+    assert set(re.findall(r"kvsieve worker rank \d+: .*model runner (v\d)", served["logs"]["tp2"])) == {"v2"}
+    assert "kvsieve scheduler: asynchronous scheduling (AsyncScheduler)" in served["logs"]["tp2"]
+    assert "kvsieve scheduler: synchronous scheduling (Scheduler)" in served["logs"]["tp1"]
+    assert set(re.findall(r"kvsieve worker rank \d+: .*model runner (v\d)", served["logs"]["tp1"])) == {"v1"}
+    assert _compressions_by_rank(served["logs"]["tp2"]) == {0: 2, 1: 2}, "each worker compacts its own 2 KV heads"
+    assert len(re.findall(r"kvsieve: first compression .* \(rank [01]\)", served["logs"]["tp2"])) == 2
     assert served["tp2"] == served["tp1"]
     # kvsieve changed what was served: the long prompts decode otherwise than stock.
     assert sum(a != b for a, b in zip(served["tp1"], served["stock"])) >= 2
-    for log in (served["log1"], served["log2"]):
+    for log in (served["logs"]["tp1"], served["logs"]["tp2"]):
         assert not [l for l in log.splitlines() if " ERROR " in l or "no longer compressed" in l]
 
 
@@ -183,7 +182,7 @@ def _no_errors(log: str) -> None:
 
 
 def test_pipeline_parallel_2_decodes_as_tensor_parallel_1(served):
-    log = served["logpp"]
+    log = served["logs"]["pp2"]
     stages = re.findall(r"kvsieve worker rank 0: (\d+) layers, .*pipeline stage (\d) of 2", log)
     assert sorted(stages) == [("3", "0"), ("3", "1")], "each stage holds three of the six layers"
     assert len(re.findall(r"kvsieve: first compression", log)) == 2, "both stages compacted"
@@ -196,7 +195,7 @@ def test_pipeline_parallel_2_decodes_as_tensor_parallel_1(served):
 
 
 def test_data_parallel_2_engines_both_compress_under_their_engine_label(served):
-    log = served["logdp"]
+    log = served["logs"]["dp2"]
     assert set(re.findall(r"EngineCore_DP(\d)[^)]*\) INFO .* kvsieve scheduler: synchronous", log)) == {"0", "1"}
     assert served["dp2"] == served["tp1"]
     m, m1 = served["metrics"]["dp2"], served["metrics"]["tp1"]
