@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                          "accuracy-quest.json:quest@1024) that dense answered and RUN did not")
     ap.add_argument("--name", default="selection-spread")
     a = ap.parse_args(argv)
-    if a.seed in (0, 1) and not a.missed:
+    missed_in = a.missed.split(":") if a.missed else None  # [result file, run]
+    if a.seed in (0, 1) and not missed_in:
         raise SystemExit(f"--seed {a.seed} is the accuracy suite's {'development' if a.seed == 0 else 'held-out'} "
                          "split; tune on another (default 2)")
 
@@ -169,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  attn_implementation="kvsieve_selection_sweep").eval()
     c = {"tasks": a.tasks.split(","), "lengths": [int(x) for x in a.lengths.split(",")],
          "long_tasks": a.tasks.split(","), "samples": a.samples, "samples_long": a.samples}
-    samples = ([ruler.as_dict(s) for s in ruler.suite(tok, PROSE, cells(c), a.seed)] if not a.missed
-               else missed(*a.missed.split(":")))
+    samples = ([ruler.as_dict(s) for s in ruler.suite(tok, PROSE, cells(c), a.seed)] if not missed_in
+               else missed(*missed_in))
 
     @torch.no_grad()
     def generate(prompt: list[int], max_tokens: int) -> list[int]:
@@ -217,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "found": found, "asked": len(samples),
                                 "cells": cellwise, "answers": answers}
         print(f"[sweep] {name}: {found}/{len(samples)} {cellwise} ({time.time() - t0:.0f} s)", flush=True)
-    if a.missed:
-        result["diagnosis"] = f"the prompts of {a.missed.split(':')[0]} that dense answered and {a.missed.split(':')[1]} did not"
+    if missed_in:
+        result["diagnosis"] = f"the prompts of {missed_in[0]} that dense answered and {missed_in[1]} did not"
     result["provenance"] = provenance.record(model=model_dir, model_name="SmolLM2-135M-Instruct",
-                                             seed=None if a.missed else a.seed,
+                                             seed=None if missed_in else a.seed,
                                              block_size=BLOCK,
                                              engine="HF transformers (masked attention), not vLLM")
     out = HERE / "results" / f"{a.name}.json"
