@@ -19,7 +19,8 @@ their shift). Both lost prompts on the tuning split (bench/README.md, "Block sel
 Diagnosis, not choice: `--oracles max,mass` also runs two rules that look at the keys themselves
 (each block's true largest q.k, or the attention it actually gets), the best a rule sharing one
 table per request and layer could aim at; `--sub-block 8` keeps key ranges per 8 tokens and
-scores a block by its best part (what finer metadata would buy); `--missed RESULT:RUN` runs the
+scores a block by its best part (what finer metadata would buy); `--per-head` gives each KV
+head a table of its own (what "virtual heads" would buy); `--missed RESULT:RUN` runs the
 prompts of an accuracy result that dense answered and RUN did not.
 
 The prompts come from `--seed` (default 2): a split of its own, neither the development split
@@ -45,8 +46,9 @@ from accuracy import BLOCK, PROSE, cells  # noqa: E402
 TUNING_SEED = 2
 
 
-def block_scores(q, k, block: int, spread: float, relative: bool = False):
-    """[nb] scores of the blocks of keys `k` [kv_heads, L, D] for the query `q` [q_heads, D]."""
+def block_scores(q, k, block: int, spread: float, relative: bool = False, per_head: bool = False):
+    """[nb] scores of the blocks of keys `k` [kv_heads, L, D] for the query `q` [q_heads, D]
+    ([kv_heads, nb] with `per_head`: each KV head scored over its own query heads)."""
     import torch
 
     h, n, d = k.shape
@@ -58,26 +60,28 @@ def block_scores(q, k, block: int, spread: float, relative: bool = False):
         lo[:, -1], hi[:, -1] = k[:, (nb - 1) * block:].amin(1), k[:, (nb - 1) * block:].amax(1)
     centre, half = (lo + hi) / 2, (hi - lo) / 2
     qg = q.view(h, -1, d)[:, :, None]  # [kv heads, group, 1, D]
-    per_head = (qg * centre[:, None] + spread * qg.abs() * half[:, None]).sum(-1).reshape(-1, nb)
+    per_q = (qg * centre[:, None] + spread * qg.abs() * half[:, None]).sum(-1)  # [kv heads, group, nb]
     if relative:  # softmax is shift-invariant per head: rank blocks by their distance to the head's best
-        per_head = per_head - per_head.amax(1, keepdim=True)
-    return per_head.amax(0)
+        per_q = per_q - per_q.amax(-1, keepdim=True)
+    return per_q.amax(1) if per_head else per_q.reshape(-1, nb).amax(0)
 
 
-def sub_block_scores(q, k, block: int, sub: int, spread: float):
-    """[nb] scores of the blocks of `k` with key ranges kept per `sub` tokens: a block scores as
-    its best part (max over heads and max over parts commute)."""
+def sub_block_scores(q, k, block: int, sub: int, spread: float, per_head: bool = False):
+    """[nb] (or [kv_heads, nb]) scores of the blocks of `k` with key ranges kept per `sub` tokens:
+    a block scores as its best part (max over heads and max over parts commute)."""
     import torch
 
     nb = math.ceil(k.shape[1] / block)
-    s = block_scores(q, k, sub, spread)
-    return torch.nn.functional.pad(s, (0, nb * (block // sub) - s.numel()), value=float("-inf")).view(nb, -1).amax(1)
+    s = block_scores(q, k, sub, spread, per_head=per_head)
+    pad = nb * (block // sub) - s.shape[-1]
+    return torch.nn.functional.pad(s, (0, pad), value=float("-inf")).unflatten(-1, (nb, -1)).amax(-1)
 
 
-def oracle_scores(q, k, block: int, rule: str):
+def oracle_scores(q, k, block: int, rule: str, per_head: bool = False):
     """[nb] scores from the keys themselves, not their ranges: what any block rule sharing one
     selection over a layer's heads could do at best. `max`: each block's largest q.k over query
-    heads; `mass`: the attention (softmax over every key) each block gets, summed over heads."""
+    heads; `mass`: the attention (softmax over every key) each block gets, summed over heads.
+    `per_head`: [kv_heads, nb], over each KV head's own query heads."""
     import torch
 
     h, n, d = k.shape
@@ -86,9 +90,9 @@ def oracle_scores(q, k, block: int, rule: str):
     pad = nb * block - n
     if rule == "max":
         per = torch.nn.functional.pad(logits, (0, pad), value=float("-inf")).view(h, -1, nb, block).amax(-1)
-        return per.reshape(-1, nb).amax(0)
+        return per.amax(1) if per_head else per.reshape(-1, nb).amax(0)
     per = torch.nn.functional.pad(logits.softmax(-1), (0, pad)).view(h, -1, nb, block).sum(-1)
-    return per.reshape(-1, nb).sum(0)
+    return per.sum(1) if per_head else per.reshape(-1, nb).sum(0)
 
 
 def make_attention(state: dict, block: int):
@@ -102,18 +106,21 @@ def make_attention(state: dict, block: int):
         keep = state["budget"] and -(-state["budget"] // block)  # rounded up to blocks, as the library
         if keep and query.shape[2] == 1 and module.layer_idx >= state["dense_layers"] and math.ceil(n / block) > keep:
             q, k = query[0, :, 0].float(), key[0].float()
+            ph = state.get("per_head", False)
             if state.get("oracle"):
-                s = oracle_scores(q, k, block, state["oracle"])
+                s = oracle_scores(q, k, block, state["oracle"], ph)
             elif state.get("sub_block"):
-                s = sub_block_scores(q, k, block, state["sub_block"], state["spread"])
+                s = sub_block_scores(q, k, block, state["sub_block"], state["spread"], ph)
             else:
-                s = block_scores(q, k, block, state["spread"], state.get("relative", False))
-            s[0] = float("inf")
-            s[-state["recent_blocks"]:] = float("inf")
-            allow = torch.zeros(s.numel(), dtype=torch.bool)
-            allow[s.topk(keep).indices] = True
-            extra = torch.where(allow.repeat_interleave(block)[:n], 0.0, float("-inf")).to(query.dtype)
-            extra = extra[None, None, None, :]
+                s = block_scores(q, k, block, state["spread"], state.get("relative", False), ph)
+            s = s.view(-1, s.shape[-1])  # [tables, nb]: one table, or one per KV head
+            s[:, 0] = float("inf")
+            s[:, -state["recent_blocks"]:] = float("inf")
+            allow = torch.zeros(s.shape, dtype=torch.bool)
+            allow.scatter_(1, s.topk(keep, dim=1).indices, True)
+            extra = torch.where(allow.repeat_interleave(block, dim=1)[:, :n], 0.0, float("-inf")).to(query.dtype)
+            # [1, query heads (or 1), 1, n]: each query head reads its KV head's table.
+            extra = extra.repeat_interleave(query.shape[1] // extra.shape[0], dim=0)[None, :, None, :]
             attention_mask = extra if attention_mask is None else attention_mask + extra
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
 
@@ -142,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--relative", action="store_true", help="score blocks relative to each head's best")
     ap.add_argument("--sub-block", type=int, default=0,
                     help="key ranges per this many tokens, a block scored by its best (default: the block)")
+    ap.add_argument("--per-head", action="store_true",
+                    help="one table per KV head (each over its own query heads), not one per request and layer")
     ap.add_argument("--oracles", default="", help="also the oracle rules (max,mass) at each budget")
     ap.add_argument("--missed", default="",
                     help="RESULT:RUN - diagnose instead of tune: the prompts of an accuracy result (e.g. "
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = smollm2.ensure()
     tok = AutoTokenizer.from_pretrained(model_dir)
     state = {"budget": 0, "spread": 1.0, "dense_layers": 0, "recent_blocks": 1, "relative": a.relative,
-             "oracle": "", "sub_block": a.sub_block}
+             "oracle": "", "sub_block": a.sub_block, "per_head": a.per_head}
     if a.sub_block and BLOCK % a.sub_block:
         raise SystemExit(f"--sub-block {a.sub_block} must divide the block size {BLOCK}")
     AttentionInterface.register("kvsieve_selection_sweep", make_attention(state, BLOCK))
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         extra += f",recent={rb}" if len(recent_blocks) > 1 else ""
         rule = f"oracle={spread}" if isinstance(spread, str) else f"spread={spread:g}"
         rule += f",sub={a.sub_block}" if a.sub_block and not isinstance(spread, str) else ""
+        rule += ",per_head" if a.per_head else ""
         return f"{rule}@{budget}{extra}"
 
     rules: list[float | str] = [float(s) for s in a.spreads.split(",") if s]
@@ -215,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         found = sum(x[0] for t in cellwise.values() for x in t.values())
         result["runs"][name] = {"budget": budget, "spread": None if oracle else spread, "oracle": oracle or None,
                                 "dense_layers": dl, "recent_blocks": rb, "sub_block": a.sub_block or BLOCK,
+                                "per_kv_head": a.per_head,
                                 "found": found, "asked": len(samples),
                                 "cells": cellwise, "answers": answers}
         print(f"[sweep] {name}: {found}/{len(samples)} {cellwise} ({time.time() - t0:.0f} s)", flush=True)

@@ -58,3 +58,27 @@ def test_sub_blocks_score_a_block_by_its_best_part(qk):
         assert got[b] == parts[4 * b: 4 * b + 4].max()
     # tighter ranges: at spread 1 a block's best part never scores above the whole block's bound
     assert torch.all(sweep.sub_block_scores(q, k, BLOCK, 2, 1.0) <= sweep.block_scores(q, k, BLOCK, 1.0) + 1e-5)
+
+
+def test_per_head_tables_are_each_kv_heads_own_scores(qk):
+    """`--per-head`: one row per KV head, scored over that head's query heads only; the shared
+    table is their max (their sum for mass)."""
+    q, k = qk
+    h = k.shape[0]
+    logits = brute_logits(q, k).view(h, -1, k.shape[1])  # [kv heads, group, keys]
+    nb = math.ceil(k.shape[1] / BLOCK)
+    parts = [slice(b * BLOCK, min((b + 1) * BLOCK, k.shape[1])) for b in range(nb)]
+    want = torch.tensor([[logits[i][:, p].max() for p in parts] for i in range(h)])
+    assert torch.allclose(sweep.oracle_scores(q, k, BLOCK, "max", per_head=True), want, atol=1e-5)
+    mass = sweep.oracle_scores(q, k, BLOCK, "mass", per_head=True)
+    assert torch.allclose(mass.sum(0), sweep.oracle_scores(q, k, BLOCK, "mass"), atol=1e-5)
+    for spread in (1.0, 0.5):
+        per = sweep.block_scores(q, k, BLOCK, spread, per_head=True)
+        assert per.shape == (h, nb)
+        assert torch.equal(per.amax(0), sweep.block_scores(q, k, BLOCK, spread))
+        # each head's row is its own: a head's bound only moves with that head's keys
+        k2 = k.clone()
+        k2[1] += 3.0
+        assert torch.equal(sweep.block_scores(q, k2, BLOCK, spread, per_head=True)[0], per[0])
+    sub = sweep.sub_block_scores(q, k, BLOCK, BLOCK // 4, 0.5, per_head=True)
+    assert torch.equal(sub.amax(0), sweep.sub_block_scores(q, k, BLOCK, BLOCK // 4, 0.5))
