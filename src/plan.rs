@@ -204,8 +204,10 @@ pub fn max_cached_tokens(config: &Config, max_len: u64, chunk: u64, block_size: 
     // generated token (or SnapKV's window of them) before a decode event can run.
     let end = (end_floor + bs - 1).min(prefill) + wait.max(1);
     let decode = d_floor + (d.interval as u64).max(bs) + wait;
-    // Below min_length nothing is compressed until the sequence reaches it.
-    let short = sp.min_length as u64;
+    // Below min_length nothing is compressed until the sequence reaches it; a prompt shorter
+    // than min_length starts decoding uncompressed, so a SnapKV decode event may then still wait
+    // for its window: up to `wait` tokens past the longest such prompt (min_length - 1).
+    let short = sp.min_length as u64 + wait.max(1) - 1;
     prefill.max(end).max(decode).max(short).min(max_len)
 }
 
