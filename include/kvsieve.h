@@ -225,6 +225,9 @@ typedef struct kvs_selection_params {
   uint32_t dense_layers;
   // The fraction of each block's key range its score counts (`kvs_quest_rows.spread`).
   float spread;
+  // Key ranges kept per block (1: Quest's): the metadata of every Quest call holds
+  // `num_blocks * key_ranges * num_kv_heads * head_dim` floats (`kvs_quest_update_block`).
+  uint32_t key_ranges;
 } kvs_selection_params;
 
 // What one request asks for itself (`kvs_config_for_request`).
@@ -600,7 +603,10 @@ kvs_status kvs_compact_into_check(const struct kvs_kernels *kernels,
                                   uint32_t dest_len);
 
 // Recompute Quest metadata of physical block `block` from its first `filled` slots into
-// `block_min`/`block_max` (`[num_blocks][num_kv_heads][head_dim]` f32 each, `meta_len` floats).
+// `block_min`/`block_max` (`[num_blocks][key_ranges][num_kv_heads][head_dim]` f32 each,
+// `meta_len` floats). `key_ranges` is what `meta_len` holds: 1 (Quest's, a range per block)
+// or a divisor of the block size (`selection.key_ranges`), range `r` spanning slots
+// `r * block_size / key_ranges..`; the same `meta_len` must reach every Quest call.
 //
 // # Safety
 // Pointers as documented.
@@ -628,7 +634,7 @@ kvs_status kvs_quest_update_blocks(const struct kvs_kernels *kernels,
                                    size_t meta_len);
 
 // Quest bounds of the blocks of `seq.row` for one decode query (`[num_q_heads][head_dim]`,
-// dtype `query_dtype`), maxed over query heads, into `block_scores[row_len]`.
+// dtype `query_dtype`), maxed over query heads and key ranges, into `block_scores[row_len]`.
 //
 // # Safety
 // Pointers as documented.
@@ -648,7 +654,7 @@ kvs_status kvs_quest_bound(const struct kvs_kernels *kernels,
 // query (`[num_rows][num_q_heads][head_dim]`, dtype `query_dtype`) against `block_min` /
 // `block_max` (`meta_len` floats each, see `kvs_quest_update_block`): the bound of q.k over
 // each block's key range shrunk about its centre to `rows.spread` of its width (1: Quest's
-// bound, as `kvs_quest_bound`), max over query heads. The `keep[r]` best, the first
+// bound, as `kvs_quest_bound`), max over query heads and key ranges. The `keep[r]` best, the first
 // `sink_blocks` and the last block always among them, are written in sequence order to
 // `out[r * out_stride..]`, the rest of each row set to `pad`. `workspace` (`workspace_len`
 // floats, at least `num_rows * stride`) is the caller's and holds the scores afterwards.

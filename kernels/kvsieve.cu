@@ -311,34 +311,47 @@ extern "C" __global__ void kvs_snapkv_pool(u32 cached_len, u32 window, u32 pool_
   out[h * cached_len + t] = v;
 }
 
-// grid (heads): Quest min/max of physical block `block` over its first `filled` slots.
-extern "C" __global__ void kvs_quest_update(Geom g, u32 block, u32 filled, float* block_min,
+// grid (heads): Quest min/max of physical block `block` over its first `filled` slots, per key
+// range (`ranges` runs of block_size / ranges slots); a range with no filled slot repeats the
+// last filled one, as quest.rs `quest_update_block`. Each thread owns channels, so the copy
+// reads what the same thread wrote.
+extern "C" __global__ void kvs_quest_update(Geom g, u32 ranges, u32 block, u32 filled, float* block_min,
                                             float* block_max) {
-  u64 h = blockIdx.x;
+  u64 h = blockIdx.x, span = g.block_size / ranges;
   for (u64 d = threadIdx.x; d < g.dim; d += blockDim.x) {
-    float lo = KVS_INF, hi = -KVS_INF;
-    for (u64 s = 0; s < filled; s++) {
-      float x = load_f32(g.k, g.dtype, elem(g, block, h, s, d));
-      lo = fminf(lo, x);
-      hi = fmaxf(hi, x);
+    for (u64 r = 0; r < ranges; r++) {
+      u64 at = (((u64)block * ranges + r) * g.heads + h) * g.dim + d;
+      u64 from = r * span, to = (r + 1) * span < filled ? (r + 1) * span : filled;
+      if (from >= to) {
+        block_min[at] = block_min[at - g.heads * g.dim];
+        block_max[at] = block_max[at - g.heads * g.dim];
+        continue;
+      }
+      float lo = KVS_INF, hi = -KVS_INF;
+      for (u64 s = from; s < to; s++) {
+        float x = load_f32(g.k, g.dtype, elem(g, block, h, s, d));
+        lo = fminf(lo, x);
+        hi = fmaxf(hi, x);
+      }
+      block_min[at] = lo;
+      block_max[at] = hi;
     }
-    u64 at = ((u64)block * g.heads + h) * g.dim + d;
-    block_min[at] = lo;
-    block_max[at] = hi;
   }
 }
 
-// grid (row_len), 128 threads: out[j] = max over query heads of the Quest bound of row[j].
-extern "C" __global__ void kvs_quest_bound(Geom g, const i32* row, u64 query, u64 q_dtype, u32 q_heads,
-                                           const float* block_min, const float* block_max, float* out,
-                                           const u32* err) {
+// grid (row_len), 128 threads: out[j] = max over key ranges and query heads of the Quest bound
+// of row[j].
+extern "C" __global__ void kvs_quest_bound(Geom g, u32 ranges, const i32* row, u64 query, u64 q_dtype,
+                                           u32 q_heads, const float* block_min, const float* block_max,
+                                           float* out, const u32* err) {
   if (*(volatile const u32*)err) return;
   __shared__ float sh[128];
   u64 b = (u64)row[blockIdx.x];
   u64 group = q_heads / g.heads;
   float best = -KVS_INF;
-  for (u64 qh = threadIdx.x; qh < q_heads; qh += blockDim.x) {
-    u64 at = (b * g.heads + qh / group) * g.dim;
+  for (u64 i = threadIdx.x; i < (u64)ranges * q_heads; i += blockDim.x) {
+    u64 r = i / q_heads, qh = i % q_heads;
+    u64 at = ((b * ranges + r) * g.heads + qh / group) * g.dim;
     float s = 0.f;
     for (u64 d = 0; d < g.dim; d++) {
       float q = load_f32(query, q_dtype, qh * g.dim + d);
@@ -606,7 +619,7 @@ __device__ float quest_bound_one(u64 query, u64 q_dtype, u64 qbase, const float*
 // then its first sinks, best middle blocks and last block, in sequence order, into
 // out[r * out_stride..], the rest set to pad. No scratch: the middle's positions are selected
 // into the output row itself and mapped to block ids in place.
-extern "C" __global__ void kvs_quest_select(Geom g, const i32* table, u32 stride, const i32* blocks,
+extern "C" __global__ void kvs_quest_select(Geom g, u32 ranges, const i32* table, u32 stride, const i32* blocks,
                                             const i32* keep, u32 sink_blocks, float shrink, u64 query,
                                             u64 q_dtype, u32 q_heads, const float* block_min,
                                             const float* block_max, float* ws, i32* out, u32 out_stride,
@@ -620,12 +633,14 @@ extern "C" __global__ void kvs_quest_select(Geom g, const i32* table, u32 stride
   float* s = ws + r * stride;
   u64 group = q_heads / g.heads, qrow = r * q_heads * g.dim;
   for (u32 j = threadIdx.x; j < n; j += blockDim.x) {
-    u64 at = (u64)row[j] * g.heads * g.dim;
+    u64 at = (u64)row[j] * ranges * g.heads * g.dim;
     float best = -KVS_INF;
-    for (u64 qh = 0; qh < q_heads; qh++) {
-      u64 m = at + (qh / group) * g.dim;
-      best = fmaxf(best,
-                   quest_bound_one(query, q_dtype, qrow + qh * g.dim, block_min + m, block_max + m, g.dim, shrink));
+    for (u64 r = 0; r < ranges; r++) {
+      for (u64 qh = 0; qh < q_heads; qh++) {
+        u64 m = at + (r * g.heads + qh / group) * g.dim;
+        best = fmaxf(best, quest_bound_one(query, q_dtype, qrow + qh * g.dim, block_min + m, block_max + m, g.dim,
+                                           shrink));
+      }
     }
     s[j] = best;
   }

@@ -489,87 +489,90 @@ fn scores_match_cpu_within_1e3() {
             }
         }
 
-        // Quest metadata for every row block, then bounds for one query.
-        let meta = (blocks + 2) * heads * dim;
-        let (mut lo, mut hi) = (vec![0f32; meta], vec![0f32; meta]);
-        let (dlo, dhi): (CudaSlice<f32>, CudaSlice<f32>) = (
-            g.stream.alloc_zeros(meta).unwrap(),
-            g.stream.alloc_zeros(meta).unwrap(),
-        );
-        for (j, &b) in row.iter().enumerate() {
-            let filled = (c - j * bs).min(bs) as u32;
+        // Quest metadata for every row block, then bounds for one query; one key range per
+        // block, and two (a partial block repeats its filled range).
+        for ranges in [1usize, 2].into_iter().filter(|r| bs % r == 0) {
+            let meta = (blocks + 2) * ranges * heads * dim;
+            let (mut lo, mut hi) = (vec![0f32; meta], vec![0f32; meta]);
+            let (dlo, dhi): (CudaSlice<f32>, CudaSlice<f32>) = (
+                g.stream.alloc_zeros(meta).unwrap(),
+                g.stream.alloc_zeros(meta).unwrap(),
+            );
+            for (j, &b) in row.iter().enumerate() {
+                let filled = (c - j * bs).min(bs) as u32;
+                assert_eq!(
+                    unsafe {
+                        kvs_quest_update_block(
+                            g.cpu,
+                            &t.desc,
+                            b as u32,
+                            filled,
+                            lo.as_mut_ptr(),
+                            hi.as_mut_ptr(),
+                            meta,
+                        )
+                    },
+                    Status::Ok
+                );
+                assert_eq!(
+                    unsafe {
+                        kvs_quest_update_block(
+                            g.kernels,
+                            &dev.desc,
+                            b as u32,
+                            filled,
+                            dptr(&dlo, &g.stream) as *mut f32,
+                            dptr(&dhi, &g.stream) as *mut f32,
+                            meta,
+                        )
+                    },
+                    Status::Ok
+                );
+            }
+            assert_eq!(g.down(&dlo), lo, "quest min is exact");
+            assert_eq!(g.down(&dhi), hi, "quest max is exact");
+            let mut bound = vec![0f32; blocks];
+            let dbound: CudaSlice<f32> = g.stream.alloc_zeros(blocks).unwrap();
+            let qh = (heads * gqa) as u32;
             assert_eq!(
                 unsafe {
-                    kvs_quest_update_block(
+                    kvs_quest_bound(
                         g.cpu,
                         &t.desc,
-                        b as u32,
-                        filled,
-                        lo.as_mut_ptr(),
-                        hi.as_mut_ptr(),
+                        &hseq,
+                        q.as_ptr().cast(),
+                        0,
+                        qh,
+                        lo.as_ptr(),
+                        hi.as_ptr(),
                         meta,
+                        bound.as_mut_ptr(),
+                        blocks,
                     )
                 },
                 Status::Ok
             );
             assert_eq!(
                 unsafe {
-                    kvs_quest_update_block(
+                    kvs_quest_bound(
                         g.kernels,
                         &dev.desc,
-                        b as u32,
-                        filled,
-                        dptr(&dlo, &g.stream) as *mut f32,
-                        dptr(&dhi, &g.stream) as *mut f32,
+                        &dseq,
+                        dptr(&dq, &g.stream) as *const _,
+                        0,
+                        qh,
+                        dptr(&dlo, &g.stream) as *const f32,
+                        dptr(&dhi, &g.stream) as *const f32,
                         meta,
+                        dptr(&dbound, &g.stream) as *mut f32,
+                        blocks,
                     )
                 },
                 Status::Ok
             );
-        }
-        assert_eq!(g.down(&dlo), lo, "quest min is exact");
-        assert_eq!(g.down(&dhi), hi, "quest max is exact");
-        let mut bound = vec![0f32; blocks];
-        let dbound: CudaSlice<f32> = g.stream.alloc_zeros(blocks).unwrap();
-        let qh = (heads * gqa) as u32;
-        assert_eq!(
-            unsafe {
-                kvs_quest_bound(
-                    g.cpu,
-                    &t.desc,
-                    &hseq,
-                    q.as_ptr().cast(),
-                    0,
-                    qh,
-                    lo.as_ptr(),
-                    hi.as_ptr(),
-                    meta,
-                    bound.as_mut_ptr(),
-                    blocks,
-                )
-            },
-            Status::Ok
-        );
-        assert_eq!(
-            unsafe {
-                kvs_quest_bound(
-                    g.kernels,
-                    &dev.desc,
-                    &dseq,
-                    dptr(&dq, &g.stream) as *const _,
-                    0,
-                    qh,
-                    dptr(&dlo, &g.stream) as *const f32,
-                    dptr(&dhi, &g.stream) as *const f32,
-                    meta,
-                    dptr(&dbound, &g.stream) as *mut f32,
-                    blocks,
-                )
-            },
-            Status::Ok
-        );
-        for (a, b) in g.down(&dbound).iter().zip(&bound) {
-            assert!(close(*a, *b), "quest {a} vs {b}");
+            for (a, b) in g.down(&dbound).iter().zip(&bound) {
+                assert!(close(*a, *b), "quest ({ranges} ranges) {a} vs {b}");
+            }
         }
     }
 }
@@ -858,17 +861,19 @@ fn quest_selection_of_a_batch_matches_cpu_bit_for_bit() {
     let n = blocks.len();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     // Spreads: the configured default, Quest's bound, a box shrunk to its centre.
-    for (heads, gqa, dim, qdtype, sinks, spread) in [
-        (2usize, 4usize, 64usize, DType::F32, 1u32, 0.5f32),
-        (3, 3, 75, DType::Bf16, 0, 1.0),
-        (1, 2, 12, DType::F16, 2, 0.0),
+    // Key ranges: one per block, and four (per 4 of the 16 slots).
+    for (heads, gqa, dim, qdtype, sinks, spread, ranges) in [
+        (2usize, 4usize, 64usize, DType::F32, 1u32, 0.5f32, 1usize),
+        (3, 3, 75, DType::Bf16, 0, 1.0, 1),
+        (1, 2, 12, DType::F16, 2, 0.0, 1),
+        (2, 4, 64, DType::F32, 1, 0.5, 4),
     ] {
         let t = TestCache::new(Layout::Nhd, DType::F32, num_blocks, 16, heads, dim);
         let dev = upload(&g, &t);
-        let meta = num_blocks * heads * dim;
+        let meta = num_blocks * ranges * heads * dim;
         let (mut lo, mut hi) = random_meta(&mut rng, meta);
         // Blocks 1..100 copy block 0's metadata: their bounds tie exactly in every row.
-        let span = heads * dim;
+        let span = ranges * heads * dim;
         for b in 1..100 {
             lo.copy_within(0..span, b * span);
             hi.copy_within(0..span, b * span);

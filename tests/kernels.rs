@@ -277,9 +277,10 @@ proptest! {
         }
     }
 
-    /// Key-norm scores and Quest bounds match their references.
+    /// Key-norm scores and Quest bounds (one key range per block, or several) match their
+    /// references.
     #[test]
-    fn knorm_and_quest_match_reference(s in shape(600), gqa in 1..=8usize) {
+    fn knorm_and_quest_match_reference(s in shape(600), gqa in 1..=8usize, ranges in prop::sample::select(vec![1usize, 2, 4])) {
         let mut rng = Rng(s.seed);
         let (t, row) = s.make(&mut rng, false);
         let cache = t.cache();
@@ -289,7 +290,8 @@ proptest! {
             prop_assert!(close(*a, b, 1e-5), "{} vs {}", a, b);
         }
 
-        let meta = cache.num_blocks * s.heads * s.head_dim;
+        let ranges = if s.block_size % ranges == 0 { ranges } else { 1 };
+        let meta = cache.num_blocks * ranges * s.heads * s.head_dim;
         let (mut lo, mut hi) = (vec![0f32; meta], vec![0f32; meta]);
         let fills: Vec<(i32, usize)> = row.iter().enumerate().map(|(j, &b)| {
             (b, (s.cached_len - j * s.block_size).min(s.block_size))
@@ -301,14 +303,15 @@ proptest! {
         let q: Vec<f32> = (0..hq * s.head_dim).map(|_| rng.unit()).collect();
         let mut bound = vec![0f32; row.len()];
         quest_bound(&cache, &row, &q, hq, &lo, &hi, &mut bound).unwrap();
-        let want = reference::quest_bound(&cache, &fills, &q, hq);
+        let want = reference::quest_bound(&cache, &fills, &q, hq, ranges);
         for (a, b) in bound.iter().zip(&want) {
             prop_assert!(close(*a, *b, 1e-4), "{} vs {}", a, b);
         }
     }
 }
 
-/// Quest's bound really bounds: no key of a block scores above it.
+/// Quest's bound really bounds: no key of a block scores above it, with one key range per block
+/// or four; four are never looser than one.
 #[test]
 fn quest_bound_is_an_upper_bound_on_every_key() {
     let mut rng = Rng(7);
@@ -325,25 +328,64 @@ fn quest_bound_is_an_upper_bound_on_every_key() {
     };
     let (t, row) = s.make(&mut rng, false);
     let cache = t.cache();
-    let meta = cache.num_blocks * 2 * 32;
-    let (mut lo, mut hi) = (vec![0f32; meta], vec![0f32; meta]);
-    for (j, &b) in row.iter().enumerate() {
-        unsafe { quest_update_block(&cache, b as usize, (100 - j * 16).min(16), &mut lo, &mut hi) }
-            .unwrap();
-    }
     let q: Vec<f32> = (0..2 * 32).map(|_| rng.unit()).collect();
-    let mut bound = vec![0f32; row.len()];
-    quest_bound(&cache, &row, &q, 2, &lo, &hi, &mut bound).unwrap();
-    for t_ in 0..100 {
-        for h in 0..2 {
-            let dot: f64 = (0..32).map(|d| unsafe { reference::k_at(&cache, row[t_ / 16] as usize, h, t_ % 16, d) } * q[h * 32 + d] as f64).sum();
-            assert!(
-                dot as f32 <= bound[t_ / 16] + 1e-5,
-                "token {t_}: {dot} > {}",
-                bound[t_ / 16]
-            );
+    let mut bounds = Vec::new();
+    for ranges in [1usize, 4] {
+        let meta = cache.num_blocks * ranges * 2 * 32;
+        let (mut lo, mut hi) = (vec![0f32; meta], vec![0f32; meta]);
+        for (j, &b) in row.iter().enumerate() {
+            // The last block holds 4 of 16 slots: one range filled, three copies of it.
+            unsafe {
+                quest_update_block(&cache, b as usize, (100 - j * 16).min(16), &mut lo, &mut hi)
+            }
+            .unwrap();
         }
+        let mut bound = vec![0f32; row.len()];
+        quest_bound(&cache, &row, &q, 2, &lo, &hi, &mut bound).unwrap();
+        for t_ in 0..100 {
+            for h in 0..2 {
+                let dot: f64 = (0..32).map(|d| unsafe { reference::k_at(&cache, row[t_ / 16] as usize, h, t_ % 16, d) } * q[h * 32 + d] as f64).sum();
+                assert!(
+                    dot as f32 <= bound[t_ / 16] + 1e-5,
+                    "{ranges} ranges, token {t_}: {dot} > {}",
+                    bound[t_ / 16]
+                );
+            }
+        }
+        bounds.push(bound);
     }
+    assert!(bounds[1]
+        .iter()
+        .zip(&bounds[0])
+        .all(|(four, one)| four <= one));
+    assert!(bounds[1]
+        .iter()
+        .zip(&bounds[0])
+        .any(|(four, one)| four < one));
+}
+
+/// Metadata sizes name the key ranges they may hold: a multiple of the per-block size that does
+/// not divide the block size, or min and max of different sizes, are refused.
+#[test]
+fn quest_metadata_of_other_sizes_is_refused() {
+    let t = TestCache::new(Layout::Nhd, DType::F32, 4, 16, 1, 8);
+    let cache = t.cache();
+    for (lo_len, hi_len) in [
+        (4 * 8 * 3, 4 * 8 * 3),
+        (4 * 8 * 2, 4 * 8),
+        (4 * 8 * 32, 4 * 8 * 32),
+        (5, 5),
+    ] {
+        let (mut lo, mut hi) = (vec![0f32; lo_len], vec![0f32; hi_len]);
+        let e = unsafe { quest_update_block(&cache, 0, 16, &mut lo, &mut hi) }.unwrap_err();
+        assert!(
+            e.message.contains("divisor of block_size = 16"),
+            "{}",
+            e.message
+        );
+    }
+    let (mut lo, mut hi) = (vec![0f32; 4 * 8 * 16], vec![0f32; 4 * 8 * 16]);
+    unsafe { quest_update_block(&cache, 0, 16, &mut lo, &mut hi) }.unwrap(); // one range per slot
 }
 
 /// Scoring then selecting then compacting keeps the highest-scoring tokens' exact bytes.
@@ -479,12 +521,13 @@ proptest! {
         nrows in 1..=8usize,
         sink_blocks in 0..=2usize,
         spread in prop::sample::select(vec![0.0f32, 0.3, 0.5, 1.0]),
+        ranges in prop::sample::select(vec![1usize, 4]),
     ) {
         let mut rng = Rng(seed);
         let (num_blocks, stride, out_stride) = (300usize, 48usize, 50usize);
         let t = TestCache::new(Layout::Nhd, DType::F32, num_blocks, 16, heads, head_dim);
         let cache = t.cache();
-        let (lo, hi) = random_meta(&mut rng, num_blocks * heads * head_dim);
+        let (lo, hi) = random_meta(&mut rng, num_blocks * ranges * heads * head_dim);
         let mut table = vec![-7i32; nrows * stride];
         let (mut blocks, mut keep) = (vec![0i32; nrows], vec![0i32; nrows]);
         for r in 0..nrows {
@@ -503,7 +546,7 @@ proptest! {
             let row = &table[r * stride..r * stride + blocks[r] as usize];
             let q = &query[r * hq * head_dim..(r + 1) * hq * head_dim];
             let (bounds, want) = reference::quest_select_row(row, keep[r] as usize, sink_blocks, q, hq,
-                                                             heads, head_dim, &lo, &hi, spread);
+                                                             heads, head_dim, &lo, &hi, spread, ranges);
             let kept = rows.kept(r);
             prop_assert_eq!(kept, want.len());
             let got: Vec<usize> = out[r * out_stride..r * out_stride + kept].iter()

@@ -175,6 +175,10 @@ pub struct Selection {
     /// Quest's upper bound of q.k, smaller values shrink the range about its centre (a block is
     /// then ranked more by its typical keys than by its extremes).
     pub spread: f32,
+    /// Key ranges kept per block (1: Quest's, one per block): a block is split into this many
+    /// runs of slots, each with its own range, and scores as its best run. A tighter bound for
+    /// `key_ranges` times the metadata and scoring; must divide the engine's block size.
+    pub key_ranges: u32,
 }
 
 /// The first block (attention sinks) is always read; so is the last, the one being written.

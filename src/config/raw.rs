@@ -66,4 +66,5 @@ pub(super) struct RawSelection {
     pub min_length: Option<Spanned<i64>>,
     pub dense_layers: Option<Spanned<i64>>,
     pub spread: Option<Spanned<f64>>,
+    pub key_ranges: Option<Spanned<i64>>,
 }

@@ -502,18 +502,31 @@ fn a_selection_section_alone_is_valid_with_its_defaults() {
     assert!(c.sparsity.is_none() && c.decode.is_none() && c.prefill.is_none());
     let s = c.selection.unwrap();
     assert_eq!(
-        (s.policy, s.budget, s.min_length, s.dense_layers, s.spread),
-        (Policy::Quest, Budget::Tokens(1024), 0, 2, 0.5)
+        (
+            s.policy,
+            s.budget,
+            s.min_length,
+            s.dense_layers,
+            s.spread,
+            s.key_ranges
+        ),
+        (Policy::Quest, Budget::Tokens(1024), 0, 2, 0.5, 1)
     );
     let c = Config::from_toml_str(
         "[sparsity]\npolicy='snapkv'\nbudget_ratio=0.5\n[selection]\npolicy='quest'\nbudget_ratio=0.25\n\
-         min_length=2048\ndense_layers=0\nspread=1.0\n",
+         min_length=2048\ndense_layers=0\nspread=1.0\nkey_ranges=4\n",
     )
     .unwrap();
     let s = c.selection.as_ref().unwrap();
     assert_eq!(
-        (s.budget, s.min_length, s.dense_layers, s.spread),
-        (Budget::Ratio(0.25), 2048, 0, 1.0)
+        (
+            s.budget,
+            s.min_length,
+            s.dense_layers,
+            s.spread,
+            s.key_ranges
+        ),
+        (Budget::Ratio(0.25), 2048, 0, 1.0, 4)
     );
     assert_eq!(sp(&c).policy, Policy::SnapKv);
 }
@@ -556,6 +569,10 @@ fn selection_refusals_name_key_fix_and_line() {
         (
             "[selection]\npolicy = \"quest\"\nbudget_tokens = 64\nspread = 1.5\n",
             &["selection.spread = 1.5", "line 4", "0 <= selection.spread <= 1", "upper bound"],
+        ),
+        (
+            "[selection]\npolicy = \"quest\"\nbudget_tokens = 64\nkey_ranges = 0\n",
+            &["selection.key_ranges = 0", "line 4", "1 <= selection.key_ranges <= 64"],
         ),
         (
             "[selection]\npolicy = \"quest\"\nbudget_tokens = 64\n[decode]\npolicy = \"knorm\"\ninterval = 8\n",

@@ -28,6 +28,9 @@ const DEFAULT_DENSE_LAYERS: u32 = 2;
 const DEFAULT_SPREAD: f32 = 0.5;
 /// Checked against the model's layer count at start-up; this only bounds the number.
 const MAX_DENSE_LAYERS: i64 = 1 << 16;
+/// `[selection] key_ranges`' largest: a range per token of a 64-token block (its divisibility by
+/// the block size is checked where the engine's block size is known).
+const MAX_KEY_RANGES: i64 = 64;
 
 struct Source<'a> {
     text: &'a str,
@@ -245,12 +248,14 @@ fn selection(src: &Source, section: &Spanned<RawSelection>) -> Result<Selection>
                  range; 0: the range's centre)",
         )),
     };
+    let key_ranges = src.int("selection.key_ranges", &s.key_ranges, 1, MAX_KEY_RANGES, 1)?;
     Ok(Selection {
         policy,
         budget,
         min_length,
         dense_layers,
         spread,
+        key_ranges,
     })
 }
 

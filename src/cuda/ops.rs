@@ -11,8 +11,8 @@ use crate::kernels::compact::{check_released, check_shape};
 use crate::kernels::page_table::check_row_len;
 use crate::kernels::score::knorm::check_knorm;
 use crate::kernels::score::quest::{
-    check_block_fill, check_block_list, check_bound_shape, check_meta, check_quest_sizes,
-    check_spread, shrink,
+    check_block_fill, check_block_list, check_bound_shape, check_quest_sizes, check_spread,
+    meta_ranges, shrink,
 };
 use crate::kernels::score::snapkv::SnapKv;
 use crate::kernels::select::{BlockSelect, TokenSelect};
@@ -526,30 +526,33 @@ impl CudaBackend {
         meta_len: usize,
     ) -> Result<()> {
         let g = geom(cache)?;
-        check_meta(cache, meta_len, meta_len)?;
+        let ranges = meta_ranges(cache, meta_len, meta_len)?;
         check_block_fill(cache, block, filled)?;
         let mut st = self.lock();
         self.enqueue(&mut st, "kvs_quest_update_block", None, |_, _| {
-            self.launch_quest_update(&g, cache, block, filled, min, max)
+            self.launch_quest_update(&g, cache, ranges, block, filled, min, max)
         })
     }
 
     /// One block's `kvs_quest_update` launch (shared by the one-block and list calls).
+    #[allow(clippy::too_many_arguments)]
     fn launch_quest_update(
         &self,
         g: &Geom,
         cache: &KvCache,
+        ranges: usize,
         block: usize,
         filled: usize,
         min: u64,
         max: u64,
     ) -> Result<()> {
-        let (b32, f32_) = (block as u32, filled as u32);
+        let (r32, b32, f32_) = (ranges as u32, block as u32, filled as u32);
         launch!(
             self,
             "kvs_quest_update",
             cfg((cache.num_kv_heads as u32, 1, 1), 128),
             g,
+            &r32,
             &b32,
             &f32_,
             &min,
@@ -570,7 +573,7 @@ impl CudaBackend {
         meta_len: usize,
     ) -> Result<()> {
         let g = geom(cache)?;
-        check_meta(cache, meta_len, meta_len)?;
+        let ranges = meta_ranges(cache, meta_len, meta_len)?;
         check_block_list(cache, blocks, filled)?;
         if blocks.is_empty() {
             return Ok(());
@@ -578,7 +581,7 @@ impl CudaBackend {
         let mut st = self.lock();
         self.enqueue(&mut st, "kvs_quest_update_blocks", None, |_, _| {
             for (&b, &f) in blocks.iter().zip(filled) {
-                self.launch_quest_update(&g, cache, b as usize, f as usize, min, max)?;
+                self.launch_quest_update(&g, cache, ranges, b as usize, f as usize, min, max)?;
             }
             Ok(())
         })
@@ -600,7 +603,7 @@ impl CudaBackend {
         out_len: usize,
     ) -> Result<()> {
         let g = geom(cache)?;
-        check_meta(cache, meta_len, meta_len)?;
+        let ranges = meta_ranges(cache, meta_len, meta_len)? as u32;
         check_bound_shape(cache, row_len, q_heads, q_heads * cache.head_dim, out_len)?;
         if row_len == 0 {
             return Ok(());
@@ -614,6 +617,7 @@ impl CudaBackend {
                 "kvs_quest_bound",
                 cfg((row_len as u32, 1, 1), 128),
                 &g,
+                &ranges,
                 &row,
                 &query,
                 &q_dtype,
@@ -649,7 +653,7 @@ impl CudaBackend {
         pad: i32,
     ) -> Result<()> {
         let g = geom(cache)?;
-        check_meta(cache, meta_len, meta_len)?;
+        let ranges = meta_ranges(cache, meta_len, meta_len)? as u32;
         check_spread(rows.spread)?;
         check_quest_sizes(
             cache,
@@ -700,6 +704,7 @@ impl CudaBackend {
                 "kvs_quest_select",
                 cfg(grid, 256),
                 &g,
+                &ranges,
                 &rows.table,
                 &stride,
                 &rows.blocks,

@@ -231,6 +231,9 @@ pub struct SelectionParams {
     pub dense_layers: u32,
     /// The fraction of each block's key range its score counts (`kvs_quest_rows.spread`).
     pub spread: f32,
+    /// Key ranges kept per block (1: Quest's): the metadata of every Quest call holds
+    /// `num_blocks * key_ranges * num_kv_heads * head_dim` floats (`kvs_quest_update_block`).
+    pub key_ranges: u32,
 }
 
 /// Write `config`'s `[selection]` to `*out` (policy `KVS_POLICY_NONE` and zeros without one).
@@ -257,6 +260,7 @@ pub unsafe extern "C" fn kvs_config_selection_params(
                     min_length: s.min_length,
                     dense_layers: s.dense_layers,
                     spread: s.spread,
+                    key_ranges: s.key_ranges,
                 }
             }
         };

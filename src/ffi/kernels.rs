@@ -14,7 +14,7 @@ use crate::kernels::page_table::check_row_len;
 use crate::kernels::score::knorm::check_knorm;
 use crate::kernels::score::knorm::score_knorm;
 use crate::kernels::score::quest::{
-    check_block_fill, check_block_list, check_bound_shape, check_meta, check_quest_sizes,
+    check_block_fill, check_block_list, check_bound_shape, check_quest_sizes, meta_ranges,
 };
 use crate::kernels::score::quest::{
     quest_bound, quest_select, quest_update_block, quest_update_blocks, QuestRows,
@@ -817,7 +817,10 @@ unsafe fn compaction(
 }
 
 /// Recompute Quest metadata of physical block `block` from its first `filled` slots into
-/// `block_min`/`block_max` (`[num_blocks][num_kv_heads][head_dim]` f32 each, `meta_len` floats).
+/// `block_min`/`block_max` (`[num_blocks][key_ranges][num_kv_heads][head_dim]` f32 each,
+/// `meta_len` floats). `key_ranges` is what `meta_len` holds: 1 (Quest's, a range per block)
+/// or a divisor of the block size (`selection.key_ranges`), range `r` spanning slots
+/// `r * block_size / key_ranges..`; the same `meta_len` must reach every Quest call.
 ///
 /// # Safety
 /// Pointers as documented.
@@ -843,7 +846,7 @@ pub unsafe extern "C" fn kvs_quest_update_block(
         check_ptr(block_min, "block_min")?;
         check_ptr(block_max, "block_max")?;
         let kv = KvCache::new(cache)?;
-        check_meta(&kv, meta_len, meta_len)?;
+        meta_ranges(&kv, meta_len, meta_len)?;
         check_block_fill(&kv, block as usize, filled as usize)?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &kernels.cuda {
@@ -903,7 +906,7 @@ pub unsafe extern "C" fn kvs_quest_update_blocks(
             arg_slice!(blocks, count, "blocks"),
             arg_slice!(filled, count, "filled"),
         );
-        check_meta(&kv, meta_len, meta_len)?;
+        meta_ranges(&kv, meta_len, meta_len)?;
         check_block_list(&kv, ids, fills)?;
         #[cfg(feature = "cuda")]
         if let Some(cu) = &kernels.cuda {
@@ -927,7 +930,7 @@ pub unsafe extern "C" fn kvs_quest_update_blocks(
 }
 
 /// Quest bounds of the blocks of `seq.row` for one decode query (`[num_q_heads][head_dim]`,
-/// dtype `query_dtype`), maxed over query heads, into `block_scores[row_len]`.
+/// dtype `query_dtype`), maxed over query heads and key ranges, into `block_scores[row_len]`.
 ///
 /// # Safety
 /// Pointers as documented.
@@ -971,7 +974,7 @@ pub unsafe extern "C" fn kvs_quest_bound(
         check_ptr(block_max, "block_max")?;
         check_ptr(block_scores, "block_scores")?;
         let kv = KvCache::new(cache)?;
-        check_meta(&kv, meta_len, meta_len)?;
+        meta_ranges(&kv, meta_len, meta_len)?;
         check_bound_shape(
             &kv,
             seq.row_len as usize,
@@ -1033,7 +1036,7 @@ pub struct QuestRowsDesc {
 /// query (`[num_rows][num_q_heads][head_dim]`, dtype `query_dtype`) against `block_min` /
 /// `block_max` (`meta_len` floats each, see `kvs_quest_update_block`): the bound of q.k over
 /// each block's key range shrunk about its centre to `rows.spread` of its width (1: Quest's
-/// bound, as `kvs_quest_bound`), max over query heads. The `keep[r]` best, the first
+/// bound, as `kvs_quest_bound`), max over query heads and key ranges. The `keep[r]` best, the first
 /// `sink_blocks` and the last block always among them, are written in sequence order to
 /// `out[r * out_stride..]`, the rest of each row set to `pad`. `workspace` (`workspace_len`
 /// floats, at least `num_rows * stride`) is the caller's and holds the scores afterwards.
@@ -1091,7 +1094,7 @@ pub unsafe extern "C" fn kvs_quest_select(
         ])?;
         check_typed_ptr(query, qd, "query")?;
         // The sizes first: the query is read (and converted) only for a call that fits them.
-        check_meta(&kv, meta_len, meta_len)?;
+        meta_ranges(&kv, meta_len, meta_len)?;
         check_quest_sizes(
             &kv,
             n,

@@ -209,25 +209,32 @@ unsafe fn compact_to(
     }
 }
 
-/// Quest bound per row block, maxed over query heads, computed from the keys themselves.
+/// Quest bound per row block, maxed over query heads and the block's `ranges` key ranges (runs
+/// of `block_size / ranges` slots; those with no filled slot left out), computed from the keys
+/// themselves.
 pub fn quest_bound(
     c: &KvCache,
     blocks: &[(i32, usize)],
     query: &[f32],
     num_q_heads: usize,
+    ranges: usize,
 ) -> Vec<f32> {
     let (h_kv, d) = (c.num_kv_heads, c.head_dim);
     let group = num_q_heads / h_kv;
+    let span = c.block_size / ranges;
     blocks
         .iter()
         .map(|&(b, filled)| {
-            (0..num_q_heads)
-                .map(|qh| {
+            let mut best = f32::NEG_INFINITY;
+            for r in (0..ranges).filter(|r| r * span < filled) {
+                let slots = r * span..((r + 1) * span).min(filled);
+                for qh in 0..num_q_heads {
                     let h = qh / group;
-                    (0..d)
+                    let bound = (0..d)
                         .map(|i| {
                             // SAFETY: blocks and fills built by the tests for this cache.
-                            let ks: Vec<f64> = (0..filled)
+                            let ks: Vec<f64> = slots
+                                .clone()
                                 .map(|s| unsafe { k_at(c, b as usize, h, s, i) })
                                 .collect();
                             let lo = ks.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -235,17 +242,20 @@ pub fn quest_bound(
                             let q = query[qh * d + i] as f64;
                             (q * lo).max(q * hi)
                         })
-                        .sum::<f64>() as f32
-                })
-                .fold(f32::NEG_INFINITY, f32::max)
+                        .sum::<f64>() as f32;
+                    best = best.max(bound);
+                }
+            }
+            best
         })
         .collect()
 }
 
-/// Quest selection of one row, naively: the score of each block from the metadata in f64 (max
-/// over query heads of the bound over the key box shrunk about its centre to `spread` of its
-/// width; 1 is Quest's bound), then the sinks, the last block and the best of the rest by a full sort
-/// (ties to the earlier block). Returns the bounds and the kept positions, ascending.
+/// Quest selection of one row, naively: the score of each block from the metadata
+/// (`[blocks][ranges][kv heads][dim]`) in f64 (max over its key ranges and query heads of the
+/// bound over the key box shrunk about its centre to `spread` of its width; 1 is Quest's bound),
+/// then the sinks, the last block and the best of the rest by a full sort (ties to the earlier
+/// block). Returns the bounds and the kept positions, ascending.
 #[allow(clippy::too_many_arguments)]
 pub fn quest_select_row(
     row: &[i32],
@@ -258,6 +268,7 @@ pub fn quest_select_row(
     min: &[f32],
     max: &[f32],
     spread: f32,
+    ranges: usize,
 ) -> (Vec<f64>, Vec<usize>) {
     let (h, d) = (num_kv_heads, head_dim);
     let s = spread as f64;
@@ -265,9 +276,10 @@ pub fn quest_select_row(
     let bounds: Vec<f64> = row
         .iter()
         .map(|&b| {
-            (0..num_q_heads)
-                .map(|qh| {
-                    let at = (b as usize * h + qh / group) * d;
+            (0..ranges * num_q_heads)
+                .map(|j| {
+                    let (r, qh) = (j / num_q_heads, j % num_q_heads);
+                    let at = ((b as usize * ranges + r) * h + qh / group) * d;
                     (0..d)
                         .map(|i| {
                             let q = query[qh * d + i] as f64;

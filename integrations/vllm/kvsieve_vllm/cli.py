@@ -83,10 +83,10 @@ def _selection_table(config, sel, lengths: list[int], out: int, bs: int, info: d
         print(f"| {n} | {b0} | {k0} | {k0 / max(b0, 1):.0%} | {b1} | {k1} |")
     if info is not None:
         selected = max(info["layers"] - sel.dense_layers, 0)
-        per_block = selected * info["kv_heads"] * info["head_dim"] * 2 * 4
+        per_block = selected * sel.key_ranges * info["kv_heads"] * info["head_dim"] * 2 * 4
         total = f" = {kv_blocks * per_block / 2**20:.1f} MiB for {kv_blocks} blocks" if kv_blocks else ""
-        print(f"Metadata (float32 min and max keys per block, KV head and selected layer): {per_block} bytes per "
-              f"block{total}, allocated beside the KV cache.")
+        print(f"Metadata (float32 min and max keys per block, key range, KV head and selected layer): {per_block} "
+              f"bytes per block{total}, allocated beside the KV cache.")
     print("Select or evict: selection keeps every token (a later question, or one asked before the document, can "
           "still use any of them) and makes decode steps read less, but saves no memory; eviction frees KV blocks, "
           "so more requests fit, at the cost of the tokens it drops (chosen by the prompt's end). Both together: "
@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  selection: {POLICY_NAMES[sel.policy]}, each decode step reads {budget(sel)} (whole blocks, the "
               f"first and the last always) of sequences from {sel.min_length} tokens, in every layer from layer "
               f"{sel.dense_layers} on (the first {sel.dense_layers} read every block), blocks ranked by "
-              f"{sel.spread:g} of their keys' range (1: Quest's bound)")
+              f"{sel.spread:g} of their keys' range (1: Quest's bound)"
+              + (f", {sel.key_ranges} key ranges per block (a block scores as its best run of slots; "
+                 f"{sel.key_ranges}x the metadata)" if sel.key_ranges > 1 else ""))
     bytes_per_block = None
     info = None
     max_len = max(lengths) + a.output_tokens
@@ -200,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nKV space: {a.kv_blocks} blocks = {a.kv_blocks * bytes_per_block / 2**30:.2f} GiB")
     if sel.policy:
         _selection_table(config, sel, lengths, out, bs, info, a.kv_blocks)
+        if bs % sel.key_ranges:
+            print(f"\nerror: selection.key_ranges = {sel.key_ranges} does not divide the block size {bs}: the plugin "
+                  "refuses this at start-up; choose a divisor of --block-size (or 1)", file=sys.stderr)
+            return 1
     if batches and any(mine > stock > 0 for stock, mine in batches):
         # The batch the longest prompt here allows stock vLLM: the cap that keeps its latency.
         least, most = min(s for s, _ in batches), max(s for s, _ in batches)

@@ -51,7 +51,8 @@ class PolicyParams(Structure):
 
 class SelectionParams(Structure):
     _fields_ = [("policy", c_uint32), ("budget_tokens", c_uint32), ("budget_ratio", ctypes.c_double),
-                ("min_length", c_uint32), ("dense_layers", c_uint32), ("spread", ctypes.c_float)]
+                ("min_length", c_uint32), ("dense_layers", c_uint32), ("spread", ctypes.c_float),
+                ("key_ranges", c_uint32)]
 
 
 class QuestRows(Structure):

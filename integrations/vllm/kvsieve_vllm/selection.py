@@ -2,8 +2,9 @@
 `dense_layers` on reads only the blocks whose keys can matter most to the row's query. Nothing is
 evicted; the KV cache, its writes and the scheduler are untouched.
 
-- Metadata (`Metadata`): per selected layer, float32 `[num_blocks, kv_heads, head_dim]` min and
-  max keys per physical block, on the cache's device, made with the KV cache. A block's entry is
+- Metadata: per selected layer, float32 `[num_blocks, key_ranges, kv_heads, head_dim]` min and
+  max keys per physical block (`selection.key_ranges` runs of slots each, 1 by default), on the
+  cache's device, made with the KV cache. A block's entry is
   computed after the step whose forward filled it (`after_forward`, from that step's own
   attention metadata: the blocks each row completed) and after an event rewrote it
   (`rewritten`). Full blocks never change otherwise, so blocks shared through the prefix cache
@@ -113,6 +114,11 @@ class Selector:
         `dense_layers` that leaves no layer to select."""
         import torch
 
+        ranges = max(int(params.key_ranges), 1)
+        if descs[0].block_size % ranges:
+            raise ValueError(f"selection.key_ranges = {ranges} does not divide this engine's block size "
+                             f"({descs[0].block_size}): each block is split into that many equal runs of slots; "
+                             f"choose a divisor of {descs[0].block_size} (or 1, Quest's one range per block)")
         if params.dense_layers >= model_layers:
             raise ValueError(f"selection.dense_layers = {params.dense_layers} leaves all {model_layers} layers of "
                              f"this model dense, so selection would do nothing; set it below {model_layers} "
@@ -121,11 +127,12 @@ class Selector:
                        dtype)
         chosen = [(name, desc) for pos, (name, desc) in enumerate(zip(names, descs))
                   if layer_index(name, pos) >= params.dense_layers]
-        # min and max, float32 each, per block, KV head and dim of every selected layer.
-        sel.metadata_bytes = need = sum(2 * 4 * d.num_blocks * d.num_kv_heads * d.head_dim for _, d in chosen)
+        # min and max, float32 each, per block, key range, KV head and dim of every selected layer.
+        sel.metadata_bytes = need = sum(2 * 4 * d.num_blocks * ranges * d.num_kv_heads * d.head_dim
+                                        for _, d in chosen)
         try:
             for name, desc in chosen:
-                n = desc.num_blocks * desc.num_kv_heads * desc.head_dim
+                n = desc.num_blocks * ranges * desc.num_kv_heads * desc.head_dim
                 lo = torch.zeros(n, dtype=torch.float32, device=device)
                 hi = torch.zeros(n, dtype=torch.float32, device=device)
                 sel.layers[name] = (desc, lo, hi)

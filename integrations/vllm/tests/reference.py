@@ -252,7 +252,7 @@ def quest_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spread: fl
 @torch.no_grad()
 def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: dict, block_size: int,
                       spread: float = 1.0, ranks: int | None = None, keep: int = 0, dense_layers: int = 0,
-                      margins: list | None = None):
+                      margins: list | None = None, key_ranges: int = 1):
     """Block selection's reference (`model` loaded with attn_implementation="eager"): the prompt
     runs dense, then each decode step attends, in layer `i`, only to the blocks `kept[(L, i)]`
     (logical block indices; absent: every block) of the `L` tokens the step's query sees.
@@ -267,7 +267,8 @@ def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: d
     Returns the log-probabilities of `continuation` and, per (L, layer), Quest's score of every
     block computed here from the reference's own rotated keys and query: max over query heads of
     sum_d (q_d * c_d + spread * |q_d| * w_d), c and w the centre and half-width of the block's
-    keys' range per channel (float64; at spread 1, sum_d max(q_d * min_d, q_d * max_d))."""
+    keys' range per channel (float64; at spread 1, sum_d max(q_d * min_d, q_d * max_d)); with
+    `key_ranges` R, a block's ranges are per block_size / R tokens and it scores as its best."""
     import math
 
     from transformers.models.llama import modeling_llama
@@ -281,10 +282,14 @@ def selected_logprobs(model, prompt: list[int], continuation: list[int], kept: d
             layer, bs = module.layer_idx, block_size
             k = key[0].double()  # [kv heads, L, D]
             nb = math.ceil(L / bs)
-            kmin = torch.stack([k[:, b * bs:min((b + 1) * bs, L)].amin(1) for b in range(nb)], 1)
-            kmax = torch.stack([k[:, b * bs:min((b + 1) * bs, L)].amax(1) for b in range(nb)], 1)
+            span = bs // key_ranges
+            parts = math.ceil(L / span)
+            kmin = torch.stack([k[:, p * span:min((p + 1) * span, L)].amin(1) for p in range(parts)], 1)
+            kmax = torch.stack([k[:, p * span:min((p + 1) * span, L)].amax(1) for p in range(parts)], 1)
             q = query[0, :, 0].double().view(k.shape[0], -1, k.shape[2])  # [kv heads, group, D]
-            per_head = quest_scores(q, kmin, kmax, spread)
+            per_part = quest_scores(q, kmin, kmax, spread)  # [kv heads, group, parts]: a block's best part
+            per_part = torch.nn.functional.pad(per_part, (0, nb * key_ranges - parts), value=float("-inf"))
+            per_head = per_part.unflatten(-1, (nb, key_ranges)).amax(-1)
             bounds[(L, layer)] = per_head.amax((0, 1))
             allow = None  # [query heads or 1, L]
             if ranks and layer >= dense_layers and nb > keep:

@@ -76,6 +76,23 @@ def test_a_selection_config_prints_the_blocks_a_decode_step_reads(capsys):
     assert "Select or evict" in out
 
 
+def test_key_ranges_multiply_the_metadata_and_must_divide_the_block(tmp_path, capsys):
+    """`selection.key_ranges = 4`: the same blocks read, 4x the metadata; 3 ranges do not divide
+    a 32-token block, which the plugin refuses at start-up, so the check fails (exit 1) and says so."""
+    model = CONFIGS.parents[1] / "models" / "byte-llama-5m"
+    config = tmp_path / "quest-ranges.toml"
+    args = ["--model", str(model), "--kv-blocks", "1000", "--block-size", "32", "--lengths", "1900"]
+    for ranges, code in ((4, 0), (3, 1)):
+        config.write_text((CONFIGS / "quest-1024.toml").read_text() + f"key_ranges = {ranges}\n")
+        assert main([str(config), *args]) == code
+        out, err = capsys.readouterr()
+        assert f"{ranges} key ranges per block" in out, out
+        # 4 selected layers x R ranges x 4 KV heads x 32 dims x min and max x 4 bytes.
+        assert f"{4096 * ranges} bytes per block" in out, out
+        if code:
+            assert "selection.key_ranges = 3 does not divide the block size 32" in err, err
+
+
 def test_decode_snapkv_waits_for_its_window_of_generated_queries(capsys):
     """A SnapKV decode event scores with the last 32 generated tokens' queries, so one due right
     after prefill waits until they exist (streaming cuts at the first generated token); events

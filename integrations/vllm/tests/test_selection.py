@@ -34,6 +34,7 @@ budget_tokens = {BUDGET}
 dense_layers = {DENSE_LAYERS}
 spread = {SPREAD}
 """
+KEY_RANGES = 4  # the finer metadata (a range per 8 tokens), run on the V2 runner
 ENGINE_ARGS = dict(model=str(MODEL), skip_tokenizer_init=True, dtype="float32", max_model_len=2048,
                    enforce_eager=True, block_size=BLOCK, enable_prefix_caching=False, seed=0,
                    max_num_batched_tokens=256, max_num_seqs=8, num_gpu_blocks_override=96)
@@ -123,10 +124,13 @@ def model():
     return LlamaForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32, attn_implementation="eager").eval()
 
 
-@pytest.mark.parametrize("runner", ["v1", "v2"])
-def test_selected_decoding_equals_the_masked_reference(runner, stock, model):
+@pytest.mark.parametrize("runner, key_ranges", [("v1", 1), ("v2", KEY_RANGES)])
+def test_selected_decoding_equals_the_masked_reference(runner, key_ranges, stock, model):
+    """One engine per runner; the V2 one also keeps `key_ranges` ranges per block (its blocks
+    are the reference's best by their best runs of 8 tokens), so each engine checks one more
+    thing instead of a third engine."""
     batch = prompts()
-    got = _run(CONFIG, batch, runner)
+    got = _run(CONFIG + f"key_ranges = {key_ranges}\n", batch, runner)
     by_prompt: list[dict] = [{} for _ in batch]
     for layer, full, cut, kept in got["record"]:
         i = next(i for i, p in enumerate(batch) if len(p) < full <= len(p) + MAX_TOKENS)
@@ -152,7 +156,7 @@ def test_selected_decoding_equals_the_masked_reference(runner, stock, model):
             continue
         # Every decode step after the first token, every selected layer.
         assert len(by_prompt[i]) == (MAX_TOKENS - 1) * (LAYERS - DENSE_LAYERS), sorted(by_prompt[i])[:5]
-        ref, bounds = selected_logprobs(model, p, toks, by_prompt[i], BLOCK, SPREAD)
+        ref, bounds = selected_logprobs(model, p, toks, by_prompt[i], BLOCK, SPREAD, key_ranges=key_ranges)
         diffs = [abs(a - b) for a, b in zip(lps, ref)]
         # Dense vLLM and this reference agree to ~3e-6 (test_engine); a block more or less read
         # moves logprobs by 1e-3 or more.
@@ -172,8 +176,9 @@ def test_selected_decoding_equals_the_masked_reference(runner, stock, model):
     rows = sum(len(by_prompt[i]) for i in long_prompts) // (LAYERS - DENSE_LAYERS)
     assert sel["rows"] == rows and sel["blocks_read"] == rows * BUDGET // BLOCK, sel
     assert sel["blocks_total"] > 5 * sel["blocks_read"] and sel.get("failed", 0) == 0, sel
-    # min and max float32 keys per block and KV head, for each selected layer.
-    assert sel["metadata_bytes"] == (LAYERS - DENSE_LAYERS) * ENGINE_ARGS["num_gpu_blocks_override"] * 4 * 32 * 2 * 4
+    # min and max float32 keys per block, key range and KV head, for each selected layer.
+    assert sel["metadata_bytes"] == ((LAYERS - DENSE_LAYERS) * ENGINE_ARGS["num_gpu_blocks_override"] * key_ranges
+                                     * 4 * 32 * 2 * 4)
 
 
 def test_tensor_parallel_2_selects_per_rank_by_its_own_heads(stock, model):
@@ -211,8 +216,16 @@ def test_selector_refuses_a_config_that_leaves_every_layer_dense():
 
     desc = SimpleNamespace(block_size=BLOCK, num_blocks=4, num_kv_heads=2, head_dim=8)
     names = [f"model.layers.{i}.self_attn.attn" for i in range(3)]
+    params = SimpleNamespace(dense_layers=3, spread=0.5, key_ranges=1)
     with pytest.raises(ValueError, match="selection.dense_layers = 3 leaves all 3 layers"):
-        selection.Selector.make(None, SimpleNamespace(dense_layers=3, spread=0.5), names, [desc] * 3, 3, "cpu", None, None)
-    sel = selection.Selector.make(None, SimpleNamespace(dense_layers=1, spread=0.5), names, [desc] * 3, 3, "cpu", None, None)
+        selection.Selector.make(None, params, names, [desc] * 3, 3, "cpu", None, None)
+    params.dense_layers = 1
+    sel = selection.Selector.make(None, params, names, [desc] * 3, 3, "cpu", None, None)
     # Layers 1 and 2, min and max float32 per block, KV head and dim.
     assert sorted(sel.layers) == names[1:] and sel.metadata_bytes == 2 * (4 * 2 * 8) * 4 * 2
+    params.key_ranges = 4  # a range per 8 of the 32 slots: 4x the metadata
+    assert selection.Selector.make(None, params, names, [desc] * 3, 3, "cpu", None, None).metadata_bytes == \
+        4 * sel.metadata_bytes
+    params.key_ranges = 3
+    with pytest.raises(ValueError, match=r"selection.key_ranges = 3 does not divide this engine's block size \(32\)"):
+        selection.Selector.make(None, params, names, [desc] * 3, 3, "cpu", None, None)

@@ -1,8 +1,11 @@
 //! Quest page selection (Tang et al. 2024): per block and KV head, the element-wise min and max
 //! of its keys; for a query, `Σ_d max(q_d·min_d, q_d·max_d)` bounds `q·k` for every key `k` in
 //! the block, so the blocks with the highest bounds hold the keys that can matter most.
-//! Metadata is indexed by physical block id, `[num_blocks][num_kv_heads][head_dim]` f32, owned by
-//! the caller next to its KV cache.
+//! Metadata is indexed by physical block id, `[num_blocks][key_ranges][num_kv_heads][head_dim]`
+//! f32, owned by the caller next to its KV cache. `key_ranges` (1, Quest's, or a divisor of the
+//! block size) splits a block into that many runs of slots with a range each, and a block scores
+//! as its best run: a tighter bound for that many times the metadata and scoring work. It is not
+//! passed: the metadata's length says it (`meta_ranges`).
 //!
 //! `quest_bound` scores one sequence's row; `quest_select` is the serving call: every decode row
 //! of a batch, one layer, scored and reduced to its best blocks in one call.
@@ -16,15 +19,23 @@ use crate::kernels::KvCache;
 use crate::status::Status;
 use crate::with_dtype;
 
-/// The metadata holds `[num_blocks][num_kv_heads][head_dim]` floats each (shared with the CUDA
-/// path, like every shape check here).
-pub(crate) fn check_meta(cache: &KvCache, min_len: usize, max_len: usize) -> Result<()> {
+/// The key ranges per block of metadata holding `[num_blocks][key_ranges][num_kv_heads][head_dim]`
+/// floats each: 1, or a divisor of the block size (shared with the CUDA path, like every shape
+/// check here).
+pub(crate) fn meta_ranges(cache: &KvCache, min_len: usize, max_len: usize) -> Result<usize> {
     let n = cache.num_blocks * cache.num_kv_heads * cache.head_dim;
+    let ranges = if n > 0 && min_len % n == 0 {
+        min_len / n
+    } else {
+        0
+    };
     ensure_arg!(
-        min_len == n && max_len == n,
-        "block_min/block_max have {min_len}/{max_len} entries; expected num_blocks * num_kv_heads * head_dim = {n}"
+        min_len == max_len && ranges >= 1 && cache.block_size % ranges == 0,
+        "block_min/block_max have {min_len}/{max_len} entries; expected num_blocks * num_kv_heads * head_dim = {n} \
+         times the key ranges per block (1, or a divisor of block_size = {})",
+        cache.block_size
     );
-    Ok(())
+    Ok(ranges)
 }
 
 /// The shapes of a bound call: whole query-head groups, one query, one score per row block.
@@ -67,7 +78,9 @@ pub(crate) fn check_block_fill(cache: &KvCache, block: usize, filled: usize) -> 
     Ok(())
 }
 
-/// Recompute the min/max metadata of physical block `block` from its first `filled` slots.
+/// Recompute the min/max metadata of physical block `block` from its first `filled` slots: key
+/// range `r` spans slots `r * block_size / key_ranges..` of them; a range with no filled slot
+/// repeats the last filled one (a block scores as its best range, so a copy changes nothing).
 ///
 /// # Safety
 /// `cache` must describe live host tensors.
@@ -78,21 +91,31 @@ pub unsafe fn quest_update_block(
     min: &mut [f32],
     max: &mut [f32],
 ) -> Result<()> {
-    check_meta(cache, min.len(), max.len())?;
+    let ranges = meta_ranges(cache, min.len(), max.len())?;
     check_block_fill(cache, block, filled)?;
-    let d = cache.head_dim;
+    let (h, d) = (cache.num_kv_heads, cache.head_dim);
+    let span = cache.block_size / ranges;
     let mut k = vec![0f32; d];
-    for h in 0..cache.num_kv_heads {
-        let at = (block * cache.num_kv_heads + h) * d;
-        let (lo, hi) = (&mut min[at..at + d], &mut max[at..at + d]);
-        lo.fill(f32::INFINITY);
-        hi.fill(f32::NEG_INFINITY);
-        for s in 0..filled {
-            // SAFETY: block and slot checked above.
-            with_dtype!(cache.dtype, T => unsafe { gather_k_row::<T>(cache, block, h, s, &mut k) });
-            for i in 0..d {
-                lo[i] = lo[i].min(k[i]);
-                hi[i] = hi[i].max(k[i]);
+    for r in 0..ranges {
+        let slots = r * span..((r + 1) * span).min(filled);
+        for kh in 0..h {
+            let at = ((block * ranges + r) * h + kh) * d;
+            if slots.is_empty() {
+                let from = at - h * d; // r >= 1: range 0 holds slot 0, and filled >= 1
+                min.copy_within(from..from + d, at);
+                max.copy_within(from..from + d, at);
+                continue;
+            }
+            let (lo, hi) = (&mut min[at..at + d], &mut max[at..at + d]);
+            lo.fill(f32::INFINITY);
+            hi.fill(f32::NEG_INFINITY);
+            for s in slots.clone() {
+                // SAFETY: block and slot checked above.
+                with_dtype!(cache.dtype, T => unsafe { gather_k_row::<T>(cache, block, kh, s, &mut k) });
+                for i in 0..d {
+                    lo[i] = lo[i].min(k[i]);
+                    hi[i] = hi[i].max(k[i]);
+                }
             }
         }
     }
@@ -112,7 +135,7 @@ pub unsafe fn quest_update_blocks(
     min: &mut [f32],
     max: &mut [f32],
 ) -> Result<()> {
-    check_meta(cache, min.len(), max.len())?;
+    meta_ranges(cache, min.len(), max.len())?;
     check_block_list(cache, blocks, filled)?;
     for (&b, &f) in blocks.iter().zip(filled) {
         // SAFETY: the caller's cache; every block and fill checked above.
@@ -138,8 +161,8 @@ pub(crate) fn check_block_list(cache: &KvCache, blocks: &[i32], filled: &[i32]) 
     Ok(())
 }
 
-/// For each block of `row`, the largest Quest bound over the query heads:
-/// `out[j] = max_q Σ_d max(q_d·min[row[j]][g(q)][d], q_d·max[...][d])`, `query` being
+/// For each block of `row`, the largest Quest bound over its key ranges and the query heads:
+/// `out[j] = max_{r,q} Σ_d max(q_d·min[row[j]][r][g(q)][d], q_d·max[...][d])`, `query` being
 /// `[num_q_heads][head_dim]` f32 and `g(q)` the query head's KV head.
 pub fn quest_bound(
     cache: &KvCache,
@@ -150,20 +173,22 @@ pub fn quest_bound(
     max: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
-    check_meta(cache, min.len(), max.len())?;
+    let ranges = meta_ranges(cache, min.len(), max.len())?;
     check_bound_shape(cache, row.len(), num_q_heads, query.len(), out.len())?;
     let (h, d) = (cache.num_kv_heads, cache.head_dim);
     check_row(row, cache.num_blocks, 0)?;
     let group = num_q_heads / h;
     for (o, &b) in out.iter_mut().zip(row) {
         let mut best = f32::NEG_INFINITY;
-        for qh in 0..num_q_heads {
-            let at = (b as usize * h + qh / group) * d;
-            let q = &query[qh * d..(qh + 1) * d];
-            let bound: f32 = (0..d)
-                .map(|i| (q[i] * min[at + i]).max(q[i] * max[at + i]))
-                .sum();
-            best = best.max(bound);
+        for r in 0..ranges {
+            for qh in 0..num_q_heads {
+                let at = ((b as usize * ranges + r) * h + qh / group) * d;
+                let q = &query[qh * d..(qh + 1) * d];
+                let bound: f32 = (0..d)
+                    .map(|i| (q[i] * min[at + i]).max(q[i] * max[at + i]))
+                    .sum();
+                best = best.max(bound);
+            }
         }
         *o = best;
     }
@@ -330,7 +355,8 @@ pub fn reduced_len(seq_len: usize, block_size: usize, keep: usize) -> usize {
 }
 
 /// One layer's Quest selection for a batch of decode rows: each row's blocks scored by their
-/// bound for the row's query (`[rows][num_q_heads][head_dim]` f32; the max over query heads),
+/// bound for the row's query (`[rows][num_q_heads][head_dim]` f32; the max over query heads and
+/// the block's key ranges),
 /// then the `keep[r]` best written ascending (sequence order) to `out[r * out_stride..]`, the
 /// first `sink_blocks` and the last block always among them, the rest of the row set to `pad`.
 /// `workspace` (caller-owned, `rows * stride` floats at least) holds the scores afterwards.
@@ -347,7 +373,7 @@ pub fn quest_select(
     out_stride: usize,
     pad: i32,
 ) -> Result<()> {
-    check_meta(cache, min.len(), max.len())?;
+    let ranges = meta_ranges(cache, min.len(), max.len())?;
     rows.check(
         cache,
         num_q_heads,
@@ -370,7 +396,7 @@ pub fn quest_select(
             )));
         }
     }
-    bound_rows(cache, rows, query, num_q_heads, min, max, workspace);
+    bound_rows(cache, rows, ranges, query, num_q_heads, min, max, workspace);
     let mut pos = Vec::new();
     for r in 0..rows.num_rows() {
         let row = rows.row(r);
@@ -393,9 +419,11 @@ pub fn quest_select(
 }
 
 /// The bounds of every row's blocks into `workspace`, with AVX2 where the CPU has it.
+#[allow(clippy::too_many_arguments)]
 fn bound_rows(
     cache: &KvCache,
     rows: &QuestRows,
+    ranges: usize,
     query: &[f32],
     num_q_heads: usize,
     min: &[f32],
@@ -405,31 +433,37 @@ fn bound_rows(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
-        return unsafe { bound_rows_avx2(cache, rows, query, num_q_heads, min, max, workspace) };
+        return unsafe {
+            bound_rows_avx2(cache, rows, ranges, query, num_q_heads, min, max, workspace)
+        };
     }
-    bound_rows_body(cache, rows, query, num_q_heads, min, max, workspace)
+    bound_rows_body(cache, rows, ranges, query, num_q_heads, min, max, workspace)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn bound_rows_avx2(
     cache: &KvCache,
     rows: &QuestRows,
+    ranges: usize,
     query: &[f32],
     num_q_heads: usize,
     min: &[f32],
     max: &[f32],
     workspace: &mut [f32],
 ) {
-    bound_rows_body(cache, rows, query, num_q_heads, min, max, workspace)
+    bound_rows_body(cache, rows, ranges, query, num_q_heads, min, max, workspace)
 }
 
-/// Per block, per KV head: its min/max rows are read once and bound the `group` query heads
-/// that share it while they sit in L1.
+/// Per block, key range and KV head: its min/max rows are read once and bound the `group` query
+/// heads that share it while they sit in L1.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn bound_rows_body(
     cache: &KvCache,
     rows: &QuestRows,
+    ranges: usize,
     query: &[f32],
     num_q_heads: usize,
     min: &[f32],
@@ -446,13 +480,14 @@ fn bound_rows_body(
             .iter_mut()
             .zip(ids)
         {
-            let at = b as usize * h * d;
-            let (lo, hi) = (&min[at..at + h * d], &max[at..at + h * d]);
             let mut best = f32::NEG_INFINITY;
-            for kh in 0..h {
-                let (l, u) = (&lo[kh * d..(kh + 1) * d], &hi[kh * d..(kh + 1) * d]);
-                for qh in kh * group..(kh + 1) * group {
-                    best = best.max(bound_one(&q[qh * d..(qh + 1) * d], l, u, shrink));
+            for r in 0..ranges {
+                for kh in 0..h {
+                    let at = ((b as usize * ranges + r) * h + kh) * d;
+                    let (l, u) = (&min[at..at + d], &max[at..at + d]);
+                    for qh in kh * group..(kh + 1) * group {
+                        best = best.max(bound_one(&q[qh * d..(qh + 1) * d], l, u, shrink));
+                    }
                 }
             }
             *o = best;
@@ -538,7 +573,7 @@ mod tests {
             (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         };
         let n = num_blocks * h * d;
-        let (a, b): (Vec<f32>, Vec<f32>) = (0..n).map(|_| (unit(), unit())).unzip();
+        let (a, b): (Vec<f32>, Vec<f32>) = (0..2 * n).map(|_| (unit(), unit())).unzip();
         let lo: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a.min(*b)).collect();
         let hi: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a.max(*b)).collect();
         let table: Vec<i32> = (0..2 * stride as i32)
@@ -555,11 +590,32 @@ mod tests {
         };
         let q: Vec<f32> = (0..2 * nq * d).map(|_| unit()).collect();
         let (mut fast, mut plain) = (vec![0f32; 2 * stride], vec![0f32; 2 * stride]);
-        bound_rows(&cache, &rows, &q, nq, &lo, &hi, &mut fast);
-        bound_rows_body(&cache, &rows, &q, nq, &lo, &hi, &mut plain);
-        assert_eq!(
-            fast.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            plain.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-        );
+        // One key range per block, and two: the same loops over more entries.
+        for ranges in [1, 2] {
+            bound_rows(
+                &cache,
+                &rows,
+                ranges,
+                &q,
+                nq,
+                &lo[..n * ranges],
+                &hi[..n * ranges],
+                &mut fast,
+            );
+            bound_rows_body(
+                &cache,
+                &rows,
+                ranges,
+                &q,
+                nq,
+                &lo[..n * ranges],
+                &hi[..n * ranges],
+                &mut plain,
+            );
+            assert_eq!(
+                fast.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                plain.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
     }
 }
