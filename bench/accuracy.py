@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -119,11 +120,20 @@ def config_text(policy: str | None, budget: float) -> str:
     return f"[sparsity]\n{POLICIES.get(policy) or VARIANTS[policy]}budget_ratio = {budget}\nmin_length = 512\n"
 
 
+def quest_ranges(policy: str) -> int | None:
+    """The key ranges per block of a Quest token run: `quest` 1, `quest-r4` 4; None: eviction."""
+    m = re.fullmatch(r"quest(?:-r([1-9][0-9]*))?", policy)
+    return None if m is None else int(m.group(1) or 1)
+
+
 def token_config(policy: str, tokens: int) -> str:
-    """A token-budget run's config: Quest reading `tokens` per decode step (nothing evicted), or
-    an eviction policy keeping `tokens` (kvsieve's defaults otherwise)."""
-    if policy == "quest":
-        return f'[selection]\npolicy = "quest"\nbudget_tokens = {tokens}\n'
+    """A token-budget run's config: Quest reading `tokens` per decode step (nothing evicted;
+    `quest-rN`: N key ranges per block), or an eviction policy keeping `tokens` (kvsieve's
+    defaults otherwise)."""
+    ranges = quest_ranges(policy)
+    if ranges is not None:
+        extra = f"key_ranges = {ranges}\n" if ranges > 1 else ""
+        return f'[selection]\npolicy = "quest"\nbudget_tokens = {tokens}\n{extra}'
     return f"[sparsity]\n{POLICIES[policy]}budget_tokens = {tokens}\nmin_length = 512\n"
 
 
@@ -249,8 +259,9 @@ def parse(cfg: dict) -> dict:
         if p not in POLICIES and p not in VARIANTS and p not in CHUNKED:
             raise SystemExit(f"--policies: unknown policy {p!r}; choose from {', '.join([*POLICIES, *VARIANTS, *CHUNKED])}")
     for p, t in out["token_runs"]:
-        if p != "quest" and p not in POLICIES or t < 68:
-            raise SystemExit(f"--token-runs: {p}:{t}; give POLICY:TOKENS with quest or one of {', '.join(POLICIES)} "
+        if quest_ranges(p) is None and p not in POLICIES or t < 68:
+            raise SystemExit(f"--token-runs: {p}:{t}; give POLICY:TOKENS with quest (quest-rN: N key ranges per "
+                             f"block) or one of {', '.join(POLICIES)} "
                              "and at least 68 tokens (sinks and the recent tail)")
     for p in out["presses"]:
         if p not in PRESSES:
@@ -323,9 +334,9 @@ def token_runs(model: Path, samples: list[dict], c: dict, result: dict, kv_gib: 
     result["run_configs"].update({f"kvsieve:{r['name']}": r["config"] for r in runs})
     out = result.setdefault("token_budgets", {})
     for r in runs:
-        if r["name"].startswith("quest@"):
+        if r["name"].startswith("quest"):
             out.update(run_vllm(model, samples, [r], False, kv_gib, chunk, runner, start_config=r["config"]))
-    evicting = [r for r in runs if not r["name"].startswith("quest@")]
+    evicting = [r for r in runs if not r["name"].startswith("quest")]
     if evicting:
         out.update(run_vllm(model, samples, evicting, False, kv_gib, chunk, runner))
     result["phase_seconds"]["vllm_token_budgets"] = round(time.time() - t0 - sum(result["phase_seconds"].values()))
@@ -339,7 +350,7 @@ def token_report(result: dict) -> str:
     dense = result["scores"].get("prefix_caching_off", {}).get("dense")
     if not sc or dense is None:
         return ""
-    order = sorted(sc, key=lambda r: (int(r.split("@")[1]), r.split("@")[0] != "quest", r))
+    order = sorted(sc, key=lambda r: (int(r.split("@")[1]), not r.startswith("quest"), r))
     rows = [("dense", dense)] + [(r.replace("@", " at ") + " tokens", sc[r]) for r in order]
     tasks = sorted(dense)
     lengths = sorted({int(L) for t in dense.values() for L in t})

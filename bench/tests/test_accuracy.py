@@ -123,9 +123,12 @@ def test_token_budget_runs_are_named_checked_and_reported():
     assert ("quest", 1024) in c["token_runs"] and ("snapkv", 512) in c["token_runs"]
     sel = load().config_from_str(accuracy.token_config("quest", 1024)).selection()
     assert (sel.policy, sel.budget_tokens) == (4, 1024)
+    assert sel.key_ranges == 1
+    finer = load().config_from_str(accuracy.token_config("quest-r4", 1024)).selection()
+    assert (finer.policy, finer.budget_tokens, finer.key_ranges) == (4, 1024, 4)
     evict = load().config_from_str(accuracy.token_config("snapkv", 512)).params(0)
     assert (evict.policy, evict.budget_tokens) == (2, 512)
-    for bad in ("quest", "quest:x", "h2o:512", "quest:12"):
+    for bad in ("quest", "quest:x", "h2o:512", "quest:12", "quest-r0:512", "quest-rx:512"):
         with pytest.raises(SystemExit, match="--token-runs"):
             accuracy.parse(dict(accuracy.SUITES["quest"], token_runs=bad))
     dense = {"niah_number": {"1024": [4, 4]}, "niah_word": {"1024": [0, 4]}}
