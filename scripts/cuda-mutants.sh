@@ -28,6 +28,10 @@ MUTANTS=(
   "short_workspace|src/cuda/ops.rs|+ heads * cached_len * 4
 }|+ heads * cached_len * 4 - 4
 }"
+  "quest_empty_range_not_copied|kernels/kvsieve.cu|        block_min[at] = block_min[at - g.heads * g.dim];|        block_min[at] = KVS_INF;"
+  "quest_ranges_ignored|kernels/kvsieve.cu|    for (u64 r = 0; r < ranges; r++) {
+      for (u64 qh = 0; qh < q_heads; qh++) {|    for (u64 r = 0; r < 1; r++) {
+      for (u64 qh = 0; qh < q_heads; qh++) {"
 )
 
 survived=()
