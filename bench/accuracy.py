@@ -259,9 +259,9 @@ def parse(cfg: dict) -> dict:
         if p not in POLICIES and p not in VARIANTS and p not in CHUNKED:
             raise SystemExit(f"--policies: unknown policy {p!r}; choose from {', '.join([*POLICIES, *VARIANTS, *CHUNKED])}")
     for p, t in out["token_runs"]:
-        if quest_ranges(p) is None and p not in POLICIES or t < 68:
+        if quest_ranges(p) is None and p not in POLICIES or t < 68 or BLOCK % (quest_ranges(p) or 1):
             raise SystemExit(f"--token-runs: {p}:{t}; give POLICY:TOKENS with quest (quest-rN: N key ranges per "
-                             f"block) or one of {', '.join(POLICIES)} "
+                             f"block, N dividing the block size {BLOCK}) or one of {', '.join(POLICIES)} "
                              "and at least 68 tokens (sinks and the recent tail)")
     for p in out["presses"]:
         if p not in PRESSES:

@@ -29,7 +29,7 @@
 
 // ABI version: bumped whenever a function signature, struct layout or status meaning changes
 // in a way an already-compiled caller would notice. Additions keep it.
-#define KVS_ABI_VERSION 3
+#define KVS_ABI_VERSION 4
 
 // Outcome of a kvsieve call (`uint32_t` in C).
 enum kvs_status

@@ -485,6 +485,24 @@ mod tests {
     }
 
     #[test]
+    fn the_bound_counts_a_snapkv_decode_window_after_a_prompt_under_min_length() {
+        // The property test's case: a 2,005-token prompt under min_length (2,061) decodes
+        // uncompressed, and its first SnapKV decode event waits for 57 generated queries, so it
+        // holds 2,062 tokens; the longest prompt under min_length reaches min_length + 56.
+        let c = cfg("[sparsity]\npolicy='streaming'\nbudget_tokens=240\nwindow=57\nrecent_tokens=0\nsink_tokens=0\n\
+                     min_length=2061\n[prefill]\npolicy='streaming'\n[decode]\npolicy='snapkv'\ninterval=1\n\
+                     [requests]\nallow_opt_out=false\nmax_budget_tokens=340\nmax_budget_ratio=0.1\n");
+        assert_eq!(simulate(&c, 2005, 57, 1, |_| 16), 2005 + 57);
+        let bound = max_cached_tokens(&c, 4096, 16, 1);
+        assert_eq!(bound, 2061 + 57 - 1);
+        assert_eq!(
+            worst_case(&c, 4096, 16, 1, 2000..2061),
+            bound,
+            "reached by the prompt just under min_length"
+        );
+    }
+
+    #[test]
     fn the_bound_counts_the_chunk_that_computes_the_end_window() {
         // The review's case: budget 1000, chunks of 256, blocks of 16, SnapKV window 32. A
         // 1,809-token prompt's 8th chunk computes part of the window, so it runs no chunk event,

@@ -128,7 +128,7 @@ def test_token_budget_runs_are_named_checked_and_reported():
     assert (finer.policy, finer.budget_tokens, finer.key_ranges) == (4, 1024, 4)
     evict = load().config_from_str(accuracy.token_config("snapkv", 512)).params(0)
     assert (evict.policy, evict.budget_tokens) == (2, 512)
-    for bad in ("quest", "quest:x", "h2o:512", "quest:12", "quest-r0:512", "quest-rx:512"):
+    for bad in ("quest", "quest:x", "h2o:512", "quest:12", "quest-r0:512", "quest-rx:512", "quest-r3:512"):
         with pytest.raises(SystemExit, match="--token-runs"):
             accuracy.parse(dict(accuracy.SUITES["quest"], token_runs=bad))
     dense = {"niah_number": {"1024": [4, 4]}, "niah_word": {"1024": [0, 4]}}

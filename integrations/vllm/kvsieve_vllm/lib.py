@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import faults
 
-ABI_VERSION = 3  # KVS_ABI_VERSION of the header this binding mirrors
+ABI_VERSION = 4  # KVS_ABI_VERSION of the header this binding mirrors
 
 PHASE_PREFILL, PHASE_DECODE, PHASE_PREFILL_CHUNK = 0, 1, 2
 DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -270,7 +270,8 @@ class CpuKernels:
 
     def quest_update_blocks(self, cache: KvCache, blocks, filled, block_min, block_max) -> None:
         """Recompute the Quest min/max keys of `blocks` (int32) holding `filled` (int32) slots
-        each, into one layer's `block_min`/`block_max` (float32 [num_blocks, kv_heads, head_dim])."""
+        each, into one layer's `block_min`/`block_max` (float32 [num_blocks, key_ranges, kv_heads,
+        head_dim]: the key ranges are what their length holds)."""
         self._call("kvs_quest_update_blocks", byref(cache), blocks.data_ptr(), filled.data_ptr(), blocks.numel(),
                    block_min.data_ptr(), block_max.data_ptr(), block_min.numel())
 

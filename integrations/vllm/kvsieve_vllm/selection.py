@@ -140,7 +140,7 @@ class Selector:
             # Allocated after vLLM sized the KV cache: on a GPU the space must be left free.
             raise ValueError(f"the block selection metadata ({need / 2**20:.0f} MiB for {len(chosen)} layers) does "
                              f"not fit beside the KV cache on {device}; lower --gpu-memory-utilization by that much, "
-                             "or raise selection.dense_layers") from e
+                             "raise selection.dense_layers, or lower selection.key_ranges") from e
         return sel
 
     def _log_once(self, key: str, msg: str, *args) -> None:
