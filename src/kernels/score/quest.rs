@@ -38,6 +38,14 @@ pub(crate) fn meta_ranges(cache: &KvCache, min_len: usize, max_len: usize) -> Re
     Ok(ranges)
 }
 
+/// Where key range `range` of KV head `kv_head` of block `block` starts in metadata of `ranges`
+/// key ranges per block (`[num_blocks][ranges][num_kv_heads][head_dim]`; kernels/kvsieve.cu
+/// indexes it the same way).
+#[inline(always)]
+fn meta_at(cache: &KvCache, ranges: usize, block: usize, range: usize, kv_head: usize) -> usize {
+    ((block * ranges + range) * cache.num_kv_heads + kv_head) * cache.head_dim
+}
+
 /// The shapes of a bound call: whole query-head groups, one query, one score per row block.
 pub(crate) fn check_bound_shape(
     cache: &KvCache,
@@ -99,7 +107,7 @@ pub unsafe fn quest_update_block(
     for r in 0..ranges {
         let slots = r * span..((r + 1) * span).min(filled);
         for kh in 0..h {
-            let at = ((block * ranges + r) * h + kh) * d;
+            let at = meta_at(cache, ranges, block, r, kh);
             if slots.is_empty() {
                 let from = at - h * d; // r >= 1: range 0 holds slot 0, and filled >= 1
                 min.copy_within(from..from + d, at);
@@ -182,7 +190,7 @@ pub fn quest_bound(
         let mut best = f32::NEG_INFINITY;
         for r in 0..ranges {
             for qh in 0..num_q_heads {
-                let at = ((b as usize * ranges + r) * h + qh / group) * d;
+                let at = meta_at(cache, ranges, b as usize, r, qh / group);
                 let q = &query[qh * d..(qh + 1) * d];
                 let bound: f32 = (0..d)
                     .map(|i| (q[i] * min[at + i]).max(q[i] * max[at + i]))
@@ -483,7 +491,7 @@ fn bound_rows_body(
             let mut best = f32::NEG_INFINITY;
             for r in 0..ranges {
                 for kh in 0..h {
-                    let at = ((b as usize * ranges + r) * h + kh) * d;
+                    let at = meta_at(cache, ranges, b as usize, r, kh);
                     let (l, u) = (&min[at..at + d], &max[at..at + d]);
                     for qh in kh * group..(kh + 1) * group {
                         best = best.max(bound_one(&q[qh * d..(qh + 1) * d], l, u, shrink));
