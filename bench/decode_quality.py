@@ -25,6 +25,10 @@ kept indices gives kvsieve's streaming NLL exactly; measured on the trial run). 
 is index-based too, so SnapKVPress pools over neighbours in score order from the second
 compression on; `--kvpress-sorted` runs the presses with each selection kept in position order.
 
+`--rule LABEL=SPEC[;SETTINGS]` also runs SnapKV ranked by an offline prototype of another rule
+(`Rule`: scores carried across events, R-KV's redundancy term), in torch over the library's own
+scores, selection and compaction: measured before anything is built into the library.
+
 Reported per run: the mean per-token NLL of the continuation and its increase over dense, and
 the greedy-agreement length (how many continuation positions, from the first, the compressed
 cache's argmax equals dense's). Writes bench/results/<name>.json.
@@ -92,8 +96,59 @@ def segments(config, prompt: int, total: int, phase: int) -> list[int]:
     return ends
 
 
-def run_kvsieve(model, data: list, runs: dict, prompt: int) -> dict:
-    """Dense and each kvsieve run: per sample, NLL per position and argmax per position."""
+class Rule:
+    """An offline prototype of another decode SnapKV rule, in torch over the library's scores
+    (`kvsieve_compress(rescore=...)`: the library scores, selects with sinks and the recent tail
+    kept, and compacts; only the scores it ranks by change). Not in the library: measured here
+    before anything is built. SPEC, one or both joined by "+":
+    - `sum:G` scores carried across events: a kept token's score is this event's plus G times
+      what it had at the last event (tokens new since then carry 0);
+    - `max:G` the same with max(this event's, G x last);
+    - `rkv:L` R-KV's redundancy term: rank by L x the head's normalized (carried) score minus
+      (1 - L) x a softmax over each key's mean cosine similarity to the other keys
+      (near-duplicates rank lower); what is carried is the score before this term."""
+
+    def __init__(self, spec: str):
+        self.carry = self.rkv = None
+        for part in spec.split("+"):
+            mode, _, arg = part.partition(":")
+            try:
+                value = float(arg)
+            except ValueError:
+                value = None
+            if mode in ("sum", "max") and value is not None and self.carry is None:
+                self.carry = (mode, value)
+            elif mode == "rkv" and value is not None and self.rkv is None:
+                self.rkv = value
+            else:
+                raise SystemExit(f"--rule {spec!r}: the rule is sum:G or max:G, rkv:L, or one of each joined by +")
+        self.carried: dict = {}
+        self.now: dict = {}
+
+    def scores(self, layer: int, s, keys) -> None:
+        import torch
+
+        prev = self.carried.get(layer)
+        if self.carry is not None and prev is not None:
+            mode, gamma = self.carry
+            c = torch.zeros_like(s)
+            c[:, :prev.shape[1]] = gamma * prev
+            s.copy_(s + c if mode == "sum" else torch.maximum(s, c))
+        self.now[layer] = s.clone()
+        if self.rkv is not None:
+            kn = torch.nn.functional.normalize(keys, dim=-1)  # [heads, length, dim]
+            sim = kn @ kn.transpose(1, 2)
+            sim.diagonal(dim1=1, dim2=2).zero_()
+            red = torch.softmax(sim.mean(-1), -1)
+            s.copy_(self.rkv * s / s.sum(-1, keepdim=True) - (1 - self.rkv) * red)
+
+    def kept(self, layer: int, s, keep) -> None:
+        self.carried[layer] = self.now.pop(layer).gather(1, keep.long())
+
+
+def run_kvsieve(model, data: list, runs: dict, prompt: int, rules: dict | None = None) -> dict:
+    """Dense and each kvsieve run: per sample, NLL per position and argmax per position (`rules`:
+    run name -> a `Rule` spec, for the runs that rank by a prototype rule)."""
 
     from kvsieve_vllm.lib import PHASE_DECODE, CpuKernels, load
     from quality import kvsieve_compress
@@ -107,10 +162,11 @@ def run_kvsieve(model, data: list, runs: dict, prompt: int) -> dict:
         per_sample = []
         t0 = time.time()
         for ids in data:
+            rule = Rule(rules[name]) if rules and name in rules else None
             ends = segments(config, prompt, len(ids) - 1, PHASE_DECODE) if config else [len(ids) - 1]
             nll, argmax, kept = forced(model, ids, prompt, ends, window,
                                        (lambda cache, q, logical: kvsieve_compress(lib, kernels, config, cache, q,
-                                                                                   BLOCK, logical, PHASE_DECODE))
+                                                                                   BLOCK, logical, PHASE_DECODE, rule))
                                        if config else None)
             per_sample.append({"nll": nll, "argmax": argmax, "events": len(kept), "kept": sorted(set(kept))})
         out[name] = per_sample
@@ -240,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep kvpress's selections in position order (as shipped they are in score order)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=SETTINGS",
                     help="also run snapkv with these [sparsity] settings ('pool_kernel = 5; pool = \"avg\"')")
+    ap.add_argument("--rule", action="append", default=[], metavar="LABEL=SPEC[;SETTINGS]",
+                    help="also run snapkv ranked by an offline prototype rule (see Rule: sum:G, max:G, rkv:L), "
+                         "with these [sparsity] settings")
     ap.add_argument("--seed", type=int, default=0, help="which passages (0: the reported run; others: tuning)")
     ap.add_argument("--name", default="decode-quality")
     a = ap.parse_args(argv)
@@ -262,8 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     for v in a.variant:
         label, _, settings = v.partition("=")
         runs.update({f"kvsieve:snapkv-{label}@{b}": config_text("snapkv", b, a.interval, settings) for b in budgets})
+    rules = {}
+    for v in a.rule:
+        label, _, rest = v.partition("=")
+        spec, _, settings = rest.partition(";")
+        Rule(spec)  # refuses a bad spec before any run
+        for b in budgets:
+            runs[f"kvsieve:snapkv-{label}@{b}"] = config_text("snapkv", b, a.interval, settings)
+            rules[f"kvsieve:snapkv-{label}@{b}"] = spec
     t0 = time.time()
-    result = run_kvsieve(model, data, runs, a.prompt)
+    result = run_kvsieve(model, data, runs, a.prompt, rules)
     presses = [p for p in a.presses.split(",") if p]
     kvpress_version = None
     if presses:
@@ -278,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:28s} NLL {s['nll']:.4f} (+{s['nll_increase']:.4f})  agreement {s['agreement_tokens']:.0f} tokens")
     doc = {"what": __doc__.split("\n\n")[0], "samples": a.samples, "prompt_tokens": a.prompt,
            "continuation_tokens": a.continuation, "budgets": budgets, "interval": a.interval, "block_size": BLOCK,
-           "configs": runs, "kvpress": {"version": kvpress_version, "presses": presses,
+           "configs": runs, "prototype_rules": {k: Rule.__doc__.split("\n\n")[0] + f" ({v})" for k, v in rules.items()},
+           "kvpress": {"version": kvpress_version, "presses": presses,
                                         "wrapper": "DecodingPress(compression_interval=1, target_size=budget)",
                                         "sorted": a.kvpress_sorted,
                                         "note": "selections kept in position order (--kvpress-sorted)" if a.kvpress_sorted

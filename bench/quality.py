@@ -107,13 +107,18 @@ def _prefill(model, prompt: list[int], window: int):
 
 
 def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLOCK_SIZE, logical: int | None = None,
-                     phase: int = 0) -> int:
+                     phase: int = 0, rescore=None) -> int:
     """Compress every layer of a transformers cache with libkvsieve in a paged NHD cache, as the
     event of `phase` (default prefill end; bench/decode_quality.py passes decode) at `logical`
     tokens (default: the cache's length, nothing evicted yet); returns the kept token count (the
-    cache's length when the plan releases nothing)."""
+    cache's length when the plan releases nothing).
+
+    `rescore` (offline prototypes of other rules, bench/decode_quality.py): an object whose
+    `scores(layer, scores, keys)` rewrites the library's SnapKV scores ([heads, length] float32,
+    in place) before the library selects, and whose `kept(layer, scores, keep)` sees what was kept
+    ([heads, selected] positions, ascending)."""
     import torch
-    from kvsieve_vllm.lib import DTYPE, LAYOUT, POLICY_NAMES, KvCache, Sequence, TokenSelect
+    from kvsieve_vllm.lib import DTYPE, LAYOUT, POLICY_NAMES, KvCache, Sequence, SnapKvArgs, TokenSelect
 
     params = config.params(phase)
     policy = POLICY_NAMES[params.policy]
@@ -130,7 +135,7 @@ def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLO
     scores = torch.empty(heads * length, dtype=torch.float32)
     keep = torch.empty(heads * k_sel, dtype=torch.int32)
     released = torch.empty(nb, dtype=torch.int32)
-    for layer, q in zip(cache.layers, queries):
+    for li, (layer, q) in enumerate(zip(cache.layers, queries)):
         paged = []
         for t in (layer.keys, layer.values):  # [1, H, C, D] -> [nb, bs, H, D], zero-padded tail
             p = torch.zeros(nb * block_size, heads, dim, dtype=torch.float32)
@@ -139,7 +144,16 @@ def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLO
         desc = KvCache(k=paged[0].data_ptr(), v=paged[1].data_ptr(), dtype=DTYPE["float32"], layout=LAYOUT["nhd"],
                        device=0, num_blocks=nb, block_size=block_size, num_kv_heads=heads, head_dim=dim,
                        block_stride=0, token_stride=0, head_stride=0)
-        n = kernels.compress(desc, seq, policy, params, sel, q, scores, keep, released)
+        if rescore is None:
+            n = kernels.compress(desc, seq, policy, params, sel, q, scores, keep, released)
+        else:
+            args = SnapKvArgs(queries=q.data_ptr(), queries_dtype=DTYPE["float32"], window=q.shape[0],
+                              num_q_heads=q.shape[1], pool_kernel=params.pool_kernel, pool=params.pool)
+            kernels.score_snapkv(desc, seq, args, scores.data_ptr(), scores.numel())
+            rescore.scores(li, scores.view(heads, length), layer.keys[0].float())
+            kernels.select_tokens(scores.data_ptr(), scores.numel(), heads, sel, keep.data_ptr(), keep.numel())
+            rescore.kept(li, scores.view(heads, length), keep.view(heads, k_sel))
+            n = kernels.compact(desc, seq, keep.data_ptr(), keep.numel(), k_sel, released.data_ptr(), released.numel())
         assert n == plan.released_blocks, (n, plan.released_blocks)
         kept = int(plan.kept_tokens)
         k_out, v_out = (p.view(nb * block_size, heads, dim)[:kept].transpose(0, 1)[None].contiguous() for p in paged)

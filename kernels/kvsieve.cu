@@ -319,9 +319,9 @@ extern "C" __global__ void kvs_quest_update(Geom g, u32 ranges, u32 block, u32 f
                                             float* block_max) {
   u64 h = blockIdx.x, span = g.block_size / ranges;
   for (u64 d = threadIdx.x; d < g.dim; d += blockDim.x) {
-    for (u64 r = 0; r < ranges; r++) {
-      u64 at = (((u64)block * ranges + r) * g.heads + h) * g.dim + d;
-      u64 from = r * span, to = (r + 1) * span < filled ? (r + 1) * span : filled;
+    for (u64 kr = 0; kr < ranges; kr++) {
+      u64 at = (((u64)block * ranges + kr) * g.heads + h) * g.dim + d;
+      u64 from = kr * span, to = (kr + 1) * span < filled ? (kr + 1) * span : filled;
       if (from >= to) {
         block_min[at] = block_min[at - g.heads * g.dim];
         block_max[at] = block_max[at - g.heads * g.dim];
@@ -635,9 +635,9 @@ extern "C" __global__ void kvs_quest_select(Geom g, u32 ranges, const i32* table
   for (u32 j = threadIdx.x; j < n; j += blockDim.x) {
     u64 at = (u64)row[j] * ranges * g.heads * g.dim;
     float best = -KVS_INF;
-    for (u64 r = 0; r < ranges; r++) {
+    for (u64 kr = 0; kr < ranges; kr++) {  // key range (r is the row)
       for (u64 qh = 0; qh < q_heads; qh++) {
-        u64 m = at + (r * g.heads + qh / group) * g.dim;
+        u64 m = at + (kr * g.heads + qh / group) * g.dim;
         best = fmaxf(best, quest_bound_one(query, q_dtype, qrow + qh * g.dim, block_min + m, block_max + m, g.dim,
                                            shrink));
       }

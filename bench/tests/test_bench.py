@@ -245,3 +245,48 @@ def test_decode_quality_cuts_where_the_decode_events_fall_due():
     text = decode_quality.config_text("snapkv", 512, 64, "pool_kernel = 5; recent_tokens = 32")
     params = lib.config_from_str(text).params(PHASE_DECODE)
     assert (params.pool_kernel, params.window) == (5, 32), text
+
+
+def test_decode_quality_prototype_rules_change_only_what_the_library_ranks_by():
+    """`--rule` prototypes rewrite the library's SnapKV scores and nothing else: with nothing
+    carried yet a rule keeps exactly what the library keeps; `max:G`/`sum:G` carry each kept
+    token's score to the next event (new tokens carry 0); `rkv:L` ranks a duplicated key below
+    a distinct one of equal score."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    import decode_quality
+    from kvsieve_vllm.lib import PHASE_DECODE, CpuKernels, load
+    from quality import kvsieve_compress
+
+    lib = load()
+    kernels = CpuKernels(lib)
+    config = lib.config_from_str(decode_quality.config_text("snapkv", 96, 32, "pool_kernel = 5"))
+    g = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(1, 2, 128, 8, generator=g), torch.randn(1, 2, 128, 8, generator=g)) for _ in range(2)]
+    queries = [torch.randn(32, 4, 8, generator=g) for _ in layers]
+    caches = [SimpleNamespace(layers=[SimpleNamespace(keys=k.clone(), values=v.clone()) for k, v in layers])
+              for _ in range(2)]
+    rule = decode_quality.Rule("max:0.5")
+    kept = [kvsieve_compress(lib, kernels, config, c, queries, 32, 128, PHASE_DECODE, r)
+            for c, r in zip(caches, (None, rule))]
+    assert kept == [96, 96]
+    for a, b in zip(*(c.layers for c in caches)):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert sorted(rule.carried) == [0, 1] and rule.carried[0].shape == (2, 96)
+
+    for mode, want in (("max", [1.0, 2.0, 0.5, 0.5]), ("sum", [1.5, 2.5, 0.5, 0.5])):
+        r = decode_quality.Rule(f"{mode}:0.5")
+        first = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+        r.scores(0, first, torch.randn(1, 4, 8))
+        r.kept(0, first, torch.tensor([[1, 3]]))  # slots 0, 1 now hold what had 2 and 4
+        now = torch.full((1, 4), 0.5)
+        r.scores(0, now, torch.randn(1, 4, 8))
+        assert now.tolist() == [want], (mode, now)
+
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    s = torch.full((1, 3), 0.25)
+    decode_quality.Rule("rkv:0.5").scores(0, s, keys)
+    assert s[0, 0] == s[0, 1] < s[0, 2], s
+    with pytest.raises(SystemExit, match="rkv:L"):
+        decode_quality.Rule("max:0.5+sum:1")

@@ -170,7 +170,7 @@ pub(crate) fn check_block_list(cache: &KvCache, blocks: &[i32], filled: &[i32]) 
 }
 
 /// For each block of `row`, the largest Quest bound over its key ranges and the query heads:
-/// `out[j] = max_{r,q} Σ_d max(q_d·min[row[j]][r][g(q)][d], q_d·max[...][d])`, `query` being
+/// `out[j] = max_{kr,q} Σ_d max(q_d·min[row[j]][kr][g(q)][d], q_d·max[...][d])`, `query` being
 /// `[num_q_heads][head_dim]` f32 and `g(q)` the query head's KV head.
 pub fn quest_bound(
     cache: &KvCache,
@@ -188,9 +188,9 @@ pub fn quest_bound(
     let group = num_q_heads / h;
     for (o, &b) in out.iter_mut().zip(row) {
         let mut best = f32::NEG_INFINITY;
-        for r in 0..ranges {
+        for kr in 0..ranges {
             for qh in 0..num_q_heads {
-                let at = meta_at(cache, ranges, b as usize, r, qh / group);
+                let at = meta_at(cache, ranges, b as usize, kr, qh / group);
                 let q = &query[qh * d..(qh + 1) * d];
                 let bound: f32 = (0..d)
                     .map(|i| (q[i] * min[at + i]).max(q[i] * max[at + i]))
@@ -489,9 +489,9 @@ fn bound_rows_body(
             .zip(ids)
         {
             let mut best = f32::NEG_INFINITY;
-            for r in 0..ranges {
+            for kr in 0..ranges {
                 for kh in 0..h {
-                    let at = meta_at(cache, ranges, b as usize, r, kh);
+                    let at = meta_at(cache, ranges, b as usize, kr, kh);
                     let (l, u) = (&min[at..at + d], &max[at..at + d]);
                     for qh in kh * group..(kh + 1) * group {
                         best = best.max(bound_one(&q[qh * d..(qh + 1) * d], l, u, shrink));

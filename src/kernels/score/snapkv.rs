@@ -115,6 +115,9 @@ impl Scratch {
     }
 }
 
+/// One KV head's scores. The keys are gathered once as f32; the arithmetic runs in
+/// `score_head_body`, built twice (AVX2 and portable) from the same operations in the same
+/// order, so a CPU's features never change the scores or which tokens are kept.
 unsafe fn score_head(
     cache: &KvCache,
     row: &[i32],
@@ -124,7 +127,7 @@ unsafe fn score_head(
     s: &mut Scratch,
     out: &mut [f32],
 ) {
-    let (c, w, d, bs) = (p.cached_len, p.window, cache.head_dim, cache.block_size);
+    let (c, d, bs) = (p.cached_len, cache.head_dim, cache.block_size);
     with_dtype!(cache.dtype, T => {
         for t in 0..c {
             // SAFETY: row checked for ceil(c / bs) blocks.
@@ -132,25 +135,226 @@ unsafe fn score_head(
         }
     });
     let group = p.num_q_heads / cache.num_kv_heads;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { score_head_avx2(queries, p, d, h * group..(h + 1) * group, s, out) };
+    }
+    score_head_body(queries, p, d, h * group..(h + 1) * group, s, out)
+}
+
+/// `score_head_body` with the logits, exponentials and sums in AVX2 registers: the same
+/// operations in the same order, lane for lane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn score_head_avx2(
+    queries: &[f32],
+    p: &SnapKv,
+    d: usize,
+    heads: std::ops::Range<usize>,
+    s: &mut Scratch,
+    out: &mut [f32],
+) {
+    use avx2::{dot4, exp_sum, scale_add};
+    let (c, w) = (p.cached_len, p.window);
     let scale = 1.0 / (d as f32).sqrt();
     s.acc.fill(0.0);
-    for qh in h * group..(h + 1) * group {
+    for qh in heads {
         for i in 0..w {
             let q = &queries[(i * p.num_q_heads + qh) * d..][..d];
             let lim = c - w + i + 1;
+            let logits = &mut s.logits[..lim];
             let mut m = f32::NEG_INFINITY;
-            for t in 0..lim {
-                let l = dot(q, &s.keys[t * d..(t + 1) * d]) * scale;
-                s.logits[t] = l;
-                m = m.max(l);
+            let mut keys = s.keys[..lim * d].chunks_exact(4 * d);
+            let mut at = logits.chunks_exact_mut(4);
+            for (k4, l4) in (&mut keys).zip(&mut at) {
+                // SAFETY: AVX2 (this function's feature); k4 holds 4 * d, q d floats.
+                let dots = unsafe { dot4(q, k4, d) };
+                for (l, x) in l4.iter_mut().zip(dots) {
+                    *l = x * scale;
+                    m = m.max(*l);
+                }
             }
-            let mut z = 0f32;
-            for l in &mut s.logits[..lim] {
-                *l = (*l - m).exp();
-                z += *l;
+            for (k, l) in keys.remainder().chunks_exact(d).zip(at.into_remainder()) {
+                *l = dot(q, k) * scale;
+                m = m.max(*l);
             }
-            let inv = 1.0 / z;
-            for (a, e) in s.acc[..lim].iter_mut().zip(&s.logits[..lim]) {
+            // SAFETY: AVX2; equal lengths.
+            unsafe {
+                let inv = 1.0 / exp_sum(logits, m);
+                scale_add(&mut s.acc[..lim], logits, inv);
+            }
+        }
+    }
+    let n = c - w;
+    pool(&s.acc[..n], p.pool_kernel / 2, p.pool, &mut out[..n]);
+    out[n..].copy_from_slice(&s.acc[n..c]);
+}
+
+/// The AVX2 twins of `dot4`, `exp_nonpositive` + `sum8` and the accumulation: every lane
+/// computes what the portable code computes for that element, in the same order.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot4(q: &[f32], k4: &[f32], d: usize) -> [f32; 4] {
+        debug_assert!(q.len() == d && k4.len() == 4 * d);
+        let full = d - d % 8;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let (qp, kp) = (q.as_ptr(), k4.as_ptr());
+        let mut o = 0;
+        while o < full {
+            // SAFETY: o + 8 <= full <= d, within q and each key of k4.
+            unsafe {
+                let x = _mm256_loadu_ps(qp.add(o));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(x, _mm256_loadu_ps(kp.add(j * d + o))));
+                }
+            }
+            o += 8;
+        }
+        let mut out = [0f32; 4];
+        for (j, (r, a)) in out.iter_mut().zip(acc).enumerate() {
+            let mut lanes = [0f32; 8];
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
+            let mut s: f32 = lanes.iter().sum();
+            for (x, y) in q[full..].iter().zip(&k4[j * d + full..(j + 1) * d]) {
+                s += x * y;
+            }
+            *r = s;
+        }
+        out
+    }
+
+    /// `x[i] = exp_nonpositive(x[i] - m)` for every element; returns `sum8(x)`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+        let full = x.len() - x.len() % 8;
+        let (mv, p) = (_mm256_set1_ps(m), x.as_mut_ptr());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 8 <= len.
+            unsafe {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+                _mm256_storeu_ps(p.add(i), e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            i += 8;
+        }
+        for v in &mut x[full..] {
+            *v = super::exp_nonpositive(*v - m);
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        lanes.iter().sum::<f32>() + x[full..].iter().sum::<f32>()
+    }
+
+    /// `exp_nonpositive` of each lane.
+    #[target_feature(enable = "avx2")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let c = _mm256_set1_ps;
+        // max_ps(x, -87) is x when x > -87, else -87 (NaN too), as the scalar `if`.
+        let x = _mm256_max_ps(x, c(-87.0));
+        let magic = c(12_582_912.0);
+        let n = _mm256_sub_ps(
+            _mm256_add_ps(_mm256_mul_ps(x, c(std::f32::consts::LOG2_E)), magic),
+            magic,
+        );
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(x, _mm256_mul_ps(n, c(0.693_359_4))),
+            _mm256_mul_ps(n, c(-2.121_944_4e-4)),
+        );
+        let mut y = c(1.987_569_1e-4);
+        for k in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = _mm256_add_ps(_mm256_mul_ps(y, r), c(k));
+        }
+        y = _mm256_add_ps(
+            _mm256_add_ps(_mm256_mul_ps(y, _mm256_mul_ps(r, r)), r),
+            c(1.0),
+        );
+        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvttps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(two_n))
+    }
+
+    /// `acc[i] += e[i] * inv`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn scale_add(acc: &mut [f32], e: &[f32], inv: f32) {
+        debug_assert_eq!(acc.len(), e.len());
+        let full = acc.len() - acc.len() % 8;
+        let (iv, a, x) = (_mm256_set1_ps(inv), acc.as_mut_ptr(), e.as_ptr());
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 8 <= len of both.
+            unsafe {
+                _mm256_storeu_ps(
+                    a.add(i),
+                    _mm256_add_ps(
+                        _mm256_loadu_ps(a.add(i)),
+                        _mm256_mul_ps(_mm256_loadu_ps(x.add(i)), iv),
+                    ),
+                );
+            }
+            i += 8;
+        }
+        for (a, e) in acc[full..].iter_mut().zip(&e[full..]) {
+            *a += e * inv;
+        }
+    }
+}
+
+/// The window's attention over `s.keys` (`[cached_len][d]` f32), summed over the window and the
+/// query heads `heads`, then pooled. Logits four keys at a time (one query read per four dot
+/// products, each key summed as `dot` sums it); exponentials by `exp_nonpositive`; row sums in
+/// eight lanes. No fused multiply-add: the AVX2 and portable builds round alike.
+#[inline(always)]
+fn score_head_body(
+    queries: &[f32],
+    p: &SnapKv,
+    d: usize,
+    heads: std::ops::Range<usize>,
+    s: &mut Scratch,
+    out: &mut [f32],
+) {
+    let (c, w) = (p.cached_len, p.window);
+    let scale = 1.0 / (d as f32).sqrt();
+    s.acc.fill(0.0);
+    for qh in heads {
+        for i in 0..w {
+            let q = &queries[(i * p.num_q_heads + qh) * d..][..d];
+            let lim = c - w + i + 1;
+            let logits = &mut s.logits[..lim];
+            let mut m = f32::NEG_INFINITY;
+            let mut keys = s.keys[..lim * d].chunks_exact(4 * d);
+            let mut at = logits.chunks_exact_mut(4);
+            for (k4, l4) in (&mut keys).zip(&mut at) {
+                let dots = dot4(q, k4, d);
+                for (l, x) in l4.iter_mut().zip(dots) {
+                    *l = x * scale;
+                    m = m.max(*l);
+                }
+            }
+            for (k, l) in keys.remainder().chunks_exact(d).zip(at.into_remainder()) {
+                *l = dot(q, k) * scale;
+                m = m.max(*l);
+            }
+            for l in logits.iter_mut() {
+                *l = exp_nonpositive(*l - m);
+            }
+            let inv = 1.0 / sum8(logits);
+            for (a, e) in s.acc[..lim].iter_mut().zip(logits.iter()) {
                 *a += e * inv;
             }
         }
@@ -158,6 +362,66 @@ unsafe fn score_head(
     let n = c - w;
     pool(&s.acc[..n], p.pool_kernel / 2, p.pool, &mut out[..n]);
     out[n..].copy_from_slice(&s.acc[n..c]);
+}
+
+/// `dot(q, k_j)` for the four keys of `k4` (`[4][d]`), each summed exactly as `dot` sums it.
+#[inline(always)]
+fn dot4(q: &[f32], k4: &[f32], d: usize) -> [f32; 4] {
+    let mut acc = [[0f32; 8]; 4];
+    let full = d - d % 8;
+    for o in (0..full).step_by(8) {
+        let x = &q[o..o + 8];
+        for (j, a) in acc.iter_mut().enumerate() {
+            let y = &k4[j * d + o..j * d + o + 8];
+            for l in 0..8 {
+                a[l] += x[l] * y[l];
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for (j, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+        let mut s: f32 = a.iter().sum();
+        for (x, y) in q[full..].iter().zip(&k4[j * d + full..(j + 1) * d]) {
+            s += x * y;
+        }
+        *o = s;
+    }
+    out
+}
+
+/// Sum in eight lanes, then the lanes and the remainder in order.
+#[inline(always)]
+fn sum8(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// `e^x` for `x <= 0` (softmax after subtracting the row's maximum), within 2 ulp of e^x down
+/// to `x = -87`, and e^-87 below it (and for NaN), a softmax term under 1e-37 of the largest: Cody-Waite reduction `x = n ln 2 + r`
+/// (`n` rounded by the 1.5 * 2^23 trick), Cephes' degree-5 polynomial for `e^r`, `2^n` from
+/// its exponent bits. Only adds, multiplies and bit moves, so it vectorises (the libm call
+/// did not) and rounds the same in every build.
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    let x = if x > -87.0 { x } else { -87.0 }; // keeps 2^n a normal number
+    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
+    let mut y = 1.987_569_1e-4f32;
+    y = y * r + 1.398_199_9e-3;
+    y = y * r + 8.333_452e-3;
+    y = y * r + 4.166_579_6e-2;
+    y = y * r + 0.166_666_65;
+    y = y * r + 0.5;
+    y = y * (r * r) + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Centred 1-D pooling with radius `r` over `x` into `out`.
@@ -169,5 +433,68 @@ fn pool(x: &[f32], r: usize, kind: Pooling, out: &mut [f32]) {
             Pooling::Max => win.iter().copied().fold(f32::NEG_INFINITY, f32::max),
             Pooling::Avg => win.iter().sum::<f32>() / (2 * r + 1) as f32,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Within 2 ulp of e^x (f64) over [-87, 0], and e^-87 below it.
+    #[test]
+    fn exp_nonpositive_is_within_two_ulp() {
+        let mut x = 0f32;
+        while x >= -87.0 {
+            let (got, want) = (exp_nonpositive(x), (x as f64).exp());
+            let ulp = (want as f32).to_bits().abs_diff(got.to_bits());
+            assert!(ulp <= 2, "e^{x}: {got} vs {want} ({ulp} ulp)");
+            x -= 0.000_731;
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-1e9), exp_nonpositive(-87.0));
+        assert!(exp_nonpositive(-87.0) > 0.0 && exp_nonpositive(-87.0).is_normal());
+    }
+
+    /// The AVX2 build scores bit for bit as the portable one (the same adds and multiplies in the
+    /// same order), so a CPU's features never change which tokens are kept; head_dim 70 leaves a
+    /// remainder after the eight lanes and the cached length one after the four-key groups.
+    #[test]
+    fn avx2_and_portable_scores_are_bit_identical() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let (c, d, w, hq) = (203usize, 70usize, 13usize, 6usize);
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut unit = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 22) as f32 - 2.0
+            };
+            let q: Vec<f32> = (0..w * hq * d).map(|_| unit()).collect();
+            let keys: Vec<f32> = (0..c * d).map(|_| unit()).collect();
+            for pool in [Pooling::Max, Pooling::Avg] {
+                let p = SnapKv {
+                    cached_len: c,
+                    window: w,
+                    num_q_heads: hq,
+                    pool_kernel: 5,
+                    pool,
+                };
+                let mut outs = [vec![0f32; c], vec![0f32; c]];
+                for (fast, out) in [true, false].into_iter().zip(&mut outs) {
+                    let mut s = Scratch::new(c, d);
+                    s.keys.copy_from_slice(&keys);
+                    if fast {
+                        // SAFETY: the CPU has AVX2.
+                        unsafe { score_head_avx2(&q, &p, d, 2..4, &mut s, out) };
+                    } else {
+                        score_head_body(&q, &p, d, 2..4, &mut s, out);
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&outs[0]), bits(&outs[1]), "{pool:?}");
+                assert!(outs[0].iter().all(|x| x.is_finite() && *x >= 0.0));
+            }
+        }
     }
 }
