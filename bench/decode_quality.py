@@ -105,8 +105,9 @@ class Rule:
       what it had at the last event (tokens new since then carry 0);
     - `max:G` the same with max(this event's, G x last);
     - `rkv:L` R-KV's redundancy term: rank by L x the head's normalized (carried) score minus
-      (1 - L) x a softmax over each key's mean cosine similarity to the other keys
-      (near-duplicates rank lower); what is carried is the score before this term."""
+      (1 - L) x a softmax over each key's mean cosine similarity to the keys (its own taken as
+      0; near-duplicates rank lower); what is carried is the score before this term. The
+      similarities are a [heads, cached, cached] matrix: fine at these budgets, not at 32k."""
 
     def __init__(self, spec: str):
         self.carry = self.rkv = None
@@ -326,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         label, _, rest = v.partition("=")
         spec, _, settings = rest.partition(";")
         Rule(spec)  # refuses a bad spec before any run
+        if f"kvsieve:snapkv-{label}@{budgets[0]}" in runs:
+            raise SystemExit(f"--rule {v!r}: the label {label!r} names another run already")
         for b in budgets:
             runs[f"kvsieve:snapkv-{label}@{b}"] = config_text("snapkv", b, a.interval, settings)
             rules[f"kvsieve:snapkv-{label}@{b}"] = spec
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:28s} NLL {s['nll']:.4f} (+{s['nll_increase']:.4f})  agreement {s['agreement_tokens']:.0f} tokens")
     doc = {"what": __doc__.split("\n\n")[0], "samples": a.samples, "prompt_tokens": a.prompt,
            "continuation_tokens": a.continuation, "budgets": budgets, "interval": a.interval, "block_size": BLOCK,
-           "configs": runs, "prototype_rules": {k: Rule.__doc__.split("\n\n")[0] + f" ({v})" for k, v in rules.items()},
+           "configs": runs, "prototype_rules": {k: f"{v}: see Rule in bench/decode_quality.py" for k, v in rules.items()},
            "kvpress": {"version": kvpress_version, "presses": presses,
                                         "wrapper": "DecodingPress(compression_interval=1, target_size=budget)",
                                         "sorted": a.kvpress_sorted,

@@ -147,6 +147,7 @@ def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLO
         if rescore is None:
             n = kernels.compress(desc, seq, policy, params, sel, q, scores, keep, released)
         else:
+            assert policy == "snapkv", f"rescore reranks SnapKV scores, not {policy}'s"
             args = SnapKvArgs(queries=q.data_ptr(), queries_dtype=DTYPE["float32"], window=q.shape[0],
                               num_q_heads=q.shape[1], pool_kernel=params.pool_kernel, pool=params.pool)
             kernels.score_snapkv(desc, seq, args, scores.data_ptr(), scores.numel())

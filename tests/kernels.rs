@@ -54,7 +54,7 @@ fn shape(max_len: usize) -> impl Strategy<Value = Shape> {
         0..9usize,
         0..5usize,
         1..=3usize,
-        prop::sample::select(vec![16usize, 32, 64]),
+        prop::sample::select(vec![12usize, 16, 32, 64, 70]),
         1..max_len,
         any::<bool>(),
         0..3usize,
@@ -72,6 +72,13 @@ fn shape(max_len: usize) -> impl Strategy<Value = Shape> {
                     len
                 };
                 let protected_blocks = pblocks.min(cached_len / block_size);
+                // Head sizes off the 8-lane SIMD width (12, 70) reach the kernels' remainder
+                // paths; the AMX packing takes multiples of 16 only.
+                let head_dim = if layout == Layout::VllmCpuAmx {
+                    head_dim.next_multiple_of(16)
+                } else {
+                    head_dim
+                };
                 Shape {
                     layout,
                     dtype,

@@ -115,9 +115,9 @@ impl Scratch {
     }
 }
 
-/// One KV head's scores. The keys are gathered once as f32; the arithmetic runs in
-/// `score_head_body`, built twice (AVX2 and portable) from the same operations in the same
-/// order, so a CPU's features never change the scores or which tokens are kept.
+/// One KV head's scores. The keys are gathered once as f32; the arithmetic is
+/// `score_head_body`, instantiated with portable or AVX2 `Ops` that do the same adds and
+/// multiplies in the same order, so a CPU's features never change the scores or what is kept.
 unsafe fn score_head(
     cache: &KvCache,
     row: &[i32],
@@ -140,11 +140,9 @@ unsafe fn score_head(
         // SAFETY: the CPU has AVX2.
         return unsafe { score_head_avx2(queries, p, d, h * group..(h + 1) * group, s, out) };
     }
-    score_head_body(queries, p, d, h * group..(h + 1) * group, s, out)
+    score_head_body::<Portable>(queries, p, d, h * group..(h + 1) * group, s, out)
 }
 
-/// `score_head_body` with the logits, exponentials and sums in AVX2 registers: the same
-/// operations in the same order, lane for lane.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn score_head_avx2(
@@ -155,172 +153,50 @@ unsafe fn score_head_avx2(
     s: &mut Scratch,
     out: &mut [f32],
 ) {
-    use avx2::{dot4, exp_sum, scale_add};
-    let (c, w) = (p.cached_len, p.window);
-    let scale = 1.0 / (d as f32).sqrt();
-    s.acc.fill(0.0);
-    for qh in heads {
-        for i in 0..w {
-            let q = &queries[(i * p.num_q_heads + qh) * d..][..d];
-            let lim = c - w + i + 1;
-            let logits = &mut s.logits[..lim];
-            let mut m = f32::NEG_INFINITY;
-            let mut keys = s.keys[..lim * d].chunks_exact(4 * d);
-            let mut at = logits.chunks_exact_mut(4);
-            for (k4, l4) in (&mut keys).zip(&mut at) {
-                // SAFETY: AVX2 (this function's feature); k4 holds 4 * d, q d floats.
-                let dots = unsafe { dot4(q, k4, d) };
-                for (l, x) in l4.iter_mut().zip(dots) {
-                    *l = x * scale;
-                    m = m.max(*l);
-                }
-            }
-            for (k, l) in keys.remainder().chunks_exact(d).zip(at.into_remainder()) {
-                *l = dot(q, k) * scale;
-                m = m.max(*l);
-            }
-            // SAFETY: AVX2; equal lengths.
-            unsafe {
-                let inv = 1.0 / exp_sum(logits, m);
-                scale_add(&mut s.acc[..lim], logits, inv);
-            }
-        }
-    }
-    let n = c - w;
-    pool(&s.acc[..n], p.pool_kernel / 2, p.pool, &mut out[..n]);
-    out[n..].copy_from_slice(&s.acc[n..c]);
+    score_head_body::<avx2::Avx2>(queries, p, d, heads, s, out)
 }
 
-/// The AVX2 twins of `dot4`, `exp_nonpositive` + `sum8` and the accumulation: every lane
-/// computes what the portable code computes for that element, in the same order.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn dot4(q: &[f32], k4: &[f32], d: usize) -> [f32; 4] {
-        debug_assert!(q.len() == d && k4.len() == 4 * d);
-        let full = d - d % 8;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let (qp, kp) = (q.as_ptr(), k4.as_ptr());
-        let mut o = 0;
-        while o < full {
-            // SAFETY: o + 8 <= full <= d, within q and each key of k4.
-            unsafe {
-                let x = _mm256_loadu_ps(qp.add(o));
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(x, _mm256_loadu_ps(kp.add(j * d + o))));
-                }
-            }
-            o += 8;
-        }
-        let mut out = [0f32; 4];
-        for (j, (r, a)) in out.iter_mut().zip(acc).enumerate() {
-            let mut lanes = [0f32; 8];
-            // SAFETY: 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
-            let mut s: f32 = lanes.iter().sum();
-            for (x, y) in q[full..].iter().zip(&k4[j * d + full..(j + 1) * d]) {
-                s += x * y;
-            }
-            *r = s;
-        }
-        out
-    }
-
+/// The three inner steps of `score_head_body`, per element the same arithmetic in every
+/// implementation (a rounded multiply, then a rounded add; no fused multiply-add).
+trait Ops {
+    /// `dot(q, k_j)` for the four keys of `k4` (`[4][d]`), each summed exactly as `dot` sums it.
+    fn dot4(q: &[f32], k4: &[f32], d: usize) -> [f32; 4];
     /// `x[i] = exp_nonpositive(x[i] - m)` for every element; returns `sum8(x)`.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
-        let full = x.len() - x.len() % 8;
-        let (mv, p) = (_mm256_set1_ps(m), x.as_mut_ptr());
-        let mut acc = _mm256_setzero_ps();
-        let mut i = 0;
-        while i < full {
-            // SAFETY: i + 8 <= len.
-            unsafe {
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
-                _mm256_storeu_ps(p.add(i), e);
-                acc = _mm256_add_ps(acc, e);
-            }
-            i += 8;
-        }
-        for v in &mut x[full..] {
-            *v = super::exp_nonpositive(*v - m);
-        }
-        let mut lanes = [0f32; 8];
-        // SAFETY: 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-        lanes.iter().sum::<f32>() + x[full..].iter().sum::<f32>()
+    fn exp_sum(x: &mut [f32], m: f32) -> f32;
+    /// `acc[i] += e[i] * inv` (equal lengths).
+    fn scale_add(acc: &mut [f32], e: &[f32], inv: f32);
+}
+
+struct Portable;
+
+impl Ops for Portable {
+    #[inline(always)]
+    fn dot4(q: &[f32], k4: &[f32], d: usize) -> [f32; 4] {
+        dot4(q, k4, d)
     }
 
-    /// `exp_nonpositive` of each lane.
-    #[target_feature(enable = "avx2")]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        let c = _mm256_set1_ps;
-        // max_ps(x, -87) is x when x > -87, else -87 (NaN too), as the scalar `if`.
-        let x = _mm256_max_ps(x, c(-87.0));
-        let magic = c(12_582_912.0);
-        let n = _mm256_sub_ps(
-            _mm256_add_ps(_mm256_mul_ps(x, c(std::f32::consts::LOG2_E)), magic),
-            magic,
-        );
-        let r = _mm256_sub_ps(
-            _mm256_sub_ps(x, _mm256_mul_ps(n, c(0.693_359_4))),
-            _mm256_mul_ps(n, c(-2.121_944_4e-4)),
-        );
-        let mut y = c(1.987_569_1e-4);
-        for k in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            y = _mm256_add_ps(_mm256_mul_ps(y, r), c(k));
+    #[inline(always)]
+    fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+        for v in x.iter_mut() {
+            *v = exp_nonpositive(*v - m);
         }
-        y = _mm256_add_ps(
-            _mm256_add_ps(_mm256_mul_ps(y, _mm256_mul_ps(r, r)), r),
-            c(1.0),
-        );
-        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvttps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(two_n))
+        sum8(x)
     }
 
-    /// `acc[i] += e[i] * inv`.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn scale_add(acc: &mut [f32], e: &[f32], inv: f32) {
-        debug_assert_eq!(acc.len(), e.len());
-        let full = acc.len() - acc.len() % 8;
-        let (iv, a, x) = (_mm256_set1_ps(inv), acc.as_mut_ptr(), e.as_ptr());
-        let mut i = 0;
-        while i < full {
-            // SAFETY: i + 8 <= len of both.
-            unsafe {
-                _mm256_storeu_ps(
-                    a.add(i),
-                    _mm256_add_ps(
-                        _mm256_loadu_ps(a.add(i)),
-                        _mm256_mul_ps(_mm256_loadu_ps(x.add(i)), iv),
-                    ),
-                );
-            }
-            i += 8;
-        }
-        for (a, e) in acc[full..].iter_mut().zip(&e[full..]) {
-            *a += e * inv;
+    #[inline(always)]
+    fn scale_add(acc: &mut [f32], e: &[f32], inv: f32) {
+        assert_eq!(acc.len(), e.len());
+        for (a, x) in acc.iter_mut().zip(e) {
+            *a += x * inv;
         }
     }
 }
 
 /// The window's attention over `s.keys` (`[cached_len][d]` f32), summed over the window and the
 /// query heads `heads`, then pooled. Logits four keys at a time (one query read per four dot
-/// products, each key summed as `dot` sums it); exponentials by `exp_nonpositive`; row sums in
-/// eight lanes. No fused multiply-add: the AVX2 and portable builds round alike.
+/// products); exponentials by `exp_nonpositive`; row sums in eight lanes.
 #[inline(always)]
-fn score_head_body(
+fn score_head_body<O: Ops>(
     queries: &[f32],
     p: &SnapKv,
     d: usize,
@@ -340,8 +216,7 @@ fn score_head_body(
             let mut keys = s.keys[..lim * d].chunks_exact(4 * d);
             let mut at = logits.chunks_exact_mut(4);
             for (k4, l4) in (&mut keys).zip(&mut at) {
-                let dots = dot4(q, k4, d);
-                for (l, x) in l4.iter_mut().zip(dots) {
+                for (l, x) in l4.iter_mut().zip(O::dot4(q, k4, d)) {
                     *l = x * scale;
                     m = m.max(*l);
                 }
@@ -350,13 +225,8 @@ fn score_head_body(
                 *l = dot(q, k) * scale;
                 m = m.max(*l);
             }
-            for l in logits.iter_mut() {
-                *l = exp_nonpositive(*l - m);
-            }
-            let inv = 1.0 / sum8(logits);
-            for (a, e) in s.acc[..lim].iter_mut().zip(logits.iter()) {
-                *a += e * inv;
-            }
+            let inv = 1.0 / O::exp_sum(logits, m);
+            O::scale_add(&mut s.acc[..lim], logits, inv);
         }
     }
     let n = c - w;
@@ -404,12 +274,13 @@ fn sum8(x: &[f32]) -> f32 {
 }
 
 /// `e^x` for `x <= 0` (softmax after subtracting the row's maximum), within 2 ulp of e^x down
-/// to `x = -87`, and e^-87 below it (and for NaN), a softmax term under 1e-37 of the largest: Cody-Waite reduction `x = n ln 2 + r`
-/// (`n` rounded by the 1.5 * 2^23 trick), Cephes' degree-5 polynomial for `e^r`, `2^n` from
-/// its exponent bits. Only adds, multiplies and bit moves, so it vectorises (the libm call
-/// did not) and rounds the same in every build.
+/// to `x = -87`; below it (and for NaN) e^-87, a term under 1e-37 of the row's largest, where
+/// libm gave a denormal or zero. Cody-Waite reduction `x = n ln 2 + r` (`n` rounded by the
+/// 1.5 * 2^23 trick), Cephes' degree-5 polynomial for `e^r`, `2^n` from its exponent bits.
+/// Only adds, multiplies and bit moves, so it vectorises (the libm call did not) and rounds
+/// the same in every build.
 #[inline(always)]
-pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+fn exp_nonpositive(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     let x = if x > -87.0 { x } else { -87.0 }; // keeps 2^n a normal number
     let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
@@ -422,6 +293,161 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     y = y * r + 0.5;
     y = y * (r * r) + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// The AVX2 `Ops`: every lane computes what `Portable` computes for that element, in the same
+/// order.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Used only by `score_head_avx2`, which runs after AVX2 was detected; its methods inline
+    /// there and so run with the feature.
+    pub(super) struct Avx2;
+
+    impl super::Ops for Avx2 {
+        #[inline(always)]
+        fn dot4(q: &[f32], k4: &[f32], d: usize) -> [f32; 4] {
+            assert!(q.len() == d && k4.len() == 4 * d);
+            // SAFETY: AVX2 (see `Avx2`); lengths asserted.
+            unsafe { dot4(q, k4, d) }
+        }
+
+        #[inline(always)]
+        fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+            // SAFETY: AVX2 (see `Avx2`).
+            unsafe { exp_sum(x, m) }
+        }
+
+        #[inline(always)]
+        fn scale_add(acc: &mut [f32], e: &[f32], inv: f32) {
+            assert_eq!(acc.len(), e.len());
+            // SAFETY: AVX2 (see `Avx2`); lengths asserted.
+            unsafe { scale_add(acc, e, inv) }
+        }
+    }
+
+    /// # Safety
+    /// AVX2; `q` holds `d` floats, `k4` `4 * d`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot4(q: &[f32], k4: &[f32], d: usize) -> [f32; 4] {
+        let full = d - d % 8;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let (qp, kp) = (q.as_ptr(), k4.as_ptr());
+        let mut o = 0;
+        while o < full {
+            // SAFETY: o + 8 <= full <= d, within q and each key of k4.
+            unsafe {
+                let x = _mm256_loadu_ps(qp.add(o));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(x, _mm256_loadu_ps(kp.add(j * d + o))));
+                }
+            }
+            o += 8;
+        }
+        let mut out = [0f32; 4];
+        for (j, (r, a)) in out.iter_mut().zip(acc).enumerate() {
+            let mut lanes = [0f32; 8];
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
+            let mut s: f32 = lanes.iter().sum();
+            for (x, y) in q[full..].iter().zip(&k4[j * d + full..(j + 1) * d]) {
+                s += x * y;
+            }
+            *r = s;
+        }
+        out
+    }
+
+    /// # Safety
+    /// AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+        let full = x.len() - x.len() % 8;
+        let (mv, p) = (_mm256_set1_ps(m), x.as_mut_ptr());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 8 <= len.
+            unsafe {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+                _mm256_storeu_ps(p.add(i), e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            i += 8;
+        }
+        for v in &mut x[full..] {
+            *v = super::exp_nonpositive(*v - m);
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        lanes.iter().sum::<f32>() + x[full..].iter().sum::<f32>()
+    }
+
+    /// `exp_nonpositive` of each lane.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn exp8(x: __m256) -> __m256 {
+        let splat = _mm256_set1_ps;
+        // max_ps(x, -87) is x when x > -87, else -87 (NaN too), as the scalar `if`.
+        let x = _mm256_max_ps(x, splat(-87.0));
+        let magic = splat(12_582_912.0);
+        let n = _mm256_sub_ps(
+            _mm256_add_ps(_mm256_mul_ps(x, splat(std::f32::consts::LOG2_E)), magic),
+            magic,
+        );
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(x, _mm256_mul_ps(n, splat(0.693_359_4))),
+            _mm256_mul_ps(n, splat(-2.121_944_4e-4)),
+        );
+        let mut y = splat(1.987_569_1e-4);
+        for k in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = _mm256_add_ps(_mm256_mul_ps(y, r), splat(k));
+        }
+        y = _mm256_add_ps(
+            _mm256_add_ps(_mm256_mul_ps(y, _mm256_mul_ps(r, r)), r),
+            splat(1.0),
+        );
+        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvttps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(two_n))
+    }
+
+    /// # Safety
+    /// AVX2; `acc` and `e` of equal lengths.
+    #[target_feature(enable = "avx2")]
+    unsafe fn scale_add(acc: &mut [f32], e: &[f32], inv: f32) {
+        let full = acc.len() - acc.len() % 8;
+        let (iv, a, x) = (_mm256_set1_ps(inv), acc.as_mut_ptr(), e.as_ptr());
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 8 <= len of both.
+            unsafe {
+                _mm256_storeu_ps(
+                    a.add(i),
+                    _mm256_add_ps(
+                        _mm256_loadu_ps(a.add(i)),
+                        _mm256_mul_ps(_mm256_loadu_ps(x.add(i)), iv),
+                    ),
+                );
+            }
+            i += 8;
+        }
+        for (a, e) in acc[full..].iter_mut().zip(&e[full..]) {
+            *a += e * inv;
+        }
+    }
 }
 
 /// Centred 1-D pooling with radius `r` over `x` into `out`.
@@ -457,7 +483,8 @@ mod tests {
 
     /// The AVX2 build scores bit for bit as the portable one (the same adds and multiplies in the
     /// same order), so a CPU's features never change which tokens are kept; head_dim 70 leaves a
-    /// remainder after the eight lanes and the cached length one after the four-key groups.
+    /// remainder after the eight lanes, the causal rows' lengths every remainder after the
+    /// four-key groups, and every 16th key scaled by 60 drives other logits below -87.
     #[test]
     fn avx2_and_portable_scores_are_bit_identical() {
         #[cfg(target_arch = "x86_64")]
@@ -471,7 +498,9 @@ mod tests {
                 (x >> 40) as f32 / (1u64 << 22) as f32 - 2.0
             };
             let q: Vec<f32> = (0..w * hq * d).map(|_| unit()).collect();
-            let keys: Vec<f32> = (0..c * d).map(|_| unit()).collect();
+            let keys: Vec<f32> = (0..c * d)
+                .map(|i| unit() * if (i / d) % 16 == 5 { 60.0 } else { 1.0 })
+                .collect();
             for pool in [Pooling::Max, Pooling::Avg] {
                 let p = SnapKv {
                     cached_len: c,
@@ -488,12 +517,57 @@ mod tests {
                         // SAFETY: the CPU has AVX2.
                         unsafe { score_head_avx2(&q, &p, d, 2..4, &mut s, out) };
                     } else {
-                        score_head_body(&q, &p, d, 2..4, &mut s, out);
+                        score_head_body::<Portable>(&q, &p, d, 2..4, &mut s, out);
                     }
                 }
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&outs[0]), bits(&outs[1]), "{pool:?}");
                 assert!(outs[0].iter().all(|x| x.is_finite() && *x >= 0.0));
+            }
+        }
+    }
+
+    /// `avx2::exp8` is `exp_nonpositive` lane for lane, clamp, NaN and infinities included.
+    #[test]
+    fn avx2_exp_is_the_portable_exp() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            use std::arch::x86_64::*;
+            let mut xs = vec![
+                0.0,
+                -0.0,
+                -1e-30,
+                -1e-7,
+                -0.5,
+                -86.999,
+                -87.0,
+                -87.0001,
+                -100.0,
+                -1e9,
+                f32::NEG_INFINITY,
+                f32::NAN,
+                -f32::MIN_POSITIVE,
+            ];
+            let mut x = -90.0f32;
+            while x <= 0.0 {
+                xs.push(x);
+                x += 0.013_7;
+            }
+            while xs.len() % 8 != 0 {
+                xs.push(-1.0);
+            }
+            for lanes in xs.chunks_exact(8) {
+                let mut got = [0f32; 8];
+                // SAFETY: the CPU has AVX2; 8 floats each way.
+                unsafe {
+                    _mm256_storeu_ps(
+                        got.as_mut_ptr(),
+                        avx2::exp8(_mm256_loadu_ps(lanes.as_ptr())),
+                    )
+                };
+                for (g, x) in got.iter().zip(lanes) {
+                    assert_eq!(g.to_bits(), exp_nonpositive(*x).to_bits(), "e^{x}");
+                }
             }
         }
     }
