@@ -60,9 +60,28 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
+    lanes_then_tail(&acc, ra, rb)
+}
+
+/// How `dot` finishes, for every dot product that must round as it does: the eight lanes summed
+/// in order, then the products of the tails `a`, `b` (past the last full eight) one by one.
+#[inline(always)]
+pub(crate) fn lanes_then_tail(lanes: &[f32; 8], a: &[f32], b: &[f32]) -> f32 {
+    let mut s: f32 = lanes.iter().sum();
+    for (x, y) in a.iter().zip(b) {
         s += x * y;
     }
     s
+}
+
+/// A seeded xorshift stream of f32 in [-1, 1), for the unit tests' reproducible data.
+#[cfg(test)]
+pub(crate) fn test_units(seed: u64) -> impl FnMut() -> f32 {
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
 }

@@ -573,13 +573,7 @@ mod tests {
             head_stride: 0,
         })
         .unwrap();
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut unit = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut unit = crate::kernels::score::test_units(0x2545_f491_4f6c_dd1d);
         let n = num_blocks * h * d;
         let (a, b): (Vec<f32>, Vec<f32>) = (0..2 * n).map(|_| (unit(), unit())).unzip();
         let lo: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a.min(*b)).collect();

@@ -7,7 +7,7 @@
 //! before the window, as in SnapKV and kvpress: the window itself is always kept. Max pooling
 //! ignores the padding; avg pooling counts it as zeros (PyTorch's `avg_pool1d` default).
 
-use super::{dot, gather_k_row};
+use super::{dot, gather_k_row, lanes_then_tail};
 use crate::config::Pooling;
 use crate::ensure_arg;
 use crate::error::Result;
@@ -248,15 +248,7 @@ fn dot4(q: &[f32], k4: &[f32], d: usize) -> [f32; 4] {
             }
         }
     }
-    let mut out = [0f32; 4];
-    for (j, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
-        let mut s: f32 = a.iter().sum();
-        for (x, y) in q[full..].iter().zip(&k4[j * d + full..(j + 1) * d]) {
-            s += x * y;
-        }
-        *o = s;
-    }
-    out
+    std::array::from_fn(|j| lanes_then_tail(&acc[j], &q[full..], &k4[j * d + full..(j + 1) * d]))
 }
 
 /// Sum in eight lanes, then the lanes and the remainder in order.
@@ -281,19 +273,34 @@ fn sum8(x: &[f32]) -> f32 {
 /// the same in every build.
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    let x = if x > -87.0 { x } else { -87.0 }; // keeps 2^n a normal number
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
-    let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let mut y = 1.987_569_1e-4f32;
-    y = y * r + 1.398_199_9e-3;
-    y = y * r + 8.333_452e-3;
-    y = y * r + 4.166_579_6e-2;
-    y = y * r + 0.166_666_65;
-    y = y * r + 0.5;
+    let x = if x > EXP_FLOOR { x } else { EXP_FLOOR };
+    let n = (x * std::f32::consts::LOG2_E + EXP_ROUND) - EXP_ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut y = EXP_POLY[0];
+    for k in &EXP_POLY[1..] {
+        y = y * r + k;
+    }
     y = y * (r * r) + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
+
+// `exp_nonpositive`'s constants, shared with its AVX2 twin (`avx2::exp8`), which must round alike.
+/// The clamp that keeps 2^n a normal number.
+const EXP_FLOOR: f32 = -87.0;
+/// 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+const EXP_ROUND: f32 = 12_582_912.0;
+/// ln 2 split so that `n * LN2_HI` is exact (Cody-Waite).
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' polynomial for e^r on |r| <= ln 2 / 2, highest power first.
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
 
 /// The AVX2 `Ops`: every lane computes what `Portable` computes for that element, in the same
 /// order.
@@ -345,18 +352,12 @@ mod avx2 {
             }
             o += 8;
         }
-        let mut out = [0f32; 4];
-        for (j, (r, a)) in out.iter_mut().zip(acc).enumerate() {
+        std::array::from_fn(|j| {
             let mut lanes = [0f32; 8];
             // SAFETY: 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
-            let mut s: f32 = lanes.iter().sum();
-            for (x, y) in q[full..].iter().zip(&k4[j * d + full..(j + 1) * d]) {
-                s += x * y;
-            }
-            *r = s;
-        }
-        out
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j]) };
+            super::lanes_then_tail(&lanes, &q[full..], &k4[j * d + full..(j + 1) * d])
+        })
     }
 
     /// # Safety
@@ -391,27 +392,22 @@ mod avx2 {
     /// AVX2.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn exp8(x: __m256) -> __m256 {
+        use super::{EXP_FLOOR, EXP_POLY, EXP_ROUND, LN2_HI, LN2_LO};
         let splat = _mm256_set1_ps;
-        // max_ps(x, -87) is x when x > -87, else -87 (NaN too), as the scalar `if`.
-        let x = _mm256_max_ps(x, splat(-87.0));
-        let magic = splat(12_582_912.0);
+        // max_ps(x, floor) is x when x > floor, else floor (NaN too), as the scalar `if`.
+        let x = _mm256_max_ps(x, splat(EXP_FLOOR));
+        let round = splat(EXP_ROUND);
         let n = _mm256_sub_ps(
-            _mm256_add_ps(_mm256_mul_ps(x, splat(std::f32::consts::LOG2_E)), magic),
-            magic,
+            _mm256_add_ps(_mm256_mul_ps(x, splat(std::f32::consts::LOG2_E)), round),
+            round,
         );
         let r = _mm256_sub_ps(
-            _mm256_sub_ps(x, _mm256_mul_ps(n, splat(0.693_359_4))),
-            _mm256_mul_ps(n, splat(-2.121_944_4e-4)),
+            _mm256_sub_ps(x, _mm256_mul_ps(n, splat(LN2_HI))),
+            _mm256_mul_ps(n, splat(LN2_LO)),
         );
-        let mut y = splat(1.987_569_1e-4);
-        for k in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            y = _mm256_add_ps(_mm256_mul_ps(y, r), splat(k));
+        let mut y = splat(EXP_POLY[0]);
+        for k in &EXP_POLY[1..] {
+            y = _mm256_add_ps(_mm256_mul_ps(y, r), splat(*k));
         }
         y = _mm256_add_ps(
             _mm256_add_ps(_mm256_mul_ps(y, _mm256_mul_ps(r, r)), r),
@@ -490,13 +486,8 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             let (c, d, w, hq) = (203usize, 70usize, 13usize, 6usize);
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
-            let mut unit = move || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 22) as f32 - 2.0
-            };
+            let mut units = super::super::test_units(0x9e37_79b9_7f4a_7c15);
+            let mut unit = move || 2.0 * units();
             let q: Vec<f32> = (0..w * hq * d).map(|_| unit()).collect();
             let keys: Vec<f32> = (0..c * d)
                 .map(|i| unit() * if (i / d) % 16 == 5 { 60.0 } else { 1.0 })
