@@ -118,7 +118,7 @@ def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLO
     in place) before the library selects, and whose `kept(layer, scores, keep)` sees what was kept
     ([heads, selected] positions, ascending)."""
     import torch
-    from kvsieve_vllm.lib import DTYPE, LAYOUT, POLICY_NAMES, KvCache, Sequence, SnapKvArgs, TokenSelect
+    from kvsieve_vllm.lib import DTYPE, LAYOUT, POLICY_NAMES, KvCache, Sequence, TokenSelect
 
     params = config.params(phase)
     policy = POLICY_NAMES[params.policy]
@@ -144,17 +144,13 @@ def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLO
         desc = KvCache(k=paged[0].data_ptr(), v=paged[1].data_ptr(), dtype=DTYPE["float32"], layout=LAYOUT["nhd"],
                        device=0, num_blocks=nb, block_size=block_size, num_kv_heads=heads, head_dim=dim,
                        block_stride=0, token_stride=0, head_stride=0)
-        if rescore is None:
-            n = kernels.compress(desc, seq, policy, params, sel, q, scores, keep, released)
-        else:
+        kernels.select(desc, seq, policy, params, sel, q, scores, keep)
+        if rescore is not None:  # select again by the rewritten scores
             assert policy == "snapkv", f"rescore reranks SnapKV scores, not {policy}'s"
-            args = SnapKvArgs(queries=q.data_ptr(), queries_dtype=DTYPE["float32"], window=q.shape[0],
-                              num_q_heads=q.shape[1], pool_kernel=params.pool_kernel, pool=params.pool)
-            kernels.score_snapkv(desc, seq, args, scores.data_ptr(), scores.numel())
             rescore.scores(li, scores.view(heads, length), layer.keys[0].float())
             kernels.select_tokens(scores.data_ptr(), scores.numel(), heads, sel, keep.data_ptr(), keep.numel())
             rescore.kept(li, scores.view(heads, length), keep.view(heads, k_sel))
-            n = kernels.compact(desc, seq, keep.data_ptr(), keep.numel(), k_sel, released.data_ptr(), released.numel())
+        n = kernels.compact(desc, seq, keep.data_ptr(), keep.numel(), k_sel, released.data_ptr(), released.numel())
         assert n == plan.released_blocks, (n, plan.released_blocks)
         kept = int(plan.kept_tokens)
         k_out, v_out = (p.view(nb * block_size, heads, dim)[:kept].transpose(0, 1)[None].contiguous() for p in paged)
