@@ -60,11 +60,15 @@ if (ROOT / "target" / "release" / "libkvsieve.so").is_file():
 
 
 def config_text(policy: str, budget: int, interval: int, extra: str = "") -> str:
-    """kvsieve's defaults for `policy` (sinks 4, recent 64, SnapKV window 32, max-pool 31), with
-    `extra` `[sparsity]` settings ("key = value; ..."; [decode] takes them from there)."""
-    lines = "".join(f"{kv.strip()}\n" for kv in extra.split(";") if kv.strip())
-    return (f'[sparsity]\npolicy = "{policy}"\nbudget_tokens = {budget}\n{lines}'
-            f'[decode]\npolicy = "{policy}"\ninterval = {interval}\n')
+    """kvsieve's defaults for `policy` (sinks 4, recent 64, SnapKV window 32; decode SnapKV
+    unpooled, scores carried 0.5), with
+    `extra` settings ("key = value; ..."): `[sparsity]`'s, or `[decode]`'s when prefixed
+    "decode." ("decode.carry = 0")."""
+    kvs = [kv.strip() for kv in extra.split(";") if kv.strip()]
+    sparsity = "".join(f"{kv}\n" for kv in kvs if not kv.startswith("decode."))
+    decode = "".join(f"{kv.removeprefix('decode.')}\n" for kv in kvs if kv.startswith("decode."))
+    return (f'[sparsity]\npolicy = "{policy}"\nbudget_tokens = {budget}\n{sparsity}'
+            f'[decode]\npolicy = "{policy}"\ninterval = {interval}\n{decode}')
 
 
 def passages(tok, n: int, prompt: int, cont: int, seed: int) -> list[list[int]]:
@@ -164,10 +168,14 @@ def run_kvsieve(model, data: list, runs: dict, prompt: int, rules: dict | None =
         t0 = time.time()
         for ids in data:
             rule = Rule(rules[name]) if rules and name in rules else None
+            # The sequence's carried scores (`[decode] carry`), as the worker keeps them; a
+            # prototype rule ranks by its own instead, over the library's scores.
+            carried = {} if rule is None else None
             ends = segments(config, prompt, len(ids) - 1, PHASE_DECODE) if config else [len(ids) - 1]
             nll, argmax, kept = forced(model, ids, prompt, ends, window,
                                        (lambda cache, q, logical: kvsieve_compress(lib, kernels, config, cache, q,
-                                                                                   BLOCK, logical, PHASE_DECODE, rule))
+                                                                                   BLOCK, logical, PHASE_DECODE, rule,
+                                                                                   carried))
                                        if config else None)
             per_sample.append({"nll": nll, "argmax": argmax, "events": len(kept), "kept": sorted(set(kept))})
         out[name] = per_sample
@@ -296,10 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kvpress-sorted", action="store_true",
                     help="keep kvpress's selections in position order (as shipped they are in score order)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=SETTINGS",
-                    help="also run snapkv with these [sparsity] settings ('pool_kernel = 5; pool = \"avg\"')")
+                    help="also run snapkv with these settings ('pool_kernel = 5; pool = \"avg\"'; [decode]'s as "
+                         "'decode.carry = 0')")
     ap.add_argument("--rule", action="append", default=[], metavar="LABEL=SPEC[;SETTINGS]",
                     help="also run snapkv ranked by an offline prototype rule (see Rule: sum:G, max:G, rkv:L), "
-                         "with these [sparsity] settings")
+                         "with these settings (as --variant's; the rule replaces [decode] carry)")
     ap.add_argument("--seed", type=int, default=0, help="which passages (0: the reported run; others: tuning)")
     ap.add_argument("--name", default="decode-quality")
     a = ap.parse_args(argv)

@@ -107,7 +107,7 @@ def _prefill(model, prompt: list[int], window: int):
 
 
 def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLOCK_SIZE, logical: int | None = None,
-                     phase: int = 0, rescore=None) -> int:
+                     phase: int = 0, rescore=None, carried: dict | None = None) -> int:
     """Compress every layer of a transformers cache with libkvsieve in a paged NHD cache, as the
     event of `phase` (default prefill end; bench/decode_quality.py passes decode) at `logical`
     tokens (default: the cache's length, nothing evicted yet); returns the kept token count (the
@@ -116,9 +116,14 @@ def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLO
     `rescore` (offline prototypes of other rules, bench/decode_quality.py): an object whose
     `scores(layer, scores, keys)` rewrites the library's SnapKV scores ([heads, length] float32,
     in place) before the library selects, and whose `kept(layer, scores, keep)` sees what was kept
-    ([heads, selected] positions, ascending)."""
+    ([heads, selected] positions, ascending).
+
+    `carried` (decode SnapKV with `[decode] carry`, as the plugin's worker does): one request's
+    carried scores, layer -> [heads, kept] tensor, read and replaced here; pass the same dict to
+    each event of one sequence."""
     import torch
-    from kvsieve_vllm.lib import DTYPE, LAYOUT, POLICY_NAMES, KvCache, Sequence, TokenSelect
+    from kvsieve_vllm import carry
+    from kvsieve_vllm.lib import DTYPE, LAYOUT, PHASE_DECODE, POLICY_NAMES, KvCache, Sequence, TokenSelect
 
     params = config.params(phase)
     policy = POLICY_NAMES[params.policy]
@@ -144,7 +149,15 @@ def kvsieve_compress(lib, kernels, config, cache, queries, block_size: int = BLO
         desc = KvCache(k=paged[0].data_ptr(), v=paged[1].data_ptr(), dtype=DTYPE["float32"], layout=LAYOUT["nhd"],
                        device=0, num_blocks=nb, block_size=block_size, num_kv_heads=heads, head_dim=dim,
                        block_stride=0, token_stride=0, head_stride=0)
-        kernels.select(desc, seq, policy, params, sel, q, scores, keep)
+        gamma = params.carry if carried is not None and phase == PHASE_DECODE and policy == "snapkv" else 0.0
+        prior = carried.get(li) if gamma > 0 else None
+        rank = None
+        if prior is not None:
+            def rank(s, p=prior):
+                carry.fold(s.view(heads, length), p, 0, gamma)
+        kernels.select(desc, seq, policy, params, sel, q, scores, keep, rank=rank)
+        if gamma > 0:
+            carried[li] = carry.kept_scores(scores.view(heads, length), keep.view(heads, k_sel))
         if rescore is not None:  # select again by the rewritten scores
             assert policy == "snapkv", f"rescore reranks SnapKV scores, not {policy}'s"
             rescore.scores(li, scores.view(heads, length), layer.keys[0].float())

@@ -29,7 +29,7 @@
 
 // ABI version: bumped whenever a function signature, struct layout or status meaning changes
 // in a way an already-compiled caller would notice. Additions keep it.
-#define KVS_ABI_VERSION 4
+#define KVS_ABI_VERSION 5
 
 // Outcome of a kvsieve call (`uint32_t` in C).
 enum kvs_status
@@ -203,12 +203,19 @@ typedef struct kvs_policy_params {
   // Trailing tokens always kept (for SnapKV, in any phase: max(recent_tokens, window)).
   uint32_t protected_tail;
   uint32_t window;
+  // SnapKV's pooling width: `[sparsity]`'s, for decode `[decode]`'s.
   uint32_t pool_kernel;
   // A `kvs_pooling` value.
   uint32_t pool;
   uint32_t min_length;
   // Decode and prefill chunks: tokens the cache may outgrow the budget by before the next event.
   uint32_t interval;
+  // Decode SnapKV (`[decode] carry`; 0 otherwise): the engine ranks each token the last
+  // decode event kept by max(`kvs_score_snapkv`'s score, carry x the score it was ranked by
+  // then) before `kvs_select_tokens`, and keeps the kept tokens' ranking scores for the next
+  // event (dropping them when the request recomputes). New in ABI 5, in what was ABI 4's
+  // padding (the size is unchanged), so a library of ABI 4 leaves it unspecified.
+  float carry;
 } kvs_policy_params;
 
 // A config's `[selection]` (`kvs_config_selection_params`).

@@ -12,7 +12,7 @@ pub const KVS_VERSION_MINOR: u32 = 1;
 pub const KVS_VERSION_PATCH: u32 = 0;
 /// ABI version: bumped whenever a function signature, struct layout or status meaning changes
 /// in a way an already-compiled caller would notice. Additions keep it.
-pub const KVS_ABI_VERSION: u32 = 4;
+pub const KVS_ABI_VERSION: u32 = 5;
 
 /// `"MAJOR.MINOR.PATCH"`, NUL-terminated for the C ABI.
 pub(crate) const VERSION_CSTR: &std::ffi::CStr = c"0.1.0";

@@ -324,10 +324,22 @@ fn policy_params_reflect_the_config() {
         Status::Ok
     );
     assert_eq!(
-        (p.policy, p.interval, p.protected_tail),
-        (PolicyId::Streaming as u32, 128, 16)
+        (p.policy, p.interval, p.protected_tail, p.carry),
+        (PolicyId::Streaming as u32, 128, 16, 0.0)
     );
     unsafe { kvs_config_free(c) };
+    // Decode SnapKV carries its scores (default 0.5); no other phase does.
+    let c = config("[sparsity]\npolicy='snapkv'\nbudget_ratio=0.25\n[decode]\npolicy='snapkv'\ninterval=64\ncarry=0.25\n");
+    for (phase, carry, pool) in [(0, 0.0, 31), (1, 0.25, 1), (2, 0.0, 31)] {
+        assert_eq!(
+            unsafe { kvs_config_policy_params(c, phase, &mut p) },
+            Status::Ok
+        );
+        assert_eq!((p.carry, p.pool_kernel), (carry, pool), "phase {phase}");
+    }
+    unsafe { kvs_config_free(c) };
+    // `carry` (ABI 5) sits in ABI 4's padding: the struct's size is unchanged.
+    assert_eq!(std::mem::size_of::<PolicyParams>(), 48);
     let c = config(SNAP);
     assert_eq!(
         unsafe { kvs_config_policy_params(c, 1, &mut p) },

@@ -242,9 +242,11 @@ def test_decode_quality_cuts_where_the_decode_events_fall_due():
     ends = decode_quality.segments(lib.config_from_str(decode_quality.config_text("snapkv", 256, 64)), 128, 1000,
                                    PHASE_DECODE)
     assert ends == list(range(320, 1000, 64)) + [1000]
-    text = decode_quality.config_text("snapkv", 512, 64, "pool_kernel = 5; recent_tokens = 32")
+    text = decode_quality.config_text("snapkv", 512, 64, "decode.pool_kernel = 5; recent_tokens = 32; decode.carry = 0")
     params = lib.config_from_str(text).params(PHASE_DECODE)
-    assert (params.pool_kernel, params.window) == (5, 32), text
+    assert (params.pool_kernel, params.window, params.carry) == (5, 32, 0.0), text
+    params = lib.config_from_str(decode_quality.config_text("snapkv", 512, 64, "pool_kernel = 5")).params(PHASE_DECODE)
+    assert (params.pool_kernel, params.carry) == (1, 0.5), "decode's own defaults; [sparsity]'s width is prefill's"
 
 
 def test_decode_quality_prototype_rules_change_only_what_the_library_ranks_by():

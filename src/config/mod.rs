@@ -107,6 +107,12 @@ pub struct Decode {
     pub interval: u32,
     /// Budget after a decode event; `[sparsity]`'s unless `[decode]` sets its own.
     pub budget: Budget,
+    /// SnapKV: a token kept by the last decode event ranks by max(this event's score, `carry` x
+    /// its score then), so what earlier windows attended to fades instead of vanishing; 0 ranks
+    /// by this event's window alone. 0 for the other policies.
+    pub carry: f32,
+    /// SnapKV's pooling width for decode events (`[decode] pool_kernel`).
+    pub pool_kernel: u32,
 }
 
 impl Decode {

@@ -36,6 +36,8 @@ pub(super) struct RawDecode {
     pub interval: Option<Spanned<i64>>,
     pub budget_tokens: Option<Spanned<i64>>,
     pub budget_ratio: Option<Spanned<f64>>,
+    pub carry: Option<Spanned<f64>>,
+    pub pool_kernel: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -175,6 +175,79 @@ fn decode_snapkv_keeps_its_window_and_scores_with_it() {
 }
 
 #[test]
+fn decode_carry_defaults_for_snapkv_only_and_is_a_fraction() {
+    let base = "[sparsity]\npolicy='snapkv'\nbudget_tokens=200\n[decode]\ninterval=64\n";
+    let carry = |extra: &str| {
+        Config::from_toml_str(&format!("{base}{extra}"))
+            .unwrap()
+            .decode
+            .unwrap()
+            .carry
+    };
+    assert_eq!(carry("policy='snapkv'\n"), 0.5, "SnapKV's default");
+    assert_eq!(carry("policy='snapkv'\ncarry=0\n"), 0.0, "0 turns it off");
+    assert_eq!(carry("policy='snapkv'\ncarry=0.75\n"), 0.75);
+    assert_eq!(carry("policy='streaming'\n"), 0.0, "nothing to carry");
+    assert_mentions(
+        &err(&format!("{base}policy='snapkv'\ncarry=1.5\n")),
+        Status::ConfigInvalid,
+        &["decode.carry = 1.5", "line 7", "0 <= decode.carry <= 1"],
+    );
+    assert_mentions(
+        &err(&format!("{base}policy='knorm'\ncarry=0.5\n")),
+        Status::ConfigInvalid,
+        &[
+            "decode.carry = 0.5",
+            "\"knorm\"",
+            "set decode.policy = \"snapkv\"",
+        ],
+    );
+}
+
+#[test]
+fn decode_snapkv_pools_by_its_own_width() {
+    let base =
+        "[sparsity]\npolicy='snapkv'\nbudget_tokens=200\npool_kernel=7\n[decode]\ninterval=64\n";
+    let width = |extra: &str| {
+        let c = Config::from_toml_str(&format!("{base}{extra}")).unwrap();
+        (
+            c.sparsity.unwrap().pool_kernel,
+            c.decode.unwrap().pool_kernel,
+        )
+    };
+    assert_eq!(
+        width("policy='snapkv'\n"),
+        (7, 1),
+        "decode's default: no pooling"
+    );
+    assert_eq!(width("policy='snapkv'\npool_kernel=5\n"), (7, 5));
+    assert_eq!(
+        width("policy='streaming'\n"),
+        (7, 7),
+        "unused: [sparsity]'s"
+    );
+    assert_mentions(
+        &err(&format!("{base}policy='snapkv'\npool_kernel=4\n")),
+        Status::ConfigInvalid,
+        &["decode.pool_kernel = 4", "line 8", "must be odd"],
+    );
+    assert_mentions(
+        &err(&format!("{base}policy='snapkv'\npool_kernel=300\n")),
+        Status::ConfigInvalid,
+        &["decode.pool_kernel = 300", "1 <= decode.pool_kernel <= 255"],
+    );
+    assert_mentions(
+        &err(&format!("{base}policy='streaming'\npool_kernel=5\n")),
+        Status::ConfigInvalid,
+        &[
+            "decode.pool_kernel = 5",
+            "\"streaming\"",
+            "remove decode.pool_kernel",
+        ],
+    );
+}
+
+#[test]
 fn out_of_range_values_name_the_range() {
     let cases: &[(&str, &[&str])] = &[
         (

@@ -26,6 +26,14 @@ const DEFAULT_DENSE_LAYERS: u32 = 2;
 /// `[selection] spread`'s default, measured on SmolLM2 (bench/README.md, "Block selection"):
 /// Quest's full bound (1.0) ranked a needle's block too low in some layers.
 const DEFAULT_SPREAD: f32 = 0.5;
+/// `[decode] carry`'s default for SnapKV: on held-out prose (bench/README.md, "Decode-time
+/// SnapKV", two tuning splits) ranking by max(now, 0.5 x last event's score) lowered the NLL
+/// increase on both; unpooled, 0.25 and 0.75 were worse (0.9 was tried pooled 5 wide only).
+const DEFAULT_DECODE_CARRY: f32 = 0.5;
+/// `[decode] pool_kernel`'s default for SnapKV: no pooling. With scores carried, each event's
+/// own scores unpooled did best on the same passages (pooling spreads a score to neighbours,
+/// and carrying then keeps the spread); the prefill default (31) serves questions in prompts.
+const DEFAULT_DECODE_POOL_KERNEL: u32 = 1;
 /// Checked against the model's layer count at start-up; this only bounds the number.
 const MAX_DENSE_LAYERS: i64 = 1 << 16;
 /// `[selection] key_ranges`' largest: a range per token of a 64-token block (its divisibility by
@@ -93,6 +101,19 @@ impl Source<'_> {
                 .copied()
                 .find(|p| p.name() == name)
                 .ok_or_else(|| self.bad(key, &quoted(v), format!("allowed: {list}"))),
+        }
+    }
+
+    /// A SnapKV pooling width: odd, in `[1, MAX_POOL_KERNEL]`, or `default` (odd) when absent.
+    fn pool_kernel(&self, key: &str, v: &Option<Spanned<i64>>, default: u32) -> Result<u32> {
+        let width = self.int(key, v, 1, MAX_POOL_KERNEL, default)?;
+        match v {
+            Some(given) if width % 2 == 0 => Err(self.bad(
+                key,
+                given,
+                "it must be odd so the pooling window is centred on the token (e.g. 5 or 7)",
+            )),
+            _ => Ok(width),
         }
     }
 
@@ -301,21 +322,8 @@ fn sparsity(src: &Source, section: &Spanned<RawSparsity>) -> Result<Sparsity> {
         DEFAULT_RECENT_TOKENS,
     )?;
     let window = src.int("sparsity.window", &s.window, 1, MAX_TOKENS, DEFAULT_WINDOW)?;
-    let pool_kernel = src.int(
-        "sparsity.pool_kernel",
-        &s.pool_kernel,
-        1,
-        MAX_POOL_KERNEL,
-        DEFAULT_POOL_KERNEL,
-    )?;
-    if pool_kernel % 2 == 0 {
-        let v = s.pool_kernel.as_ref().expect("the default is odd");
-        return Err(src.bad(
-            "sparsity.pool_kernel",
-            v,
-            "it must be odd so the pooling window is centred on the token (e.g. 5 or 7)",
-        ));
-    }
+    let pool_kernel =
+        src.pool_kernel("sparsity.pool_kernel", &s.pool_kernel, DEFAULT_POOL_KERNEL)?;
     let pool = match &s.pool {
         None => Pooling::Max,
         Some(p) => match p.get_ref().as_str() {
@@ -386,10 +394,54 @@ fn decode(src: &Source, section: &Spanned<RawDecode>, sparsity: &Sparsity) -> Re
     let budget = src
         .budget("decode", &d.budget_tokens, &d.budget_ratio)?
         .unwrap_or(sparsity.budget);
+    if let (Some(v), true) = (&d.pool_kernel, policy != Policy::SnapKv) {
+        return Err(src.bad(
+            "decode.pool_kernel",
+            v,
+            format!(
+                "it pools SnapKV scores and decode.policy is \"{}\"; remove decode.pool_kernel or set \
+                 decode.policy = \"snapkv\"",
+                policy.name()
+            ),
+        ));
+    }
+    let pool_kernel = if policy == Policy::SnapKv {
+        src.pool_kernel(
+            "decode.pool_kernel",
+            &d.pool_kernel,
+            DEFAULT_DECODE_POOL_KERNEL,
+        )?
+    } else {
+        sparsity.pool_kernel
+    };
+    let carry =
+        match &d.carry {
+            None if policy == Policy::SnapKv => DEFAULT_DECODE_CARRY,
+            None => 0.0,
+            Some(v) if policy != Policy::SnapKv => {
+                return Err(src.bad(
+                    "decode.carry",
+                    v,
+                    format!(
+                    "it carries SnapKV scores across decode events and decode.policy is \"{}\"; \
+                     remove decode.carry or set decode.policy = \"snapkv\"",
+                    policy.name()
+                ),
+                ))
+            }
+            Some(v) if (0.0..=1.0).contains(v.get_ref()) => *v.get_ref() as f32,
+            Some(v) => return Err(src.bad(
+                "decode.carry",
+                v,
+                "allowed: 0 <= decode.carry <= 1 (0: each event ranks by its own window's scores)",
+            )),
+        };
     let out = Decode {
         policy,
         interval,
         budget,
+        carry,
+        pool_kernel,
     };
     if let (Budget::Tokens(b), Some(bt)) = (budget, &d.budget_tokens) {
         let floor = sparsity.sink_tokens as u64 + out.protected_tail(sparsity) as u64;

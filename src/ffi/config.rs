@@ -94,12 +94,19 @@ pub struct PolicyParams {
     /// Trailing tokens always kept (for SnapKV, in any phase: max(recent_tokens, window)).
     pub protected_tail: u32,
     pub window: u32,
+    /// SnapKV's pooling width: `[sparsity]`'s, for decode `[decode]`'s.
     pub pool_kernel: u32,
     /// A `kvs_pooling` value.
     pub pool: u32,
     pub min_length: u32,
     /// Decode and prefill chunks: tokens the cache may outgrow the budget by before the next event.
     pub interval: u32,
+    /// Decode SnapKV (`[decode] carry`; 0 otherwise): the engine ranks each token the last
+    /// decode event kept by max(`kvs_score_snapkv`'s score, carry x the score it was ranked by
+    /// then) before `kvs_select_tokens`, and keeps the kept tokens' ranking scores for the next
+    /// event (dropping them when the request recomputes). New in ABI 5, in what was ABI 4's
+    /// padding (the size is unchanged), so a library of ABI 4 leaves it unspecified.
+    pub carry: f32,
 }
 
 /// Policies as numbers in `kvs_policy_params.policy`.
@@ -169,45 +176,63 @@ pub unsafe extern "C" fn kvs_config_policy_params(
             unsafe { *out = PolicyParams::default() };
             return Ok(());
         };
-        let (policy, budget, tail, interval) = match (phase, &c.decode) {
-            (Phase::Prefill, _) => (
-                policy_id(sp.policy),
-                Some(sp.budget),
-                sp.protected_tail(),
-                0,
-            ),
-            (Phase::Decode, Some(d)) => (
-                policy_id(d.policy),
-                Some(d.budget),
-                d.protected_tail(sp),
-                d.interval,
-            ),
-            (Phase::Decode, None) => (PolicyId::None as u32, None, sp.recent_tokens, 0),
-            (Phase::PrefillChunk, _) => match &c.prefill {
-                Some(pf) => (
-                    policy_id(pf.policy),
-                    Some(pf.budget),
-                    pf.protected_tail(sp),
-                    pf.interval,
-                ),
-                None => (PolicyId::None as u32, None, sp.recent_tokens, 0),
-            },
+        // What differs by phase; sinks, window and pooling kind are [sparsity]'s.
+        struct Phased {
+            policy: u32,
+            budget: Option<Budget>,
+            tail: u32,
+            interval: u32,
+            pool_kernel: u32,
+            carry: f32,
+        }
+        let none = Phased {
+            policy: PolicyId::None as u32,
+            budget: None,
+            tail: sp.recent_tokens,
+            interval: 0,
+            pool_kernel: sp.pool_kernel,
+            carry: 0.0,
         };
-        let (budget_tokens, budget_ratio) = budget_fields(budget);
+        let p = match (phase, &c.decode, &c.prefill) {
+            (Phase::Prefill, _, _) => Phased {
+                policy: policy_id(sp.policy),
+                budget: Some(sp.budget),
+                tail: sp.protected_tail(),
+                ..none
+            },
+            (Phase::Decode, Some(d), _) => Phased {
+                policy: policy_id(d.policy),
+                budget: Some(d.budget),
+                tail: d.protected_tail(sp),
+                interval: d.interval,
+                pool_kernel: d.pool_kernel,
+                carry: d.carry,
+            },
+            (Phase::PrefillChunk, _, Some(pf)) => Phased {
+                policy: policy_id(pf.policy),
+                budget: Some(pf.budget),
+                tail: pf.protected_tail(sp),
+                interval: pf.interval,
+                ..none
+            },
+            (Phase::Decode, None, _) | (Phase::PrefillChunk, _, None) => none,
+        };
+        let (budget_tokens, budget_ratio) = budget_fields(p.budget);
         let params = PolicyParams {
-            policy,
+            policy: p.policy,
             budget_tokens,
             budget_ratio,
             sink_tokens: sp.sink_tokens,
-            protected_tail: tail,
+            protected_tail: p.tail,
             window: sp.window,
-            pool_kernel: sp.pool_kernel,
+            pool_kernel: p.pool_kernel,
             pool: match sp.pool {
                 Pooling::Max => PoolingId::Max as u32,
                 Pooling::Avg => PoolingId::Avg as u32,
             },
             min_length: sp.min_length,
-            interval,
+            interval: p.interval,
+            carry: p.carry,
         };
         // SAFETY: checked by `arg_out!`.
         unsafe { *out = params };

@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("  between prefill chunks: nothing (the prompt is held whole until its prefill ends)")
     if dec.policy:
-        scored = (f", scored with the queries of the last {dec.window} generated tokens"
-                  if POLICY_NAMES[dec.policy] == "snapkv" else "")
+        scored = ""
+        if POLICY_NAMES[dec.policy] == "snapkv":
+            scored = f", scored with the queries of the last {dec.window} generated tokens"
+            if dec.carry:
+                scored += f" and {dec.carry:g} x each kept token's score at the event before (decode.carry)"
         print(f"  decode:  {POLICY_NAMES[dec.policy]}, budget {budget(dec)}, every {dec.interval} tokens past it{scored}")
     else:
         print("  decode:  no re-compression while generating")

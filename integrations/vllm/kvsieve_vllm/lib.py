@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import faults
 
-ABI_VERSION = 4  # KVS_ABI_VERSION of the header this binding mirrors
+ABI_VERSION = 5  # KVS_ABI_VERSION of the header this binding mirrors
 
 PHASE_PREFILL, PHASE_DECODE, PHASE_PREFILL_CHUNK = 0, 1, 2
 DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -46,7 +46,7 @@ class PolicyParams(Structure):
     _fields_ = [("policy", c_uint32), ("budget_tokens", c_uint32), ("budget_ratio", ctypes.c_double),
                 ("sink_tokens", c_uint32), ("protected_tail", c_uint32), ("window", c_uint32),
                 ("pool_kernel", c_uint32), ("pool", c_uint32), ("min_length", c_uint32),
-                ("interval", c_uint32)]
+                ("interval", c_uint32), ("carry", ctypes.c_float)]
 
 
 class SelectionParams(Structure):
@@ -286,11 +286,14 @@ class CpuKernels:
                    out.numel(), out_stride, pad)
 
     def select(self, cache: KvCache, seq: Sequence, policy: str, params: PolicyParams, sel: TokenSelect,
-               queries, scores, keep, n_scores: int | None = None, n_keep: int | None = None) -> None:
+               queries, scores, keep, n_scores: int | None = None, n_keep: int | None = None,
+               rank=None) -> None:
         """One layer of one sequence: score by `policy` (snapkv with `queries`, float32
         [window, q_heads, head_dim]; knorm; streaming needs no scores) into `scores` and keep
         `sel.selected` tokens per KV head into `keep` (caller-owned: heads * cached_len float32,
-        heads * selected int32; `n_scores`/`n_keep` when the buffers are longer)."""
+        heads * selected int32; `n_scores`/`n_keep` when the buffers are longer). `rank`, when
+        given, rewrites the scores before the selection reads them (`rank(scores[:n_scores])`,
+        in place; decode SnapKV's carried scores)."""
         n_scores = scores.numel() if n_scores is None else n_scores
         n_keep = keep.numel() if n_keep is None else n_keep
         scores_ptr = None
@@ -304,6 +307,8 @@ class CpuKernels:
             scores_ptr = scores.data_ptr()
         elif policy != "streaming":
             raise KvsieveError("KVS_STATUS_INVALID_ARGUMENT", f"policy {policy!r} does not evict tokens")
+        if rank is not None and scores_ptr is not None:
+            rank(scores[:n_scores])
         self.select_tokens(scores_ptr, n_scores, cache.num_kv_heads, sel, keep.data_ptr(), n_keep)
 
     def compress(self, cache: KvCache, seq: Sequence, policy: str, params: PolicyParams, sel: TokenSelect,

@@ -143,7 +143,8 @@ def _worker_left(self) -> dict:
     if st is None:
         return {}
     held = st.runner_adapter.held(runner)
-    return {"offsets": len(set(st.offsets) - held), "windows": len(set(st.windows.windows) - held)}
+    return {"offsets": len(set(st.offsets) - held), "windows": len(set(st.windows.windows) - held),
+            "carried": len(set(st.carried) - held)}
 
 
 def register() -> None:

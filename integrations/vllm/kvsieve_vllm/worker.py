@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from copy import copy
 from dataclasses import dataclass
 
-from . import capture, faults, groups, pipeline, protocol, selection
+from . import capture, carry, faults, groups, pipeline, protocol, selection
 from .backends import adapter_for
 from .runners import adapter_for as runner_adapter_for
 from .checks import UnsupportedSetup, check_runner
@@ -179,6 +179,8 @@ class WorkerState:
         self.windows = buffers.windows
         self.scratch = buffers.scratch
         self.offsets: dict[str, int] = {}
+        # Decode SnapKV's carried scores (`carry`): per request, one [heads, kept] tensor per layer.
+        self.carried: dict[str, list] = {}
         self.applied: dict = {}  # what the adapter changed for this step's offsets, to undo after
         self.plan: StepPlan | None = None  # this step's, read when the step starts
         self.acks: StepAcks | None = None  # this step's, until a ModelRunnerOutput carries them
@@ -256,11 +258,26 @@ def wrap_initialize_kv_cache(orig):
         except KvsieveError as e:
             raise UnsupportedSetup(f"the kvsieve kernels on {st.device}: {e.message}") from e
         st.selector = _new_selector(self, st, geo, backend)
+        _log_carry_bound(st, geo)
         self._kvsieve = st
         faults.STAGE = st.place.stage  # stage-scoped faults fire from here on, never while starting
         return out
 
     return initialize_kv_cache
+
+
+def _log_carry_bound(st: WorkerState, geo: Geometry) -> None:
+    """Decode SnapKV's carried scores live beside the KV cache, not in it or the reserve: say
+    how much a request may hold (every layer's kept tokens per KV head, float32)."""
+    s = settings()
+    p = s.params[PHASE_DECODE]
+    if s.policy[PHASE_DECODE] != "snapkv" or not p.carry:
+        return
+    kept = p.budget_tokens or math.ceil(p.budget_ratio * geo.max_len)
+    per_request = carry.bytes_per_request(len(st.desc), st.heads, min(kept, geo.max_len))
+    logger.info("kvsieve: decode SnapKV carries up to %.2f MiB of scores per request (rank %d; %d layers x %d "
+                "KV heads x %d tokens x 4 bytes), on %s outside the KV cache", per_request / 2**20,
+                st.place.tp_rank, len(st.desc), st.heads, min(kept, geo.max_len), st.device)
 
 
 def _windowless(window) -> bool:
@@ -329,6 +346,7 @@ def forget(st: WorkerState, req_ids) -> None:
     req_ids = set(req_ids)
     for rid in req_ids:
         st.offsets.pop(rid, None)
+        st.carried.pop(rid, None)
     st.windows.forget(req_ids)
 
 
@@ -450,6 +468,7 @@ class _Job:
     keeps: list
     dest: list | None  # out of place: the fresh blocks
     dest_tensor: object  # int32 copy of `dest` the kernels read
+    carried: list | None = None  # decode SnapKV: each layer's scores to carry, once installed
 
 
 def _reason(e: Exception) -> str:
@@ -460,7 +479,8 @@ def run_events(runner, st: WorkerState, scheduler_output, plan: StepPlan) -> dic
     """Run this step's events one after the other; returns an Ack per event received. Never
     raises. One at a time, so every event's keep lists use the one buffer reserved for the
     longest sequence (`Buffers.reserve`): however many events a step holds and whatever budgets
-    their requests asked for, the worker allocates no scratch beyond the reserve."""
+    their requests asked for, the worker allocates no scratch beyond the reserve (decode SnapKV's
+    carried scores are state, not scratch: `carry`, bounded per request at start-up)."""
     acks: dict[str, Ack] = {}
     for ev in plan.events.values():
         if st.upstream is not None:
@@ -511,6 +531,12 @@ def _run_event(runner, st: WorkerState, scheduler_output, ev: protocol.Event, lo
             # An install failing on one worker while another installed: the request recomputes.
             ack = _worst_over_workers(st, ack, "could not install the shortened row")
     st.windows.event_done(ev.req_id)
+    # The carried scores describe the KV as this event left it: the new ones once it is
+    # installed; none after a failure (it recomputes, or compresses no more).
+    if ack.outcome == Outcome.DONE and job.carried is not None:
+        st.carried[ev.req_id] = job.carried
+    else:
+        st.carried.pop(ev.req_id, None)
     if ack.outcome == Outcome.DONE:
         if not WORKER_STATS.compressions:
             logger.info("kvsieve: first compression (request %s: %d -> %d cached tokens) (rank %d)", ev.req_id,
@@ -615,6 +641,12 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event) -> _
     per_layer = st.heads * k
     keep_all = st.scratch.get("keep", len(st.desc) * per_layer, torch.int32)
     keeps = []
+    # Decode SnapKV ranks the tokens its last event kept by their carried scores too.
+    gamma = params.carry if ev.phase == PHASE_DECODE and policy == "snapkv" else 0.0
+    prior = st.carried.get(ev.req_id) if gamma > 0 else None
+    carried = [] if gamma > 0 else None
+    if prior is not None and len(prior) != len(st.desc):
+        raise Refused(f"carried scores for {len(prior)} layers, the cache has {len(st.desc)}")
     kernels = st.kernels()
     # Every layer is enqueued, then one synchronize reports what the device found (on CUDA).
     with _synchronized(kernels):
@@ -622,7 +654,14 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event) -> _
             faults.check("prepare_layer")
             keep = keep_all[i * per_layer:(i + 1) * per_layer] if per_layer else keep_all[:1]
             q = queries[name] if queries is not None else None
-            kernels.select(desc, seq, policy, params, sel, q, scores, keep, st.heads * cached, st.heads * k)
+            rank = None
+            if prior is not None:
+                def rank(s, p=prior[i]):
+                    carry.fold(s.view(st.heads, cached), p, ev.protected, gamma)
+            kernels.select(desc, seq, policy, params, sel, q, scores, keep, st.heads * cached, st.heads * k, rank)
+            if carried is not None:
+                carried.append(carry.kept_scores(scores[:st.heads * cached].view(st.heads, cached),
+                                                 keep[:per_layer].view(st.heads, k)))
             if dest is None:
                 kernels.compact_check(desc, seq, keep.data_ptr(), st.heads * k, k, max(1, len(row)))
             else:
@@ -630,7 +669,7 @@ def _prepare(runner, st: WorkerState, scheduler_output, ev: protocol.Event) -> _
                                            len(dest))
             keeps.append(keep)
     return _Job(ev.req_id, cached, int(plan.kept_tokens), int(plan.evicted_tokens), int(plan.released_blocks),
-                row, rows, seq, k, keeps, dest, dest_tensor)
+                row, rows, seq, k, keeps, dest, dest_tensor, carried)
 
 
 def _move(st: WorkerState, job: _Job) -> None:

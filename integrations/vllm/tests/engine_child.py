@@ -192,7 +192,8 @@ def main() -> None:
             if runner is not None:
                 held = runner._kvsieve.runner_adapter.held(runner)
                 res["kvsieve_left"] |= {"offsets": len(set(runner._kvsieve.offsets) - held),
-                                        "windows": len(set(runner._kvsieve.windows.windows) - held)}
+                                        "windows": len(set(runner._kvsieve.windows.windows) - held),
+                                        "carried": len(set(runner._kvsieve.carried) - held)}
                 res["scratch_bytes"] = {k: v.numel() * v.element_size()
                                         for k, v in runner._kvsieve.scratch.bufs.items()}
             else:  # each worker process's compressions in this run and its per-request entries (rank order)

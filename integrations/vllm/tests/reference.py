@@ -147,11 +147,11 @@ def snapkv_scores(keys: torch.Tensor, queries: torch.Tensor, pool_kernel: int) -
     return torch.cat([pooled, acc[:, n:]], dim=1)
 
 
-def keep_by_scores(scores: torch.Tensor, selected: int, sink: int, tail: int) -> torch.Tensor:
-    """[H, selected] kept positions: [0, sink), the last `tail`, and the top scores of the rest
-    (ties to the earlier position), ascending."""
+def keep_by_scores(scores: torch.Tensor, selected: int, sink: int, tail: int, protected: int = 0) -> torch.Tensor:
+    """[H, selected] kept positions: [0, max(sink, protected)), the last `tail`, and the top
+    scores of the rest (ties to the earlier position), ascending."""
     h, c = scores.shape
-    sink_end = min(sink, c)
+    sink_end = min(max(sink, protected), c)
     tail_start = max(c - tail, sink_end)
     need = selected - sink_end - (c - tail_start)
     out = []
@@ -184,13 +184,17 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
     (`timeline`, in order):
     - `["event", logical_len, phase, kept_tokens, protected, window_start]`: once the sequence
       has `logical_len` tokens computed, every layer's cache is cut to `kept_tokens` per head
-      with `phases[phase] = (policy, sink, tail)`; SnapKV scores with the rotated queries of
-      positions [window_start, logical_len) (`pool_kernel` wide), computed by one forward (the
+      with `phases[phase] = (policy, sink, tail[, carry[, pool]])`; SnapKV scores with the rotated queries of
+      positions [window_start, logical_len) (`pool` wide, else `pool_kernel`), computed by one forward (the
       prompt's) or by several (decode steps: the generated tokens' queries). Events of phase 2 (between
       prefill chunks) split the prompt: the tokens after one attend to what it kept.
     - `["recompute", length]`: a preemption of a request with `length` tokens (prompt and output
       so far; all but the last computed): the cache is dropped and the `length` tokens computed
       again from scratch, with the events that follow it.
+    Decode SnapKV with `carry` G > 0 (`[decode] carry`): each token the last decode event kept
+    ranks by max(its score, G x the score it was ranked by then); a recompute forgets them. The
+    cache keeps its protected prefix first, so position p of the next event is column p here,
+    as it is column p - protected of the engine's (which carries the selected tokens only).
     Prompt (and recompute) tokens are computed in one forward per piece, decoded tokens one at
     a time at their logical positions. A token's log-probability comes from the first forward
     that computed its predecessor (vLLM samples it then; a recompute only rebuilds the KV)."""
@@ -201,6 +205,7 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
     # Each position's rotated queries per layer ([Hq, D]) from the last forward that computed it
     # (a recompute replaces them, as it rebuilds the engine's windows).
     history: dict[int, list] = {}
+    carried: dict[int, torch.Tensor] = {}  # layer -> [H, kept] scores the last decode event ranked by
 
     def forward(end: int) -> None:
         nonlocal cache, pos
@@ -224,16 +229,25 @@ def replay_logprobs(model, prompt: list[int], continuation: list[int], timeline:
             # Preempted with `length` tokens, all but the last computed (the last was sampled).
             forward(entry[1] - 1)
             cache, pos, dense_until = None, 0, entry[1]
+            carried.clear()
             continue
         _, length, phase, kept, protected = entry[:5]
         forward(length)
-        policy, sink, tail = phases[phase]
+        policy, sink, tail, *rest = phases[phase]
+        gamma = rest[0] if rest and phase == 1 else 0.0
+        pool = rest[1] if len(rest) > 1 else pool_kernel
         if policy == "snapkv":
             start = entry[5]
             for i, layer in enumerate(cache.layers):
                 q = torch.stack([history[p][i] for p in range(start, length)], dim=1)  # [Hq, W, D]
-                scores = snapkv_scores(layer.keys[0], q, pool_kernel)
-                _keep(layer, keep_by_scores(scores, kept, sink, tail))
+                scores = snapkv_scores(layer.keys[0], q, pool)
+                if gamma and i in carried:
+                    n = carried[i].shape[1]  # the tokens kept last time lead the cache
+                    scores[:, :n] = torch.maximum(scores[:, :n], gamma * carried[i])
+                keep = keep_by_scores(scores, kept, sink, tail, protected)
+                if gamma:
+                    carried[i] = scores.gather(1, keep)
+                _keep(layer, keep)
         else:
             _cut(cache, policy, kept, sink, tail, protected)
     forward(len(tokens) - 1)

@@ -115,5 +115,5 @@ def test_decode_snapkv_waits_for_its_window_of_generated_queries(capsys):
         out = capsys.readouterr().out
         peaks.append(_rows(out)[256][3])
     assert "decode:  snapkv, budget 512 tokens, every 256 tokens past it, scored with the queries of the last 32 " \
-           "generated tokens" in out, out
+           "generated tokens and 0.5 x each kept token's score at the event before (decode.carry)" in out, out
     assert peaks == [str(1024 // 32)] * 2, peaks

@@ -44,3 +44,28 @@ def test_bad_config_and_arguments_raise_with_the_library_message(lib, tmp_path):
     with pytest.raises(KvsieveError) as e:
         cfg.plan(10, 20, 0, 16)
     assert e.value.status == "KVS_STATUS_INVALID_ARGUMENT" and "cached_len = 20" in e.value.message
+
+
+def test_decode_snapkv_carries_its_scores_by_default(lib):
+    cfg = lib.config_from_str('[sparsity]\npolicy = "snapkv"\nbudget_tokens = 256\n'
+                              '[decode]\npolicy = "snapkv"\ninterval = 64\n')
+    assert cfg.params(PHASE_DECODE).carry == 0.5 and cfg.params().carry == 0.0
+    off = lib.config_from_str('[sparsity]\npolicy = "snapkv"\nbudget_tokens = 256\n'
+                              '[decode]\npolicy = "snapkv"\ninterval = 64\ncarry = 0\n')
+    assert off.params(PHASE_DECODE).carry == 0.0
+
+
+def test_carry_folds_the_kept_tokens_scores_and_refuses_a_misfit():
+    torch = pytest.importorskip("torch")
+    from kvsieve_vllm import carry
+
+    scores = torch.tensor([[1.0, 0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8, 0.9]])
+    prior = torch.tensor([[0.6, 0.6], [0.2, 2.0]])
+    carry.fold(scores, prior, 1, 0.5)  # positions 1 and 2 lead after a protected token
+    torch.testing.assert_close(scores, torch.tensor([[1.0, 0.3, 0.3, 0.3, 0.4], [0.5, 0.6, 1.0, 0.8, 0.9]]))
+    keep = torch.tensor([[0, 4], [2, 3]], dtype=torch.int32)
+    torch.testing.assert_close(carry.kept_scores(scores, keep), torch.tensor([[1.0, 0.4], [1.0, 0.8]]))
+    with pytest.raises(ValueError, match="do not fit a cache of 2 heads x 5 tokens from position 4"):
+        carry.fold(scores, prior, 4, 0.5)
+    with pytest.raises(ValueError, match=r"carried scores \(1, 2\)"):
+        carry.fold(scores, prior[:1], 0, 0.5)

@@ -55,7 +55,7 @@ policy = "snapkv"
 budget_tokens = 192
 interval = 32
 """
-SNAPKV = {0: ("snapkv", SINK, RECENT), 1: ("snapkv", SINK, RECENT)}
+SNAPKV = {0: ("snapkv", SINK, RECENT), 1: ("snapkv", SINK, RECENT, 0.5, 1)}  # decode: carry 0.5, unpooled (defaults)
 ENGINE = dict(model=str(MODEL), skip_tokenizer_init=True, dtype="float32", max_model_len=2048, block_size=32,
               enforce_eager=False, seed=0, max_num_batched_tokens=256, max_num_seqs=8, num_gpu_blocks_override=200,
               enable_prefix_caching=True)

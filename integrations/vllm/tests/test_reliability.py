@@ -351,7 +351,9 @@ def test_preemption_paths_match_the_replayed_reference(runs, engine, run):
         assert sum(r["preemptions"]) >= 2, "24 blocks should force preemption"
         assert {"preempted while decoding", "compressed again after recompute"} <= paths, paths
     model = _model()
-    phases = {"decode": {0: PHASES[0], 1: ("snapkv", SINK, RECENT)}, "prefill": {0: PHASES[0]}, "chunks": PHASES}[run]
+    # Decode SnapKV: the defaults, carried scores (0.5, forgotten on recompute), unpooled.
+    phases = {"decode": {0: PHASES[0], 1: ("snapkv", SINK, RECENT, 0.5, 1)}, "prefill": {0: PHASES[0]},
+              "chunks": PHASES}[run]
     for p, toks, lps, q in zip(pressure_prompts(), r["tokens"], r["logprobs"], r["requests"]):
         assert len(toks) == 160
         ref = replay_logprobs(model, p, toks, q.get("timeline", []), phases, pool_kernel=31)

@@ -31,7 +31,8 @@ SINK, RECENT, BLOCK = 4, 32, 32
 # engine's float32 (over keys from vLLM's own kernels, which differ by host ISA) and the
 # reference's float64: this AVX2 host kept another token than the AVX-512 hosts before it.
 # Pooling widths 1 and 29 match the reference to 3e-6 here; 31 stays covered by
-# test_reliability and test_pipeline.
+# test_reliability and test_pipeline. Decode events use [decode]'s defaults: carried scores
+# (0.5), unpooled.
 POOL = 29
 SNAPKV = f"""
 [sparsity]
@@ -50,7 +51,7 @@ FULL = SNAPKV.replace("min_length = 256", "min_length = 4096").split("[decode]")
 ENGINE = dict(model=str(MODEL), skip_tokenizer_init=True, dtype="float32", max_model_len=2048, enforce_eager=True,
               block_size=BLOCK, enable_prefix_caching=False, seed=0, max_num_batched_tokens=256, max_num_seqs=8,
               num_gpu_blocks_override=120)
-PHASES = {0: ("snapkv", SINK, RECENT), 1: ("snapkv", SINK, RECENT)}  # window 32 = RECENT: tails of 32
+PHASES = {0: ("snapkv", SINK, RECENT), 1: ("snapkv", SINK, RECENT, 0.5, 1)}  # window 32 = RECENT: tails of 32
 
 
 def prompts() -> list[list[int]]:

