@@ -394,16 +394,34 @@ fn decode(src: &Source, section: &Spanned<RawDecode>, sparsity: &Sparsity) -> Re
     let budget = src
         .budget("decode", &d.budget_tokens, &d.budget_ratio)?
         .unwrap_or(sparsity.budget);
-    if let (Some(v), true) = (&d.pool_kernel, policy != Policy::SnapKv) {
-        return Err(src.bad(
-            "decode.pool_kernel",
-            v,
-            format!(
-                "it pools SnapKV scores and decode.policy is \"{}\"; remove decode.pool_kernel or set \
-                 decode.policy = \"snapkv\"",
-                policy.name()
-            ),
-        ));
+    // SnapKV-only settings are refused for the other policies, naming what each does.
+    if policy != Policy::SnapKv {
+        let refuse = |key: &str, v: &dyn Display, span: std::ops::Range<usize>, does: &str| {
+            src.bad(
+                key,
+                &Spanned::new(span, v.to_string()),
+                format!(
+                    "it {does} and decode.policy is \"{}\"; remove {key} or set decode.policy = \"snapkv\"",
+                    policy.name()
+                ),
+            )
+        };
+        if let Some(v) = &d.pool_kernel {
+            return Err(refuse(
+                "decode.pool_kernel",
+                v.get_ref(),
+                v.span(),
+                "pools SnapKV scores",
+            ));
+        }
+        if let Some(v) = &d.carry {
+            return Err(refuse(
+                "decode.carry",
+                v.get_ref(),
+                v.span(),
+                "carries SnapKV scores across decode events",
+            ));
+        }
     }
     let pool_kernel = if policy == Policy::SnapKv {
         src.pool_kernel(
@@ -418,17 +436,6 @@ fn decode(src: &Source, section: &Spanned<RawDecode>, sparsity: &Sparsity) -> Re
         match &d.carry {
             None if policy == Policy::SnapKv => DEFAULT_DECODE_CARRY,
             None => 0.0,
-            Some(v) if policy != Policy::SnapKv => {
-                return Err(src.bad(
-                    "decode.carry",
-                    v,
-                    format!(
-                    "it carries SnapKV scores across decode events and decode.policy is \"{}\"; \
-                     remove decode.carry or set decode.policy = \"snapkv\"",
-                    policy.name()
-                ),
-                ))
-            }
             Some(v) if (0.0..=1.0).contains(v.get_ref()) => *v.get_ref() as f32,
             Some(v) => return Err(src.bad(
                 "decode.carry",
